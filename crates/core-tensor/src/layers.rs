@@ -1,0 +1,356 @@
+//! Layers that hold [`Weight`]s and run on any [`Runtime`]: `Linear`, `Conv2d`, `Embedding`,
+//! `LayerNorm` and activations. Each knows its parameter path, so recipes, masks and reports
+//! can name it.
+
+use std::sync::Arc;
+
+use candle_core::{D, DType, Tensor};
+
+use crate::hooks::{Hooks, LayerKind, Site};
+use crate::runtime::{Conv2dParams, PreparedOp, ReferenceRuntime, Runtime};
+use crate::{Error, Result, Weight};
+
+fn reference_for(weight: &Weight) -> Arc<dyn Runtime> {
+    let device = match weight {
+        Weight::Dense(t) => t.device().clone(),
+        _ => candle_core::Device::Cpu,
+    };
+    Arc::new(ReferenceRuntime::new(device))
+}
+
+macro_rules! weighted_layer_common {
+    () => {
+        /// The parameter path (`encoder.layer.0.attention.self.query`).
+        pub fn path(&self) -> &str {
+            &self.path
+        }
+        /// The weight.
+        pub fn weight(&self) -> &Weight {
+            &self.weight
+        }
+        /// The runtime this layer is prepared on.
+        pub fn runtime(&self) -> &Arc<dyn Runtime> {
+            &self.runtime
+        }
+        /// Re-prepares the layer's weights on `runtime`.
+        pub fn prepare(&mut self, runtime: &Arc<dyn Runtime>) -> Result<()> {
+            self.op = self.build_op(runtime.as_ref())?;
+            self.runtime = runtime.clone();
+            Ok(())
+        }
+        /// Replaces the weight (same logical shape) and re-prepares it on the current runtime.
+        pub fn set_weight(&mut self, weight: Weight) -> Result<()> {
+            if weight.shape() != self.weight.shape() {
+                return Err(Error::Shape {
+                    name: format!("{}.weight", self.path),
+                    expected: self.weight.shape(),
+                    found: weight.shape(),
+                });
+            }
+            let old = std::mem::replace(&mut self.weight, weight);
+            match self.build_op(self.runtime.clone().as_ref()) {
+                Ok(op) => {
+                    self.op = op;
+                    Ok(())
+                }
+                Err(e) => {
+                    self.weight = old;
+                    Err(e)
+                }
+            }
+        }
+    };
+}
+
+/// `y = x Wᵀ + b` with `W` of shape `[out, in]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    path: String,
+    weight: Weight,
+    bias: Option<Tensor>,
+    runtime: Arc<dyn Runtime>,
+    op: Arc<dyn PreparedOp>,
+}
+
+impl Linear {
+    /// A linear layer prepared on the reference runtime.
+    pub fn new(path: impl Into<String>, weight: Weight, bias: Option<Tensor>) -> Result<Self> {
+        let runtime = reference_for(&weight);
+        let path = path.into();
+        let op = runtime.prepare_linear(&path, &weight, bias.as_ref())?;
+        Ok(Self {
+            path,
+            weight,
+            bias,
+            runtime,
+            op,
+        })
+    }
+    fn build_op(&self, rt: &dyn Runtime) -> Result<Arc<dyn PreparedOp>> {
+        rt.prepare_linear(&self.path, &self.weight, self.bias.as_ref())
+    }
+    weighted_layer_common!();
+    /// The bias.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    /// `(out_features, in_features)`.
+    pub fn dims(&self) -> (usize, usize) {
+        let s = self.weight.shape();
+        (s[0], s[1])
+    }
+    /// Runs the layer, reporting to `hooks`.
+    pub fn forward_hooked(&self, x: &Tensor, hooks: &mut Hooks<'_>) -> Result<Tensor> {
+        let y = self.op.forward(x)?;
+        if !hooks.is_empty() {
+            let shape = self.weight.shape();
+            hooks.emit(
+                &Site {
+                    path: &self.path,
+                    kind: LayerKind::Linear,
+                    weight_shape: &shape,
+                },
+                x,
+                &y,
+            )?;
+        }
+        Ok(y)
+    }
+    /// Runs the layer.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.op.forward(x)
+    }
+}
+
+/// A 2-D convolution with weight `[out, in/groups, kh, kw]`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    path: String,
+    weight: Weight,
+    bias: Option<Tensor>,
+    params: Conv2dParams,
+    runtime: Arc<dyn Runtime>,
+    op: Arc<dyn PreparedOp>,
+}
+
+impl Conv2d {
+    /// A convolution prepared on the reference runtime.
+    pub fn new(
+        path: impl Into<String>,
+        weight: Weight,
+        bias: Option<Tensor>,
+        params: Conv2dParams,
+    ) -> Result<Self> {
+        let runtime = reference_for(&weight);
+        let path = path.into();
+        let op = runtime.prepare_conv2d(&path, &weight, bias.as_ref(), params)?;
+        Ok(Self {
+            path,
+            weight,
+            bias,
+            params,
+            runtime,
+            op,
+        })
+    }
+    fn build_op(&self, rt: &dyn Runtime) -> Result<Arc<dyn PreparedOp>> {
+        rt.prepare_conv2d(&self.path, &self.weight, self.bias.as_ref(), self.params)
+    }
+    weighted_layer_common!();
+    /// The bias.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    /// Padding, stride, dilation, groups.
+    pub fn params(&self) -> Conv2dParams {
+        self.params
+    }
+    /// Runs the layer, reporting to `hooks`.
+    pub fn forward_hooked(&self, x: &Tensor, hooks: &mut Hooks<'_>) -> Result<Tensor> {
+        let y = self.op.forward(x)?;
+        if !hooks.is_empty() {
+            let shape = self.weight.shape();
+            hooks.emit(
+                &Site {
+                    path: &self.path,
+                    kind: LayerKind::Conv2d,
+                    weight_shape: &shape,
+                },
+                x,
+                &y,
+            )?;
+        }
+        Ok(y)
+    }
+}
+
+/// A lookup table `[vocab, dim]` indexed by integer ids.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    path: String,
+    weight: Weight,
+    runtime: Arc<dyn Runtime>,
+    op: Arc<dyn PreparedOp>,
+}
+
+impl Embedding {
+    /// An embedding prepared on the reference runtime.
+    pub fn new(path: impl Into<String>, weight: Weight) -> Result<Self> {
+        let runtime = reference_for(&weight);
+        let path = path.into();
+        let op = runtime.prepare_embedding(&path, &weight)?;
+        Ok(Self {
+            path,
+            weight,
+            runtime,
+            op,
+        })
+    }
+    fn build_op(&self, rt: &dyn Runtime) -> Result<Arc<dyn PreparedOp>> {
+        rt.prepare_embedding(&self.path, &self.weight)
+    }
+    weighted_layer_common!();
+    /// Looks up `ids` (u32 or i64 of any shape), reporting to `hooks`.
+    pub fn forward_hooked(&self, ids: &Tensor, hooks: &mut Hooks<'_>) -> Result<Tensor> {
+        let y = self.op.forward(ids)?;
+        if !hooks.is_empty() {
+            let shape = self.weight.shape();
+            hooks.emit(
+                &Site {
+                    path: &self.path,
+                    kind: LayerKind::Embedding,
+                    weight_shape: &shape,
+                },
+                ids,
+                &y,
+            )?;
+        }
+        Ok(y)
+    }
+}
+
+/// Layer normalisation over the last dimension: `(x − mean) / sqrt(var + eps) · γ + β`.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    path: String,
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// A layer norm with `weight` (γ) and `bias` (β), both `[dim]`.
+    pub fn new(path: impl Into<String>, weight: Tensor, bias: Tensor, eps: f64) -> Result<Self> {
+        let path = path.into();
+        if weight.rank() != 1 || bias.dims() != weight.dims() {
+            return Err(Error::Shape {
+                name: format!("{path}.bias"),
+                expected: weight.dims().to_vec(),
+                found: bias.dims().to_vec(),
+            });
+        }
+        Ok(Self {
+            path,
+            weight,
+            bias,
+            eps,
+        })
+    }
+    /// The parameter path.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+    /// γ.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    /// β.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+    /// ε.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+    /// Normalises `x` over its last dimension, reporting to `hooks`.
+    pub fn forward_hooked(&self, x: &Tensor, hooks: &mut Hooks<'_>) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let mean = xf.mean_keepdim(D::Minus1)?;
+        let centred = xf.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let y = normed
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)?;
+        if !hooks.is_empty() {
+            let shape = [self.weight.dim(0)?];
+            hooks.emit(
+                &Site {
+                    path: &self.path,
+                    kind: LayerKind::LayerNorm,
+                    weight_shape: &shape,
+                },
+                x,
+                &y,
+            )?;
+        }
+        Ok(y)
+    }
+}
+
+/// Element-wise activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// max(0, x).
+    Relu,
+    /// The exact GELU, x·Φ(x) (BERT's `gelu`).
+    Gelu,
+    /// GELU's tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// tanh(x).
+    Tanh,
+    /// 1 / (1 + e^−x).
+    Sigmoid,
+    /// x·sigmoid(x).
+    Silu,
+    /// x.
+    Identity,
+}
+
+impl Activation {
+    /// Applies the activation.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::Relu => x.relu()?,
+            Activation::Gelu => x.gelu_erf()?,
+            Activation::GeluTanh => x.gelu()?,
+            Activation::Tanh => x.tanh()?,
+            Activation::Sigmoid => candle_nn::ops::sigmoid(x)?,
+            Activation::Silu => x.silu()?,
+            Activation::Identity => x.clone(),
+        })
+    }
+
+    /// Parses a Hugging Face `hidden_act` name.
+    pub fn from_hf_name(name: &str) -> Result<Self> {
+        Ok(match name {
+            "relu" => Activation::Relu,
+            "gelu" | "gelu_python" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "tanh" => Activation::Tanh,
+            "sigmoid" => Activation::Sigmoid,
+            "silu" | "swish" => Activation::Silu,
+            "linear" | "identity" => Activation::Identity,
+            other => {
+                return Err(Error::invalid(
+                    "activation",
+                    format!(
+                        "expected one of relu, gelu, gelu_new, tanh, sigmoid, silu; found `{other}`"
+                    ),
+                ));
+            }
+        })
+    }
+}

@@ -1,0 +1,115 @@
+//! Metrics shared by every report: accuracy, cosine similarity, KL divergence, top-k
+//! agreement, and cost measures (bytes, parameters, MACs per forward).
+
+use std::collections::BTreeMap;
+
+use candle_core::{D, DType, Tensor};
+
+use crate::hooks::{LayerKind, Observer, Site};
+use crate::{Error, Result};
+
+/// Fraction of rows of `logits` `[n, classes]` whose arg-max equals `labels` `[n]`.
+pub fn accuracy(logits: &Tensor, labels: &Tensor) -> Result<f64> {
+    let n = labels.dims1()?;
+    if n == 0 {
+        return Err(Error::Data {
+            name: "accuracy".into(),
+            detail: "no examples".into(),
+        });
+    }
+    let pred = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
+    let hits = pred
+        .eq(&labels.to_dtype(DType::U32)?)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    Ok(f64::from(hits) / n as f64)
+}
+
+/// Cosine similarity of each pair of rows of `a` and `b` (both `[n, d]`).
+pub fn cosine_rows(a: &Tensor, b: &Tensor) -> Result<Vec<f32>> {
+    if a.dims() != b.dims() {
+        return Err(Error::Shape {
+            name: "cosine operand".into(),
+            expected: a.dims().to_vec(),
+            found: b.dims().to_vec(),
+        });
+    }
+    let a = a.to_dtype(DType::F32)?;
+    let b = b.to_dtype(DType::F32)?;
+    let dot = (&a * &b)?.sum(D::Minus1)?;
+    let na = a.sqr()?.sum(D::Minus1)?.sqrt()?;
+    let nb = b.sqr()?.sum(D::Minus1)?.sqrt()?;
+    let denom = (na * nb)?.clamp(1e-12f32, f32::MAX)?;
+    Ok((dot / denom)?.to_vec1::<f32>()?)
+}
+
+/// Mean of [`cosine_rows`].
+pub fn mean_cosine(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let c = cosine_rows(a, b)?;
+    Ok(c.iter().map(|v| f64::from(*v)).sum::<f64>() / c.len().max(1) as f64)
+}
+
+/// Mean over rows of KL(P ‖ Q), with P = softmax(`p_logits`) the reference and
+/// Q = softmax(`q_logits`) the candidate, in nats.
+pub fn kl_divergence(p_logits: &Tensor, q_logits: &Tensor) -> Result<f64> {
+    let lp = candle_nn::ops::log_softmax(&p_logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let lq = candle_nn::ops::log_softmax(&q_logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let kl = (lp.exp()? * (lp - lq)?)?.sum(D::Minus1)?.mean_all()?;
+    Ok(f64::from(kl.to_scalar::<f32>()?))
+}
+
+/// Fraction of rows where the candidate's top-1 class is among the reference's top `k`.
+pub fn top_k_agreement(reference: &Tensor, candidate: &Tensor, k: usize) -> Result<f64> {
+    let r = reference.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let c = candidate
+        .argmax(D::Minus1)?
+        .to_dtype(DType::U32)?
+        .to_vec1::<u32>()?;
+    if r.is_empty() || r.len() != c.len() {
+        return Err(Error::Shape {
+            name: "top-k candidate".into(),
+            expected: vec![r.len()],
+            found: vec![c.len()],
+        });
+    }
+    let hits = r
+        .iter()
+        .zip(&c)
+        .filter(|(row, pick)| {
+            let v = row[**pick as usize];
+            // Rank = how many classes beat the pick (ties resolved in the pick's favour).
+            row.iter().filter(|x| **x > v).count() < k
+        })
+        .count();
+    Ok(hits as f64 / r.len() as f64)
+}
+
+/// An observer that counts multiply-accumulates per layer during a forward pass.
+#[derive(Debug, Default, Clone)]
+pub struct MacCounter {
+    /// MACs per layer path.
+    pub per_layer: BTreeMap<String, u64>,
+}
+
+impl MacCounter {
+    /// Total MACs over all layers.
+    pub fn total(&self) -> u64 {
+        self.per_layer.values().sum()
+    }
+}
+
+impl Observer for MacCounter {
+    fn observe(&mut self, site: &Site<'_>, _input: &Tensor, output: &Tensor) -> Result<()> {
+        let out = output.elem_count() as u64;
+        let macs = match site.kind {
+            // Each output element is a dot product over the input features.
+            LayerKind::Linear => out * site.weight_shape[1] as u64,
+            // ... over in/groups × kh × kw.
+            LayerKind::Conv2d => out * site.weight_shape[1..].iter().product::<usize>() as u64,
+            LayerKind::Embedding | LayerKind::LayerNorm => 0,
+        };
+        *self.per_layer.entry(site.path.to_string()).or_default() += macs;
+        Ok(())
+    }
+}

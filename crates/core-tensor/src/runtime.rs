@@ -1,0 +1,221 @@
+//! The `Runtime` trait — prepare a layer's weights once, then run its forward many times —
+//! and `ReferenceRuntime`, which dequantizes every format and runs candle: the semantics every
+//! fast runtime is tested against.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use candle_core::{D, Device, Tensor};
+
+use crate::{Error, Result, Weight};
+
+/// Convolution hyper-parameters of a [`crate::Conv2d`] layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dParams {
+    /// Zero padding on each side.
+    pub padding: usize,
+    /// Stride in both dimensions.
+    pub stride: usize,
+    /// Dilation in both dimensions.
+    pub dilation: usize,
+    /// Number of channel groups.
+    pub groups: usize,
+}
+
+impl Default for Conv2dParams {
+    fn default() -> Self {
+        Self {
+            padding: 0,
+            stride: 1,
+            dilation: 1,
+            groups: 1,
+        }
+    }
+}
+
+/// One layer's forward, prepared by a [`Runtime`] (its weights already in the kernels' layout).
+pub trait PreparedOp: Send + Sync + Debug {
+    /// Runs the layer on `x`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+/// Something that runs layers: it prepares each layer's weights once, returning the op that
+/// runs its forward. Models built from core-tensor layers run on any runtime.
+pub trait Runtime: Send + Sync + Debug {
+    /// A short name for reports (`reference`, `cpu`, `wgpu`, `cuda`).
+    fn name(&self) -> &str;
+
+    /// The candle device activations live on.
+    fn device(&self) -> &Device;
+
+    /// Prepares `y = x Wᵀ + b` for `weight` of shape `[out, in]` and `x` of shape `[..., in]`.
+    fn prepare_linear(
+        &self,
+        layer: &str,
+        weight: &Weight,
+        bias: Option<&Tensor>,
+    ) -> Result<Arc<dyn PreparedOp>>;
+
+    /// Prepares a 2-D convolution: `weight` `[out, in/groups, kh, kw]`, `x` `[batch, in, h, w]`.
+    fn prepare_conv2d(
+        &self,
+        layer: &str,
+        weight: &Weight,
+        bias: Option<&Tensor>,
+        params: Conv2dParams,
+    ) -> Result<Arc<dyn PreparedOp>>;
+
+    /// Prepares an embedding lookup: `weight` `[vocab, dim]`, `x` integer ids of any shape.
+    fn prepare_embedding(&self, layer: &str, weight: &Weight) -> Result<Arc<dyn PreparedOp>>;
+}
+
+/// The reference runtime: dequantize or densify each weight once, then run candle's ops.
+/// Dense weights are used as they are, so autograd flows through `Var`s for training.
+#[derive(Debug, Clone)]
+pub struct ReferenceRuntime {
+    device: Device,
+}
+
+impl ReferenceRuntime {
+    /// A reference runtime on `device`.
+    pub fn new(device: Device) -> Self {
+        Self { device }
+    }
+    /// A reference runtime on the CPU.
+    pub fn cpu() -> Self {
+        Self::new(Device::Cpu)
+    }
+    /// The same runtime as a shareable trait object.
+    pub fn shared(device: Device) -> Arc<dyn Runtime> {
+        Arc::new(Self::new(device))
+    }
+}
+
+#[derive(Debug)]
+struct RefLinear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl PreparedOp for RefLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.broadcast_matmul(&self.w.t()?)?;
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct RefConv2d {
+    w: Tensor,
+    b: Option<Tensor>,
+    p: Conv2dParams,
+}
+
+impl PreparedOp for RefConv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(
+            &self.w,
+            self.p.padding,
+            self.p.stride,
+            self.p.dilation,
+            self.p.groups,
+        )?;
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+            None => y,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct RefEmbedding {
+    w: Tensor,
+}
+
+impl PreparedOp for RefEmbedding {
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let mut dims = ids.dims().to_vec();
+        let flat = self.w.index_select(&ids.flatten_all()?, 0)?;
+        dims.push(self.w.dim(D::Minus1)?);
+        Ok(flat.reshape(dims)?)
+    }
+}
+
+fn check_bias(layer: &str, bias: Option<&Tensor>, out: usize) -> Result<()> {
+    match bias {
+        Some(b) if b.dims() != [out] => Err(Error::Shape {
+            name: format!("{layer}.bias"),
+            expected: vec![out],
+            found: b.dims().to_vec(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+impl Runtime for ReferenceRuntime {
+    fn name(&self) -> &str {
+        "reference"
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn prepare_linear(
+        &self,
+        layer: &str,
+        weight: &Weight,
+        bias: Option<&Tensor>,
+    ) -> Result<Arc<dyn PreparedOp>> {
+        let shape = weight.shape();
+        if shape.len() != 2 {
+            return Err(Error::invalid(
+                format!("linear layer `{layer}`"),
+                format!("weight must be 2-D, found {shape:?}"),
+            ));
+        }
+        check_bias(layer, bias, shape[0])?;
+        Ok(Arc::new(RefLinear {
+            w: weight.to_dense(&self.device)?,
+            b: bias.cloned(),
+        }))
+    }
+
+    fn prepare_conv2d(
+        &self,
+        layer: &str,
+        weight: &Weight,
+        bias: Option<&Tensor>,
+        params: Conv2dParams,
+    ) -> Result<Arc<dyn PreparedOp>> {
+        let shape = weight.shape();
+        if shape.len() != 4 {
+            return Err(Error::invalid(
+                format!("conv2d layer `{layer}`"),
+                format!("weight must be 4-D, found {shape:?}"),
+            ));
+        }
+        check_bias(layer, bias, shape[0])?;
+        Ok(Arc::new(RefConv2d {
+            w: weight.to_dense(&self.device)?,
+            b: bias.cloned(),
+            p: params,
+        }))
+    }
+
+    fn prepare_embedding(&self, layer: &str, weight: &Weight) -> Result<Arc<dyn PreparedOp>> {
+        let shape = weight.shape();
+        if shape.len() != 2 {
+            return Err(Error::invalid(
+                format!("embedding `{layer}`"),
+                format!("weight must be 2-D, found {shape:?}"),
+            ));
+        }
+        Ok(Arc::new(RefEmbedding {
+            w: weight.to_dense(&self.device)?,
+        }))
+    }
+}
