@@ -1,1 +1,61 @@
-fn main() {}
+//! `cargo xtask`: pare's command line — a thin layer of clap over the library crates.
+
+mod demo;
+mod embed;
+mod inspect;
+
+use clap::{Parser, Subcommand};
+
+/// pare: make neural networks smaller and faster.
+#[derive(Parser)]
+#[command(name = "cargo xtask", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train the digits CNN teacher on the embedded data set and print its figures.
+    Demo(demo::Args),
+    /// List every tensor of a safetensors file (name, dtype, shape, bytes) and pare's metadata.
+    Inspect(inspect::Args),
+    /// Embed every line of a text file with a sentence-transformers model folder.
+    Embed(embed::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(a) => demo::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Embed(a) => embed::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// A progress bar in pare's style, hidden when stderr is not a terminal.
+pub(crate) fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix:>10} [{bar:30}] {pos}/{len} {msg} ({elapsed})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}

@@ -1,0 +1,500 @@
+//! A BERT encoder built from core-tensor layers, loading Hugging Face checkpoints such as
+//! all-MiniLM-L6-v2, and a sentence encoder (tokenizer + encoder + mean pooling + L2
+//! normalisation) that produces sentence-transformers embeddings.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{D, DType, Device, Tensor};
+use pare_core_tensor::io::load_weights;
+use pare_core_tensor::{
+    Activation, Embedding, Hooks, Init, LayerMut, LayerNorm, LayerRef, Linear, LoadedWeights,
+    Module, WeightSource,
+};
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// The fields of a Hugging Face `config.json` that a BERT encoder needs.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct BertConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Number of encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads per layer.
+    pub num_attention_heads: usize,
+    /// Width of the feed-forward layer.
+    pub intermediate_size: usize,
+    /// Activation of the feed-forward layer (`gelu`, ...).
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Longest sequence the position table covers.
+    pub max_position_embeddings: usize,
+    /// Number of token types (segments).
+    #[serde(default = "default_types")]
+    pub type_vocab_size: usize,
+    /// Layer-norm epsilon.
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    /// Head width when it is not `hidden_size / num_attention_heads` (after head pruning).
+    #[serde(default)]
+    pub attention_head_size: Option<usize>,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_types() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+
+impl BertConfig {
+    /// Reads and checks `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| pare_core_tensor::Error::io("read", path, e))?;
+        let cfg: BertConfig =
+            serde_json::from_str(&text).map_err(|e| pare_core_tensor::Error::Json {
+                path: path.to_path_buf(),
+                source: e,
+            })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Width of one attention head.
+    pub fn head_size(&self) -> usize {
+        self.attention_head_size
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |detail: String| {
+            Err(Error::Config {
+                what: "BERT",
+                detail,
+            })
+        };
+        if self.hidden_size == 0
+            || self.num_attention_heads == 0
+            || self.intermediate_size == 0
+            || self.vocab_size == 0
+        {
+            return bad(format!("sizes must be ≥ 1, found {self:?}"));
+        }
+        if self.attention_head_size.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return bad(format!(
+                "{} attention heads do not divide hidden size {}",
+                self.num_attention_heads, self.hidden_size
+            ));
+        }
+        Activation::from_hf_name(&self.hidden_act)?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct BertLayer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: LayerNorm,
+}
+
+/// A BERT encoder: embeddings, then `num_hidden_layers` post-norm transformer layers.
+#[derive(Debug, Clone)]
+pub struct BertEncoder {
+    config: BertConfig,
+    act: Activation,
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    emb_norm: LayerNorm,
+    layers: Vec<BertLayer>,
+}
+
+fn linear(src: &mut dyn WeightSource, path: String, i: usize, o: usize) -> Result<Linear> {
+    crate::linear(src, &path, i, o, Init::Normal { std: 0.02 }, Init::Zeros)
+}
+
+fn norm(src: &mut dyn WeightSource, path: String, dim: usize, eps: f64) -> Result<LayerNorm> {
+    let w = src.tensor(&format!("{path}.weight"), &[dim], Init::Ones)?;
+    let b = src.tensor(&format!("{path}.bias"), &[dim], Init::Zeros)?;
+    Ok(LayerNorm::new(path, w, b, eps)?)
+}
+
+fn embedding(src: &mut dyn WeightSource, path: String, n: usize, dim: usize) -> Result<Embedding> {
+    let w = src.weight(
+        &format!("{path}.weight"),
+        &[n, dim],
+        Init::Normal { std: 0.02 },
+    )?;
+    Ok(Embedding::new(path, w)?)
+}
+
+impl BertEncoder {
+    /// Builds the encoder, taking every parameter (Hugging Face names) from `src`.
+    pub fn build(config: BertConfig, src: &mut dyn WeightSource) -> Result<Self> {
+        config.validate()?;
+        let (h, eps) = (config.hidden_size, config.layer_norm_eps);
+        let inner = config.num_attention_heads * config.head_size();
+        let word = embedding(
+            src,
+            "embeddings.word_embeddings".into(),
+            config.vocab_size,
+            h,
+        )?;
+        let position = embedding(
+            src,
+            "embeddings.position_embeddings".into(),
+            config.max_position_embeddings,
+            h,
+        )?;
+        let token_type = embedding(
+            src,
+            "embeddings.token_type_embeddings".into(),
+            config.type_vocab_size,
+            h,
+        )?;
+        let emb_norm = norm(src, "embeddings.LayerNorm".into(), h, eps)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = |s: &str| format!("encoder.layer.{i}.{s}");
+            layers.push(BertLayer {
+                query: linear(src, p("attention.self.query"), h, inner)?,
+                key: linear(src, p("attention.self.key"), h, inner)?,
+                value: linear(src, p("attention.self.value"), h, inner)?,
+                attn_out: linear(src, p("attention.output.dense"), inner, h)?,
+                attn_norm: norm(src, p("attention.output.LayerNorm"), h, eps)?,
+                intermediate: linear(src, p("intermediate.dense"), h, config.intermediate_size)?,
+                output: linear(src, p("output.dense"), config.intermediate_size, h)?,
+                out_norm: norm(src, p("output.LayerNorm"), h, eps)?,
+            });
+        }
+        let act = Activation::from_hf_name(&config.hidden_act)?;
+        Ok(Self {
+            config,
+            act,
+            word,
+            position,
+            token_type,
+            emb_norm,
+            layers,
+        })
+    }
+
+    /// Loads `model.safetensors` and `config.json` from a Hugging Face model folder.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let config = BertConfig::from_file(&dir.join("config.json"))?;
+        let (mut weights, _) = load_weights(dir.join("model.safetensors"), device)?;
+        // Checkpoints saved from `BertForX` carry a `bert.` prefix; accept both spellings.
+        if weights.keys().any(|k| k.starts_with("bert.")) {
+            weights = weights
+                .into_iter()
+                .map(|(k, v)| (k.strip_prefix("bert.").map(String::from).unwrap_or(k), v))
+                .collect();
+        }
+        let mut src = LoadedWeights::new(weights, device.clone());
+        let enc = Self::build(config, &mut src)?;
+        let ignored: Vec<&str> = src.unused();
+        if !ignored.is_empty() {
+            tracing::debug!(
+                ?ignored,
+                "tensors the encoder does not use (pooler, position ids)"
+            );
+        }
+        Ok(enc)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// Hidden states `[batch, seq, hidden]` for token ids `[batch, seq]` (u32), token types
+    /// (zeros when `None`) and an attention mask of 1 (attend) and 0 (padding).
+    pub fn forward_hooked(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: &Tensor,
+        hooks: &mut Hooks<'_>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if t > self.config.max_position_embeddings {
+            return Err(Error::Config {
+                what: "BERT input",
+                detail: format!(
+                    "sequence of {t} tokens exceeds max_position_embeddings {}",
+                    self.config.max_position_embeddings
+                ),
+            });
+        }
+        let dev = input_ids.device();
+        let positions = Tensor::arange(0u32, t as u32, dev)?
+            .unsqueeze(0)?
+            .broadcast_as((b, t))?
+            .contiguous()?;
+        let types = match token_type_ids {
+            Some(tt) => tt.clone(),
+            None => Tensor::zeros((b, t), DType::U32, dev)?,
+        };
+        let emb = self
+            .word
+            .forward_hooked(input_ids, hooks)?
+            .add(&self.position.forward_hooked(&positions, hooks)?)?
+            .add(&self.token_type.forward_hooked(&types, hooks)?)?;
+        let mut h = self.emb_norm.forward_hooked(&emb, hooks)?;
+        // Additive mask: 0 where attended, a large negative number at padding.
+        let mask = ((attention_mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, t))?;
+        let (heads, hs) = (self.config.num_attention_heads, self.config.head_size());
+        let scale = 1.0 / (hs as f64).sqrt();
+        for layer in &self.layers {
+            let split = |x: Tensor| -> Result<Tensor> {
+                Ok(x.reshape((b, t, heads, hs))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
+            };
+            let q = split(layer.query.forward_hooked(&h, hooks)?)?;
+            let k = split(layer.key.forward_hooked(&h, hooks)?)?;
+            let v = split(layer.value.forward_hooked(&h, hooks)?)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let ctx = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, t, heads * hs))?;
+            let attn = layer.attn_out.forward_hooked(&ctx, hooks)?;
+            h = layer.attn_norm.forward_hooked(&(attn + &h)?, hooks)?;
+            let inter = self
+                .act
+                .forward(&layer.intermediate.forward_hooked(&h, hooks)?)?;
+            let out = layer.output.forward_hooked(&inter, hooks)?;
+            h = layer.out_norm.forward_hooked(&(out + &h)?, hooks)?;
+        }
+        Ok(h)
+    }
+}
+
+impl Module for BertEncoder {
+    fn layers(&self) -> Vec<LayerRef<'_>> {
+        let mut v = vec![
+            LayerRef::Embedding(&self.word),
+            LayerRef::Embedding(&self.position),
+            LayerRef::Embedding(&self.token_type),
+            LayerRef::LayerNorm(&self.emb_norm),
+        ];
+        for l in &self.layers {
+            v.extend([
+                LayerRef::Linear(&l.query),
+                LayerRef::Linear(&l.key),
+                LayerRef::Linear(&l.value),
+                LayerRef::Linear(&l.attn_out),
+                LayerRef::LayerNorm(&l.attn_norm),
+                LayerRef::Linear(&l.intermediate),
+                LayerRef::Linear(&l.output),
+                LayerRef::LayerNorm(&l.out_norm),
+            ]);
+        }
+        v
+    }
+    fn layers_mut(&mut self) -> Vec<LayerMut<'_>> {
+        let mut v = vec![
+            LayerMut::Embedding(&mut self.word),
+            LayerMut::Embedding(&mut self.position),
+            LayerMut::Embedding(&mut self.token_type),
+            LayerMut::LayerNorm(&mut self.emb_norm),
+        ];
+        for l in &mut self.layers {
+            v.extend([
+                LayerMut::Linear(&mut l.query),
+                LayerMut::Linear(&mut l.key),
+                LayerMut::Linear(&mut l.value),
+                LayerMut::Linear(&mut l.attn_out),
+                LayerMut::LayerNorm(&mut l.attn_norm),
+                LayerMut::Linear(&mut l.intermediate),
+                LayerMut::Linear(&mut l.output),
+                LayerMut::LayerNorm(&mut l.out_norm),
+            ]);
+        }
+        v
+    }
+}
+
+/// Mean of `hidden` `[b, t, h]` over the positions where `mask` `[b, t]` is 1, then L2-normalised:
+/// sentence-transformers' pooling for all-MiniLM-L6-v2.
+pub fn mean_pool_normalize(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
+    let summed = hidden.broadcast_mul(&m)?.sum(1)?;
+    let counts = m.sum(1)?.clamp(1e-9f32, f32::MAX)?;
+    let mean = summed.broadcast_div(&counts)?;
+    let norm = mean
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12f32, f32::MAX)?;
+    Ok(mean.broadcast_div(&norm)?)
+}
+
+/// Token ids, token types and attention mask for one batch, padded to its longest sentence.
+#[derive(Debug, Clone)]
+pub struct EncodedBatch {
+    /// `[b, t]` u32 token ids.
+    pub input_ids: Tensor,
+    /// `[b, t]` u32 token types.
+    pub token_type_ids: Tensor,
+    /// `[b, t]` u32, 1 for tokens and 0 for padding.
+    pub attention_mask: Tensor,
+}
+
+/// A sentence encoder: tokenizer, BERT encoder, mean pooling and L2 normalisation.
+#[derive(Debug, Clone)]
+pub struct SentenceEncoder {
+    /// The encoder (its layers may be quantized, sparse or pruned).
+    pub bert: BertEncoder,
+    tokenizer: tokenizers::Tokenizer,
+    tokenizer_path: PathBuf,
+    max_len: usize,
+}
+
+/// The sentence-transformers `max_seq_length` when no `sentence_bert_config.json` says otherwise.
+pub const DEFAULT_MAX_SEQ_LEN: usize = 256;
+
+#[derive(Deserialize)]
+struct SentenceBertConfig {
+    max_seq_length: usize,
+}
+
+impl SentenceEncoder {
+    /// Loads a sentence-transformers folder (`config.json`, `model.safetensors`, `tokenizer.json`,
+    /// optional `sentence_bert_config.json` for the maximum sequence length).
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            if !dir.join(f).is_file() {
+                return Err(Error::Model {
+                    path: dir.to_path_buf(),
+                    detail: format!("missing `{f}`"),
+                });
+            }
+        }
+        let bert = BertEncoder::load(dir, device)?;
+        let sbert = dir.join("sentence_bert_config.json");
+        let max_len = if sbert.is_file() {
+            let text = std::fs::read_to_string(&sbert)
+                .map_err(|e| pare_core_tensor::Error::io("read", &sbert, e))?;
+            serde_json::from_str::<SentenceBertConfig>(&text)
+                .map_err(|e| pare_core_tensor::Error::Json {
+                    path: sbert.clone(),
+                    source: e,
+                })?
+                .max_seq_length
+        } else {
+            DEFAULT_MAX_SEQ_LEN
+        }
+        .min(bert.config().max_position_embeddings);
+        let tokenizer_path = dir.join("tokenizer.json");
+        let mut tokenizer =
+            tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| Error::Tokenizer {
+                path: tokenizer_path.clone(),
+                detail: e.to_string(),
+            })?;
+        tokenizer
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: max_len,
+                ..Default::default()
+            }))
+            .map_err(|e| Error::Tokenizer {
+                path: tokenizer_path.clone(),
+                detail: e.to_string(),
+            })?;
+        tokenizer.with_padding(Some(tokenizers::PaddingParams {
+            strategy: tokenizers::PaddingStrategy::BatchLongest,
+            ..Default::default()
+        }));
+        Ok(Self {
+            bert,
+            tokenizer,
+            tokenizer_path,
+            max_len,
+        })
+    }
+
+    /// Longest tokenized sentence the encoder accepts; longer ones are truncated.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Tokenizes `sentences` into one padded batch on `device`.
+    pub fn encode_batch(&self, sentences: &[&str], device: &Device) -> Result<EncodedBatch> {
+        let enc = self
+            .tokenizer
+            .encode_batch(sentences.to_vec(), true)
+            .map_err(|e| Error::Tokenizer {
+                path: self.tokenizer_path.clone(),
+                detail: e.to_string(),
+            })?;
+        let (b, t) = (enc.len(), enc.first().map_or(0, |e| e.get_ids().len()));
+        let gather = |f: &dyn Fn(&tokenizers::Encoding) -> &[u32]| -> Result<Tensor> {
+            let v: Vec<u32> = enc.iter().flat_map(|e| f(e).iter().copied()).collect();
+            Ok(Tensor::from_vec(v, (b, t), device)?)
+        };
+        Ok(EncodedBatch {
+            input_ids: gather(&|e| e.get_ids())?,
+            token_type_ids: gather(&|e| e.get_type_ids())?,
+            attention_mask: gather(&|e| e.get_attention_mask())?,
+        })
+    }
+
+    /// L2-normalised sentence embeddings `[n, hidden]`, one row per sentence in input order.
+    /// Sentences are sorted by length into batches of `batch_size` so padding stays small;
+    /// `on_batch` is called with the number of sentences done after each batch.
+    pub fn embed(
+        &self,
+        sentences: &[String],
+        batch_size: usize,
+        on_batch: &mut dyn FnMut(usize),
+    ) -> Result<Tensor> {
+        let device = self.bert.word.runtime().device().clone();
+        if sentences.is_empty() {
+            return Ok(Tensor::zeros(
+                (0, self.bert.config.hidden_size),
+                DType::F32,
+                &device,
+            )?);
+        }
+        let mut order: Vec<usize> = (0..sentences.len()).collect();
+        order.sort_by_key(|&i| (sentences[i].len(), i));
+        let mut rows: Vec<Option<Tensor>> = vec![None; sentences.len()];
+        let mut done = 0;
+        for chunk in order.chunks(batch_size.max(1)) {
+            let texts: Vec<&str> = chunk.iter().map(|&i| sentences[i].as_str()).collect();
+            let batch = self.encode_batch(&texts, &device)?;
+            let hidden = self.bert.forward_hooked(
+                &batch.input_ids,
+                Some(&batch.token_type_ids),
+                &batch.attention_mask,
+                &mut Hooks::none(),
+            )?;
+            let emb = mean_pool_normalize(&hidden, &batch.attention_mask)?;
+            for (k, &i) in chunk.iter().enumerate() {
+                rows[i] = Some(emb.get(k)?);
+            }
+            done += chunk.len();
+            on_batch(done);
+        }
+        let rows: Vec<Tensor> = rows
+            .into_iter()
+            .map(|r| r.expect("every sentence embedded"))
+            .collect();
+        Ok(Tensor::stack(&rows, 0)?)
+    }
+}
