@@ -43,10 +43,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         epochs: args.epochs,
         batch_size: 32,
         optimizer: OptimizerKind::adamw(args.lr),
-        schedule: LrSchedule::Cosine {
-            warmup_steps: 40,
-            min_factor: 0.02,
-        },
+        schedule: LrSchedule::Cosine { warmup_steps: 40, min_factor: 0.02 },
         seed: args.seed,
         patience: Some(15),
         checkpoint: None,
@@ -68,11 +65,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         report.history.len(),
         report.best_metric,
         report.best_epoch + 1,
-        if report.stopped_early {
-            " (stopped early)"
-        } else {
-            ""
-        }
+        if report.stopped_early { " (stopped early)" } else { "" }
     );
 
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;

@@ -30,8 +30,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1, found 0");
     }
-    let text = std::fs::read_to_string(&args.input)
-        .with_context(|| format!("read {}", args.input.display()))?;
+    let text = std::fs::read_to_string(&args.input).with_context(|| format!("read {}", args.input.display()))?;
     let lines: Vec<String> = text.lines().map(String::from).collect();
     if lines.is_empty() {
         bail!("input `{}` has no lines to embed", args.input.display());
@@ -40,26 +39,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("load model folder {}", args.model.display()))?;
     let bar = crate::progress(lines.len() as u64, "embed");
     let started = std::time::Instant::now();
-    let emb = enc.embed(&lines, args.batch_size, &mut |done| {
-        bar.set_position(done as u64)
-    })?;
+    let emb = enc.embed(&lines, args.batch_size, &mut |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     let meta = BTreeMap::from([
-        (
-            "pare.model_dir".to_string(),
-            args.model.display().to_string(),
-        ),
+        ("pare.model_dir".to_string(), args.model.display().to_string()),
         ("pare.input".to_string(), args.input.display().to_string()),
     ]);
     let tensors = BTreeMap::from([("embeddings".to_string(), RawTensor::from_tensor(&emb)?)]);
     let weights = args.model.join("model.safetensors");
-    save_tensors(
-        &args.out,
-        &tensors,
-        &meta,
-        &[args.input.as_path(), weights.as_path()],
-    )?;
+    save_tensors(&args.out, &tensors, &meta, &[args.input.as_path(), weights.as_path()])?;
     println!(
         "embedded {} lines into {:?} in {secs:.2} s ({:.1} lines/s) -> {}",
         lines.len(),

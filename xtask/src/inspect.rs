@@ -15,11 +15,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let file = SafeTensorsFile::open(&args.file)?;
     let size = std::fs::metadata(&args.file)?.len();
-    println!(
-        "{}: {} tensors, {size} bytes",
-        args.file.display(),
-        file.tensors().len()
-    );
+    println!("{}: {} tensors, {size} bytes", args.file.display(), file.tensors().len());
     if !file.metadata().is_empty() {
         println!("\nmetadata:");
         for (k, v) in file.metadata() {
@@ -31,35 +27,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!("  {k} = {v}");
         }
     }
-    let width = file
-        .tensors()
-        .keys()
-        .map(String::len)
-        .max()
-        .unwrap_or(4)
-        .max(4);
-    println!(
-        "\n{:<width$}  {:<7}  {:<18}  {:>12}",
-        "name", "dtype", "shape", "bytes"
-    );
+    let width = file.tensors().keys().map(String::len).max().unwrap_or(4).max(4);
+    println!("\n{:<width$}  {:<7}  {:<18}  {:>12}", "name", "dtype", "shape", "bytes");
     let mut total = 0;
     for (name, info) in file.tensors() {
-        println!(
-            "{name:<width$}  {:<7}  {:<18}  {:>12}",
-            info.dtype.name(),
-            format!("{:?}", info.shape),
-            info.bytes()
-        );
+        println!("{name:<width$}  {:<7}  {:<18}  {:>12}", info.dtype.name(), format!("{:?}", info.shape), info.bytes());
         total += info.bytes();
     }
     println!("{:<width$}  {:<7}  {:<18}  {total:>12}", "total", "", "");
 
     // When the file holds packed pare weights, also show each logical weight's format.
-    if file
-        .metadata()
-        .keys()
-        .any(|k| k.starts_with("pare.quant.") || k.starts_with("pare.sparse."))
-    {
+    if file.metadata().keys().any(|k| k.starts_with("pare.quant.") || k.starts_with("pare.sparse.")) {
         let (weights, _) = load_weights(&args.file, &Device::Cpu)?;
         println!("\npare weights:");
         for (name, w) in &weights {

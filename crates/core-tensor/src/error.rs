@@ -60,9 +60,7 @@ pub enum Error {
     },
 
     /// A tensor that must hold finite numbers holds NaN or infinity.
-    #[error(
-        "`{name}` holds {count} non-finite values (NaN or infinity), first at flat index {first}"
-    )]
+    #[error("`{name}` holds {count} non-finite values (NaN or infinity), first at flat index {first}")]
     NonFinite {
         /// The tensor.
         name: String,
@@ -112,61 +110,28 @@ pub enum Error {
 }
 
 fn suggestion_suffix(s: &[String]) -> String {
-    if s.is_empty() {
-        String::new()
-    } else {
-        format!(" (closest: {})", s.join(", "))
-    }
+    if s.is_empty() { String::new() } else { format!(" (closest: {})", s.join(", ")) }
 }
 
 impl Error {
     /// Shorthand for [`Error::Invalid`].
     pub fn invalid(what: impl Into<String>, detail: impl Into<String>) -> Self {
-        Error::Invalid {
-            what: what.into(),
-            detail: detail.into(),
-        }
+        Error::Invalid { what: what.into(), detail: detail.into() }
     }
 
     /// Builds [`Error::Unknown`], suggesting up to three of `known` that share the longest
     /// prefix with `name`.
-    pub fn unknown<'a>(
-        kind: &'static str,
-        name: &str,
-        known: impl IntoIterator<Item = &'a str>,
-    ) -> Self {
-        let mut scored: Vec<(usize, &str)> = known
-            .into_iter()
-            .map(|k| {
-                (
-                    k.bytes()
-                        .zip(name.bytes())
-                        .take_while(|(a, b)| a == b)
-                        .count(),
-                    k,
-                )
-            })
-            .collect();
+    pub fn unknown<'a>(kind: &'static str, name: &str, known: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut scored: Vec<(usize, &str)> =
+            known.into_iter().map(|k| (k.bytes().zip(name.bytes()).take_while(|(a, b)| a == b).count(), k)).collect();
         scored.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
-        let suggestions = scored
-            .into_iter()
-            .take(3)
-            .map(|(_, k)| k.to_string())
-            .collect();
-        Error::Unknown {
-            kind,
-            name: name.to_string(),
-            suggestions,
-        }
+        let suggestions = scored.into_iter().take(3).map(|(_, k)| k.to_string()).collect();
+        Error::Unknown { kind, name: name.to_string(), suggestions }
     }
 
     /// Wraps an I/O error with what was being done to which file.
     pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            action,
-            path: path.into(),
-            source,
-        }
+        Error::Io { action, path: path.into(), source }
     }
 }
 

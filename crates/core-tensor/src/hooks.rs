@@ -44,15 +44,11 @@ pub struct Hooks<'a> {
 impl<'a> Hooks<'a> {
     /// No observers.
     pub fn none() -> Self {
-        Self {
-            observers: Vec::new(),
-        }
+        Self { observers: Vec::new() }
     }
     /// One observer.
     pub fn with(observer: &'a mut dyn Observer) -> Self {
-        Self {
-            observers: vec![observer],
-        }
+        Self { observers: vec![observer] }
     }
     /// Adds an observer.
     pub fn push(&mut self, observer: &'a mut dyn Observer) {
@@ -101,16 +97,13 @@ impl Observer for MinMaxObserver {
         };
         let (imin, imax) = f(input)?;
         let (omin, omax) = f(output)?;
-        let e = self
-            .ranges
-            .entry(site.path.to_string())
-            .or_insert(RangeStats {
-                input_min: f32::INFINITY,
-                input_max: f32::NEG_INFINITY,
-                output_min: f32::INFINITY,
-                output_max: f32::NEG_INFINITY,
-                calls: 0,
-            });
+        let e = self.ranges.entry(site.path.to_string()).or_insert(RangeStats {
+            input_min: f32::INFINITY,
+            input_max: f32::NEG_INFINITY,
+            output_min: f32::INFINITY,
+            output_max: f32::NEG_INFINITY,
+            calls: 0,
+        });
         e.input_min = e.input_min.min(imin);
         e.input_max = e.input_max.max(imax);
         e.output_min = e.output_min.min(omin);

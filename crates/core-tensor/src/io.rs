@@ -119,10 +119,7 @@ impl StDtype {
             DType::F32 => Self::F32,
             DType::F64 => Self::F64,
             other => {
-                return Err(Error::invalid(
-                    "safetensors dtype",
-                    format!("cannot store candle dtype {other:?}"),
-                ));
+                return Err(Error::invalid("safetensors dtype", format!("cannot store candle dtype {other:?}")));
             }
         })
     }
@@ -168,15 +165,9 @@ impl<'de> Deserialize<'de> for RawHeader {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON object of tensor entries")
             }
-            fn visit_map<A: MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> std::result::Result<RawHeader, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<RawHeader, A::Error> {
                 let mut seen = HashSet::new();
-                let mut out = RawHeader {
-                    metadata: BTreeMap::new(),
-                    tensors: Vec::new(),
-                };
+                let mut out = RawHeader { metadata: BTreeMap::new(), tensors: Vec::new() };
                 while let Some(key) = map.next_key::<String>()? {
                     if !seen.insert(key.clone()) {
                         return Err(de::Error::custom(format!("duplicate tensor name `{key}`")));
@@ -184,9 +175,8 @@ impl<'de> Deserialize<'de> for RawHeader {
                     if key == "__metadata__" {
                         out.metadata = map.next_value()?;
                     } else {
-                        let info: RawInfo = map
-                            .next_value()
-                            .map_err(|e| de::Error::custom(format!("entry `{key}`: {e}")))?;
+                        let info: RawInfo =
+                            map.next_value().map_err(|e| de::Error::custom(format!("entry `{key}`: {e}")))?;
                         out.tensors.push((key, info));
                     }
                 }
@@ -197,7 +187,9 @@ impl<'de> Deserialize<'de> for RawHeader {
     }
 }
 
-/// Files opened for reading in this process (device, inode): saves refuse to write over them.
+/// Files currently mapped by a [`SafeTensorsFile`] in this process, as (device, inode): saves
+/// refuse to write over them. An entry lives exactly as long as its mapping (one per open), so
+/// a deleted file's recycled inode number cannot block an unrelated save later.
 static OPENED_INPUTS: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
 
 fn file_id(path: &Path) -> Option<(u64, u64)> {
@@ -209,6 +201,7 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
 pub struct SafeTensorsFile {
     path: PathBuf,
     mmap: Mmap,
+    id: Option<(u64, u64)>,
     data_start: usize,
     tensors: BTreeMap<String, TensorInfo>,
     metadata: BTreeMap<String, String>,
@@ -216,10 +209,18 @@ pub struct SafeTensorsFile {
 
 impl fmt::Debug for SafeTensorsFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SafeTensorsFile")
-            .field("path", &self.path)
-            .field("tensors", &self.tensors.len())
-            .finish()
+        f.debug_struct("SafeTensorsFile").field("path", &self.path).field("tensors", &self.tensors.len()).finish()
+    }
+}
+
+impl Drop for SafeTensorsFile {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            let mut opened = OPENED_INPUTS.lock().expect("input registry poisoned");
+            if let Some(i) = opened.iter().position(|x| *x == id) {
+                opened.swap_remove(i);
+            }
+        }
     }
 }
 
@@ -231,38 +232,25 @@ impl SafeTensorsFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| Error::io("stat", &path, e))?
-            .len();
-        let bad = |what: String| Error::Malformed {
-            path: path.clone(),
-            what,
-        };
+        let len = file.metadata().map_err(|e| Error::io("stat", &path, e))?.len();
+        let bad = |what: String| Error::Malformed { path: path.clone(), what };
         if len < 8 {
-            return Err(bad(format!(
-                "file is {len} bytes, shorter than the 8-byte header length"
-            )));
+            return Err(bad(format!("file is {len} bytes, shorter than the 8-byte header length")));
         }
         // SAFETY: the map is read-only; pare never writes to files it has open for reading (saves
         // refuse them and go through rename), so the mapped bytes do not change under us.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("mmap", &path, e))?;
         let n = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes"));
         if n > MAX_HEADER_BYTES {
-            return Err(bad(format!(
-                "header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes"
-            )));
+            return Err(bad(format!("header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes")));
         }
         if n > len - 8 {
-            return Err(bad(format!(
-                "header length {n} runs past the end of the file ({} bytes follow)",
-                len - 8
-            )));
+            return Err(bad(format!("header length {n} runs past the end of the file ({} bytes follow)", len - 8)));
         }
         let data_start = 8 + n as usize;
         let header = &mmap[8..data_start];
-        let raw: RawHeader = serde_json::from_slice(header)
-            .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+        let raw: RawHeader =
+            serde_json::from_slice(header).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
         let data_len = mmap.len() - data_start;
         let mut tensors = BTreeMap::new();
         for (name, info) in raw.tensors {
@@ -286,17 +274,9 @@ impl SafeTensorsFile {
                 )));
             }
             let shape = info.shape.iter().map(|d| *d as usize).collect();
-            tensors.insert(
-                name,
-                TensorInfo {
-                    dtype,
-                    shape,
-                    range: (begin as usize, end as usize),
-                },
-            );
+            tensors.insert(name, TensorInfo { dtype, shape, range: (begin as usize, end as usize) });
         }
-        let mut spans: Vec<(&String, &TensorInfo)> =
-            tensors.iter().filter(|(_, t)| t.bytes() > 0).collect();
+        let mut spans: Vec<(&String, &TensorInfo)> = tensors.iter().filter(|(_, t)| t.bytes() > 0).collect();
         spans.sort_by_key(|(_, t)| t.range);
         for w in spans.windows(2) {
             if w[1].1.range.0 < w[0].1.range.1 {
@@ -306,19 +286,11 @@ impl SafeTensorsFile {
                 )));
             }
         }
-        if let Some(id) = file_id(&path) {
-            OPENED_INPUTS
-                .lock()
-                .expect("input registry poisoned")
-                .push(id);
+        let id = file_id(&path);
+        if let Some(id) = id {
+            OPENED_INPUTS.lock().expect("input registry poisoned").push(id);
         }
-        Ok(Self {
-            path,
-            mmap,
-            data_start,
-            tensors,
-            metadata: raw.metadata,
-        })
+        Ok(Self { path, mmap, id, data_start, tensors, metadata: raw.metadata })
     }
 
     /// The file's path.
@@ -340,9 +312,7 @@ impl SafeTensorsFile {
     }
     /// The entry of tensor `name`.
     pub fn info(&self, name: &str) -> Result<&TensorInfo> {
-        self.tensors
-            .get(name)
-            .ok_or_else(|| Error::unknown("tensor", name, self.tensors.keys().map(String::as_str)))
+        self.tensors.get(name).ok_or_else(|| Error::unknown("tensor", name, self.tensors.keys().map(String::as_str)))
     }
 
     /// Tensor `name` as a candle tensor on `device`.
@@ -354,28 +324,17 @@ impl SafeTensorsFile {
             found: info.dtype.name().into(),
         })?;
         // from_raw_buffer copies, so the mmap's alignment does not matter.
-        Ok(Tensor::from_raw_buffer(
-            self.bytes(name)?,
-            dtype,
-            &info.shape,
-            device,
-        )?)
+        Ok(Tensor::from_raw_buffer(self.bytes(name)?, dtype, &info.shape, device)?)
     }
 
     fn vec_u32(&self, name: &str) -> Result<Vec<u32>> {
-        self.typed(name, StDtype::U32, |b| {
-            u32::from_le_bytes(b.try_into().expect("4 bytes"))
-        })
+        self.typed(name, StDtype::U32, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
     }
     fn vec_i32(&self, name: &str) -> Result<Vec<i32>> {
-        self.typed(name, StDtype::I32, |b| {
-            i32::from_le_bytes(b.try_into().expect("4 bytes"))
-        })
+        self.typed(name, StDtype::I32, |b| i32::from_le_bytes(b.try_into().expect("4 bytes")))
     }
     fn vec_f32(&self, name: &str) -> Result<Vec<f32>> {
-        self.typed(name, StDtype::F32, |b| {
-            f32::from_le_bytes(b.try_into().expect("4 bytes"))
-        })
+        self.typed(name, StDtype::F32, |b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
     }
     fn typed<T>(&self, name: &str, want: StDtype, f: impl Fn(&[u8]) -> T) -> Result<Vec<T>> {
         let info = self.info(name)?;
@@ -409,92 +368,47 @@ impl RawTensor {
         let t = t.to_device(&Device::Cpu)?.flatten_all()?;
         let data = match t.dtype() {
             DType::U8 => t.to_vec1::<u8>()?,
-            DType::U32 => t
-                .to_vec1::<u32>()?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            DType::I64 => t
-                .to_vec1::<i64>()?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            DType::F16 => t
-                .to_vec1::<half::f16>()?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            DType::BF16 => t
-                .to_vec1::<half::bf16>()?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            DType::F32 => t
-                .to_vec1::<f32>()?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            DType::F64 => t
-                .to_vec1::<f64>()?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
+            DType::U32 => t.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::I64 => t.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::BF16 => t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F64 => t.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
             _ => unreachable!("from_candle accepted it"),
         };
         Ok(Self { dtype, shape, data })
     }
     fn u8s(v: &[u8]) -> Self {
-        Self {
-            dtype: StDtype::U8,
-            shape: vec![v.len()],
-            data: v.to_vec(),
-        }
+        Self { dtype: StDtype::U8, shape: vec![v.len()], data: v.to_vec() }
     }
     fn u32s(v: &[u32]) -> Self {
-        Self {
-            dtype: StDtype::U32,
-            shape: vec![v.len()],
-            data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        }
+        Self { dtype: StDtype::U32, shape: vec![v.len()], data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
     }
     fn i32s(v: &[i32]) -> Self {
-        Self {
-            dtype: StDtype::I32,
-            shape: vec![v.len()],
-            data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        }
+        Self { dtype: StDtype::I32, shape: vec![v.len()], data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
     }
     fn f32s(v: &[f32]) -> Self {
-        Self {
-            dtype: StDtype::F32,
-            shape: vec![v.len()],
-            data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        }
+        Self { dtype: StDtype::F32, shape: vec![v.len()], data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
     }
 }
 
 /// Refuses `dest` when it is the same file as any of `inputs` or as any file this process
-/// opened with [`SafeTensorsFile::open`].
+/// holds open as a [`SafeTensorsFile`].
 fn check_not_input(dest: &Path, inputs: &[&Path]) -> Result<()> {
     let Some(id) = file_id(dest) else {
         return Ok(());
     };
-    let opened = OPENED_INPUTS
-        .lock()
-        .expect("input registry poisoned")
-        .contains(&id);
+    let opened = OPENED_INPUTS.lock().expect("input registry poisoned").contains(&id);
     if opened || inputs.iter().any(|p| file_id(p) == Some(id)) {
-        return Err(Error::OverwriteInput {
-            path: dest.to_path_buf(),
-        });
+        return Err(Error::OverwriteInput { path: dest.to_path_buf() });
     }
     Ok(())
 }
 
 /// Writes `tensors` and `metadata` to `dest` atomically: a temp file in the same folder is
 /// written, fsynced and renamed over `dest`, then the folder is fsynced. An interrupted save
-/// leaves `dest` as it was. Writing onto any of `inputs` (or a file opened for reading in this
-/// process) is refused. pare's version is always recorded under [`META_VERSION`].
+/// leaves `dest` as it was. Writing onto any of `inputs` (the files the run read) or onto a
+/// file currently open as a [`SafeTensorsFile`] is refused. pare's version is always recorded under [`META_VERSION`].
 pub fn save_tensors(
     dest: impl AsRef<Path>,
     tensors: &BTreeMap<String, RawTensor>,
@@ -508,22 +422,14 @@ pub fn save_tensors(
         if t.data.len() != need {
             return Err(Error::invalid(
                 format!("tensor `{name}`"),
-                format!(
-                    "shape {:?} of {} needs {need} bytes, found {}",
-                    t.shape,
-                    t.dtype.name(),
-                    t.data.len()
-                ),
+                format!("shape {:?} of {} needs {need} bytes, found {}", t.shape, t.dtype.name(), t.data.len()),
             ));
         }
     }
     let mut meta = metadata.clone();
     meta.insert(META_VERSION.into(), env!("CARGO_PKG_VERSION").into());
     let mut header = serde_json::Map::new();
-    header.insert(
-        "__metadata__".into(),
-        serde_json::to_value(&meta).expect("strings serialise"),
-    );
+    header.insert("__metadata__".into(), serde_json::to_value(&meta).expect("strings serialise"));
     let mut offset = 0usize;
     for (name, t) in tensors {
         header.insert(
@@ -542,10 +448,7 @@ pub fn save_tensors(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let file_name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{file_name}."))
         .suffix(".tmp")
@@ -554,22 +457,16 @@ pub fn save_tensors(
     {
         let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
         let werr = |e| Error::io("write", tmp.path(), e);
-        w.write_all(&(header.len() as u64).to_le_bytes())
-            .map_err(werr)?;
+        w.write_all(&(header.len() as u64).to_le_bytes()).map_err(werr)?;
         w.write_all(&header).map_err(werr)?;
         for t in tensors.values() {
             w.write_all(&t.data).map_err(werr)?;
         }
         w.flush().map_err(werr)?;
     }
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| Error::io("fsync", tmp.path(), e))?;
-    tmp.persist(dest)
-        .map_err(|e| Error::io("rename the temp file onto", dest, e.error))?;
-    File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("fsync folder", &dir, e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io("fsync", tmp.path(), e))?;
+    tmp.persist(dest).map_err(|e| Error::io("rename the temp file onto", dest, e.error))?;
+    File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("fsync folder", &dir, e))?;
     tracing::debug!(path = %dest.display(), bytes = offset, "saved safetensors");
     Ok(())
 }
@@ -589,10 +486,7 @@ pub fn encode_weights(
                 tensors.insert(name.clone(), RawTensor::from_tensor(t)?);
             }
             Weight::Quantized(q) => {
-                tensors.insert(
-                    format!("{name}.__q.codes"),
-                    RawTensor::u8s(q.packed_codes()),
-                );
+                tensors.insert(format!("{name}.__q.codes"), RawTensor::u8s(q.packed_codes()));
                 tensors.insert(format!("{name}.__q.scales"), RawTensor::f32s(q.scales()));
                 if let Some(z) = q.zero_points() {
                     tensors.insert(format!("{name}.__q.zero_points"), RawTensor::i32s(z));
@@ -606,33 +500,18 @@ pub fn encode_weights(
             Weight::Sparse(s) => {
                 let p = |k: &str| format!("{name}.__sparse.{k}");
                 let layout = match s.layout() {
-                    SparseLayout::Csr {
-                        row_ptr,
-                        col_idx,
-                        values,
-                    } => {
+                    SparseLayout::Csr { row_ptr, col_idx, values } => {
                         tensors.insert(p("row_ptr"), RawTensor::u32s(row_ptr));
                         tensors.insert(p("col_idx"), RawTensor::u32s(col_idx));
                         tensors.insert(p("values"), RawTensor::f32s(values));
                         serde_json::json!({"kind": "csr"})
                     }
-                    SparseLayout::NM {
-                        n,
-                        m,
-                        values,
-                        indices,
-                    } => {
+                    SparseLayout::NM { n, m, values, indices } => {
                         tensors.insert(p("values"), RawTensor::f32s(values));
                         tensors.insert(p("indices"), RawTensor::u8s(indices));
                         serde_json::json!({"kind": "nm", "n": n, "m": m})
                     }
-                    SparseLayout::Block {
-                        block_rows,
-                        block_cols,
-                        row_ptr,
-                        col_idx,
-                        values,
-                    } => {
+                    SparseLayout::Block { block_rows, block_cols, row_ptr, col_idx, values } => {
                         tensors.insert(p("row_ptr"), RawTensor::u32s(row_ptr));
                         tensors.insert(p("col_idx"), RawTensor::u32s(col_idx));
                         tensors.insert(p("values"), RawTensor::f32s(values));
@@ -687,10 +566,7 @@ pub fn load_weights(
     device: &Device,
 ) -> Result<(BTreeMap<String, Weight>, BTreeMap<String, String>)> {
     let file = SafeTensorsFile::open(path)?;
-    let bad = |what: String| Error::Malformed {
-        path: file.path.clone(),
-        what,
-    };
+    let bad = |what: String| Error::Malformed { path: file.path.clone(), what };
     let mut out = BTreeMap::new();
     let mut claimed = HashSet::new();
     for (key, value) in file.metadata() {
@@ -703,18 +579,11 @@ pub fn load_weights(
             } else {
                 None
             };
-            let codebook = if file.tensors.contains_key(&get("codebook")) {
-                Some(file.vec_f32(&get("codebook"))?)
-            } else {
-                None
-            };
+            let codebook =
+                if file.tensors.contains_key(&get("codebook")) { Some(file.vec_f32(&get("codebook"))?) } else { None };
             let codes_info = file.info(&get("codes"))?;
             if codes_info.dtype != StDtype::U8 {
-                return Err(bad(format!(
-                    "`{}` must be U8, found {}",
-                    get("codes"),
-                    codes_info.dtype.name()
-                )));
+                return Err(bad(format!("`{}` must be U8, found {}", get("codes"), codes_info.dtype.name())));
             }
             let q = QuantizedTensor::new(
                 file.bytes(&get("codes"))?.to_vec(),
@@ -748,10 +617,8 @@ pub fn load_weights(
                     indices: file.typed(&get("indices"), StDtype::U8, |b| b[0])?,
                 },
                 Some("block") => SparseLayout::Block {
-                    block_rows: usize_of("block_rows")
-                        .ok_or_else(|| bad(format!("`{key}`: missing block_rows")))?,
-                    block_cols: usize_of("block_cols")
-                        .ok_or_else(|| bad(format!("`{key}`: missing block_cols")))?,
+                    block_rows: usize_of("block_rows").ok_or_else(|| bad(format!("`{key}`: missing block_rows")))?,
+                    block_cols: usize_of("block_cols").ok_or_else(|| bad(format!("`{key}`: missing block_cols")))?,
                     row_ptr: file.vec_u32(&get("row_ptr"))?,
                     col_idx: file.vec_u32(&get("col_idx"))?,
                     values: file.vec_f32(&get("values"))?,
@@ -769,9 +636,7 @@ pub fn load_weights(
     for name in file.tensors.keys() {
         if !claimed.contains(name) {
             if name.contains(".__q.") || name.contains(".__sparse.") {
-                return Err(bad(format!(
-                    "tensor `{name}` belongs to a packed weight with no metadata entry"
-                )));
+                return Err(bad(format!("tensor `{name}` belongs to a packed weight with no metadata entry")));
             }
             out.insert(name.clone(), Weight::Dense(file.tensor(name, device)?));
         }

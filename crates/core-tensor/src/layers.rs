@@ -78,13 +78,7 @@ impl Linear {
         let runtime = reference_for(&weight);
         let path = path.into();
         let op = runtime.prepare_linear(&path, &weight, bias.as_ref())?;
-        Ok(Self {
-            path,
-            weight,
-            bias,
-            runtime,
-            op,
-        })
+        Ok(Self { path, weight, bias, runtime, op })
     }
     fn build_op(&self, rt: &dyn Runtime) -> Result<Arc<dyn PreparedOp>> {
         rt.prepare_linear(&self.path, &self.weight, self.bias.as_ref())
@@ -104,15 +98,7 @@ impl Linear {
         let y = self.op.forward(x)?;
         if !hooks.is_empty() {
             let shape = self.weight.shape();
-            hooks.emit(
-                &Site {
-                    path: &self.path,
-                    kind: LayerKind::Linear,
-                    weight_shape: &shape,
-                },
-                x,
-                &y,
-            )?;
+            hooks.emit(&Site { path: &self.path, kind: LayerKind::Linear, weight_shape: &shape }, x, &y)?;
         }
         Ok(y)
     }
@@ -135,23 +121,11 @@ pub struct Conv2d {
 
 impl Conv2d {
     /// A convolution prepared on the reference runtime.
-    pub fn new(
-        path: impl Into<String>,
-        weight: Weight,
-        bias: Option<Tensor>,
-        params: Conv2dParams,
-    ) -> Result<Self> {
+    pub fn new(path: impl Into<String>, weight: Weight, bias: Option<Tensor>, params: Conv2dParams) -> Result<Self> {
         let runtime = reference_for(&weight);
         let path = path.into();
         let op = runtime.prepare_conv2d(&path, &weight, bias.as_ref(), params)?;
-        Ok(Self {
-            path,
-            weight,
-            bias,
-            params,
-            runtime,
-            op,
-        })
+        Ok(Self { path, weight, bias, params, runtime, op })
     }
     fn build_op(&self, rt: &dyn Runtime) -> Result<Arc<dyn PreparedOp>> {
         rt.prepare_conv2d(&self.path, &self.weight, self.bias.as_ref(), self.params)
@@ -170,15 +144,7 @@ impl Conv2d {
         let y = self.op.forward(x)?;
         if !hooks.is_empty() {
             let shape = self.weight.shape();
-            hooks.emit(
-                &Site {
-                    path: &self.path,
-                    kind: LayerKind::Conv2d,
-                    weight_shape: &shape,
-                },
-                x,
-                &y,
-            )?;
+            hooks.emit(&Site { path: &self.path, kind: LayerKind::Conv2d, weight_shape: &shape }, x, &y)?;
         }
         Ok(y)
     }
@@ -199,12 +165,7 @@ impl Embedding {
         let runtime = reference_for(&weight);
         let path = path.into();
         let op = runtime.prepare_embedding(&path, &weight)?;
-        Ok(Self {
-            path,
-            weight,
-            runtime,
-            op,
-        })
+        Ok(Self { path, weight, runtime, op })
     }
     fn build_op(&self, rt: &dyn Runtime) -> Result<Arc<dyn PreparedOp>> {
         rt.prepare_embedding(&self.path, &self.weight)
@@ -215,15 +176,7 @@ impl Embedding {
         let y = self.op.forward(ids)?;
         if !hooks.is_empty() {
             let shape = self.weight.shape();
-            hooks.emit(
-                &Site {
-                    path: &self.path,
-                    kind: LayerKind::Embedding,
-                    weight_shape: &shape,
-                },
-                ids,
-                &y,
-            )?;
+            hooks.emit(&Site { path: &self.path, kind: LayerKind::Embedding, weight_shape: &shape }, ids, &y)?;
         }
         Ok(y)
     }
@@ -249,12 +202,7 @@ impl LayerNorm {
                 found: bias.dims().to_vec(),
             });
         }
-        Ok(Self {
-            path,
-            weight,
-            bias,
-            eps,
-        })
+        Ok(Self { path, weight, bias, eps })
     }
     /// The parameter path.
     pub fn path(&self) -> &str {
@@ -280,21 +228,10 @@ impl LayerNorm {
         let centred = xf.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let y = normed
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)?;
+        let y = normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?;
         if !hooks.is_empty() {
             let shape = [self.weight.dim(0)?];
-            hooks.emit(
-                &Site {
-                    path: &self.path,
-                    kind: LayerKind::LayerNorm,
-                    weight_shape: &shape,
-                },
-                x,
-                &y,
-            )?;
+            hooks.emit(&Site { path: &self.path, kind: LayerKind::LayerNorm, weight_shape: &shape }, x, &y)?;
         }
         Ok(y)
     }
@@ -346,9 +283,7 @@ impl Activation {
             other => {
                 return Err(Error::invalid(
                     "activation",
-                    format!(
-                        "expected one of relu, gelu, gelu_new, tanh, sigmoid, silu; found `{other}`"
-                    ),
+                    format!("expected one of relu, gelu, gelu_new, tanh, sigmoid, silu; found `{other}`"),
                 ));
             }
         })

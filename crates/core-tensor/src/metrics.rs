@@ -12,17 +12,10 @@ use crate::{Error, Result};
 pub fn accuracy(logits: &Tensor, labels: &Tensor) -> Result<f64> {
     let n = labels.dims1()?;
     if n == 0 {
-        return Err(Error::Data {
-            name: "accuracy".into(),
-            detail: "no examples".into(),
-        });
+        return Err(Error::Data { name: "accuracy".into(), detail: "no examples".into() });
     }
     let pred = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
-    let hits = pred
-        .eq(&labels.to_dtype(DType::U32)?)?
-        .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()?;
+    let hits = pred.eq(&labels.to_dtype(DType::U32)?)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
     Ok(f64::from(hits) / n as f64)
 }
 
@@ -62,16 +55,9 @@ pub fn kl_divergence(p_logits: &Tensor, q_logits: &Tensor) -> Result<f64> {
 /// Fraction of rows where the candidate's top-1 class is among the reference's top `k`.
 pub fn top_k_agreement(reference: &Tensor, candidate: &Tensor, k: usize) -> Result<f64> {
     let r = reference.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    let c = candidate
-        .argmax(D::Minus1)?
-        .to_dtype(DType::U32)?
-        .to_vec1::<u32>()?;
+    let c = candidate.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
     if r.is_empty() || r.len() != c.len() {
-        return Err(Error::Shape {
-            name: "top-k candidate".into(),
-            expected: vec![r.len()],
-            found: vec![c.len()],
-        });
+        return Err(Error::Shape { name: "top-k candidate".into(), expected: vec![r.len()], found: vec![c.len()] });
     }
     let hits = r
         .iter()

@@ -92,10 +92,9 @@ impl LayerMut<'_> {
             LayerMut::Linear(l) => l.set_weight(weight),
             LayerMut::Conv2d(l) => l.set_weight(weight),
             LayerMut::Embedding(l) => l.set_weight(weight),
-            LayerMut::LayerNorm(l) => Err(Error::invalid(
-                format!("layer `{}`", l.path()),
-                "a layer norm's weight stays dense",
-            )),
+            LayerMut::LayerNorm(l) => {
+                Err(Error::invalid(format!("layer `{}`", l.path()), "a layer norm's weight stays dense"))
+            }
         }
     }
     /// Prepares the layer on `runtime` (layer norms run on candle and need nothing).
@@ -121,11 +120,7 @@ pub trait Module {
         let layers = self.layers();
         match layers.iter().position(|l| l.path() == path) {
             Some(i) => Ok(layers[i]),
-            None => Err(Error::unknown(
-                "layer",
-                path,
-                layers.iter().map(|l| l.path()),
-            )),
+            None => Err(Error::unknown("layer", path, layers.iter().map(|l| l.path()))),
         }
     }
 
@@ -134,11 +129,7 @@ pub trait Module {
         let known: Vec<String> = self.layers().iter().map(|l| l.path().to_string()).collect();
         match self.layers_mut().into_iter().find(|l| l.path() == path) {
             Some(l) => Ok(l),
-            None => Err(Error::unknown(
-                "layer",
-                path,
-                known.iter().map(String::as_str),
-            )),
+            None => Err(Error::unknown("layer", path, known.iter().map(String::as_str))),
         }
     }
 
@@ -162,10 +153,7 @@ pub trait Module {
 
     /// Bytes every parameter occupies in storage, in its current format.
     fn storage_bytes(&self) -> usize {
-        self.named_weights()
-            .values()
-            .map(Weight::storage_bytes)
-            .sum()
+        self.named_weights().values().map(Weight::storage_bytes).sum()
     }
 }
 
@@ -217,53 +205,33 @@ pub struct LoadedWeights {
 impl LoadedWeights {
     /// Serves `weights` for inference.
     pub fn new(weights: BTreeMap<String, Weight>, device: Device) -> Self {
-        Self {
-            weights,
-            used: BTreeSet::new(),
-            device,
-            varmap: None,
-        }
+        Self { weights, used: BTreeSet::new(), device, varmap: None }
     }
     /// Serves `weights` with dense ones wrapped as `Var`s registered in `varmap`.
     pub fn trainable(weights: BTreeMap<String, Weight>, device: Device, varmap: VarMap) -> Self {
-        Self {
-            weights,
-            used: BTreeSet::new(),
-            device,
-            varmap: Some(varmap),
-        }
+        Self { weights, used: BTreeSet::new(), device, varmap: Some(varmap) }
     }
     /// Names that no layer asked for (a sign of a config/weights mismatch).
     pub fn unused(&self) -> Vec<&str> {
-        self.weights
-            .keys()
-            .filter(|k| !self.used.contains(*k))
-            .map(String::as_str)
-            .collect()
+        self.weights.keys().filter(|k| !self.used.contains(*k)).map(String::as_str).collect()
     }
 }
 
 impl WeightSource for LoadedWeights {
     fn weight(&mut self, name: &str, shape: &[usize], _init: Init) -> Result<Weight> {
-        let w = self.weights.get(name).ok_or_else(|| {
-            Error::unknown("tensor", name, self.weights.keys().map(String::as_str))
-        })?;
+        let w = self
+            .weights
+            .get(name)
+            .ok_or_else(|| Error::unknown("tensor", name, self.weights.keys().map(String::as_str)))?;
         if w.shape() != shape {
-            return Err(Error::Shape {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                found: w.shape(),
-            });
+            return Err(Error::Shape { name: name.to_string(), expected: shape.to_vec(), found: w.shape() });
         }
         self.used.insert(name.to_string());
         Ok(match (w, &self.varmap) {
             (Weight::Dense(t), Some(vm)) => {
                 let var = Var::from_tensor(&t.to_device(&self.device)?.to_dtype(DType::F32)?)?;
                 let t = var.as_tensor().clone();
-                vm.data()
-                    .lock()
-                    .expect("varmap lock poisoned")
-                    .insert(name.to_string(), var);
+                vm.data().lock().expect("varmap lock poisoned").insert(name.to_string(), var);
                 Weight::Dense(t)
             }
             (Weight::Dense(t), None) => Weight::Dense(t.to_device(&self.device)?),
@@ -284,11 +252,7 @@ pub struct InitWeights {
 impl InitWeights {
     /// A seeded initialiser that registers its parameters in `varmap`.
     pub fn new(seed: u64, device: Device, varmap: VarMap) -> Self {
-        Self {
-            rng: ChaCha8Rng::seed_from_u64(seed),
-            device,
-            varmap,
-        }
+        Self { rng: ChaCha8Rng::seed_from_u64(seed), device, varmap }
     }
 }
 
@@ -298,9 +262,7 @@ impl WeightSource for InitWeights {
         let values: Vec<f32> = match init {
             Init::Zeros => vec![0.0; n],
             Init::Ones => vec![1.0; n],
-            Init::Uniform { bound } => (0..n)
-                .map(|_| self.rng.random_range(-bound..=bound) as f32)
-                .collect(),
+            Init::Uniform { bound } => (0..n).map(|_| self.rng.random_range(-bound..=bound) as f32).collect(),
             Init::Normal { std } => (0..n)
                 .map(|_| {
                     // Box–Muller keeps the stream ours (no distribution crate's algorithm changes).
@@ -312,28 +274,19 @@ impl WeightSource for InitWeights {
         };
         let var = Var::from_tensor(&Tensor::from_vec(values, shape, &self.device)?)?;
         let t = var.as_tensor().clone();
-        self.varmap
-            .data()
-            .lock()
-            .expect("varmap lock poisoned")
-            .insert(name.to_string(), var);
+        self.varmap.data().lock().expect("varmap lock poisoned").insert(name.to_string(), var);
         Ok(Weight::Dense(t))
     }
 }
 
 impl std::fmt::Debug for LoadedWeights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoadedWeights")
-            .field("weights", &self.weights.len())
-            .field("used", &self.used.len())
-            .finish()
+        f.debug_struct("LoadedWeights").field("weights", &self.weights.len()).field("used", &self.used.len()).finish()
     }
 }
 
 impl std::fmt::Debug for InitWeights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InitWeights")
-            .field("device", &self.device)
-            .finish()
+        f.debug_struct("InitWeights").field("device", &self.device).finish()
     }
 }

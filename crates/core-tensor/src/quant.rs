@@ -54,35 +54,21 @@ pub struct QuantScheme {
 impl QuantScheme {
     /// The smallest integer value a code can take under this scheme.
     pub fn q_min(&self) -> i32 {
-        if self.signed {
-            -(1i32 << (self.bits - 1))
-        } else {
-            0
-        }
+        if self.signed { -(1i32 << (self.bits - 1)) } else { 0 }
     }
 
     /// The largest integer value a code can take under this scheme.
     pub fn q_max(&self) -> i32 {
-        if self.signed {
-            (1i32 << (self.bits - 1)) - 1
-        } else {
-            (1i32 << self.bits) - 1
-        }
+        if self.signed { (1i32 << (self.bits - 1)) - 1 } else { (1i32 << self.bits) - 1 }
     }
 
     /// Checks the scheme on its own: bit width in range, codebook schemes have no zero points.
     pub fn validate(&self) -> Result<()> {
         if !(1..=8).contains(&self.bits) {
-            return Err(Error::invalid(
-                "quant scheme",
-                format!("bits must be 1..=8, found {}", self.bits),
-            ));
+            return Err(Error::invalid("quant scheme", format!("bits must be 1..=8, found {}", self.bits)));
         }
         if let Granularity::PerGroup { size: 0 } = self.granularity {
-            return Err(Error::invalid(
-                "quant scheme",
-                "group size must be at least 1, found 0",
-            ));
+            return Err(Error::invalid("quant scheme", "group size must be at least 1, found 0"));
         }
         Ok(())
     }
@@ -94,18 +80,13 @@ impl QuantScheme {
         Ok(match self.granularity {
             Granularity::PerTensor => 1,
             Granularity::PerChannel { axis } => *shape.get(axis).ok_or_else(|| {
-                Error::invalid(
-                    "quant scheme",
-                    format!("per-channel axis {axis} out of range for shape {shape:?}"),
-                )
+                Error::invalid("quant scheme", format!("per-channel axis {axis} out of range for shape {shape:?}"))
             })?,
             Granularity::PerGroup { size } => {
                 if cols % size != 0 {
                     return Err(Error::invalid(
                         "quant scheme",
-                        format!(
-                            "group size {size} does not divide the last dimension {cols} of shape {shape:?}"
-                        ),
+                        format!("group size {size} does not divide the last dimension {cols} of shape {shape:?}"),
                     ));
                 }
                 numel / size
@@ -119,21 +100,11 @@ impl QuantScheme {
 /// `i·bits .. (i+1)·bits`, least significant bit first.
 pub fn pack_codes(codes: &[u8], bits: u8) -> Result<Vec<u8>> {
     if !(1..=8).contains(&bits) {
-        return Err(Error::invalid(
-            "packing",
-            format!("bits must be 1..=8, found {bits}"),
-        ));
+        return Err(Error::invalid("packing", format!("bits must be 1..=8, found {bits}")));
     }
     let limit = 1u16 << bits;
-    if let Some((i, &c)) = codes
-        .iter()
-        .enumerate()
-        .find(|(_, c)| u16::from(**c) >= limit)
-    {
-        return Err(Error::invalid(
-            "packing",
-            format!("code {c} at index {i} does not fit in {bits} bits"),
-        ));
+    if let Some((i, &c)) = codes.iter().enumerate().find(|(_, c)| u16::from(**c) >= limit) {
+        return Err(Error::invalid("packing", format!("code {c} at index {i} does not fit in {bits} bits")));
     }
     if bits == 8 {
         return Ok(codes.to_vec());
@@ -155,19 +126,13 @@ pub fn pack_codes(codes: &[u8], bits: u8) -> Result<Vec<u8>> {
 /// Unpacks `n` codes of `bits` bits from a stream written by [`pack_codes`].
 pub fn unpack_codes(packed: &[u8], bits: u8, n: usize) -> Result<Vec<u8>> {
     if !(1..=8).contains(&bits) {
-        return Err(Error::invalid(
-            "unpacking",
-            format!("bits must be 1..=8, found {bits}"),
-        ));
+        return Err(Error::invalid("unpacking", format!("bits must be 1..=8, found {bits}")));
     }
     let need = packed_len(n, bits);
     if packed.len() != need {
         return Err(Error::invalid(
             "unpacking",
-            format!(
-                "{n} codes of {bits} bits need {need} bytes, found {}",
-                packed.len()
-            ),
+            format!("{n} codes of {bits} bits need {need} bytes, found {}", packed.len()),
         ));
     }
     if bits == 8 {
@@ -180,11 +145,7 @@ pub fn unpack_codes(packed: &[u8], bits: u8, n: usize) -> Result<Vec<u8>> {
             let bit = i * b;
             let (byte, shift) = (bit / 8, bit % 8);
             let lo = u16::from(packed[byte]);
-            let hi = if shift + b > 8 {
-                u16::from(packed[byte + 1]) << 8
-            } else {
-                0
-            };
+            let hi = if shift + b > 8 { u16::from(packed[byte + 1]) << 8 } else { 0 };
             (((lo | hi) >> shift) & mask) as u8
         })
         .collect())
@@ -244,29 +205,17 @@ impl QuantizedTensor {
         let numel: usize = shape.iter().product();
         let need = packed_len(numel, scheme.bits);
         if codes.len() != need {
-            return Err(Error::invalid(
-                what(),
-                format!("expected {need} packed code bytes, found {}", codes.len()),
-            ));
+            return Err(Error::invalid(what(), format!("expected {need} packed code bytes, found {}", codes.len())));
         }
         let n_scales = scheme.num_scales(&shape)?;
         if scales.len() != n_scales {
-            return Err(Error::invalid(
-                what(),
-                format!("expected {n_scales} scales, found {}", scales.len()),
-            ));
+            return Err(Error::invalid(what(), format!("expected {n_scales} scales, found {}", scales.len())));
         }
         if let Some(i) = scales.iter().position(|s| !s.is_finite() || *s < 0.0) {
-            return Err(Error::invalid(
-                what(),
-                format!("scale {i} is {} (must be finite and ≥ 0)", scales[i]),
-            ));
+            return Err(Error::invalid(what(), format!("scale {i} is {} (must be finite and ≥ 0)", scales[i])));
         }
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
-            return Err(Error::invalid(
-                what(),
-                format!("logical dtype must be a float type, found {dtype:?}"),
-            ));
+            return Err(Error::invalid(what(), format!("logical dtype must be a float type, found {dtype:?}")));
         }
         match scheme.mapping {
             Mapping::Linear => {
@@ -275,16 +224,10 @@ impl QuantizedTensor {
                 }
                 match (&zero_points, scheme.symmetric) {
                     (Some(_), true) => {
-                        return Err(Error::invalid(
-                            what(),
-                            "a symmetric scheme has no zero points",
-                        ));
+                        return Err(Error::invalid(what(), "a symmetric scheme has no zero points"));
                     }
                     (None, false) => {
-                        return Err(Error::invalid(
-                            what(),
-                            "an asymmetric scheme needs zero points, found none",
-                        ));
+                        return Err(Error::invalid(what(), "an asymmetric scheme needs zero points, found none"));
                     }
                     (Some(z), false) => {
                         if z.len() != n_scales {
@@ -293,10 +236,7 @@ impl QuantizedTensor {
                                 format!("expected {n_scales} zero points, found {}", z.len()),
                             ));
                         }
-                        if let Some(i) = z
-                            .iter()
-                            .position(|z| *z < scheme.q_min() || *z > scheme.q_max())
-                        {
+                        if let Some(i) = z.iter().position(|z| *z < scheme.q_min() || *z > scheme.q_max()) {
                             return Err(Error::invalid(
                                 what(),
                                 format!(
@@ -313,16 +253,10 @@ impl QuantizedTensor {
             }
             Mapping::Codebook => {
                 if zero_points.is_some() {
-                    return Err(Error::invalid(
-                        what(),
-                        "a codebook scheme has no zero points",
-                    ));
+                    return Err(Error::invalid(what(), "a codebook scheme has no zero points"));
                 }
                 let Some(cb) = &codebook else {
-                    return Err(Error::invalid(
-                        what(),
-                        "a codebook scheme needs a codebook, found none",
-                    ));
+                    return Err(Error::invalid(what(), "a codebook scheme needs a codebook, found none"));
                 };
                 let max = 1usize << scheme.bits;
                 if cb.is_empty() || cb.len() > max {
@@ -339,25 +273,13 @@ impl QuantizedTensor {
                     if let Some(i) = codes.iter().position(|c| usize::from(*c) >= cb.len()) {
                         return Err(Error::invalid(
                             what(),
-                            format!(
-                                "code {} at index {i} is past the codebook's {} entries",
-                                codes[i],
-                                cb.len()
-                            ),
+                            format!("code {} at index {i} is past the codebook's {} entries", codes[i], cb.len()),
                         ));
                     }
                 }
             }
         }
-        Ok(Self {
-            codes,
-            scheme,
-            scales,
-            zero_points,
-            codebook,
-            shape,
-            dtype,
-        })
+        Ok(Self { codes, scheme, scales, zero_points, codebook, shape, dtype })
     }
 
     /// The packed code bytes.
@@ -366,8 +288,7 @@ impl QuantizedTensor {
     }
     /// The codes unpacked, one `u8` per element in row-major order.
     pub fn codes(&self) -> Vec<u8> {
-        unpack_codes(&self.codes, self.scheme.bits, self.numel())
-            .expect("length checked at construction")
+        unpack_codes(&self.codes, self.scheme.bits, self.numel()).expect("length checked at construction")
     }
     /// The scheme.
     pub fn scheme(&self) -> &QuantScheme {
@@ -436,9 +357,7 @@ impl QuantizedTensor {
                         scale * (q - z) as f32
                     }
                     Mapping::Codebook => {
-                        scale
-                            * self.codebook.as_ref().expect("checked at construction")
-                                [usize::from(c)]
+                        scale * self.codebook.as_ref().expect("checked at construction")[usize::from(c)]
                     }
                 }
             })
@@ -449,11 +368,7 @@ impl QuantizedTensor {
     /// semantics every runtime's kernels are tested against.
     pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
         let t = Tensor::from_vec(self.dequantize_f32(), self.shape.as_slice(), device)?;
-        Ok(if self.dtype == DType::F32 {
-            t
-        } else {
-            t.to_dtype(self.dtype)?
-        })
+        Ok(if self.dtype == DType::F32 { t } else { t.to_dtype(self.dtype)? })
     }
 }
 

@@ -24,12 +24,7 @@ pub struct Conv2dParams {
 
 impl Default for Conv2dParams {
     fn default() -> Self {
-        Self {
-            padding: 0,
-            stride: 1,
-            dilation: 1,
-            groups: 1,
-        }
+        Self { padding: 0, stride: 1, dilation: 1, groups: 1 }
     }
 }
 
@@ -49,12 +44,7 @@ pub trait Runtime: Send + Sync + Debug {
     fn device(&self) -> &Device;
 
     /// Prepares `y = x Wᵀ + b` for `weight` of shape `[out, in]` and `x` of shape `[..., in]`.
-    fn prepare_linear(
-        &self,
-        layer: &str,
-        weight: &Weight,
-        bias: Option<&Tensor>,
-    ) -> Result<Arc<dyn PreparedOp>>;
+    fn prepare_linear(&self, layer: &str, weight: &Weight, bias: Option<&Tensor>) -> Result<Arc<dyn PreparedOp>>;
 
     /// Prepares a 2-D convolution: `weight` `[out, in/groups, kh, kw]`, `x` `[batch, in, h, w]`.
     fn prepare_conv2d(
@@ -116,13 +106,7 @@ struct RefConv2d {
 
 impl PreparedOp for RefConv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(
-            &self.w,
-            self.p.padding,
-            self.p.stride,
-            self.p.dilation,
-            self.p.groups,
-        )?;
+        let y = x.conv2d(&self.w, self.p.padding, self.p.stride, self.p.dilation, self.p.groups)?;
         Ok(match &self.b {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
             None => y,
@@ -146,11 +130,9 @@ impl PreparedOp for RefEmbedding {
 
 fn check_bias(layer: &str, bias: Option<&Tensor>, out: usize) -> Result<()> {
     match bias {
-        Some(b) if b.dims() != [out] => Err(Error::Shape {
-            name: format!("{layer}.bias"),
-            expected: vec![out],
-            found: b.dims().to_vec(),
-        }),
+        Some(b) if b.dims() != [out] => {
+            Err(Error::Shape { name: format!("{layer}.bias"), expected: vec![out], found: b.dims().to_vec() })
+        }
         _ => Ok(()),
     }
 }
@@ -164,12 +146,7 @@ impl Runtime for ReferenceRuntime {
         &self.device
     }
 
-    fn prepare_linear(
-        &self,
-        layer: &str,
-        weight: &Weight,
-        bias: Option<&Tensor>,
-    ) -> Result<Arc<dyn PreparedOp>> {
+    fn prepare_linear(&self, layer: &str, weight: &Weight, bias: Option<&Tensor>) -> Result<Arc<dyn PreparedOp>> {
         let shape = weight.shape();
         if shape.len() != 2 {
             return Err(Error::invalid(
@@ -178,10 +155,7 @@ impl Runtime for ReferenceRuntime {
             ));
         }
         check_bias(layer, bias, shape[0])?;
-        Ok(Arc::new(RefLinear {
-            w: weight.to_dense(&self.device)?,
-            b: bias.cloned(),
-        }))
+        Ok(Arc::new(RefLinear { w: weight.to_dense(&self.device)?, b: bias.cloned() }))
     }
 
     fn prepare_conv2d(
@@ -199,23 +173,14 @@ impl Runtime for ReferenceRuntime {
             ));
         }
         check_bias(layer, bias, shape[0])?;
-        Ok(Arc::new(RefConv2d {
-            w: weight.to_dense(&self.device)?,
-            b: bias.cloned(),
-            p: params,
-        }))
+        Ok(Arc::new(RefConv2d { w: weight.to_dense(&self.device)?, b: bias.cloned(), p: params }))
     }
 
     fn prepare_embedding(&self, layer: &str, weight: &Weight) -> Result<Arc<dyn PreparedOp>> {
         let shape = weight.shape();
         if shape.len() != 2 {
-            return Err(Error::invalid(
-                format!("embedding `{layer}`"),
-                format!("weight must be 2-D, found {shape:?}"),
-            ));
+            return Err(Error::invalid(format!("embedding `{layer}`"), format!("weight must be 2-D, found {shape:?}")));
         }
-        Ok(Arc::new(RefEmbedding {
-            w: weight.to_dense(&self.device)?,
-        }))
+        Ok(Arc::new(RefEmbedding { w: weight.to_dense(&self.device)? }))
     }
 }

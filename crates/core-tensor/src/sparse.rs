@@ -69,34 +69,19 @@ fn dense_2d(t: &Tensor, name: &str) -> Result<(Vec<usize>, usize, usize, Vec<f32
     let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
         let count = v.iter().filter(|x| !x.is_finite()).count();
-        return Err(Error::NonFinite {
-            name: name.to_string(),
-            count,
-            first: i,
-        });
+        return Err(Error::NonFinite { name: name.to_string(), count, first: i });
     }
     Ok((shape, rows, cols, v))
 }
 
 fn check_ptr(what: &str, row_ptr: &[u32], rows: usize, len: usize) -> Result<()> {
     if row_ptr.len() != rows + 1 {
-        return Err(Error::invalid(
-            what,
-            format!(
-                "row_ptr needs {} entries, found {}",
-                rows + 1,
-                row_ptr.len()
-            ),
-        ));
+        return Err(Error::invalid(what, format!("row_ptr needs {} entries, found {}", rows + 1, row_ptr.len())));
     }
     if row_ptr[0] != 0 || row_ptr.windows(2).any(|w| w[0] > w[1]) || row_ptr[rows] as usize != len {
         return Err(Error::invalid(
             what,
-            format!(
-                "row_ptr must rise from 0 to {len}, found {:?}..{:?}",
-                row_ptr.first(),
-                row_ptr.last()
-            ),
+            format!("row_ptr must rise from 0 to {len}, found {:?}..{:?}", row_ptr.first(), row_ptr.last()),
         ));
     }
     Ok(())
@@ -106,16 +91,10 @@ fn check_sorted_cols(what: &str, row_ptr: &[u32], col_idx: &[u32], limit: usize)
     for (r, w) in row_ptr.windows(2).enumerate() {
         let cols = &col_idx[w[0] as usize..w[1] as usize];
         if cols.windows(2).any(|c| c[0] >= c[1]) {
-            return Err(Error::invalid(
-                what,
-                format!("row {r}: column indices not strictly increasing"),
-            ));
+            return Err(Error::invalid(what, format!("row {r}: column indices not strictly increasing")));
         }
         if let Some(c) = cols.iter().find(|c| **c as usize >= limit) {
-            return Err(Error::invalid(
-                what,
-                format!("row {r}: column {c} out of range 0..{limit}"),
-            ));
+            return Err(Error::invalid(what, format!("row {r}: column {c} out of range 0..{limit}")));
         }
     }
     Ok(())
@@ -127,36 +106,21 @@ impl SparseTensor {
         let (rows, cols) = rows_cols(&shape);
         let what = format!("sparse tensor of shape {shape:?}");
         match &layout {
-            SparseLayout::Csr {
-                row_ptr,
-                col_idx,
-                values,
-            } => {
+            SparseLayout::Csr { row_ptr, col_idx, values } => {
                 if col_idx.len() != values.len() {
                     return Err(Error::invalid(
                         &what,
-                        format!(
-                            "{} column indices for {} values",
-                            col_idx.len(),
-                            values.len()
-                        ),
+                        format!("{} column indices for {} values", col_idx.len(), values.len()),
                     ));
                 }
                 check_ptr(&what, row_ptr, rows, values.len())?;
                 check_sorted_cols(&what, row_ptr, col_idx, cols)?;
             }
-            SparseLayout::NM {
-                n,
-                m,
-                values,
-                indices,
-            } => {
+            SparseLayout::NM { n, m, values, indices } => {
                 if *m == 0 || *n > *m || *m > 255 || cols % m != 0 {
                     return Err(Error::invalid(
                         &what,
-                        format!(
-                            "N:M needs 0 ≤ n ≤ m ≤ 255 with m dividing {cols} columns, found {n}:{m}"
-                        ),
+                        format!("N:M needs 0 ≤ n ≤ m ≤ 255 with m dividing {cols} columns, found {n}:{m}"),
                     ));
                 }
                 let need = rows * cols / m * n;
@@ -172,36 +136,20 @@ impl SparseTensor {
                 }
                 if *n > 0 {
                     for (g, idx) in indices.chunks(*n).enumerate() {
-                        if idx.iter().any(|i| usize::from(*i) >= *m)
-                            || idx.windows(2).any(|w| w[0] >= w[1])
-                        {
+                        if idx.iter().any(|i| usize::from(*i) >= *m) || idx.windows(2).any(|w| w[0] >= w[1]) {
                             return Err(Error::invalid(
                                 &what,
-                                format!(
-                                    "group {g}: positions {idx:?} must be strictly increasing and < {m}"
-                                ),
+                                format!("group {g}: positions {idx:?} must be strictly increasing and < {m}"),
                             ));
                         }
                     }
                 }
             }
-            SparseLayout::Block {
-                block_rows,
-                block_cols,
-                row_ptr,
-                col_idx,
-                values,
-            } => {
-                if *block_rows == 0
-                    || *block_cols == 0
-                    || rows % block_rows != 0
-                    || cols % block_cols != 0
-                {
+            SparseLayout::Block { block_rows, block_cols, row_ptr, col_idx, values } => {
+                if *block_rows == 0 || *block_cols == 0 || rows % block_rows != 0 || cols % block_cols != 0 {
                     return Err(Error::invalid(
                         &what,
-                        format!(
-                            "block {block_rows}×{block_cols} must divide the {rows}×{cols} view"
-                        ),
+                        format!("block {block_rows}×{block_cols} must divide the {rows}×{cols} view"),
                     ));
                 }
                 check_ptr(&what, row_ptr, rows / block_rows, col_idx.len())?;
@@ -219,11 +167,7 @@ impl SparseTensor {
                 }
             }
         }
-        Ok(Self {
-            shape,
-            dtype,
-            layout,
-        })
+        Ok(Self { shape, dtype, layout })
     }
 
     /// CSR holding exactly the non-zero entries of `dense`.
@@ -242,15 +186,7 @@ impl SparseTensor {
             }
             row_ptr.push(values.len() as u32);
         }
-        Self::new(
-            shape,
-            dense.dtype(),
-            SparseLayout::Csr {
-                row_ptr,
-                col_idx,
-                values,
-            },
-        )
+        Self::new(shape, dense.dtype(), SparseLayout::Csr { row_ptr, col_idx, values })
     }
 
     /// N:M storage of `dense`, which must already have at most `n` non-zeros in every group of
@@ -263,10 +199,7 @@ impl SparseTensor {
                 format!("need 0 ≤ n ≤ m ≤ 255 with m dividing {cols} columns, found {n}:{m}"),
             ));
         }
-        let (mut values, mut indices) = (
-            Vec::with_capacity(v.len() / m * n),
-            Vec::with_capacity(v.len() / m * n),
-        );
+        let (mut values, mut indices) = (Vec::with_capacity(v.len() / m * n), Vec::with_capacity(v.len() / m * n));
         for (g, group) in v.chunks(m).enumerate() {
             let nz: Vec<usize> = (0..m).filter(|&i| group[i] != 0.0).collect();
             if nz.len() > n {
@@ -290,25 +223,11 @@ impl SparseTensor {
             }
         }
         let _ = rows;
-        Self::new(
-            shape,
-            dense.dtype(),
-            SparseLayout::NM {
-                n,
-                m,
-                values,
-                indices,
-            },
-        )
+        Self::new(shape, dense.dtype(), SparseLayout::NM { n, m, values, indices })
     }
 
     /// Block-sparse storage of `dense`, keeping every block that holds a non-zero.
-    pub fn block_from_dense(
-        dense: &Tensor,
-        block_rows: usize,
-        block_cols: usize,
-        name: &str,
-    ) -> Result<Self> {
+    pub fn block_from_dense(dense: &Tensor, block_rows: usize, block_cols: usize, name: &str) -> Result<Self> {
         let (shape, rows, cols, v) = dense_2d(dense, name)?;
         if block_rows == 0 || block_cols == 0 || rows % block_rows != 0 || cols % block_cols != 0 {
             return Err(Error::invalid(
@@ -333,17 +252,7 @@ impl SparseTensor {
             }
             row_ptr.push(col_idx.len() as u32);
         }
-        Self::new(
-            shape,
-            dense.dtype(),
-            SparseLayout::Block {
-                block_rows,
-                block_cols,
-                row_ptr,
-                col_idx,
-                values,
-            },
-        )
+        Self::new(shape, dense.dtype(), SparseLayout::Block { block_rows, block_cols, row_ptr, col_idx, values })
     }
 
     /// The layout.
@@ -365,28 +274,17 @@ impl SparseTensor {
     /// The number of stored values (including explicit zeros in N:M slots and blocks).
     pub fn stored(&self) -> usize {
         match &self.layout {
-            SparseLayout::Csr { values, .. }
-            | SparseLayout::NM { values, .. }
-            | SparseLayout::Block { values, .. } => values.len(),
+            SparseLayout::Csr { values, .. } | SparseLayout::NM { values, .. } | SparseLayout::Block { values, .. } => {
+                values.len()
+            }
         }
     }
     /// Bytes in storage: values as f32 plus index metadata.
     pub fn storage_bytes(&self) -> usize {
         match &self.layout {
-            SparseLayout::Csr {
-                row_ptr,
-                col_idx,
-                values,
-            } => 4 * (row_ptr.len() + col_idx.len() + values.len()),
-            SparseLayout::NM {
-                values, indices, ..
-            } => 4 * values.len() + indices.len(),
-            SparseLayout::Block {
-                row_ptr,
-                col_idx,
-                values,
-                ..
-            } => 4 * (row_ptr.len() + col_idx.len() + values.len()),
+            SparseLayout::Csr { row_ptr, col_idx, values } => 4 * (row_ptr.len() + col_idx.len() + values.len()),
+            SparseLayout::NM { values, indices, .. } => 4 * values.len() + indices.len(),
+            SparseLayout::Block { row_ptr, col_idx, values, .. } => 4 * (row_ptr.len() + col_idx.len() + values.len()),
         }
     }
 
@@ -395,34 +293,19 @@ impl SparseTensor {
         let (rows, cols) = rows_cols(&self.shape);
         let mut out = vec![0f32; rows * cols];
         match &self.layout {
-            SparseLayout::Csr {
-                row_ptr,
-                col_idx,
-                values,
-            } => {
+            SparseLayout::Csr { row_ptr, col_idx, values } => {
                 for r in 0..rows {
                     for k in row_ptr[r] as usize..row_ptr[r + 1] as usize {
                         out[r * cols + col_idx[k] as usize] = values[k];
                     }
                 }
             }
-            SparseLayout::NM {
-                n,
-                m,
-                values,
-                indices,
-            } => {
+            SparseLayout::NM { n, m, values, indices } => {
                 for (k, (v, i)) in values.iter().zip(indices).enumerate() {
                     out[k / n * m + usize::from(*i)] = *v;
                 }
             }
-            SparseLayout::Block {
-                block_rows,
-                block_cols,
-                row_ptr,
-                col_idx,
-                values,
-            } => {
+            SparseLayout::Block { block_rows, block_cols, row_ptr, col_idx, values } => {
                 let size = block_rows * block_cols;
                 for br in 0..rows / block_rows {
                     for k in row_ptr[br] as usize..row_ptr[br + 1] as usize {
@@ -430,8 +313,7 @@ impl SparseTensor {
                         for i in 0..*block_rows {
                             let dst = (br * block_rows + i) * cols + bc * block_cols;
                             let src = k * size + i * block_cols;
-                            out[dst..dst + block_cols]
-                                .copy_from_slice(&values[src..src + block_cols]);
+                            out[dst..dst + block_cols].copy_from_slice(&values[src..src + block_cols]);
                         }
                     }
                 }
@@ -443,11 +325,7 @@ impl SparseTensor {
     /// The dense tensor of the logical shape and dtype on `device`.
     pub fn to_dense(&self, device: &Device) -> Result<Tensor> {
         let t = Tensor::from_vec(self.to_dense_f32(), self.shape.as_slice(), device)?;
-        Ok(if self.dtype == DType::F32 {
-            t
-        } else {
-            t.to_dtype(self.dtype)?
-        })
+        Ok(if self.dtype == DType::F32 { t } else { t.to_dtype(self.dtype)? })
     }
 }
 

@@ -13,9 +13,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
             found: b.dims().to_vec(),
         });
     }
-    let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
-        .abs()?
-        .flatten_all()?;
+    let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?.flatten_all()?;
     if d.elem_count() == 0 {
         return Ok(0.0);
     }
@@ -27,10 +25,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 pub fn assert_close(a: &Tensor, b: &Tensor, tol: f32) -> Result<()> {
     let d = max_abs_diff(a, b)?;
     if d.is_nan() || d > tol {
-        return Err(Error::invalid(
-            "comparison",
-            format!("max abs difference {d} exceeds tolerance {tol}"),
-        ));
+        return Err(Error::invalid("comparison", format!("max abs difference {d} exceeds tolerance {tol}")));
     }
     Ok(())
 }

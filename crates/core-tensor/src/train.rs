@@ -49,13 +49,7 @@ pub enum OptimizerKind {
 impl OptimizerKind {
     /// AdamW with PyTorch's defaults and learning rate `lr`.
     pub fn adamw(lr: f64) -> Self {
-        OptimizerKind::AdamW {
-            lr,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        }
+        OptimizerKind::AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
     }
     fn lr(&self) -> f64 {
         match self {
@@ -91,10 +85,7 @@ impl LrSchedule {
     pub fn factor(&self, step: usize, total: usize, epoch: usize) -> f64 {
         match *self {
             LrSchedule::Constant => 1.0,
-            LrSchedule::Cosine {
-                warmup_steps,
-                min_factor,
-            } => {
+            LrSchedule::Cosine { warmup_steps, min_factor } => {
                 if step < warmup_steps {
                     (step + 1) as f64 / warmup_steps as f64
                 } else {
@@ -103,10 +94,7 @@ impl LrSchedule {
                     min_factor + (1.0 - min_factor) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
                 }
             }
-            LrSchedule::Step {
-                every_epochs,
-                gamma,
-            } => gamma.powi((epoch / every_epochs.max(1)) as i32),
+            LrSchedule::Step { every_epochs, gamma } => gamma.powi((epoch / every_epochs.max(1)) as i32),
         }
     }
 }
@@ -136,10 +124,7 @@ impl TrainConfig {
     fn validate(&self, n_train: usize) -> Result<()> {
         let bad = |d: String| Err(Error::invalid("training config", d));
         if n_train == 0 {
-            return Err(Error::Data {
-                name: "training set".into(),
-                detail: "no examples to train on".into(),
-            });
+            return Err(Error::Data { name: "training set".into(), detail: "no examples to train on".into() });
         }
         if self.epochs == 0 {
             return bad("epochs must be at least 1, found 0".into());
@@ -239,16 +224,8 @@ struct Optim {
 
 impl Optim {
     fn new(kind: OptimizerKind, vars: &[(String, Var)]) -> Result<Self> {
-        let zeros = || {
-            vars.iter()
-                .map(|(_, v)| v.zeros_like())
-                .collect::<candle_core::Result<Vec<_>>>()
-        };
-        Ok(Self {
-            kind,
-            m: zeros()?,
-            v: zeros()?,
-        })
+        let zeros = || vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>();
+        Ok(Self { kind, m: zeros()?, v: zeros()? })
     }
 
     fn step(
@@ -261,13 +238,7 @@ impl Optim {
         for (i, (_, var)) in vars.iter().enumerate() {
             let Some(g) = grads.get(var) else { continue };
             match self.kind {
-                OptimizerKind::AdamW {
-                    beta1,
-                    beta2,
-                    eps,
-                    weight_decay,
-                    ..
-                } => {
+                OptimizerKind::AdamW { beta1, beta2, eps, weight_decay, .. } => {
                     let m = ((&self.m[i] * beta1)? + (g * (1.0 - beta1))?)?;
                     let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
                     let mhat = (&m / (1.0 - beta1.powi(t as i32)))?;
@@ -278,21 +249,10 @@ impl Optim {
                     self.m[i] = m;
                     self.v[i] = v;
                 }
-                OptimizerKind::Sgd {
-                    momentum,
-                    weight_decay,
-                    ..
-                } => {
-                    let g = if weight_decay != 0.0 {
-                        (g + (var.as_tensor().detach() * weight_decay)?)?
-                    } else {
-                        g.clone()
-                    };
-                    let d = if momentum != 0.0 {
-                        ((&self.m[i] * momentum)? + &g)?
-                    } else {
-                        g
-                    };
+                OptimizerKind::Sgd { momentum, weight_decay, .. } => {
+                    let g =
+                        if weight_decay != 0.0 { (g + (var.as_tensor().detach() * weight_decay)?)? } else { g.clone() };
+                    let d = if momentum != 0.0 { ((&self.m[i] * momentum)? + &g)? } else { g };
                     var.set(&(var.as_tensor().detach() - (&d * lr)?)?)?;
                     self.m[i] = d;
                 }
@@ -302,27 +262,15 @@ impl Optim {
     }
 }
 
-fn save_checkpoint(
-    path: &Path,
-    vars: &[(String, Var)],
-    best: &[Tensor],
-    opt: &Optim,
-    state: &State,
-) -> Result<()> {
+fn save_checkpoint(path: &Path, vars: &[(String, Var)], best: &[Tensor], opt: &Optim, state: &State) -> Result<()> {
     let mut t = BTreeMap::new();
     for (i, (name, var)) in vars.iter().enumerate() {
-        t.insert(
-            format!("param/{name}"),
-            RawTensor::from_tensor(var.as_tensor())?,
-        );
+        t.insert(format!("param/{name}"), RawTensor::from_tensor(var.as_tensor())?);
         t.insert(format!("best/{name}"), RawTensor::from_tensor(&best[i])?);
         t.insert(format!("opt.m/{name}"), RawTensor::from_tensor(&opt.m[i])?);
         t.insert(format!("opt.v/{name}"), RawTensor::from_tensor(&opt.v[i])?);
     }
-    let meta = BTreeMap::from([(
-        META_STATE.to_string(),
-        serde_json::to_string(state).expect("state serialises"),
-    )]);
+    let meta = BTreeMap::from([(META_STATE.to_string(), serde_json::to_string(state).expect("state serialises"))]);
     save_tensors(path, &t, &meta, &[])
 }
 
@@ -335,23 +283,17 @@ fn load_checkpoint(
     device: &Device,
 ) -> Result<State> {
     let file = SafeTensorsFile::open(path)?;
-    let bad = |what: String| Error::Malformed {
-        path: path.to_path_buf(),
-        what,
-    };
+    let bad = |what: String| Error::Malformed { path: path.to_path_buf(), what };
     let state: State = serde_json::from_str(
-        file.metadata()
-            .get(META_STATE)
-            .ok_or_else(|| bad(format!("no `{META_STATE}` metadata: not a checkpoint")))?,
+        file.metadata().get(META_STATE).ok_or_else(|| bad(format!("no `{META_STATE}` metadata: not a checkpoint")))?,
     )
     .map_err(|e| bad(format!("`{META_STATE}` is not a training state: {e}")))?;
-    if &state.config != cfg {
+    // The checkpoint path itself is not part of what shapes the weights.
+    let this_run = TrainConfig { checkpoint: None, ..cfg.clone() };
+    if state.config != this_run {
         return Err(Error::invalid(
             format!("checkpoint `{}`", path.display()),
-            format!(
-                "it was made with config {:?}, this run has {:?}; delete it to start afresh",
-                state.config, cfg
-            ),
+            format!("it was made with config {:?}, this run has {this_run:?}; delete it to start afresh", state.config),
         ));
     }
     for (i, (name, var)) in vars.iter().enumerate() {
@@ -392,14 +334,12 @@ pub fn train(
     }
     let device = vars[0].1.device().clone();
     let mut opt = Optim::new(cfg.optimizer, &vars)?;
-    let mut best: Vec<Tensor> = vars
-        .iter()
-        .map(|(_, v)| v.as_tensor().detach().copy())
-        .collect::<candle_core::Result<_>>()?;
+    let mut best: Vec<Tensor> =
+        vars.iter().map(|(_, v)| v.as_tensor().detach().copy()).collect::<candle_core::Result<_>>()?;
     let steps_per_epoch = n_train.div_ceil(cfg.batch_size);
     let total_steps = steps_per_epoch * cfg.epochs;
     let mut state = State {
-        config: cfg.clone(),
+        config: TrainConfig { checkpoint: None, ..cfg.clone() },
         next_epoch: 0,
         step: 0,
         history: Vec::new(),
@@ -417,9 +357,7 @@ pub fn train(
     while state.next_epoch < cfg.epochs && !state.stopped_early {
         let epoch = state.next_epoch;
         let mut order: Vec<u32> = (0..n_train as u32).collect();
-        order.shuffle(&mut ChaCha8Rng::seed_from_u64(
-            cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch as u64,
-        ));
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch as u64));
         let (mut loss_sum, mut lr) = (0.0, 0.0);
         for (step, batch) in order.chunks(cfg.batch_size).enumerate() {
             let loss = task.loss(batch)?;
@@ -436,27 +374,14 @@ pub fn train(
             state.step += 1;
             opt.step(&vars, &grads, lr, state.step)?;
             loss_sum += value;
-            on_event(&TrainEvent::Step {
-                epoch,
-                step,
-                steps: steps_per_epoch,
-                loss: value,
-            });
+            on_event(&TrainEvent::Step { epoch, step, steps: steps_per_epoch, loss: value });
         }
         let metric = task.evaluate()?;
-        let stats = EpochStats {
-            epoch,
-            train_loss: loss_sum / steps_per_epoch as f64,
-            metric,
-            lr,
-        };
+        let stats = EpochStats { epoch, train_loss: loss_sum / steps_per_epoch as f64, metric, lr };
         if metric > state.best_metric {
             state.best_metric = metric;
             state.best_epoch = epoch;
-            best = vars
-                .iter()
-                .map(|(_, v)| v.as_tensor().detach().copy())
-                .collect::<candle_core::Result<_>>()?;
+            best = vars.iter().map(|(_, v)| v.as_tensor().detach().copy()).collect::<candle_core::Result<_>>()?;
         } else if cfg.patience.is_some_and(|p| epoch - state.best_epoch >= p) {
             state.stopped_early = true;
         }

@@ -76,22 +76,14 @@ impl Weight {
                     Granularity::PerGroup { size } => format!("per-group({size})"),
                     Granularity::PerToken => "per-token".to_string(),
                 };
-                format!(
-                    "{}{} {map} {gran}",
-                    if s.signed { "int" } else { "uint" },
-                    s.bits
-                )
+                format!("{}{} {map} {gran}", if s.signed { "int" } else { "uint" }, s.bits)
             }
             Weight::Sparse(s) => {
                 let density = 100.0 * s.stored() as f64 / s.numel().max(1) as f64;
                 match s.layout() {
                     SparseLayout::Csr { .. } => format!("sparse csr {density:.1}% stored"),
                     SparseLayout::NM { n, m, .. } => format!("sparse {n}:{m}"),
-                    SparseLayout::Block {
-                        block_rows,
-                        block_cols,
-                        ..
-                    } => {
+                    SparseLayout::Block { block_rows, block_cols, .. } => {
                         format!("sparse block {block_rows}x{block_cols} {density:.1}% stored")
                     }
                 }

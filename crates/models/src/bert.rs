@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{D, DType, Device, Tensor};
 use pare_core_tensor::io::load_weights;
 use pare_core_tensor::{
-    Activation, Embedding, Hooks, Init, LayerMut, LayerNorm, LayerRef, Linear, LoadedWeights,
-    Module, WeightSource,
+    Activation, Embedding, Hooks, Init, LayerMut, LayerNorm, LayerRef, Linear, LoadedWeights, Module, WeightSource,
 };
 use serde::Deserialize;
 
@@ -56,34 +55,21 @@ fn default_eps() -> f64 {
 impl BertConfig {
     /// Reads and checks `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| pare_core_tensor::Error::io("read", path, e))?;
-        let cfg: BertConfig =
-            serde_json::from_str(&text).map_err(|e| pare_core_tensor::Error::Json {
-                path: path.to_path_buf(),
-                source: e,
-            })?;
+        let text = std::fs::read_to_string(path).map_err(|e| pare_core_tensor::Error::io("read", path, e))?;
+        let cfg: BertConfig = serde_json::from_str(&text)
+            .map_err(|e| pare_core_tensor::Error::Json { path: path.to_path_buf(), source: e })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Width of one attention head.
     pub fn head_size(&self) -> usize {
-        self.attention_head_size
-            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.attention_head_size.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     fn validate(&self) -> Result<()> {
-        let bad = |detail: String| {
-            Err(Error::Config {
-                what: "BERT",
-                detail,
-            })
-        };
-        if self.hidden_size == 0
-            || self.num_attention_heads == 0
-            || self.intermediate_size == 0
-            || self.vocab_size == 0
+        let bad = |detail: String| Err(Error::Config { what: "BERT", detail });
+        if self.hidden_size == 0 || self.num_attention_heads == 0 || self.intermediate_size == 0 || self.vocab_size == 0
         {
             return bad(format!("sizes must be ≥ 1, found {self:?}"));
         }
@@ -133,11 +119,7 @@ fn norm(src: &mut dyn WeightSource, path: String, dim: usize, eps: f64) -> Resul
 }
 
 fn embedding(src: &mut dyn WeightSource, path: String, n: usize, dim: usize) -> Result<Embedding> {
-    let w = src.weight(
-        &format!("{path}.weight"),
-        &[n, dim],
-        Init::Normal { std: 0.02 },
-    )?;
+    let w = src.weight(&format!("{path}.weight"), &[n, dim], Init::Normal { std: 0.02 })?;
     Ok(Embedding::new(path, w)?)
 }
 
@@ -147,24 +129,9 @@ impl BertEncoder {
         config.validate()?;
         let (h, eps) = (config.hidden_size, config.layer_norm_eps);
         let inner = config.num_attention_heads * config.head_size();
-        let word = embedding(
-            src,
-            "embeddings.word_embeddings".into(),
-            config.vocab_size,
-            h,
-        )?;
-        let position = embedding(
-            src,
-            "embeddings.position_embeddings".into(),
-            config.max_position_embeddings,
-            h,
-        )?;
-        let token_type = embedding(
-            src,
-            "embeddings.token_type_embeddings".into(),
-            config.type_vocab_size,
-            h,
-        )?;
+        let word = embedding(src, "embeddings.word_embeddings".into(), config.vocab_size, h)?;
+        let position = embedding(src, "embeddings.position_embeddings".into(), config.max_position_embeddings, h)?;
+        let token_type = embedding(src, "embeddings.token_type_embeddings".into(), config.type_vocab_size, h)?;
         let emb_norm = norm(src, "embeddings.LayerNorm".into(), h, eps)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
@@ -181,15 +148,7 @@ impl BertEncoder {
             });
         }
         let act = Activation::from_hf_name(&config.hidden_act)?;
-        Ok(Self {
-            config,
-            act,
-            word,
-            position,
-            token_type,
-            emb_norm,
-            layers,
-        })
+        Ok(Self { config, act, word, position, token_type, emb_norm, layers })
     }
 
     /// Loads `model.safetensors` and `config.json` from a Hugging Face model folder.
@@ -198,19 +157,14 @@ impl BertEncoder {
         let (mut weights, _) = load_weights(dir.join("model.safetensors"), device)?;
         // Checkpoints saved from `BertForX` carry a `bert.` prefix; accept both spellings.
         if weights.keys().any(|k| k.starts_with("bert.")) {
-            weights = weights
-                .into_iter()
-                .map(|(k, v)| (k.strip_prefix("bert.").map(String::from).unwrap_or(k), v))
-                .collect();
+            weights =
+                weights.into_iter().map(|(k, v)| (k.strip_prefix("bert.").map(String::from).unwrap_or(k), v)).collect();
         }
         let mut src = LoadedWeights::new(weights, device.clone());
         let enc = Self::build(config, &mut src)?;
         let ignored: Vec<&str> = src.unused();
         if !ignored.is_empty() {
-            tracing::debug!(
-                ?ignored,
-                "tensors the encoder does not use (pooler, position ids)"
-            );
+            tracing::debug!(?ignored, "tensors the encoder does not use (pooler, position ids)");
         }
         Ok(enc)
     }
@@ -240,10 +194,7 @@ impl BertEncoder {
             });
         }
         let dev = input_ids.device();
-        let positions = Tensor::arange(0u32, t as u32, dev)?
-            .unsqueeze(0)?
-            .broadcast_as((b, t))?
-            .contiguous()?;
+        let positions = Tensor::arange(0u32, t as u32, dev)?.unsqueeze(0)?.broadcast_as((b, t))?.contiguous()?;
         let types = match token_type_ids {
             Some(tt) => tt.clone(),
             None => Tensor::zeros((b, t), DType::U32, dev)?,
@@ -259,25 +210,17 @@ impl BertEncoder {
         let (heads, hs) = (self.config.num_attention_heads, self.config.head_size());
         let scale = 1.0 / (hs as f64).sqrt();
         for layer in &self.layers {
-            let split = |x: Tensor| -> Result<Tensor> {
-                Ok(x.reshape((b, t, heads, hs))?
-                    .transpose(1, 2)?
-                    .contiguous()?)
-            };
+            let split =
+                |x: Tensor| -> Result<Tensor> { Ok(x.reshape((b, t, heads, hs))?.transpose(1, 2)?.contiguous()?) };
             let q = split(layer.query.forward_hooked(&h, hooks)?)?;
             let k = split(layer.key.forward_hooked(&h, hooks)?)?;
             let v = split(layer.value.forward_hooked(&h, hooks)?)?;
             let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let ctx = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, t, heads * hs))?;
+            let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, heads * hs))?;
             let attn = layer.attn_out.forward_hooked(&ctx, hooks)?;
             h = layer.attn_norm.forward_hooked(&(attn + &h)?, hooks)?;
-            let inter = self
-                .act
-                .forward(&layer.intermediate.forward_hooked(&h, hooks)?)?;
+            let inter = self.act.forward(&layer.intermediate.forward_hooked(&h, hooks)?)?;
             let out = layer.output.forward_hooked(&inter, hooks)?;
             h = layer.out_norm.forward_hooked(&(out + &h)?, hooks)?;
         }
@@ -337,11 +280,7 @@ pub fn mean_pool_normalize(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let summed = hidden.broadcast_mul(&m)?.sum(1)?;
     let counts = m.sum(1)?.clamp(1e-9f32, f32::MAX)?;
     let mean = summed.broadcast_div(&counts)?;
-    let norm = mean
-        .sqr()?
-        .sum_keepdim(D::Minus1)?
-        .sqrt()?
-        .clamp(1e-12f32, f32::MAX)?;
+    let norm = mean.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12f32, f32::MAX)?;
     Ok(mean.broadcast_div(&norm)?)
 }
 
@@ -380,52 +319,31 @@ impl SentenceEncoder {
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         for f in ["config.json", "model.safetensors", "tokenizer.json"] {
             if !dir.join(f).is_file() {
-                return Err(Error::Model {
-                    path: dir.to_path_buf(),
-                    detail: format!("missing `{f}`"),
-                });
+                return Err(Error::Model { path: dir.to_path_buf(), detail: format!("missing `{f}`") });
             }
         }
         let bert = BertEncoder::load(dir, device)?;
         let sbert = dir.join("sentence_bert_config.json");
         let max_len = if sbert.is_file() {
-            let text = std::fs::read_to_string(&sbert)
-                .map_err(|e| pare_core_tensor::Error::io("read", &sbert, e))?;
+            let text = std::fs::read_to_string(&sbert).map_err(|e| pare_core_tensor::Error::io("read", &sbert, e))?;
             serde_json::from_str::<SentenceBertConfig>(&text)
-                .map_err(|e| pare_core_tensor::Error::Json {
-                    path: sbert.clone(),
-                    source: e,
-                })?
+                .map_err(|e| pare_core_tensor::Error::Json { path: sbert.clone(), source: e })?
                 .max_seq_length
         } else {
             DEFAULT_MAX_SEQ_LEN
         }
         .min(bert.config().max_position_embeddings);
         let tokenizer_path = dir.join("tokenizer.json");
-        let mut tokenizer =
-            tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| Error::Tokenizer {
-                path: tokenizer_path.clone(),
-                detail: e.to_string(),
-            })?;
+        let mut tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| Error::Tokenizer { path: tokenizer_path.clone(), detail: e.to_string() })?;
         tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length: max_len,
-                ..Default::default()
-            }))
-            .map_err(|e| Error::Tokenizer {
-                path: tokenizer_path.clone(),
-                detail: e.to_string(),
-            })?;
+            .with_truncation(Some(tokenizers::TruncationParams { max_length: max_len, ..Default::default() }))
+            .map_err(|e| Error::Tokenizer { path: tokenizer_path.clone(), detail: e.to_string() })?;
         tokenizer.with_padding(Some(tokenizers::PaddingParams {
             strategy: tokenizers::PaddingStrategy::BatchLongest,
             ..Default::default()
         }));
-        Ok(Self {
-            bert,
-            tokenizer,
-            tokenizer_path,
-            max_len,
-        })
+        Ok(Self { bert, tokenizer, tokenizer_path, max_len })
     }
 
     /// Longest tokenized sentence the encoder accepts; longer ones are truncated.
@@ -438,10 +356,7 @@ impl SentenceEncoder {
         let enc = self
             .tokenizer
             .encode_batch(sentences.to_vec(), true)
-            .map_err(|e| Error::Tokenizer {
-                path: self.tokenizer_path.clone(),
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| Error::Tokenizer { path: self.tokenizer_path.clone(), detail: e.to_string() })?;
         let (b, t) = (enc.len(), enc.first().map_or(0, |e| e.get_ids().len()));
         let gather = |f: &dyn Fn(&tokenizers::Encoding) -> &[u32]| -> Result<Tensor> {
             let v: Vec<u32> = enc.iter().flat_map(|e| f(e).iter().copied()).collect();
@@ -457,19 +372,10 @@ impl SentenceEncoder {
     /// L2-normalised sentence embeddings `[n, hidden]`, one row per sentence in input order.
     /// Sentences are sorted by length into batches of `batch_size` so padding stays small;
     /// `on_batch` is called with the number of sentences done after each batch.
-    pub fn embed(
-        &self,
-        sentences: &[String],
-        batch_size: usize,
-        on_batch: &mut dyn FnMut(usize),
-    ) -> Result<Tensor> {
+    pub fn embed(&self, sentences: &[String], batch_size: usize, on_batch: &mut dyn FnMut(usize)) -> Result<Tensor> {
         let device = self.bert.word.runtime().device().clone();
         if sentences.is_empty() {
-            return Ok(Tensor::zeros(
-                (0, self.bert.config.hidden_size),
-                DType::F32,
-                &device,
-            )?);
+            return Ok(Tensor::zeros((0, self.bert.config.hidden_size), DType::F32, &device)?);
         }
         let mut order: Vec<usize> = (0..sentences.len()).collect();
         order.sort_by_key(|&i| (sentences[i].len(), i));
@@ -491,10 +397,7 @@ impl SentenceEncoder {
             done += chunk.len();
             on_batch(done);
         }
-        let rows: Vec<Tensor> = rows
-            .into_iter()
-            .map(|r| r.expect("every sentence embedded"))
-            .collect();
+        let rows: Vec<Tensor> = rows.into_iter().map(|r| r.expect("every sentence embedded")).collect();
         Ok(Tensor::stack(&rows, 0)?)
     }
 }

@@ -10,8 +10,8 @@ use pare_core_tensor::data::{DIGITS_CLASSES, DIGITS_PIXELS, DigitsSplit, Example
 use pare_core_tensor::io::{load_weights, save_weights};
 use pare_core_tensor::train::{TrainConfig, TrainEvent, TrainReport, TrainTask, train};
 use pare_core_tensor::{
-    Activation, Conv2d, Conv2dParams, Hooks, Init, InitWeights, LayerMut, LayerRef, Linear,
-    LoadedWeights, Module, WeightSource, metrics,
+    Activation, Conv2d, Conv2dParams, Hooks, Init, InitWeights, LayerMut, LayerRef, Linear, LoadedWeights, Module,
+    WeightSource, metrics,
 };
 use serde::{Deserialize, Serialize};
 
@@ -50,16 +50,11 @@ pub enum DigitsArch {
 impl DigitsArch {
     /// The demo's teacher CNN: conv 16, conv 32, max-pool, linear 64, linear 10 (≈38k parameters).
     pub fn default_cnn() -> Self {
-        DigitsArch::Cnn(CnnConfig {
-            channels: vec![16, 32],
-            hidden: 64,
-        })
+        DigitsArch::Cnn(CnnConfig { channels: vec![16, 32], hidden: 64 })
     }
     /// The default MLP: 64 → 128 → 64 → 10 (≈17k parameters).
     pub fn default_mlp() -> Self {
-        DigitsArch::Mlp(MlpConfig {
-            hidden: vec![128, 64],
-        })
+        DigitsArch::Mlp(MlpConfig { hidden: vec![128, 64] })
     }
     fn validate(&self) -> Result<()> {
         let zero = match self {
@@ -69,9 +64,7 @@ impl DigitsArch {
         if zero {
             return Err(Error::Config {
                 what: "digits",
-                detail: format!(
-                    "widths must be ≥ 1 (and a CNN needs a convolution), found {self:?}"
-                ),
+                detail: format!("widths must be ≥ 1 (and a CNN needs a convolution), found {self:?}"),
             });
         }
         Ok(())
@@ -87,9 +80,7 @@ pub struct DigitsNet {
 }
 
 fn uniform(fan_in: usize) -> Init {
-    Init::Uniform {
-        bound: 1.0 / (fan_in as f64).sqrt(),
-    }
+    Init::Uniform { bound: 1.0 / (fan_in as f64).sqrt() }
 }
 
 impl DigitsNet {
@@ -114,18 +105,9 @@ impl DigitsNet {
                 for (k, &cout) in c.channels.iter().enumerate() {
                     let path = format!("conv{}", k + 1);
                     let fan = cin * 9;
-                    let w =
-                        src.weight(&format!("{path}.weight"), &[cout, cin, 3, 3], uniform(fan))?;
+                    let w = src.weight(&format!("{path}.weight"), &[cout, cin, 3, 3], uniform(fan))?;
                     let b = src.tensor(&format!("{path}.bias"), &[cout], uniform(fan))?;
-                    convs.push(Conv2d::new(
-                        path,
-                        w,
-                        Some(b),
-                        Conv2dParams {
-                            padding: 1,
-                            ..Default::default()
-                        },
-                    )?);
+                    convs.push(Conv2d::new(path, w, Some(b), Conv2dParams { padding: 1, ..Default::default() })?);
                     cin = cout;
                 }
                 let flat = cin * 4 * 4;
@@ -133,19 +115,12 @@ impl DigitsNet {
                 linears.push(linear(src, "fc2", c.hidden, DIGITS_CLASSES)?);
             }
         }
-        Ok(Self {
-            arch,
-            convs,
-            linears,
-        })
+        Ok(Self { arch, convs, linears })
     }
 
     /// A freshly initialised network whose parameters are `Var`s registered in `varmap`.
     pub fn init(arch: DigitsArch, seed: u64, device: &Device, varmap: &VarMap) -> Result<Self> {
-        Self::build(
-            arch,
-            &mut InitWeights::new(seed, device.clone(), varmap.clone()),
-        )
+        Self::build(arch, &mut InitWeights::new(seed, device.clone(), varmap.clone()))
     }
 
     /// The architecture.
@@ -190,17 +165,9 @@ impl DigitsNet {
 
     /// Saves weights (in whatever formats they now are) and the architecture to `path`
     /// atomically; `inputs` are files this run read, which the save refuses to overwrite.
-    pub fn save(
-        &self,
-        path: &Path,
-        metadata: &BTreeMap<String, String>,
-        inputs: &[&Path],
-    ) -> Result<()> {
+    pub fn save(&self, path: &Path, metadata: &BTreeMap<String, String>, inputs: &[&Path]) -> Result<()> {
         let mut meta = metadata.clone();
-        meta.insert(
-            META_MODEL.into(),
-            serde_json::to_string(&self.arch).expect("arch serialises"),
-        );
+        meta.insert(META_MODEL.into(), serde_json::to_string(&self.arch).expect("arch serialises"));
         Ok(save_weights(path, &self.named_weights(), &meta, inputs)?)
     }
 
@@ -217,10 +184,7 @@ impl DigitsNet {
     pub fn load_trainable(path: &Path, device: &Device, varmap: &VarMap) -> Result<Self> {
         let (weights, meta) = load_weights(path, device)?;
         let arch = Self::arch_of(path, &meta)?;
-        Self::build(
-            arch,
-            &mut LoadedWeights::trainable(weights, device.clone(), varmap.clone()),
-        )
+        Self::build(arch, &mut LoadedWeights::trainable(weights, device.clone(), varmap.clone()))
     }
 
     fn arch_of(path: &Path, meta: &BTreeMap<String, String>) -> Result<DigitsArch> {
@@ -237,18 +201,10 @@ impl DigitsNet {
 
 impl Module for DigitsNet {
     fn layers(&self) -> Vec<LayerRef<'_>> {
-        self.convs
-            .iter()
-            .map(LayerRef::Conv2d)
-            .chain(self.linears.iter().map(LayerRef::Linear))
-            .collect()
+        self.convs.iter().map(LayerRef::Conv2d).chain(self.linears.iter().map(LayerRef::Linear)).collect()
     }
     fn layers_mut(&mut self) -> Vec<LayerMut<'_>> {
-        self.convs
-            .iter_mut()
-            .map(LayerMut::Conv2d)
-            .chain(self.linears.iter_mut().map(LayerMut::Linear))
-            .collect()
+        self.convs.iter_mut().map(LayerMut::Conv2d).chain(self.linears.iter_mut().map(LayerMut::Linear)).collect()
     }
 }
 
@@ -294,10 +250,7 @@ pub fn time_forward(net: &DigitsNet, x: &Tensor, reps: usize) -> Result<f64> {
     let _ = net.forward(x)?.argmax(D::Minus1)?; // warm-up
     let start = std::time::Instant::now();
     for _ in 0..reps.max(1) {
-        net.forward(x)?
-            .to_dtype(DType::F32)?
-            .sum_all()?
-            .to_scalar::<f32>()?;
+        net.forward(x)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
     }
     Ok(start.elapsed().as_secs_f64() / reps.max(1) as f64)
 }

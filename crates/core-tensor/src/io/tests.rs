@@ -9,10 +9,7 @@ use crate::{Granularity, Mapping, QuantScheme};
 
 fn sample_weights() -> BTreeMap<String, Weight> {
     let dev = Device::Cpu;
-    let dense = Tensor::arange(0f32, 12., &dev)
-        .unwrap()
-        .reshape((3, 4))
-        .unwrap();
+    let dense = Tensor::arange(0f32, 12., &dev).unwrap().reshape((3, 4)).unwrap();
     let scheme = QuantScheme {
         bits: 3,
         signed: false,
@@ -52,27 +49,10 @@ fn sample_weights() -> BTreeMap<String, Weight> {
         ("a.dense".to_string(), Weight::Dense(dense)),
         ("b.q3".to_string(), Weight::Quantized(q)),
         ("c.nf".to_string(), Weight::Quantized(cb)),
-        (
-            "d.csr".to_string(),
-            Weight::Sparse(SparseTensor::csr_from_dense(&sparse_src, "d").unwrap()),
-        ),
-        (
-            "e.nm".to_string(),
-            Weight::Sparse(SparseTensor::nm_from_dense(&sparse_src, 2, 4, "e").unwrap()),
-        ),
-        (
-            "f.block".to_string(),
-            Weight::Sparse(SparseTensor::block_from_dense(&sparse_src, 1, 2, "f").unwrap()),
-        ),
-        (
-            "g.half".to_string(),
-            Weight::Dense(
-                Tensor::new(&[1f32, -2.5], &dev)
-                    .unwrap()
-                    .to_dtype(DType::BF16)
-                    .unwrap(),
-            ),
-        ),
+        ("d.csr".to_string(), Weight::Sparse(SparseTensor::csr_from_dense(&sparse_src, "d").unwrap())),
+        ("e.nm".to_string(), Weight::Sparse(SparseTensor::nm_from_dense(&sparse_src, 2, 4, "e").unwrap())),
+        ("f.block".to_string(), Weight::Sparse(SparseTensor::block_from_dense(&sparse_src, 1, 2, "f").unwrap())),
+        ("g.half".to_string(), Weight::Dense(Tensor::new(&[1f32, -2.5], &dev).unwrap().to_dtype(DType::BF16).unwrap())),
     ])
 }
 
@@ -81,21 +61,12 @@ fn every_format_round_trips_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("w.safetensors");
     let weights = sample_weights();
-    let meta = BTreeMap::from([(
-        META_RECIPE.to_string(),
-        "[[stage]]\nkind = \"quantize\"".to_string(),
-    )]);
+    let meta = BTreeMap::from([(META_RECIPE.to_string(), "[[stage]]\nkind = \"quantize\"".to_string())]);
     save_weights(&path, &weights, &meta, &[]).unwrap();
     let (back, meta_back) = load_weights(&path, &Device::Cpu).unwrap();
-    assert_eq!(
-        meta_back.get(META_VERSION).map(String::as_str),
-        Some(crate::VERSION)
-    );
+    assert_eq!(meta_back.get(META_VERSION).map(String::as_str), Some(crate::VERSION));
     assert_eq!(meta_back.get(META_RECIPE), meta.get(META_RECIPE));
-    assert_eq!(
-        back.keys().collect::<Vec<_>>(),
-        weights.keys().collect::<Vec<_>>()
-    );
+    assert_eq!(back.keys().collect::<Vec<_>>(), weights.keys().collect::<Vec<_>>());
     for (name, w) in &weights {
         let b = &back[name];
         match (w, b) {
@@ -105,20 +76,13 @@ fn every_format_round_trips_exactly() {
                 assert_eq!(x.dtype(), y.dtype());
                 assert_eq!(crate::testing::max_abs_diff(x, y).unwrap(), 0.0, "{name}");
             }
-            _ => panic!(
-                "{name} changed format: {} vs {}",
-                w.describe(),
-                b.describe()
-            ),
+            _ => panic!("{name} changed format: {} vs {}", w.describe(), b.describe()),
         }
     }
     // Saving twice gives the same bytes.
     let again = dir.path().join("w2.safetensors");
     save_weights(&again, &weights, &meta, &[]).unwrap();
-    assert_eq!(
-        std::fs::read(&path).unwrap(),
-        std::fs::read(&again).unwrap()
-    );
+    assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&again).unwrap());
 }
 
 #[test]
@@ -133,28 +97,15 @@ fn saving_over_an_input_is_refused_and_the_input_survives() {
     // ...or opened for reading earlier in this process.
     let _opened = SafeTensorsFile::open(&path).unwrap();
     let e = save_weights(&path, &BTreeMap::new(), &BTreeMap::new(), &[]).unwrap_err();
-    assert!(
-        e.to_string().contains("refusing to overwrite input file"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("refusing to overwrite input file"), "{e}");
     assert_eq!(std::fs::read(&path).unwrap(), before);
 }
 
 #[test]
 fn writer_checks_byte_counts() {
     let dir = tempfile::tempdir().unwrap();
-    let t = BTreeMap::from([(
-        "x".to_string(),
-        RawTensor {
-            dtype: StDtype::F32,
-            shape: vec![3],
-            data: vec![0; 8],
-        },
-    )]);
+    let t = BTreeMap::from([("x".to_string(), RawTensor { dtype: StDtype::F32, shape: vec![3], data: vec![0; 8] })]);
     let e = save_tensors(dir.path().join("x.safetensors"), &t, &BTreeMap::new(), &[]).unwrap_err();
     assert!(e.to_string().contains("needs 12 bytes, found 8"), "{e}");
-    assert!(
-        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
-        "nothing may be left behind"
-    );
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing may be left behind");
 }

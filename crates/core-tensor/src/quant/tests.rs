@@ -6,13 +6,7 @@ use proptest::prelude::*;
 use super::*;
 
 fn scheme(bits: u8, signed: bool, symmetric: bool, granularity: Granularity) -> QuantScheme {
-    QuantScheme {
-        bits,
-        signed,
-        symmetric,
-        mapping: Mapping::Linear,
-        granularity,
-    }
+    QuantScheme { bits, signed, symmetric, mapping: Mapping::Linear, granularity }
 }
 
 proptest! {
@@ -50,16 +44,8 @@ proptest! {
 fn zero_point_makes_zero_exact() {
     // An asymmetric uint8 tensor whose zero point is a code: that code must decode to exactly 0.
     let s = scheme(8, false, false, Granularity::PerTensor);
-    let q = QuantizedTensor::from_codes(
-        &[0, 37, 255],
-        s,
-        vec![0.013],
-        Some(vec![37]),
-        None,
-        vec![3],
-        DType::F32,
-    )
-    .unwrap();
+    let q =
+        QuantizedTensor::from_codes(&[0, 37, 255], s, vec![0.013], Some(vec![37]), None, vec![3], DType::F32).unwrap();
     assert_eq!(q.dequantize_f32()[1], 0.0);
 }
 
@@ -68,16 +54,7 @@ fn per_channel_axis_selects_the_right_scale() {
     let s = scheme(8, true, true, Granularity::PerChannel { axis: 1 });
     // shape [2, 3]: column j uses scale j.
     let codes = [129u8; 6]; // q = 1
-    let q = QuantizedTensor::from_codes(
-        &codes,
-        s,
-        vec![1.0, 2.0, 3.0],
-        None,
-        None,
-        vec![2, 3],
-        DType::F32,
-    )
-    .unwrap();
+    let q = QuantizedTensor::from_codes(&codes, s, vec![1.0, 2.0, 3.0], None, None, vec![2, 3], DType::F32).unwrap();
     assert_eq!(q.dequantize_f32(), [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
 }
 
@@ -91,30 +68,16 @@ fn codebook_mapping_looks_codes_up() {
         granularity: Granularity::PerToken,
     };
     let cb = vec![-1.0, -0.25, 0.5, 1.0];
-    let q = QuantizedTensor::from_codes(
-        &[0, 1, 2, 3],
-        s,
-        vec![2.0, 4.0],
-        None,
-        Some(cb),
-        vec![2, 2],
-        DType::F32,
-    )
-    .unwrap();
+    let q =
+        QuantizedTensor::from_codes(&[0, 1, 2, 3], s, vec![2.0, 4.0], None, Some(cb), vec![2, 2], DType::F32).unwrap();
     assert_eq!(q.dequantize_f32(), [-2.0, -0.5, 2.0, 4.0]);
 }
 
 #[test]
 fn invalid_tensors_are_refused_with_the_reason() {
     let s = scheme(4, true, true, Granularity::PerGroup { size: 3 });
-    let e =
-        QuantizedTensor::from_codes(&[0; 8], s, vec![1.0; 2], None, None, vec![2, 4], DType::F32)
-            .unwrap_err();
-    assert!(
-        e.to_string()
-            .contains("group size 3 does not divide the last dimension 4"),
-        "{e}"
-    );
+    let e = QuantizedTensor::from_codes(&[0; 8], s, vec![1.0; 2], None, None, vec![2, 4], DType::F32).unwrap_err();
+    assert!(e.to_string().contains("group size 3 does not divide the last dimension 4"), "{e}");
 
     let s = scheme(0, true, true, Granularity::PerTensor);
     assert!(
@@ -125,53 +88,14 @@ fn invalid_tensors_are_refused_with_the_reason() {
     );
 
     let s = scheme(4, false, false, Granularity::PerTensor);
-    let e = QuantizedTensor::from_codes(&[1, 2], s, vec![1.0], None, None, vec![2], DType::F32)
-        .unwrap_err();
+    let e = QuantizedTensor::from_codes(&[1, 2], s, vec![1.0], None, None, vec![2], DType::F32).unwrap_err();
     assert!(e.to_string().contains("needs zero points"), "{e}");
-    let e = QuantizedTensor::from_codes(
-        &[1, 2],
-        s,
-        vec![1.0],
-        Some(vec![16]),
-        None,
-        vec![2],
-        DType::F32,
-    )
-    .unwrap_err();
-    assert!(
-        e.to_string().contains("outside the code range 0..=15"),
-        "{e}"
-    );
-    let e = QuantizedTensor::from_codes(
-        &[1, 2],
-        s,
-        vec![f32::NAN],
-        Some(vec![0]),
-        None,
-        vec![2],
-        DType::F32,
-    )
-    .unwrap_err();
+    let e = QuantizedTensor::from_codes(&[1, 2], s, vec![1.0], Some(vec![16]), None, vec![2], DType::F32).unwrap_err();
+    assert!(e.to_string().contains("outside the code range 0..=15"), "{e}");
+    let e =
+        QuantizedTensor::from_codes(&[1, 2], s, vec![f32::NAN], Some(vec![0]), None, vec![2], DType::F32).unwrap_err();
     assert!(e.to_string().contains("must be finite"), "{e}");
-    assert!(
-        pack_codes(&[16], 4)
-            .unwrap_err()
-            .to_string()
-            .contains("does not fit in 4 bits")
-    );
-    let e = QuantizedTensor::new(
-        vec![0; 3],
-        s,
-        vec![1.0],
-        Some(vec![0]),
-        None,
-        vec![4],
-        DType::F32,
-    )
-    .unwrap_err();
-    assert!(
-        e.to_string()
-            .contains("expected 2 packed code bytes, found 3"),
-        "{e}"
-    );
+    assert!(pack_codes(&[16], 4).unwrap_err().to_string().contains("does not fit in 4 bits"));
+    let e = QuantizedTensor::new(vec![0; 3], s, vec![1.0], Some(vec![0]), None, vec![4], DType::F32).unwrap_err();
+    assert!(e.to_string().contains("expected 2 packed code bytes, found 3"), "{e}");
 }

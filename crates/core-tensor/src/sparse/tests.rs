@@ -14,11 +14,7 @@ fn sparse_values(raw: &[u8], n: usize, zero_pct: u8) -> Vec<f32> {
     (0..n)
         .map(|i| {
             let b = raw[i % raw.len()].wrapping_add(i as u8);
-            if b % 100 < zero_pct {
-                0.0
-            } else {
-                f32::from(b) - 127.5
-            }
+            if b % 100 < zero_pct { 0.0 } else { f32::from(b) - 127.5 }
         })
         .collect()
 }
@@ -62,12 +58,8 @@ proptest! {
 
 #[test]
 fn nm_refuses_a_group_with_too_many_nonzeros() {
-    let e = SparseTensor::nm_from_dense(&tensor(vec![1.0, 2.0, 3.0, 0.0], 1, 4), 2, 4, "enc.fc")
-        .unwrap_err();
-    assert!(
-        e.to_string().contains("hold 3 non-zeros, more than n = 2"),
-        "{e}"
-    );
+    let e = SparseTensor::nm_from_dense(&tensor(vec![1.0, 2.0, 3.0, 0.0], 1, 4), 2, 4, "enc.fc").unwrap_err();
+    assert!(e.to_string().contains("hold 3 non-zeros, more than n = 2"), "{e}");
     let e = SparseTensor::nm_from_dense(&tensor(vec![0.0; 6], 1, 6), 2, 4, "enc.fc").unwrap_err();
     assert!(e.to_string().contains("m dividing 6 columns"), "{e}");
 }
@@ -77,52 +69,21 @@ fn constructors_check_invariants() {
     let bad = SparseTensor::new(
         vec![2, 3],
         DType::F32,
-        SparseLayout::Csr {
-            row_ptr: vec![0, 2, 1],
-            col_idx: vec![0],
-            values: vec![1.0],
-        },
+        SparseLayout::Csr { row_ptr: vec![0, 2, 1], col_idx: vec![0], values: vec![1.0] },
     );
     assert!(bad.is_err());
     let bad = SparseTensor::new(
         vec![1, 3],
         DType::F32,
-        SparseLayout::Csr {
-            row_ptr: vec![0, 2],
-            col_idx: vec![2, 1],
-            values: vec![1.0, 2.0],
-        },
+        SparseLayout::Csr { row_ptr: vec![0, 2], col_idx: vec![2, 1], values: vec![1.0, 2.0] },
     );
-    assert!(
-        bad.unwrap_err()
-            .to_string()
-            .contains("not strictly increasing")
-    );
+    assert!(bad.unwrap_err().to_string().contains("not strictly increasing"));
     let bad = SparseTensor::new(
         vec![1, 4],
         DType::F32,
-        SparseLayout::NM {
-            n: 2,
-            m: 4,
-            values: vec![1.0, 2.0],
-            indices: vec![3, 4],
-        },
+        SparseLayout::NM { n: 2, m: 4, values: vec![1.0, 2.0], indices: vec![3, 4] },
     );
-    assert!(
-        bad.unwrap_err()
-            .to_string()
-            .contains("strictly increasing and < 4")
-    );
+    assert!(bad.unwrap_err().to_string().contains("strictly increasing and < 4"));
     let nan = SparseTensor::csr_from_dense(&tensor(vec![f32::NAN, 1.0], 1, 2), "w").unwrap_err();
-    assert!(
-        matches!(
-            nan,
-            Error::NonFinite {
-                count: 1,
-                first: 0,
-                ..
-            }
-        ),
-        "{nan}"
-    );
+    assert!(matches!(nan, Error::NonFinite { count: 1, first: 0, .. }), "{nan}");
 }
