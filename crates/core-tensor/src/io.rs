@@ -440,7 +440,7 @@ pub fn save_tensors(
     }
     let mut header = serde_json::to_vec(&header).expect("JSON map serialises");
     // Pad the header with spaces so the data section starts 8-byte aligned, as the spec advises.
-    while (8 + header.len()) % 8 != 0 {
+    while !(8 + header.len()).is_multiple_of(8) {
         header.push(b' ');
     }
 

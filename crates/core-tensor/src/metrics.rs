@@ -99,3 +99,39 @@ impl Observer for MacCounter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    #[test]
+    fn metrics_match_hand_computed_values() {
+        let dev = Device::Cpu;
+        let logits = Tensor::new(&[[2f32, 1.0, 0.0], [0.0, 0.5, 3.0], [1.0, 2.0, 0.0]], &dev).unwrap();
+        let labels = Tensor::new(&[0u32, 2, 0], &dev).unwrap();
+        assert!((accuracy(&logits, &labels).unwrap() - 2.0 / 3.0).abs() < 1e-12);
+
+        assert!(kl_divergence(&logits, &logits).unwrap().abs() < 1e-6);
+        // KL([0.5, 0.5] ‖ [0.8, 0.2]) = 0.5 ln(0.5/0.8) + 0.5 ln(0.5/0.2) = 0.22314...
+        let p = Tensor::new(&[[0f32, 0.0]], &dev).unwrap();
+        let q = Tensor::new(&[[0.8f32.ln(), 0.2f32.ln()]], &dev).unwrap();
+        assert!((kl_divergence(&p, &q).unwrap() - 0.223_143_55).abs() < 1e-5);
+
+        // Candidate picks: row0 → 0 (ref top-1), row1 → 1 (ref rank 2), row2 → 2 (ref rank 3).
+        let cand = Tensor::new(&[[9f32, 0.0, 0.0], [0.0, 9.0, 0.0], [0.0, 0.0, 9.0]], &dev).unwrap();
+        assert!((top_k_agreement(&logits, &cand, 1).unwrap() - 1.0 / 3.0).abs() < 1e-12);
+        assert!((top_k_agreement(&logits, &cand, 2).unwrap() - 2.0 / 3.0).abs() < 1e-12);
+        assert!((top_k_agreement(&logits, &cand, 3).unwrap() - 1.0).abs() < 1e-12);
+
+        let a = Tensor::new(&[[1f32, 0.0], [1.0, 1.0]], &dev).unwrap();
+        let b = Tensor::new(&[[0f32, 2.0], [2.0, 2.0]], &dev).unwrap();
+        let c = cosine_rows(&a, &b).unwrap();
+        assert!(c[0].abs() < 1e-6 && (c[1] - 1.0).abs() < 1e-6);
+        assert!(
+            accuracy(&Tensor::zeros((0, 3), DType::F32, &dev).unwrap(), &Tensor::zeros(0, DType::U32, &dev).unwrap())
+                .is_err()
+        );
+    }
+}

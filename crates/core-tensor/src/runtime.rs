@@ -184,3 +184,55 @@ impl Runtime for ReferenceRuntime {
         Ok(Arc::new(RefEmbedding { w: weight.to_dense(&self.device)? }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+    use crate::testing::max_abs_diff;
+    use crate::{SparseTensor, Weight};
+
+    #[test]
+    fn every_format_runs_as_its_dense_equivalent() {
+        let dev = Device::Cpu;
+        // A conv weight with 2:4 structure along the flattened input axis (in·kh·kw = 8).
+        let w = Tensor::new(&[1f32, 0., -2., 0., 0., 3., 0., 0.5, 0., 0., 1., 1., -1., 0., 0., 2.], &dev)
+            .unwrap()
+            .reshape((2, 2, 2, 2))
+            .unwrap();
+        let x = Tensor::arange(0f32, 32., &dev).unwrap().reshape((1, 2, 4, 4)).unwrap();
+        let b = Tensor::new(&[0.5f32, -1.0], &dev).unwrap();
+        let rt = ReferenceRuntime::cpu();
+        let p = Conv2dParams { padding: 1, ..Default::default() };
+        let dense = rt.prepare_conv2d("c", &Weight::Dense(w.clone()), Some(&b), p).unwrap().forward(&x).unwrap();
+        for sparse in [
+            SparseTensor::nm_from_dense(&w, 2, 4, "c").unwrap(),
+            SparseTensor::csr_from_dense(&w, "c").unwrap(),
+            SparseTensor::block_from_dense(&w, 1, 2, "c").unwrap(),
+        ] {
+            let y = rt.prepare_conv2d("c", &Weight::Sparse(sparse), Some(&b), p).unwrap().forward(&x).unwrap();
+            assert_eq!(max_abs_diff(&dense, &y).unwrap(), 0.0);
+        }
+        // Embedding lookups of any id shape.
+        let table = Tensor::arange(0f32, 12., &dev).unwrap().reshape((4, 3)).unwrap();
+        let ids = Tensor::new(&[[3u32, 0], [1, 1]], &dev).unwrap();
+        let e = rt.prepare_embedding("e", &Weight::Dense(table)).unwrap().forward(&ids).unwrap();
+        assert_eq!(e.dims(), &[2, 2, 3]);
+        assert_eq!(
+            e.to_dtype(DType::F32).unwrap().get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap(),
+            [9., 10., 11.]
+        );
+    }
+
+    #[test]
+    fn shape_errors_name_the_layer() {
+        let dev = Device::Cpu;
+        let rt = ReferenceRuntime::cpu();
+        let w = Weight::Dense(Tensor::zeros((3, 4), DType::F32, &dev).unwrap());
+        let e = rt.prepare_linear("enc.fc", &w, Some(&Tensor::zeros(4, DType::F32, &dev).unwrap())).unwrap_err();
+        assert_eq!(e.to_string(), "`enc.fc.bias`: expected shape [3], found [4]");
+        let e = rt.prepare_conv2d("enc.conv", &w, None, Conv2dParams::default()).unwrap_err();
+        assert!(e.to_string().contains("conv2d layer `enc.conv`") && e.to_string().contains("4-D"), "{e}");
+    }
+}

@@ -307,9 +307,9 @@ impl SparseTensor {
             }
             SparseLayout::Block { block_rows, block_cols, row_ptr, col_idx, values } => {
                 let size = block_rows * block_cols;
-                for br in 0..rows / block_rows {
-                    for k in row_ptr[br] as usize..row_ptr[br + 1] as usize {
-                        let bc = col_idx[k] as usize;
+                for (br, span) in row_ptr.windows(2).enumerate() {
+                    for (k, &bc) in col_idx.iter().enumerate().take(span[1] as usize).skip(span[0] as usize) {
+                        let bc = bc as usize;
                         for i in 0..*block_rows {
                             let dst = (br * block_rows + i) * cols + bc * block_cols;
                             let src = k * size + i * block_cols;

@@ -73,7 +73,7 @@ impl BertConfig {
         {
             return bad(format!("sizes must be ≥ 1, found {self:?}"));
         }
-        if self.attention_head_size.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.attention_head_size.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "{} attention heads do not divide hidden size {}",
                 self.num_attention_heads, self.hidden_size
