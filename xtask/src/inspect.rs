@@ -1,5 +1,7 @@
 //! `cargo xtask inspect FILE`: what a safetensors file holds.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use candle_core::Device;
@@ -13,41 +15,53 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // Built whole, then written once: `inspect | head` must not panic on a closed pipe.
+    let mut o = String::new();
     let file = SafeTensorsFile::open(&args.file)?;
     let size = std::fs::metadata(&args.file)?.len();
-    println!("{}: {} tensors, {size} bytes", args.file.display(), file.tensors().len());
+    writeln!(o, "{}: {} tensors, {size} bytes", args.file.display(), file.tensors().len())?;
     if !file.metadata().is_empty() {
-        println!("\nmetadata:");
+        writeln!(o, "\nmetadata:")?;
         for (k, v) in file.metadata() {
             let v = if v.len() > 120 {
                 format!("{}… ({} chars)", &v[..v.floor_char_boundary(117)], v.len())
             } else {
                 v.clone()
             };
-            println!("  {k} = {v}");
+            writeln!(o, "  {k} = {v}")?;
         }
     }
     let width = file.tensors().keys().map(String::len).max().unwrap_or(4).max(4);
-    println!("\n{:<width$}  {:<7}  {:<18}  {:>12}", "name", "dtype", "shape", "bytes");
+    writeln!(o, "\n{:<width$}  {:<7}  {:<18}  {:>12}", "name", "dtype", "shape", "bytes")?;
     let mut total = 0;
     for (name, info) in file.tensors() {
-        println!("{name:<width$}  {:<7}  {:<18}  {:>12}", info.dtype.name(), format!("{:?}", info.shape), info.bytes());
+        writeln!(
+            o,
+            "{name:<width$}  {:<7}  {:<18}  {:>12}",
+            info.dtype.name(),
+            format!("{:?}", info.shape),
+            info.bytes()
+        )?;
         total += info.bytes();
     }
-    println!("{:<width$}  {:<7}  {:<18}  {total:>12}", "total", "", "");
+    writeln!(o, "{:<width$}  {:<7}  {:<18}  {total:>12}", "total", "", "")?;
 
     // When the file holds packed pare weights, also show each logical weight's format.
     if file.metadata().keys().any(|k| k.starts_with("pare.quant.") || k.starts_with("pare.sparse.")) {
         let (weights, _) = load_weights(&args.file, &Device::Cpu)?;
-        println!("\npare weights:");
+        writeln!(o, "\npare weights:")?;
         for (name, w) in &weights {
-            println!(
+            writeln!(
+                o,
                 "  {name:<width$}  {:<18}  {:>12}  {}",
                 format!("{:?}", w.shape()),
                 w.storage_bytes(),
                 w.describe()
-            );
+            )?;
         }
     }
-    Ok(())
+    match std::io::stdout().lock().write_all(o.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }

@@ -11,14 +11,16 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 
     /// An I/O operation on a named file failed.
-    #[error("{action} `{path}`: {source}")]
+    // The cause is part of the message and deliberately not a `#[source]`, so error chains
+    // printed with `{:#}` do not repeat it.
+    #[error("{action} `{path}`: {cause}")]
     Io {
         /// What pare was doing ("open", "write", "rename", ...).
         action: &'static str,
         /// The file involved.
         path: PathBuf,
         /// The operating system's error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     /// A safetensors file is malformed; `what` says exactly how.
@@ -100,12 +102,12 @@ pub enum Error {
     },
 
     /// A JSON document (config, checkpoint state) could not be parsed.
-    #[error("cannot parse `{path}` as JSON: {source}")]
+    #[error("cannot parse `{path}` as JSON: {cause}")]
     Json {
         /// The file.
         path: PathBuf,
         /// The parser's error, with line and column.
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
 }
 
@@ -130,8 +132,8 @@ impl Error {
     }
 
     /// Wraps an I/O error with what was being done to which file.
-    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { action, path: path.into(), source }
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
+        Error::Io { action, path: path.into(), cause }
     }
 }
 

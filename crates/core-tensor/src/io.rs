@@ -242,7 +242,9 @@ impl SafeTensorsFile {
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("mmap", &path, e))?;
         let n = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes"));
         if n > MAX_HEADER_BYTES {
-            return Err(bad(format!("header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes")));
+            return Err(bad(format!(
+                "header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes (is this a safetensors file?)"
+            )));
         }
         if n > len - 8 {
             return Err(bad(format!("header length {n} runs past the end of the file ({} bytes follow)", len - 8)));

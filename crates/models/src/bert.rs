@@ -57,7 +57,7 @@ impl BertConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| pare_core_tensor::Error::io("read", path, e))?;
         let cfg: BertConfig = serde_json::from_str(&text)
-            .map_err(|e| pare_core_tensor::Error::Json { path: path.to_path_buf(), source: e })?;
+            .map_err(|e| pare_core_tensor::Error::Json { path: path.to_path_buf(), cause: e })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -327,7 +327,7 @@ impl SentenceEncoder {
         let max_len = if sbert.is_file() {
             let text = std::fs::read_to_string(&sbert).map_err(|e| pare_core_tensor::Error::io("read", &sbert, e))?;
             serde_json::from_str::<SentenceBertConfig>(&text)
-                .map_err(|e| pare_core_tensor::Error::Json { path: sbert.clone(), source: e })?
+                .map_err(|e| pare_core_tensor::Error::Json { path: sbert.clone(), cause: e })?
                 .max_seq_length
         } else {
             DEFAULT_MAX_SEQ_LEN
