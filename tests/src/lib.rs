@@ -2,6 +2,10 @@
 
 use std::path::PathBuf;
 
+// README's Rust examples compile and run as doctests, so the tour cannot drift from the code.
+#[doc = include_str!("../../README.md")]
+mod readme {}
+
 /// The MiniLM folder from `PARE_MINILM_DIR`, or `None` with a message on stderr saying why the
 /// calling test is skipped. When `PARE_REQUIRE_MINILM` is set (CI sets it), a missing folder
 /// is an error instead, so CI can never pass by skipping.
