@@ -51,3 +51,8 @@ pub use weight::Weight;
 
 /// pare's version, recorded in every file it writes.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The number of elements of `shape`, or `None` when it overflows `usize` (a malformed file).
+pub fn checked_numel(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d))
+}

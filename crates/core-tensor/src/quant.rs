@@ -202,7 +202,7 @@ impl QuantizedTensor {
     ) -> Result<Self> {
         scheme.validate()?;
         let what = || format!("quantized tensor of shape {shape:?}");
-        let numel: usize = shape.iter().product();
+        let numel = crate::checked_numel(&shape).ok_or_else(|| Error::invalid(what(), "element count overflows"))?;
         let need = packed_len(numel, scheme.bits);
         if codes.len() != need {
             return Err(Error::invalid(what(), format!("expected {need} packed code bytes, found {}", codes.len())));

@@ -128,6 +128,15 @@ impl PreparedOp for RefEmbedding {
     }
 }
 
+/// The weight's shape, or an error naming the layer when its rank is not `rank`.
+fn check_rank(kind: &str, layer: &str, weight: &Weight, rank: usize) -> Result<Vec<usize>> {
+    let shape = weight.shape();
+    if shape.len() != rank {
+        return Err(Error::invalid(format!("{kind} `{layer}`"), format!("weight must be {rank}-D, found {shape:?}")));
+    }
+    Ok(shape)
+}
+
 fn check_bias(layer: &str, bias: Option<&Tensor>, out: usize) -> Result<()> {
     match bias {
         Some(b) if b.dims() != [out] => {
@@ -147,13 +156,7 @@ impl Runtime for ReferenceRuntime {
     }
 
     fn prepare_linear(&self, layer: &str, weight: &Weight, bias: Option<&Tensor>) -> Result<Arc<dyn PreparedOp>> {
-        let shape = weight.shape();
-        if shape.len() != 2 {
-            return Err(Error::invalid(
-                format!("linear layer `{layer}`"),
-                format!("weight must be 2-D, found {shape:?}"),
-            ));
-        }
+        let shape = check_rank("linear layer", layer, weight, 2)?;
         check_bias(layer, bias, shape[0])?;
         Ok(Arc::new(RefLinear { w: weight.to_dense(&self.device)?, b: bias.cloned() }))
     }
@@ -165,22 +168,13 @@ impl Runtime for ReferenceRuntime {
         bias: Option<&Tensor>,
         params: Conv2dParams,
     ) -> Result<Arc<dyn PreparedOp>> {
-        let shape = weight.shape();
-        if shape.len() != 4 {
-            return Err(Error::invalid(
-                format!("conv2d layer `{layer}`"),
-                format!("weight must be 4-D, found {shape:?}"),
-            ));
-        }
+        let shape = check_rank("conv2d layer", layer, weight, 4)?;
         check_bias(layer, bias, shape[0])?;
         Ok(Arc::new(RefConv2d { w: weight.to_dense(&self.device)?, b: bias.cloned(), p: params }))
     }
 
     fn prepare_embedding(&self, layer: &str, weight: &Weight) -> Result<Arc<dyn PreparedOp>> {
-        let shape = weight.shape();
-        if shape.len() != 2 {
-            return Err(Error::invalid(format!("embedding `{layer}`"), format!("weight must be 2-D, found {shape:?}")));
-        }
+        check_rank("embedding", layer, weight, 2)?;
         Ok(Arc::new(RefEmbedding { w: weight.to_dense(&self.device)? }))
     }
 }

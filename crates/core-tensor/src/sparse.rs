@@ -103,8 +103,11 @@ fn check_sorted_cols(what: &str, row_ptr: &[u32], col_idx: &[u32], limit: usize)
 impl SparseTensor {
     /// Builds a sparse tensor from its parts, checking every invariant of the layout.
     pub fn new(shape: Vec<usize>, dtype: DType, layout: SparseLayout) -> Result<Self> {
-        let (rows, cols) = rows_cols(&shape);
         let what = format!("sparse tensor of shape {shape:?}");
+        if crate::checked_numel(&shape).is_none() {
+            return Err(Error::invalid(&what, "element count overflows"));
+        }
+        let (rows, cols) = rows_cols(&shape);
         match &layout {
             SparseLayout::Csr { row_ptr, col_idx, values } => {
                 if col_idx.len() != values.len() {

@@ -245,7 +245,8 @@ pub fn fit(
     Ok(train(&mut task, varmap, data.train.len(), cfg, on_event)?)
 }
 
-/// Mean per-example latency helper: runs `net` on `x` `reps` times and returns seconds per run.
+/// Runs `net` on the batch `x` once to warm up, then `reps` times, and returns the mean seconds
+/// per forward pass of the whole batch.
 pub fn time_forward(net: &DigitsNet, x: &Tensor, reps: usize) -> Result<f64> {
     let _ = net.forward(x)?.argmax(D::Minus1)?; // warm-up
     let start = std::time::Instant::now();
