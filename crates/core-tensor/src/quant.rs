@@ -73,6 +73,21 @@ impl QuantScheme {
         Ok(())
     }
 
+    /// The index of the scale (and zero point) that flat element `i` of a tensor of `shape`
+    /// uses. `shape` must satisfy [`QuantScheme::num_scales`].
+    pub fn scale_index(&self, shape: &[usize], i: usize) -> usize {
+        let cols = shape.last().copied().unwrap_or(1).max(1);
+        match self.granularity {
+            Granularity::PerTensor => 0,
+            Granularity::PerChannel { axis } => {
+                let stride: usize = shape[axis + 1..].iter().product();
+                (i / stride) % shape[axis]
+            }
+            Granularity::PerGroup { size } => i / size,
+            Granularity::PerToken => i / cols,
+        }
+    }
+
     /// How many scales a tensor of `shape` needs under this scheme's granularity.
     pub fn num_scales(&self, shape: &[usize]) -> Result<usize> {
         let numel: usize = shape.iter().product();
@@ -328,16 +343,7 @@ impl QuantizedTensor {
 
     /// The index into `scales` (and `zero_points`) of flat element `i`.
     pub fn scale_index(&self, i: usize) -> usize {
-        let cols = self.shape.last().copied().unwrap_or(1).max(1);
-        match self.scheme.granularity {
-            Granularity::PerTensor => 0,
-            Granularity::PerChannel { axis } => {
-                let stride: usize = self.shape[axis + 1..].iter().product();
-                (i / stride) % self.shape[axis]
-            }
-            Granularity::PerGroup { size } => i / size,
-            Granularity::PerToken => i / cols,
-        }
+        self.scheme.scale_index(&self.shape, i)
     }
 
     /// The real values as `f32`, in row-major order: the reference semantics.

@@ -1,9 +1,35 @@
 //! pare-quant: quantization algorithms.
 //!
-//! This crate will hold the algorithms that turn dense weights and activations into
-//! `pare_core_tensor::QuantizedTensor`s (the formats themselves live in core-tensor):
-//! fixed-point narrowing (FP16, BF16, FP8), linear range mapping at 2–8 bits, quantile,
-//! NF4 and k-means codebooks; per-tensor, per-channel, per-group and per-token granularity;
-//! PTQ dynamic and static with observers (min-max, moving average, percentile, MSE, KL);
-//! GPTQ, AWQ and SmoothQuant; QAT with fake-quant and LSQ; mixed precision; and export to
-//! GGUF and the compressed-tensors layout. It is filled by issue 3; nothing is implemented yet.
+//! The formats live in core-tensor (`QuantizedTensor`, `QuantScheme`); this crate computes
+//! them from float tensors:
+//!
+//! - [`linear`]: affine range mapping at 2–8 bits, symmetric or asymmetric, per tensor, per
+//!   channel (any axis), per group along the reduction axis, or per token;
+//! - [`float`]: narrowing to FP16, BF16, FP8 E4M3 and E5M2 (round-to-nearest-even, saturating);
+//! - [`codebook`]: non-linear mappings — NF4, quantile (equal-population bins) and seeded
+//!   k-means codebooks.
+//!
+//! Still to come (issue 3): PTQ static observers, dynamic activation quantization, QAT,
+//! GPTQ/AWQ/SmoothQuant, layer selection and export to GGUF / compressed-tensors.
+//!
+//! ```
+//! use pare_quant::linear::{LinearSpec, quantize_linear};
+//! use pare_core_tensor::Granularity;
+//! use candle_core::{Device, Tensor};
+//!
+//! let w = Tensor::new(&[[0.5f32, -1.0, 0.25, 2.0]], &Device::Cpu)?;
+//! let spec = LinearSpec { bits: 8, symmetric: true, granularity: Granularity::PerChannel { axis: 0 } };
+//! let q = quantize_linear("fc.weight", &w, spec)?;
+//! let back = q.dequantize_f32();
+//! assert!(back.iter().zip([0.5, -1.0, 0.25, 2.0]).all(|(a, b)| (a - b).abs() <= q.scales()[0] / 2.0));
+//! # Ok::<(), pare_quant::Error>(())
+//! ```
+
+pub mod codebook;
+mod error;
+pub mod float;
+pub mod linear;
+mod values;
+
+pub use error::{Error, Result};
+pub use values::finite_values;
