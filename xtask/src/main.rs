@@ -3,6 +3,7 @@
 mod demo;
 mod embed;
 mod inspect;
+mod quantize;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +23,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Embed every line of a text file with a sentence-transformers model folder.
     Embed(embed::Args),
+    /// Quantize the weights of a model (weight-only) and report each layer's error and size.
+    Quantize(quantize::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,6 +37,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(a) => demo::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Embed(a) => embed::run(a),
+        Command::Quantize(a) => quantize::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -115,6 +115,12 @@ pub trait Module {
     /// Every layer, mutably, in forward order.
     fn layers_mut(&mut self) -> Vec<LayerMut<'_>>;
 
+    /// The path of the final classifier, if the model has one. Transforms keep it in float by
+    /// default, as the field's tools do, because it is small and sensitive.
+    fn classifier_path(&self) -> Option<String> {
+        None
+    }
+
     /// The layer at `path`, or an [`Error::Unknown`] naming the closest paths.
     fn layer(&self, path: &str) -> Result<LayerRef<'_>> {
         let layers = self.layers();

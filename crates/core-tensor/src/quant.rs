@@ -27,7 +27,9 @@ pub enum Granularity {
         /// The axis that indexes the scales.
         axis: usize,
     },
-    /// One scale per `size` consecutive elements of the last (reduction) axis of each row.
+    /// One scale per `size` consecutive elements of each row, where a row is everything after
+    /// the first axis (for a `[out, in]` weight, `in`; for a `[out, in, kh, kw]` convolution,
+    /// `in·kh·kw`: the reduction axis either way). `size` must divide the row.
     PerGroup {
         /// Elements per group; must divide the last dimension.
         size: usize,
@@ -98,10 +100,11 @@ impl QuantScheme {
                 Error::invalid("quant scheme", format!("per-channel axis {axis} out of range for shape {shape:?}"))
             })?,
             Granularity::PerGroup { size } => {
-                if cols % size != 0 {
+                let row: usize = if shape.len() >= 2 { shape[1..].iter().product() } else { numel };
+                if !row.is_multiple_of(size) {
                     return Err(Error::invalid(
                         "quant scheme",
-                        format!("group size {size} does not divide the last dimension {cols} of shape {shape:?}"),
+                        format!("group size {size} does not divide the row length {row} of shape {shape:?}"),
                     ));
                 }
                 numel / size

@@ -169,6 +169,33 @@ impl BertEncoder {
         Ok(enc)
     }
 
+    /// Writes a model folder that loads like the original: the encoder's weights (in whatever
+    /// formats they now are) as `out/model.safetensors`, and every other file of `src` (config,
+    /// tokenizer, pooling config) copied beside them. `out` must not be `src`.
+    pub fn save_folder(
+        &self,
+        src: &Path,
+        out: &Path,
+        metadata: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        let same = match (src.canonicalize(), out.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if same {
+            return Err(pare_core_tensor::Error::OverwriteInput { path: out.to_path_buf() }.into());
+        }
+        std::fs::create_dir_all(out).map_err(|e| pare_core_tensor::Error::io("create folder", out, e))?;
+        let weights = src.join("model.safetensors");
+        pare_core_tensor::io::save_weights(
+            out.join("model.safetensors"),
+            &self.named_weights(),
+            metadata,
+            &[&weights],
+        )?;
+        copy_tree(src, out)
+    }
+
     /// The configuration.
     pub fn config(&self) -> &BertConfig {
         &self.config
@@ -271,6 +298,22 @@ impl Module for BertEncoder {
         }
         v
     }
+}
+
+/// Copies every file of `src` except `model.safetensors` into `out`, sub-folders included.
+fn copy_tree(src: &Path, out: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(src).map_err(|e| pare_core_tensor::Error::io("list", src, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| pare_core_tensor::Error::io("list", src, e))?;
+        let (from, to) = (entry.path(), out.join(entry.file_name()));
+        if from.is_dir() {
+            std::fs::create_dir_all(&to).map_err(|e| pare_core_tensor::Error::io("create folder", &to, e))?;
+            copy_tree(&from, &to)?;
+        } else if entry.file_name() != "model.safetensors" {
+            std::fs::copy(&from, &to).map_err(|e| pare_core_tensor::Error::io("copy", &from, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Mean of `hidden` `[b, t, h]` over the positions where `mask` `[b, t]` is 1, then L2-normalised:

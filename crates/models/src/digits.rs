@@ -203,6 +203,9 @@ impl Module for DigitsNet {
     fn layers(&self) -> Vec<LayerRef<'_>> {
         self.convs.iter().map(LayerRef::Conv2d).chain(self.linears.iter().map(LayerRef::Linear)).collect()
     }
+    fn classifier_path(&self) -> Option<String> {
+        self.linears.last().map(|l| l.path().to_string())
+    }
     fn layers_mut(&mut self) -> Vec<LayerMut<'_>> {
         self.convs.iter_mut().map(LayerMut::Conv2d).chain(self.linears.iter_mut().map(LayerMut::Linear)).collect()
     }

@@ -30,6 +30,7 @@ mod error;
 pub mod float;
 pub mod linear;
 mod values;
+pub mod weight_only;
 
 pub use error::{Error, Result};
 pub use values::finite_values;

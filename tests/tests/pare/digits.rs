@@ -9,8 +9,9 @@ use pare_core_tensor::hooks::MinMaxObserver;
 use pare_core_tensor::metrics::MacCounter;
 use pare_core_tensor::testing::max_abs_diff;
 use pare_core_tensor::train::{LrSchedule, OptimizerKind, TrainConfig};
-use pare_core_tensor::{Error, Granularity, Hooks, Mapping, Module, QuantScheme, QuantizedTensor, Weight};
+use pare_core_tensor::{Error, Hooks, Module, Weight};
 use pare_models::digits::{DigitsArch, DigitsNet, fit};
+use pare_quant::weight_only::{Method, Selection, quantize_model};
 
 fn demo_config(seed: u64) -> TrainConfig {
     TrainConfig {
@@ -22,27 +23,6 @@ fn demo_config(seed: u64) -> TrainConfig {
         patience: Some(15),
         checkpoint: None,
     }
-}
-
-/// Symmetric int8 per-output-channel round-to-nearest: the simplest real quantizer, enough to
-/// show a quantized weight running through a whole model (pare-quant holds the real ones).
-fn int8_per_channel(w: &candle_core::Tensor) -> QuantizedTensor {
-    let shape = w.dims().to_vec();
-    let rows = w.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
-    let scheme = QuantScheme {
-        bits: 8,
-        signed: true,
-        symmetric: true,
-        mapping: Mapping::Linear,
-        granularity: Granularity::PerChannel { axis: 0 },
-    };
-    let scales: Vec<f32> = rows.iter().map(|r| r.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0).collect();
-    let codes: Vec<u8> = rows
-        .iter()
-        .zip(&scales)
-        .flat_map(|(r, s)| r.iter().map(move |v| ((v / s).round().clamp(-128.0, 127.0) as i32 + 128) as u8))
-        .collect();
-    QuantizedTensor::from_codes(&codes, scheme, scales, None, None, shape, DType::F32).unwrap()
 }
 
 #[test]
@@ -81,20 +61,36 @@ fn the_cnn_teacher_trains_to_97_percent_and_survives_every_round_trip() {
     let e = q.layer("fc3").unwrap_err();
     assert!(matches!(e, Error::Unknown { .. }) && e.to_string().contains("closest: fc1, fc2"), "{e}");
 
-    // Quantize every layer to int8 in place: still runs, same accuracy within a point, 4× smaller.
+    // Weight-only quantization with pare-quant, in place (the classifier stays float by default).
     let dense_bytes = q.storage_bytes();
-    let names: Vec<String> = q.layers().iter().map(|l| l.path().to_string()).collect();
-    for name in &names {
-        let mut layer = q.layer_mut(name).unwrap();
-        let w = match &net.layer(name).unwrap().parameters()[0].1 {
-            Weight::Dense(t) => t.clone(),
-            _ => unreachable!(),
-        };
-        layer.set_weight(Weight::Quantized(int8_per_channel(&w))).unwrap();
-    }
+    let int8 = Method::parse("int8", "channel", true).unwrap();
+    let reports = quantize_model(&mut q, &int8, &Selection::default(), &mut |_| {}).unwrap();
+    assert_eq!(reports.iter().map(|r| r.path.as_str()).collect::<Vec<_>>(), ["conv1", "conv2", "fc1"]);
     let q_acc = q.accuracy(&data.test).unwrap();
-    assert!((q_acc - acc).abs() <= 0.01, "int8 accuracy {q_acc} vs float {acc}");
+    assert!((q_acc - acc).abs() <= 0.005, "int8 weight-only accuracy {q_acc} vs float {acc}");
     assert!(q.storage_bytes() * 3 < dense_bytes, "{} vs {dense_bytes}", q.storage_bytes());
+    // INT4: group 32 along the reduction axis where the row allows it (fc1: 512), per channel
+    // for the convolutions (rows of 9 and 144) — a per-layer override.
+    let mut q4 = back.clone();
+    let fc = Selection { include: vec!["fc1".into()], exclude: vec![] };
+    quantize_model(&mut q4, &Method::parse("int4", "group:32", true).unwrap(), &fc, &mut |_| {}).unwrap();
+    let convs = Selection { include: vec!["conv*".into()], exclude: vec![] };
+    quantize_model(&mut q4, &Method::parse("int4", "channel", true).unwrap(), &convs, &mut |_| {}).unwrap();
+    let q4_acc = q4.accuracy(&data.test).unwrap();
+    assert!(acc - q4_acc <= 0.02, "int4 accuracy {q4_acc} vs float {acc}");
+    // A group size that does not divide a selected layer's row fails before any layer changes.
+    let mut untouched = back.clone();
+    let e = quantize_model(
+        &mut untouched,
+        &Method::parse("int4", "group:32", true).unwrap(),
+        &Selection::default(),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("`conv1.weight`") && e.to_string().contains("row length 9"), "{e}");
+    assert!(matches!(untouched.layer("fc1").unwrap().parameters()[0].1, Weight::Dense(_)));
+    let e = Selection { include: vec!["fc9*".into()], exclude: vec![] }.resolve(&untouched).unwrap_err();
+    assert!(e.to_string().contains("unknown layer pattern `fc9*`"), "{e}");
     // And the quantized model round-trips through a file exactly.
     let qpath = dir.path().join("int8.safetensors");
     q.save(&qpath, &BTreeMap::new(), &[path.as_path()]).unwrap();

@@ -77,7 +77,7 @@ fn codebook_mapping_looks_codes_up() {
 fn invalid_tensors_are_refused_with_the_reason() {
     let s = scheme(4, true, true, Granularity::PerGroup { size: 3 });
     let e = QuantizedTensor::from_codes(&[0; 8], s, vec![1.0; 2], None, None, vec![2, 4], DType::F32).unwrap_err();
-    assert!(e.to_string().contains("group size 3 does not divide the last dimension 4"), "{e}");
+    assert!(e.to_string().contains("group size 3 does not divide the row length 4"), "{e}");
 
     let s = scheme(0, true, true, Granularity::PerTensor);
     assert!(

@@ -87,5 +87,5 @@ fn nf4_groups_and_zero_groups() {
     assert_eq!(&back[..5], &[0.0, 0.0, 0.0, 0.0, 1.0]);
     assert_eq!(back[5], -1.0);
     let e = nf4("enc.fc", &t, 3).unwrap_err();
-    assert!(e.to_string().contains("group size 3 does not divide the last dimension 4"), "{e}");
+    assert!(e.to_string().contains("group size 3 does not divide the row length 4"), "{e}");
 }

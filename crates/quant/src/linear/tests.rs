@@ -94,8 +94,7 @@ fn bad_options_and_values_are_refused() {
     )
     .unwrap_err();
     assert!(
-        e.to_string().contains("`enc.fc`")
-            && e.to_string().contains("group size 4 does not divide the last dimension 6"),
+        e.to_string().contains("`enc.fc`") && e.to_string().contains("group size 4 does not divide the row length 6"),
         "{e}"
     );
     let nan = Tensor::new(&[1f32, f32::NAN, f32::INFINITY], &dev).unwrap();

@@ -1,0 +1,316 @@
+//! Weight-only quantization of whole models: pick a method, select layers by path glob (the
+//! embeddings and the final classifier stay float unless named), check every selected layer
+//! before touching any, quantize, and report each layer's error and size.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor};
+use globset::{Glob, GlobSetBuilder};
+use pare_core_tensor::{Granularity, LayerKind, Module, QuantScheme, Weight};
+
+use crate::codebook::{kmeans, nf4, quantile};
+use crate::error::option;
+use crate::float::{Fp8, Half, to_fp8, to_half};
+use crate::linear::{LinearSpec, quantize_linear};
+use crate::{Error, Result, finite_values};
+
+/// A weight quantization method.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Method {
+    /// Linear range mapping.
+    Int(LinearSpec),
+    /// NF4 with per-group absmax scales.
+    Nf4 {
+        /// Elements per scale along each row.
+        group: usize,
+    },
+    /// Quantile (equal-population) codebook per tensor.
+    Quantile {
+        /// Bits per code.
+        bits: u8,
+    },
+    /// k-means codebook per tensor.
+    KMeans {
+        /// Bits per code.
+        bits: u8,
+        /// Seed for re-seeding empty clusters.
+        seed: u64,
+    },
+    /// FP8 with an absmax scale per output channel.
+    Fp8(Fp8),
+    /// FP16 or BF16.
+    Half(Half),
+}
+
+fn parse_bits(s: &str, prefix: &str, scheme: &str) -> Result<u8> {
+    s.strip_prefix(prefix)
+        .and_then(|b| b.parse().ok())
+        .ok_or_else(|| option("--scheme", format!("expected {prefix}N, found `{scheme}`")))
+}
+
+impl Method {
+    /// Parses the command line's `--scheme` (int2..int8, nf4, quantileN, kmeansN, fp8-e4m3,
+    /// fp8-e5m2, fp16, bf16), `--granularity` (tensor, channel, group:N) and `--symmetric`.
+    pub fn parse(scheme: &str, granularity: &str, symmetric: bool) -> Result<Self> {
+        let gran = match granularity {
+            "tensor" => Granularity::PerTensor,
+            "channel" => Granularity::PerChannel { axis: 0 },
+            g => match g.strip_prefix("group:").and_then(|n| n.parse::<usize>().ok()) {
+                Some(size) if size > 0 => Granularity::PerGroup { size },
+                _ => {
+                    return Err(option(
+                        "--granularity",
+                        format!("expected tensor, channel or group:N with N ≥ 1, found `{g}`"),
+                    ));
+                }
+            },
+        };
+        let m = match scheme {
+            "nf4" => Method::Nf4 {
+                group: match gran {
+                    Granularity::PerGroup { size } => size,
+                    _ => 64,
+                },
+            },
+            "fp8-e4m3" => Method::Fp8(Fp8::E4M3),
+            "fp8-e5m2" => Method::Fp8(Fp8::E5M2),
+            "fp16" => Method::Half(Half::F16),
+            "bf16" => Method::Half(Half::BF16),
+            s if s.starts_with("int") => {
+                Method::Int(LinearSpec { bits: parse_bits(s, "int", scheme)?, symmetric, granularity: gran })
+            }
+            s if s.starts_with("quantile") => Method::Quantile { bits: parse_bits(s, "quantile", scheme)? },
+            s if s.starts_with("kmeans") => Method::KMeans { bits: parse_bits(s, "kmeans", scheme)?, seed: 0 },
+            other => {
+                return Err(option(
+                    "--scheme",
+                    format!(
+                        "expected int2..int8, nf4, quantileN, kmeansN, fp8-e4m3, fp8-e5m2, fp16 or bf16, found `{other}`"
+                    ),
+                ));
+            }
+        };
+        let bits = match m {
+            Method::Int(s) => Some((s.bits, 2)),
+            Method::Quantile { bits } | Method::KMeans { bits, .. } => Some((bits, 1)),
+            _ => None,
+        };
+        if let Some((b, lo)) = bits
+            && !(lo..=8).contains(&b)
+        {
+            return Err(option("--scheme", format!("`{scheme}` needs {lo}..=8 bits, found {b}")));
+        }
+        Ok(m)
+    }
+
+    /// Checks that the method fits a weight of `shape` (group size divides the row, ...)
+    /// without doing the work.
+    pub fn check(&self, name: &str, shape: &[usize]) -> Result<()> {
+        let gran = match self {
+            Method::Int(s) => s.granularity,
+            Method::Nf4 { group } => Granularity::PerGroup { size: *group },
+            Method::Fp8(_) => Granularity::PerChannel { axis: 0 },
+            _ => Granularity::PerTensor,
+        };
+        let probe = QuantScheme {
+            bits: 8,
+            signed: true,
+            symmetric: true,
+            mapping: pare_core_tensor::Mapping::Linear,
+            granularity: gran,
+        };
+        probe.validate().and_then(|_| probe.num_scales(shape)).map_err(|e| option(name, e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Quantizes one weight tensor with `method`.
+pub fn quantize_weight(name: &str, t: &Tensor, method: &Method) -> Result<Weight> {
+    method.check(name, t.dims())?;
+    Ok(match *method {
+        Method::Int(spec) => Weight::Quantized(quantize_linear(name, t, spec)?),
+        Method::Nf4 { group } => Weight::Quantized(nf4(name, t, group)?),
+        Method::Quantile { bits } => Weight::Quantized(quantile(name, t, bits)?),
+        Method::KMeans { bits, seed } => Weight::Quantized(kmeans(name, t, bits, seed, 30)?),
+        Method::Fp8(f) => Weight::Quantized(to_fp8(name, t, f, Some(Granularity::PerChannel { axis: 0 }))?),
+        Method::Half(h) => Weight::Dense(to_half(name, t, h)?),
+    })
+}
+
+/// Which layers a transform touches.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Globs over layer paths (`encoder.layer.*.attention.*`); empty means every linear and
+    /// convolution except the final classifier. A layer named by a glob is taken even if it
+    /// is an embedding or the classifier.
+    pub include: Vec<String>,
+    /// Globs of layers to leave alone, applied after `include`.
+    pub exclude: Vec<String>,
+}
+
+impl Selection {
+    /// The selected layer paths of `model`, in forward order. Every glob must match at least
+    /// one layer, so a typo is an error before any work starts.
+    pub fn resolve(&self, model: &dyn Module) -> Result<Vec<String>> {
+        let layers = model.layers();
+        let build = |pats: &[String]| -> Result<Vec<globset::GlobMatcher>> {
+            pats.iter()
+                .map(|p| {
+                    let g = Glob::new(p).map_err(|e| option("--layers", format!("bad glob `{p}`: {e}")))?;
+                    let m = g.compile_matcher();
+                    if !layers.iter().any(|l| m.is_match(l.path())) {
+                        return Err(Error::Core(pare_core_tensor::Error::unknown(
+                            "layer pattern",
+                            p,
+                            layers.iter().map(|l| l.path()),
+                        )));
+                    }
+                    Ok(m)
+                })
+                .collect()
+        };
+        let (inc, exc) = (build(&self.include)?, build(&self.exclude)?);
+        let classifier = model.classifier_path();
+        Ok(layers
+            .iter()
+            .filter(|l| {
+                let p = l.path();
+                let quantizable = matches!(l.kind(), LayerKind::Linear | LayerKind::Conv2d | LayerKind::Embedding);
+                let chosen = if inc.is_empty() {
+                    matches!(l.kind(), LayerKind::Linear | LayerKind::Conv2d) && classifier.as_deref() != Some(p)
+                } else {
+                    inc.iter().any(|m| m.is_match(p))
+                };
+                quantizable && chosen && !exc.iter().any(|m| m.is_match(p))
+            })
+            .map(|l| l.path().to_string())
+            .collect())
+    }
+}
+
+/// One layer's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerReport {
+    /// Layer path.
+    pub path: String,
+    /// Weight shape.
+    pub shape: Vec<usize>,
+    /// The new format, described.
+    pub format: String,
+    /// Bytes of the weight before.
+    pub bytes_before: usize,
+    /// Bytes of the weight after (codes, scales, zero points, codebook).
+    pub bytes_after: usize,
+    /// Root-mean-square error of the dequantized weight.
+    pub rmse: f64,
+    /// Signal-to-quantization-noise ratio in dB (infinite when exact).
+    pub sqnr_db: f64,
+}
+
+impl LayerReport {
+    /// Storage bits per weight, scales and metadata included.
+    pub fn bits_per_weight(&self) -> f64 {
+        8.0 * self.bytes_after as f64 / self.shape.iter().product::<usize>().max(1) as f64
+    }
+}
+
+/// Error statistics of `after` against `before` (both dense values of the same tensor).
+pub fn error_stats(before: &[f32], after: &[f32]) -> (f64, f64) {
+    let (mut sig, mut noise) = (0f64, 0f64);
+    for (x, y) in before.iter().zip(after) {
+        sig += f64::from(*x).powi(2);
+        noise += f64::from(x - y).powi(2);
+    }
+    let rmse = (noise / before.len().max(1) as f64).sqrt();
+    let sqnr = if noise == 0.0 { f64::INFINITY } else { 10.0 * (sig / noise).log10() };
+    (rmse, sqnr)
+}
+
+/// Quantizes `t` (the weight of `path`, named `name`) and measures what it cost.
+fn quantize_and_report(path: &str, name: &str, t: &Tensor, method: &Method) -> Result<(Weight, LayerReport)> {
+    let q = quantize_weight(name, t, method)?;
+    let before = finite_values(name, t)?;
+    let after = q.to_dense(t.device())?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let (rmse, sqnr_db) = error_stats(&before, &after);
+    let report = LayerReport {
+        path: path.to_string(),
+        shape: t.dims().to_vec(),
+        format: q.describe(),
+        bytes_before: t.elem_count() * t.dtype().size_in_bytes(),
+        bytes_after: q.storage_bytes(),
+        rmse,
+        sqnr_db,
+    };
+    Ok((q, report))
+}
+
+/// Quantizes the weights of the selected layers of `model` in place. Every selected weight is
+/// checked (dense, finite, method fits its shape) before the first is changed, so a bad option
+/// fails fast and leaves the model as it was. `on_layer` is called after each layer.
+pub fn quantize_model(
+    model: &mut dyn Module,
+    method: &Method,
+    selection: &Selection,
+    on_layer: &mut dyn FnMut(&LayerReport),
+) -> Result<Vec<LayerReport>> {
+    let paths = selection.resolve(model)?;
+    let mut plan: Vec<(String, Tensor)> = Vec::with_capacity(paths.len());
+    for p in &paths {
+        let (name, w) = model.layer(p)?.parameters().swap_remove(0);
+        let Weight::Dense(t) = w else {
+            return Err(option(&name, format!("expected a dense float weight, found {}", w.describe())));
+        };
+        method.check(&name, t.dims())?;
+        finite_values(&name, &t)?;
+        plan.push((p.clone(), t));
+    }
+    let mut reports = Vec::with_capacity(plan.len());
+    for (path, t) in plan {
+        let (q, report) = quantize_and_report(&path, &format!("{path}.weight"), &t, method)?;
+        model.layer_mut(&path)?.set_weight(q)?;
+        on_layer(&report);
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
+/// Quantizes, tensor by tensor, a plain weights map with no known architecture: every 2-D
+/// float tensor whose name matches `include` globs (all 2-D float tensors when empty).
+pub fn quantize_tensors(
+    weights: &mut BTreeMap<String, Weight>,
+    method: &Method,
+    include: &[String],
+    on_tensor: &mut dyn FnMut(&LayerReport),
+) -> Result<Vec<LayerReport>> {
+    let mut set = GlobSetBuilder::new();
+    for p in include {
+        set.add(Glob::new(p).map_err(|e| option("--layers", format!("bad glob `{p}`: {e}")))?);
+    }
+    let set = set.build().map_err(|e| option("--layers", e.to_string()))?;
+    let chosen: Vec<String> = weights
+        .iter()
+        .filter(|(n, w)| {
+            matches!(w, Weight::Dense(t) if t.rank() == 2 && t.dtype().is_float())
+                && (include.is_empty() || set.is_match(n.as_str()))
+        })
+        .map(|(n, _)| n.clone())
+        .collect();
+    if chosen.is_empty() {
+        return Err(option("--layers", "no 2-D float tensor matches the selection"));
+    }
+    for n in &chosen {
+        if let Weight::Dense(t) = &weights[n] {
+            method.check(n, t.dims())?;
+            finite_values(n, t)?;
+        }
+    }
+    let mut reports = Vec::new();
+    for n in chosen {
+        let Weight::Dense(t) = weights[&n].clone() else { unreachable!("filtered to dense") };
+        let (q, r) = quantize_and_report(&n, &n, &t, method)?;
+        weights.insert(n, q);
+        on_tensor(&r);
+        reports.push(r);
+    }
+    Ok(reports)
+}
