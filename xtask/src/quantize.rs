@@ -9,7 +9,7 @@ use candle_core::Device;
 use pare_core_tensor::io::{META_RECIPE, load_weights, save_weights};
 use pare_models::bert::BertEncoder;
 use pare_models::digits::{DigitsNet, META_MODEL};
-use pare_quant::weight_only::{LayerReport, Method, Selection, quantize_model, quantize_tensors};
+use pare_quant::weight_only::{LayerReport, Method, Selection, quantize_model, quantize_tensors, select_tensors};
 
 /// Arguments of `cargo xtask quantize`.
 #[derive(clap::Args)]
@@ -71,6 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             net.save(&args.out, &meta, &[args.model.as_path()])?;
             reports
         } else {
+            bar.set_length(select_tensors(&weights, &args.layers)?.len() as u64);
             let reports = quantize_tensors(&mut weights, &method, &args.layers, &mut on_layer)?;
             save_weights(&args.out, &weights, &meta, &[args.model.as_path()])?;
             reports

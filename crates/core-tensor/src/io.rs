@@ -466,6 +466,13 @@ pub fn save_tensors(
         }
         w.flush().map_err(werr)?;
     }
+    // Temp files are created private (0600); give the result the mode it replaces, or the
+    // usual 0644 for a new file, so a saved model is as readable as any other file.
+    let mode = std::fs::metadata(dest).map(|m| m.permissions()).unwrap_or_else(|_| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::Permissions::from_mode(0o644)
+    });
+    tmp.as_file().set_permissions(mode).map_err(|e| Error::io("set permissions of", tmp.path(), e))?;
     tmp.as_file().sync_all().map_err(|e| Error::io("fsync", tmp.path(), e))?;
     tmp.persist(dest).map_err(|e| Error::io("rename the temp file onto", dest, e.error))?;
     File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("fsync folder", &dir, e))?;

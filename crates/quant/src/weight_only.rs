@@ -274,14 +274,9 @@ pub fn quantize_model(
     Ok(reports)
 }
 
-/// Quantizes, tensor by tensor, a plain weights map with no known architecture: every 2-D
-/// float tensor whose name matches `include` globs (all 2-D float tensors when empty).
-pub fn quantize_tensors(
-    weights: &mut BTreeMap<String, Weight>,
-    method: &Method,
-    include: &[String],
-    on_tensor: &mut dyn FnMut(&LayerReport),
-) -> Result<Vec<LayerReport>> {
+/// The names of the 2-D dense float tensors of `weights` matching `include` globs (all of them
+/// when empty), or an error when none does.
+pub fn select_tensors(weights: &BTreeMap<String, Weight>, include: &[String]) -> Result<Vec<String>> {
     let mut set = GlobSetBuilder::new();
     for p in include {
         set.add(Glob::new(p).map_err(|e| option("--layers", format!("bad glob `{p}`: {e}")))?);
@@ -298,6 +293,18 @@ pub fn quantize_tensors(
     if chosen.is_empty() {
         return Err(option("--layers", "no 2-D float tensor matches the selection"));
     }
+    Ok(chosen)
+}
+
+/// Quantizes, tensor by tensor, a plain weights map with no known architecture: every 2-D
+/// float tensor whose name matches `include` globs (all 2-D float tensors when empty).
+pub fn quantize_tensors(
+    weights: &mut BTreeMap<String, Weight>,
+    method: &Method,
+    include: &[String],
+    on_tensor: &mut dyn FnMut(&LayerReport),
+) -> Result<Vec<LayerReport>> {
+    let chosen = select_tensors(weights, include)?;
     for n in &chosen {
         if let Weight::Dense(t) = &weights[n] {
             method.check(n, t.dims())?;

@@ -79,6 +79,9 @@ fn every_format_round_trips_exactly() {
             _ => panic!("{name} changed format: {} vs {}", w.describe(), b.describe()),
         }
     }
+    // A new file is readable by others (not the temp file's private 0600).
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
     // Saving twice gives the same bytes.
     let again = dir.path().join("w2.safetensors");
     save_weights(&again, &weights, &meta, &[]).unwrap();
