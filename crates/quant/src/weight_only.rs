@@ -254,6 +254,15 @@ pub fn quantize_model(
     on_layer: &mut dyn FnMut(&LayerReport),
 ) -> Result<Vec<LayerReport>> {
     let paths = selection.resolve(model)?;
+    if paths.is_empty() {
+        return Err(option(
+            "--layers",
+            format!(
+                "the selection {:?} (excluding {:?}) matches no linear, convolution or embedding layer",
+                selection.include, selection.exclude
+            ),
+        ));
+    }
     let mut plan: Vec<(String, Tensor)> = Vec::with_capacity(paths.len());
     for p in &paths {
         let (name, w) = model.layer(p)?.parameters().swap_remove(0);

@@ -89,6 +89,9 @@ fn the_cnn_teacher_trains_to_97_percent_and_survives_every_round_trip() {
     .unwrap_err();
     assert!(e.to_string().contains("`conv1.weight`") && e.to_string().contains("row length 9"), "{e}");
     assert!(matches!(untouched.layer("fc1").unwrap().parameters()[0].1, Weight::Dense(_)));
+    let none = Selection { include: vec!["fc1".into()], exclude: vec!["fc*".into()] };
+    let e = quantize_model(&mut untouched, &int8, &none, &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("matches no linear, convolution or embedding layer"), "{e}");
     let e = Selection { include: vec!["fc9*".into()], exclude: vec![] }.resolve(&untouched).unwrap_err();
     assert!(e.to_string().contains("unknown layer pattern `fc9*`"), "{e}");
     // And the quantized model round-trips through a file exactly.
