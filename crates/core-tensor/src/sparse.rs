@@ -195,7 +195,7 @@ impl SparseTensor {
     /// N:M storage of `dense`, which must already have at most `n` non-zeros in every group of
     /// `m` consecutive columns (a pruner makes it so). Unused slots take the lowest free positions.
     pub fn nm_from_dense(dense: &Tensor, n: usize, m: usize, name: &str) -> Result<Self> {
-        let (shape, rows, cols, v) = dense_2d(dense, name)?;
+        let (shape, _, cols, v) = dense_2d(dense, name)?;
         if m == 0 || n > m || m > 255 || cols % m != 0 {
             return Err(Error::invalid(
                 format!("N:M for `{name}`"),
@@ -225,7 +225,6 @@ impl SparseTensor {
                 indices.push(i as u8);
             }
         }
-        let _ = rows;
         Self::new(shape, dense.dtype(), SparseLayout::NM { n, m, values, indices })
     }
 
