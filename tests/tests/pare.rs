@@ -5,6 +5,8 @@ mod pare {
     mod atomic_save;
     mod digits;
     mod minilm;
+    mod ptq;
+
     mod safetensors_corpus;
     mod trainer;
 }

@@ -1,15 +1,23 @@
-//! `cargo xtask quantize`: weight-only quantization of a digits model, a sentence-transformers
-//! folder, or any safetensors file tensor by tensor, with a per-layer error and size table.
+//! `cargo xtask quantize`: quantization of a digits model, a sentence-transformers folder, or
+//! any safetensors file tensor by tensor — weights (round to nearest, clipping search or GPTQ)
+//! and, for known architectures, activations (dynamic per token, or static with an observer
+//! over a calibration set) — with a per-layer error and size table and model-level quality.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use candle_core::Device;
+use pare_core_tensor::Hooks;
+use pare_core_tensor::data::{Examples, digits, sentences};
 use pare_core_tensor::io::{META_RECIPE, load_weights, save_weights};
-use pare_models::bert::BertEncoder;
+use pare_core_tensor::metrics::{mean_cosine, retrieval_agreement};
+use pare_models::bert::SentenceEncoder;
 use pare_models::digits::{DigitsNet, META_MODEL};
-use pare_quant::weight_only::{LayerReport, Method, Selection, quantize_model, quantize_tensors, select_tensors};
+use pare_quant::gptq::{HessianObserver, collect_hessians};
+use pare_quant::observer::ObserverKind;
+use pare_quant::ptq::{ActSpec, apply, calibrate, dynamic_specs};
+use pare_quant::weight_only::{LayerReport, Method, Selection, quantize_model_with, quantize_tensors, select_tensors};
 
 /// Arguments of `cargo xtask quantize`.
 #[derive(clap::Args)]
@@ -26,9 +34,38 @@ pub struct Args {
     /// tensor, channel, or group:N (N elements of each row share a scale).
     #[arg(long, default_value = "channel")]
     granularity: String,
-    /// Asymmetric integer mapping (unsigned codes with a zero point) instead of symmetric.
+    /// Asymmetric integer weights (unsigned codes with a zero point) instead of symmetric.
     #[arg(long)]
     asymmetric: bool,
+    /// How integer weights are rounded: rtn (to nearest), clip (per-group clipping search),
+    /// gptq (error compensation from calibration Hessians; needs calibration data).
+    #[arg(long, default_value = "rtn")]
+    algo: String,
+    /// weight-only, dynamic (activations ranged per token at run time) or static (activation
+    /// ranges calibrated and stored with the model).
+    #[arg(long, default_value = "weight-only")]
+    mode: String,
+    /// Static mode's observer: minmax, moving-average[:C], percentile[:P], mse, entropy.
+    #[arg(long, default_value = "mse")]
+    observer: String,
+    /// Bits of activation codes (dynamic and static modes).
+    #[arg(long, default_value_t = 8)]
+    act_bits: u8,
+    /// Symmetric activation codes (dynamic mode uses them always).
+    #[arg(long)]
+    act_symmetric: bool,
+    /// Calibration text, one sentence per line (model folders). Digits models calibrate on the
+    /// embedded training split.
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Calibration examples to use.
+    #[arg(long, default_value_t = 128)]
+    calib_size: usize,
+    /// Evaluation text for a model folder: prints mean cosine and top-1 retrieval agreement
+    /// of the quantized embeddings against the float ones. Digits models are always evaluated
+    /// on the embedded test split.
+    #[arg(long)]
+    eval: Option<PathBuf>,
     /// Quantize only layers matching these globs (repeatable); by default every linear and
     /// convolution except embeddings and the final classifier.
     #[arg(long = "layers")]
@@ -38,12 +75,60 @@ pub struct Args {
     exclude: Vec<String>,
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    WeightOnly,
+    Dynamic,
+    Static,
+}
+
+/// Lines of a text file, at most `limit`, refusing an empty set.
+fn text_lines(path: &Path, limit: usize, what: &str) -> anyhow::Result<Vec<String>> {
+    let mut lines = sentences(path).with_context(|| format!("read {what} `{}`", path.display()))?;
+    lines.truncate(limit);
+    if lines.is_empty() {
+        bail!("{what} `{}` is empty: expected at least one line", path.display());
+    }
+    Ok(lines)
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let method = Method::parse(&args.scheme, &args.granularity, !args.asymmetric)?;
+    // Everything is checked before any long work starts.
+    let method = Method::parse(&args.scheme, &args.granularity, !args.asymmetric)?.with_algo(&args.algo)?;
+    let mode = match args.mode.as_str() {
+        "weight-only" => Mode::WeightOnly,
+        "dynamic" => Mode::Dynamic,
+        "static" => Mode::Static,
+        "qat" => bail!(
+            "--mode qat: quantization-aware training is not built yet (issue 3); use weight-only, dynamic or static"
+        ),
+        other => bail!("--mode: expected weight-only, dynamic or static, found `{other}`"),
+    };
+    let observer = ObserverKind::parse(&args.observer)?;
+    let act = ActSpec { bits: args.act_bits, symmetric: args.act_symmetric || mode == Mode::Dynamic };
+    if mode != Mode::WeightOnly && !(2..=8).contains(&act.bits) {
+        bail!("--act-bits: expected 2..=8, found {}", act.bits);
+    }
+    let needs_calib = mode == Mode::Static || matches!(method, Method::Gptq(..));
+    if needs_calib && args.calib_size == 0 {
+        bail!("--calib-size: expected at least 1 calibration example, found 0");
+    }
     let selection = Selection { include: args.layers.clone(), exclude: args.exclude.clone() };
     let recipe = format!(
-        "quantize scheme={} granularity={} symmetric={} layers={:?} exclude={:?}",
-        args.scheme, args.granularity, !args.asymmetric, args.layers, args.exclude
+        "quantize scheme={} granularity={} symmetric={} algo={} mode={} observer={} act_bits={} act_symmetric={} \
+         calib={:?} calib_size={} layers={:?} exclude={:?}",
+        args.scheme,
+        args.granularity,
+        !args.asymmetric,
+        args.algo,
+        args.mode,
+        observer,
+        act.bits,
+        act.symmetric,
+        args.calib,
+        args.calib_size,
+        args.layers,
+        args.exclude
     );
     let meta = BTreeMap::from([(META_RECIPE.to_string(), recipe)]);
     let dev = Device::Cpu;
@@ -52,25 +137,89 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bar.inc(1);
         bar.set_message(r.path.clone());
     };
+    let mut quality = Vec::new();
     let reports = if args.model.is_dir() {
-        let mut bert =
-            BertEncoder::load(&args.model, &dev).with_context(|| format!("load {}", args.model.display()))?;
-        bar.set_length(selection.resolve(&bert)?.len() as u64);
-        let reports = quantize_model(&mut bert, &method, &selection, &mut on_layer)?;
         if args.out.exists() && !args.out.is_dir() {
             bail!("--out `{}` must be a folder for a model folder", args.out.display());
         }
-        bert.save_folder(&args.model, &args.out, &meta).with_context(|| format!("write {}", args.out.display()))?;
+        let calib = match (&args.calib, needs_calib) {
+            (Some(p), _) => text_lines(p, args.calib_size, "calibration file")?,
+            (None, true) => bail!("--calib FILE is needed for --mode static and --algo gptq on a model folder"),
+            (None, false) => Vec::new(),
+        };
+        let eval = args.eval.as_deref().map(|p| text_lines(p, usize::MAX, "evaluation file")).transpose()?;
+        let float =
+            SentenceEncoder::load(&args.model, &dev).with_context(|| format!("load {}", args.model.display()))?;
+        let mut enc = float.clone();
+        let paths = selection.resolve(&enc.bert)?;
+        bar.set_length(paths.len() as u64);
+        let run_calib = |e: &SentenceEncoder, hooks: &mut Hooks<'_>| -> pare_quant::Result<usize> {
+            e.embed_hooked(&calib, 32, hooks, &mut |_| {})?;
+            Ok(calib.len())
+        };
+        let hessians = gptq_hessians(&method, &paths, &mut |h| run_calib(&float, h))?;
+        let reports = quantize_model_with(&mut enc.bert, &method, &selection, hessians.as_ref(), &mut on_layer)?;
+        let specs = match mode {
+            Mode::WeightOnly => BTreeMap::new(),
+            Mode::Dynamic => dynamic_specs(&enc.bert, &paths, act, true)?,
+            Mode::Static => calibrate(&paths, observer, act, &mut |h| run_calib(&enc, h))?,
+        };
+        apply(&mut enc.bert, &specs)?;
+        if let Some(eval) = eval {
+            bar.set_message("evaluating");
+            let a = float.embed(&eval, 32, &mut |_| {})?;
+            let b = enc.embed(&eval, 32, &mut |_| {})?;
+            quality.push(format!(
+                "{} sentences: mean cosine to float {:.5}, top-1 retrieval agreement {:.4}",
+                eval.len(),
+                mean_cosine(&a, &b)?,
+                retrieval_agreement(&a, &b)?
+            ));
+        }
+        enc.bert.save_folder(&args.model, &args.out, &meta).with_context(|| format!("write {}", args.out.display()))?;
         reports
     } else {
         let (mut weights, file_meta) = load_weights(&args.model, &dev)?;
         if file_meta.contains_key(META_MODEL) {
-            let mut net = DigitsNet::load(&args.model, &dev)?;
-            bar.set_length(selection.resolve(&net)?.len() as u64);
-            let reports = quantize_model(&mut net, &method, &selection, &mut on_layer)?;
+            let float = DigitsNet::load(&args.model, &dev)?;
+            let data = digits(42, &dev)?;
+            let calib: Examples =
+                data.train.select(&(0..args.calib_size.min(data.train.len()) as u32).collect::<Vec<_>>())?;
+            let mut net = float.clone();
+            let paths = selection.resolve(&net)?;
+            bar.set_length(paths.len() as u64);
+            let run_calib = |n: &DigitsNet, hooks: &mut Hooks<'_>| -> pare_quant::Result<usize> {
+                for b in calib.batches(64)? {
+                    n.forward_hooked(&b.x, hooks)?;
+                }
+                Ok(calib.len())
+            };
+            let hessians = gptq_hessians(&method, &paths, &mut |h| run_calib(&float, h))?;
+            let reports = quantize_model_with(&mut net, &method, &selection, hessians.as_ref(), &mut on_layer)?;
+            let specs = match mode {
+                Mode::WeightOnly => BTreeMap::new(),
+                Mode::Dynamic => dynamic_specs(&net, &paths, act, true)?,
+                Mode::Static => calibrate(&paths, observer, act, &mut |h| run_calib(&net, h))?,
+            };
+            apply(&mut net, &specs)?;
+            let (fa, qa) = (float.accuracy(&data.test)?, net.accuracy(&data.test)?);
+            quality.push(format!(
+                "test accuracy {:.2}% (float {:.2}%, {:+.2} points) on {} digits",
+                100.0 * qa,
+                100.0 * fa,
+                100.0 * (qa - fa),
+                data.test.len()
+            ));
             net.save(&args.out, &meta, &[args.model.as_path()])?;
             reports
         } else {
+            if mode != Mode::WeightOnly || needs_calib {
+                bail!(
+                    "`{}` has no known architecture (no `{META_MODEL}` metadata, not a model folder): only \
+                     weight-only modes without calibration work tensor by tensor",
+                    args.model.display()
+                );
+            }
             bar.set_length(select_tensors(&weights, &args.layers)?.len() as u64);
             let reports = quantize_tensors(&mut weights, &method, &args.layers, &mut on_layer)?;
             save_weights(&args.out, &weights, &meta, &[args.model.as_path()])?;
@@ -79,8 +228,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     bar.finish_and_clear();
     print_table(&reports);
+    if mode != Mode::WeightOnly {
+        let kind = if mode == Mode::Dynamic { "dynamic per token".to_string() } else { format!("static ({observer})") };
+        println!(
+            "activations: int{} {} {kind} on the inputs of {} layers",
+            act.bits,
+            if act.symmetric { "symmetric" } else { "asymmetric" },
+            reports.len()
+        );
+    }
+    for q in quality {
+        println!("{q}");
+    }
     println!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// Calibration Hessians when the method is GPTQ.
+fn gptq_hessians(
+    method: &Method,
+    paths: &[String],
+    run: &mut dyn FnMut(&mut Hooks<'_>) -> pare_quant::Result<usize>,
+) -> anyhow::Result<Option<HessianObserver>> {
+    Ok(match method {
+        Method::Gptq(..) => Some(collect_hessians(paths, run)?),
+        _ => None,
+    })
 }
 
 fn print_table(reports: &[LayerReport]) {

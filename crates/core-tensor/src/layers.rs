@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{D, DType, Tensor};
 
+use crate::act::{ActQuant, ActRange};
 use crate::hooks::{Hooks, LayerKind, Site};
 use crate::runtime::{Conv2dParams, PreparedOp, ReferenceRuntime, Runtime};
 use crate::{Error, Result, Weight};
@@ -62,12 +63,46 @@ macro_rules! weighted_layer_common {
     };
 }
 
+macro_rules! input_quant_common {
+    ($per_token_ok:expr) => {
+        /// How the layer's input is quantized, if it is.
+        pub fn input_quant(&self) -> Option<&ActQuant> {
+            self.input_quant.as_ref()
+        }
+        /// Quantizes (or, with `None`, stops quantizing) the layer's input and re-prepares it.
+        /// The spec is validated first; on error the layer is unchanged.
+        pub fn set_input_quant(&mut self, spec: Option<ActQuant>) -> Result<()> {
+            if let Some(a) = &spec {
+                a.validate(&self.path)?;
+                if !$per_token_ok && matches!(a.range, ActRange::Dynamic { per_token: true }) {
+                    return Err(Error::invalid(
+                        format!("activation quantization of `{}`", self.path),
+                        "per-token ranges apply to linear layers; use a per-tensor or static range",
+                    ));
+                }
+            }
+            let old = std::mem::replace(&mut self.input_quant, spec);
+            match self.build_op(self.runtime.clone().as_ref()) {
+                Ok(op) => {
+                    self.op = op;
+                    Ok(())
+                }
+                Err(e) => {
+                    self.input_quant = old;
+                    Err(e)
+                }
+            }
+        }
+    };
+}
+
 /// `y = x Wᵀ + b` with `W` of shape `[out, in]`.
 #[derive(Debug, Clone)]
 pub struct Linear {
     path: String,
     weight: Weight,
     bias: Option<Tensor>,
+    input_quant: Option<ActQuant>,
     runtime: Arc<dyn Runtime>,
     op: Arc<dyn PreparedOp>,
 }
@@ -78,12 +113,16 @@ impl Linear {
         let runtime = reference_for(&weight);
         let path = path.into();
         let op = runtime.prepare_linear(&path, &weight, bias.as_ref())?;
-        Ok(Self { path, weight, bias, runtime, op })
+        Ok(Self { path, weight, bias, input_quant: None, runtime, op })
     }
     fn build_op(&self, rt: &dyn Runtime) -> Result<Arc<dyn PreparedOp>> {
-        rt.prepare_linear(&self.path, &self.weight, self.bias.as_ref())
+        match &self.input_quant {
+            Some(a) => rt.prepare_linear_quantized_input(&self.path, &self.weight, self.bias.as_ref(), a),
+            None => rt.prepare_linear(&self.path, &self.weight, self.bias.as_ref()),
+        }
     }
     weighted_layer_common!();
+    input_quant_common!(true);
     /// The bias.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
@@ -115,6 +154,7 @@ pub struct Conv2d {
     weight: Weight,
     bias: Option<Tensor>,
     params: Conv2dParams,
+    input_quant: Option<ActQuant>,
     runtime: Arc<dyn Runtime>,
     op: Arc<dyn PreparedOp>,
 }
@@ -125,12 +165,16 @@ impl Conv2d {
         let runtime = reference_for(&weight);
         let path = path.into();
         let op = runtime.prepare_conv2d(&path, &weight, bias.as_ref(), params)?;
-        Ok(Self { path, weight, bias, params, runtime, op })
+        Ok(Self { path, weight, bias, params, input_quant: None, runtime, op })
     }
     fn build_op(&self, rt: &dyn Runtime) -> Result<Arc<dyn PreparedOp>> {
-        rt.prepare_conv2d(&self.path, &self.weight, self.bias.as_ref(), self.params)
+        match &self.input_quant {
+            Some(a) => rt.prepare_conv2d_quantized_input(&self.path, &self.weight, self.bias.as_ref(), self.params, a),
+            None => rt.prepare_conv2d(&self.path, &self.weight, self.bias.as_ref(), self.params),
+        }
     }
     weighted_layer_common!();
+    input_quant_common!(false);
     /// The bias.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()

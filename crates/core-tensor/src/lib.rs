@@ -26,6 +26,7 @@
 //! # Ok::<(), pare_core_tensor::Error>(())
 //! ```
 
+pub mod act;
 pub mod data;
 mod error;
 pub mod hooks;
@@ -40,6 +41,7 @@ pub mod testing;
 pub mod train;
 mod weight;
 
+pub use act::{ActQuant, ActRange};
 pub use error::{Error, Result};
 pub use hooks::{Hooks, LayerKind, Observer, Site};
 pub use layers::{Activation, Conv2d, Embedding, LayerNorm, Linear};

@@ -71,6 +71,29 @@ pub fn top_k_agreement(reference: &Tensor, candidate: &Tensor, k: usize) -> Resu
     Ok(hits as f64 / r.len() as f64)
 }
 
+/// Top-1 retrieval agreement of two embedding sets of the same `n` items (`[n, d]`, rows
+/// L2-normalised): the fraction of items whose nearest other item (by cosine) is the same
+/// under `candidate` as under `reference`.
+pub fn retrieval_agreement(reference: &Tensor, candidate: &Tensor) -> Result<f64> {
+    let nearest = |e: &Tensor| -> Result<Vec<u32>> {
+        let e = e.to_dtype(DType::F32)?;
+        let n = e.dim(0)?;
+        let sims = e.matmul(&e.t()?)?;
+        // Exclude each item itself.
+        let eye = Tensor::eye(n, DType::F32, e.device())?;
+        Ok((sims - (eye * 1e9)?)?.argmax(D::Minus1)?.to_vec1::<u32>()?)
+    };
+    if reference.dims() != candidate.dims() || reference.dim(0)? < 2 {
+        return Err(Error::Shape {
+            name: "retrieval candidate".into(),
+            expected: reference.dims().to_vec(),
+            found: candidate.dims().to_vec(),
+        });
+    }
+    let (a, b) = (nearest(reference)?, nearest(candidate)?);
+    Ok(a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64)
+}
+
 /// An observer that counts multiply-accumulates per layer during a forward pass.
 #[derive(Debug, Default, Clone)]
 pub struct MacCounter {

@@ -9,6 +9,7 @@ use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::act::ActQuant;
 use crate::hooks::LayerKind;
 use crate::layers::{Conv2d, Embedding, LayerNorm, Linear};
 use crate::{Error, Result, Runtime, Weight};
@@ -58,6 +59,14 @@ impl<'a> LayerRef<'a> {
             LayerRef::LayerNorm(_) => LayerKind::LayerNorm,
         }
     }
+    /// How the layer's input is quantized (linear and convolution layers only).
+    pub fn input_quant(&self) -> Option<ActQuant> {
+        match self {
+            LayerRef::Linear(l) => l.input_quant().copied(),
+            LayerRef::Conv2d(l) => l.input_quant().copied(),
+            _ => None,
+        }
+    }
     /// The layer's named parameters (`path.weight`, `path.bias`) as weights.
     pub fn parameters(&self) -> Vec<(String, Weight)> {
         let p = self.path();
@@ -95,6 +104,21 @@ impl LayerMut<'_> {
             LayerMut::LayerNorm(l) => {
                 Err(Error::invalid(format!("layer `{}`", l.path()), "a layer norm's weight stays dense"))
             }
+        }
+    }
+    /// Sets how the layer's input is quantized; only linear and convolution layers take one.
+    pub fn set_input_quant(&mut self, spec: Option<ActQuant>) -> Result<()> {
+        match self {
+            LayerMut::Linear(l) => l.set_input_quant(spec),
+            LayerMut::Conv2d(l) => l.set_input_quant(spec),
+            LayerMut::Embedding(l) if spec.is_some() => {
+                Err(Error::invalid(format!("layer `{}`", l.path()), "an embedding's input is integer ids"))
+            }
+            LayerMut::LayerNorm(l) if spec.is_some() => Err(Error::invalid(
+                format!("layer `{}`", l.path()),
+                "activation quantization applies to linear and convolution inputs",
+            )),
+            _ => Ok(()),
         }
     }
     /// Prepares the layer on `runtime` (layer norms run on candle and need nothing).

@@ -300,6 +300,21 @@ impl QuantizedTensor {
         Ok(Self { codes, scheme, scales, zero_points, codebook, shape, dtype })
     }
 
+    /// The same codes and scales under another shape with as many elements, when the scheme
+    /// assigns scales the same way (a `[out, in·kh·kw]` matrix back to its `[out, in, kh, kw]`
+    /// convolution weight, for per-channel and per-group schemes).
+    pub fn reshaped(self, shape: Vec<usize>) -> Result<Self> {
+        let (from, n) = (self.shape.clone(), self.numel());
+        if crate::checked_numel(&shape) != Some(n) || self.scheme.num_scales(&shape)? != self.scales.len() {
+            return Err(Error::invalid(
+                format!("quantized tensor of shape {from:?}"),
+                format!("cannot be viewed as {shape:?} under {:?}", self.scheme.granularity),
+            ));
+        }
+        let dtype = self.dtype;
+        Self::new(self.codes, self.scheme, self.scales, self.zero_points, self.codebook, shape, dtype)
+    }
+
     /// The packed code bytes.
     pub fn packed_codes(&self) -> &[u8] {
         &self.codes

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use candle_core::{D, Device, Tensor};
 
+use crate::act::ActQuant;
 use crate::{Error, Result, Weight};
 
 /// Convolution hyper-parameters of a [`crate::Conv2d`] layer.
@@ -57,6 +58,46 @@ pub trait Runtime: Send + Sync + Debug {
 
     /// Prepares an embedding lookup: `weight` `[vocab, dim]`, `x` integer ids of any shape.
     fn prepare_embedding(&self, layer: &str, weight: &Weight) -> Result<Arc<dyn PreparedOp>>;
+
+    /// Prepares `y = Q(x) Wᵀ + b` with the input quantized by `input`. The default runs
+    /// [`ActQuant::fake_quantize`] before [`Runtime::prepare_linear`]'s op; runtimes with
+    /// integer kernels (W8A8) override it and must agree with that reference.
+    fn prepare_linear_quantized_input(
+        &self,
+        layer: &str,
+        weight: &Weight,
+        bias: Option<&Tensor>,
+        input: &ActQuant,
+    ) -> Result<Arc<dyn PreparedOp>> {
+        Ok(Arc::new(QuantizedInput { act: *input, op: self.prepare_linear(layer, weight, bias)? }))
+    }
+
+    /// Prepares a convolution whose input is quantized by `input` (see
+    /// [`Runtime::prepare_linear_quantized_input`]).
+    fn prepare_conv2d_quantized_input(
+        &self,
+        layer: &str,
+        weight: &Weight,
+        bias: Option<&Tensor>,
+        params: Conv2dParams,
+        input: &ActQuant,
+    ) -> Result<Arc<dyn PreparedOp>> {
+        Ok(Arc::new(QuantizedInput { act: *input, op: self.prepare_conv2d(layer, weight, bias, params)? }))
+    }
+}
+
+/// An op whose input is fake-quantized first: the reference semantics of activation
+/// quantization on any runtime.
+#[derive(Debug)]
+struct QuantizedInput {
+    act: ActQuant,
+    op: Arc<dyn PreparedOp>,
+}
+
+impl PreparedOp for QuantizedInput {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.op.forward(&self.act.fake_quantize(x)?)
+    }
 }
 
 /// The reference runtime: dequantize or densify each weight once, then run candle's ops.

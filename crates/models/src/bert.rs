@@ -154,14 +154,15 @@ impl BertEncoder {
     /// Loads `model.safetensors` and `config.json` from a Hugging Face model folder.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let config = BertConfig::from_file(&dir.join("config.json"))?;
-        let (mut weights, _) = load_weights(dir.join("model.safetensors"), device)?;
+        let (mut weights, meta) = load_weights(dir.join("model.safetensors"), device)?;
         // Checkpoints saved from `BertForX` carry a `bert.` prefix; accept both spellings.
         if weights.keys().any(|k| k.starts_with("bert.")) {
             weights =
                 weights.into_iter().map(|(k, v)| (k.strip_prefix("bert.").map(String::from).unwrap_or(k), v)).collect();
         }
         let mut src = LoadedWeights::new(weights, device.clone());
-        let enc = Self::build(config, &mut src)?;
+        let mut enc = Self::build(config, &mut src)?;
+        pare_core_tensor::act::apply_metadata(&mut enc, &meta)?;
         let ignored: Vec<&str> = src.unused();
         if !ignored.is_empty() {
             tracing::debug!(?ignored, "tensors the encoder does not use (pooler, position ids)");
@@ -187,12 +188,9 @@ impl BertEncoder {
         }
         std::fs::create_dir_all(out).map_err(|e| pare_core_tensor::Error::io("create folder", out, e))?;
         let weights = src.join("model.safetensors");
-        pare_core_tensor::io::save_weights(
-            out.join("model.safetensors"),
-            &self.named_weights(),
-            metadata,
-            &[&weights],
-        )?;
+        let mut meta = metadata.clone();
+        meta.extend(pare_core_tensor::act::to_metadata(self));
+        pare_core_tensor::io::save_weights(out.join("model.safetensors"), &self.named_weights(), &meta, &[&weights])?;
         copy_tree(src, out)
     }
 
@@ -416,6 +414,17 @@ impl SentenceEncoder {
     /// Sentences are sorted by length into batches of `batch_size` so padding stays small;
     /// `on_batch` is called with the number of sentences done after each batch.
     pub fn embed(&self, sentences: &[String], batch_size: usize, on_batch: &mut dyn FnMut(usize)) -> Result<Tensor> {
+        self.embed_hooked(sentences, batch_size, &mut Hooks::none(), on_batch)
+    }
+
+    /// [`SentenceEncoder::embed`] with `hooks` seeing every layer of every batch (calibration).
+    pub fn embed_hooked(
+        &self,
+        sentences: &[String],
+        batch_size: usize,
+        hooks: &mut Hooks<'_>,
+        on_batch: &mut dyn FnMut(usize),
+    ) -> Result<Tensor> {
         let device = self.bert.word.runtime().device().clone();
         if sentences.is_empty() {
             return Ok(Tensor::zeros((0, self.bert.config.hidden_size), DType::F32, &device)?);
@@ -431,7 +440,7 @@ impl SentenceEncoder {
                 &batch.input_ids,
                 Some(&batch.token_type_ids),
                 &batch.attention_mask,
-                &mut Hooks::none(),
+                hooks,
             )?;
             let emb = mean_pool_normalize(&hidden, &batch.attention_mask)?;
             for (k, &i) in chunk.iter().enumerate() {

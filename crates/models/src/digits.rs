@@ -168,6 +168,7 @@ impl DigitsNet {
     pub fn save(&self, path: &Path, metadata: &BTreeMap<String, String>, inputs: &[&Path]) -> Result<()> {
         let mut meta = metadata.clone();
         meta.insert(META_MODEL.into(), serde_json::to_string(&self.arch).expect("arch serialises"));
+        meta.extend(pare_core_tensor::act::to_metadata(self));
         Ok(save_weights(path, &self.named_weights(), &meta, inputs)?)
     }
 
@@ -176,7 +177,9 @@ impl DigitsNet {
         let (weights, meta) = load_weights(path, device)?;
         let arch = Self::arch_of(path, &meta)?;
         let mut src = LoadedWeights::new(weights, device.clone());
-        Self::build(arch, &mut src)
+        let mut net = Self::build(arch, &mut src)?;
+        pare_core_tensor::act::apply_metadata(&mut net, &meta)?;
+        Ok(net)
     }
 
     /// Loads a network saved by [`DigitsNet::save`] with its dense weights as trainable `Var`s

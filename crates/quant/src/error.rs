@@ -26,3 +26,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub(crate) fn option(tensor: &str, detail: impl Into<String>) -> Error {
     Error::Option { tensor: tensor.to_string(), detail: detail.into() }
 }
+
+impl From<pare_models::Error> for Error {
+    fn from(e: pare_models::Error) -> Self {
+        Error::Core(e.into_core())
+    }
+}

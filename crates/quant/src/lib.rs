@@ -28,7 +28,10 @@
 pub mod codebook;
 mod error;
 pub mod float;
+pub mod gptq;
 pub mod linear;
+pub mod observer;
+pub mod ptq;
 mod values;
 pub mod weight_only;
 

@@ -17,8 +17,14 @@ use crate::{Error, Result, finite_values};
 /// A weight quantization method.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Method {
-    /// Linear range mapping.
+    /// Linear range mapping, round to nearest.
     Int(LinearSpec),
+    /// Linear range mapping with each group's clipping range searched for the least error.
+    IntClip(LinearSpec),
+    /// GPTQ: linear mapping with error compensation from the calibration Hessian (linear
+    /// layers; convolutions fall back to the clipping search). Needs Hessians: use
+    /// [`crate::gptq::collect_hessians`] and [`quantize_model_with`].
+    Gptq(LinearSpec, crate::gptq::GptqConfig),
     /// NF4 with per-group absmax scales.
     Nf4 {
         /// Elements per scale along each row.
@@ -49,6 +55,18 @@ fn parse_bits(s: &str, prefix: &str, scheme: &str) -> Result<u8> {
 }
 
 impl Method {
+    /// With `algo` `rtn` (round to nearest), `clip` (clipping search) or `gptq`, for the
+    /// integer schemes.
+    pub fn with_algo(self, algo: &str) -> Result<Self> {
+        match (self, algo) {
+            (m, "rtn") => Ok(m),
+            (Method::Int(s), "clip") => Ok(Method::IntClip(s)),
+            (Method::Int(s), "gptq") => Ok(Method::Gptq(s, crate::gptq::GptqConfig::default())),
+            (Method::Int(_), other) => Err(option("--algo", format!("expected rtn, clip or gptq, found `{other}`"))),
+            (_, other) => Err(option("--algo", format!("`{other}` applies to the int2..int8 schemes only"))),
+        }
+    }
+
     /// Parses the command line's `--scheme` (int2..int8, nf4, quantileN, kmeansN, fp8-e4m3,
     /// fp8-e5m2, fp16, bf16), `--granularity` (tensor, channel, group:N) and `--symmetric`.
     pub fn parse(scheme: &str, granularity: &str, symmetric: bool) -> Result<Self> {
@@ -107,7 +125,7 @@ impl Method {
     /// without doing the work.
     pub fn check(&self, name: &str, shape: &[usize]) -> Result<()> {
         let gran = match self {
-            Method::Int(s) => s.granularity,
+            Method::Int(s) | Method::IntClip(s) | Method::Gptq(s, _) => s.granularity,
             Method::Nf4 { group } => Granularity::PerGroup { size: *group },
             Method::Fp8(_) => Granularity::PerChannel { axis: 0 },
             _ => Granularity::PerTensor,
@@ -129,6 +147,11 @@ pub fn quantize_weight(name: &str, t: &Tensor, method: &Method) -> Result<Weight
     method.check(name, t.dims())?;
     Ok(match *method {
         Method::Int(spec) => Weight::Quantized(quantize_linear(name, t, spec)?),
+        Method::IntClip(spec) | Method::Gptq(spec, _) => {
+            let w = if t.rank() == 2 { t.clone() } else { t.flatten_from(1)? };
+            let q = crate::gptq::clip_search(name, &w, spec)?;
+            Weight::Quantized(q.reshaped(t.dims().to_vec())?)
+        }
         Method::Nf4 { group } => Weight::Quantized(nf4(name, t, group)?),
         Method::Quantile { bits } => Weight::Quantized(quantile(name, t, bits)?),
         Method::KMeans { bits, seed } => Weight::Quantized(kmeans(name, t, bits, seed, 30)?),
@@ -228,7 +251,10 @@ pub fn error_stats(before: &[f32], after: &[f32]) -> (f64, f64) {
 
 /// Quantizes `t` (the weight of `path`, named `name`) and measures what it cost.
 fn quantize_and_report(path: &str, name: &str, t: &Tensor, method: &Method) -> Result<(Weight, LayerReport)> {
-    let q = quantize_weight(name, t, method)?;
+    report_for(path, name, t, quantize_weight(name, t, method)?)
+}
+
+fn report_for(path: &str, name: &str, t: &Tensor, q: Weight) -> Result<(Weight, LayerReport)> {
     let before = finite_values(name, t)?;
     let after = q.to_dense(t.device())?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let (rmse, sqnr_db) = error_stats(&before, &after);
@@ -253,6 +279,18 @@ pub fn quantize_model(
     selection: &Selection,
     on_layer: &mut dyn FnMut(&LayerReport),
 ) -> Result<Vec<LayerReport>> {
+    quantize_model_with(model, method, selection, None, on_layer)
+}
+
+/// [`quantize_model`] with calibration Hessians for [`Method::Gptq`] (linear layers without
+/// one, or any layer when `hessians` is `None`, get the clipping search).
+pub fn quantize_model_with(
+    model: &mut dyn Module,
+    method: &Method,
+    selection: &Selection,
+    hessians: Option<&crate::gptq::HessianObserver>,
+    on_layer: &mut dyn FnMut(&LayerReport),
+) -> Result<Vec<LayerReport>> {
     let paths = selection.resolve(model)?;
     if paths.is_empty() {
         return Err(option(
@@ -275,7 +313,15 @@ pub fn quantize_model(
     }
     let mut reports = Vec::with_capacity(plan.len());
     for (path, t) in plan {
-        let (q, report) = quantize_and_report(&path, &format!("{path}.weight"), &t, method)?;
+        let name = format!("{path}.weight");
+        let (q, report) = match (method, hessians) {
+            (Method::Gptq(spec, cfg), Some(h)) if t.rank() == 2 => {
+                let (hess, _) = h.hessian(&path)?;
+                let q = Weight::Quantized(crate::gptq::gptq_quantize(&name, &t, &hess, *spec, *cfg)?);
+                report_for(&path, &name, &t, q)?
+            }
+            _ => quantize_and_report(&path, &name, &t, method)?,
+        };
         model.layer_mut(&path)?.set_weight(q)?;
         on_layer(&report);
         reports.push(report);

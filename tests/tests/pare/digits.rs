@@ -11,6 +11,8 @@ use pare_core_tensor::testing::max_abs_diff;
 use pare_core_tensor::train::{LrSchedule, OptimizerKind, TrainConfig};
 use pare_core_tensor::{Error, Hooks, Module, Weight};
 use pare_models::digits::{DigitsArch, DigitsNet, fit};
+use pare_quant::observer::ObserverKind;
+use pare_quant::ptq::{ActSpec, apply, calibrate};
 use pare_quant::weight_only::{Method, Selection, quantize_model};
 
 fn demo_config(seed: u64) -> TrainConfig {
@@ -102,6 +104,28 @@ fn the_cnn_teacher_trains_to_97_percent_and_survives_every_round_trip() {
     // Saving over the teacher, an input of this step, is refused.
     let e = q.save(&path, &BTreeMap::new(), &[path.as_path()]).unwrap_err();
     assert!(e.to_string().contains("refusing to overwrite input file"), "{e}");
+
+    // INT8 static: per-channel weights and asymmetric activations calibrated (min-max) on 256
+    // training images, within half a point of float; the activation scales reload with the file.
+    let mut st = back.clone();
+    quantize_model(&mut st, &int8, &Selection::default(), &mut |_| {}).unwrap();
+    let paths = Selection::default().resolve(&st).unwrap();
+    let calib = data.train.select(&(0..256).collect::<Vec<u32>>()).unwrap();
+    let specs = calibrate(&paths, ObserverKind::MinMax, ActSpec { bits: 8, symmetric: false }, &mut |hooks| {
+        for b in calib.batches(64)? {
+            st.forward_hooked(&b.x, hooks)?;
+        }
+        Ok(calib.len())
+    })
+    .unwrap();
+    apply(&mut st, &specs).unwrap();
+    let st_acc = st.accuracy(&data.test).unwrap();
+    assert!((st_acc - acc).abs() <= 0.005, "int8 static accuracy {st_acc} vs float {acc}");
+    let spath = dir.path().join("int8-static.safetensors");
+    st.save(&spath, &BTreeMap::new(), &[path.as_path()]).unwrap();
+    let st2 = DigitsNet::load(&spath, &dev).unwrap();
+    assert_eq!(st2.layer("conv2").unwrap().input_quant(), st.layer("conv2").unwrap().input_quant());
+    assert_eq!(max_abs_diff(&st.forward(&data.test.x).unwrap(), &st2.forward(&data.test.x).unwrap()).unwrap(), 0.0);
 
     // A wrong shape is refused and the layer keeps its weight.
     let mut layer = q.layer_mut("fc2").unwrap();

@@ -1,0 +1,101 @@
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::linear::quantize_linear;
+
+fn normal(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let (u1, u2): (f32, f32) = (rng.random_range(1e-7..1.0), rng.random());
+            (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        })
+        .collect()
+}
+
+/// Output error ‖XWᵀ − XŴᵀ‖² of a quantized weight on inputs `x` `[n, in]`.
+fn output_error(x: &Tensor, w: &Tensor, q: &QuantizedTensor) -> f32 {
+    let wq = q.dequantize(&Device::Cpu).unwrap();
+    let d = (x.matmul(&w.t().unwrap()).unwrap() - x.matmul(&wq.t().unwrap()).unwrap()).unwrap();
+    d.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Correlated inputs (as real activations are) so that error compensation has something to use.
+fn correlated_inputs(rng: &mut rand_chacha::ChaCha8Rng, n: usize, cols: usize) -> Tensor {
+    let base = Tensor::from_vec(normal(rng, n * 8), (n, 8), &Device::Cpu).unwrap();
+    let mix = Tensor::from_vec(normal(rng, 8 * cols), (8, cols), &Device::Cpu).unwrap();
+    let noise = Tensor::from_vec(normal(rng, n * cols), (n, cols), &Device::Cpu).unwrap();
+    (base.matmul(&mix).unwrap() + (noise * 0.3).unwrap()).unwrap()
+}
+
+fn hessian_of(x: &Tensor) -> Vec<f64> {
+    let n = x.dim(0).unwrap() as f64;
+    x.t()
+        .unwrap()
+        .matmul(x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| 2.0 * f64::from(*v) / n)
+        .collect()
+}
+
+#[test]
+fn cholesky_inverse_factor_reproduces_the_inverse() {
+    let h = [4.0, 2.0, 0.6, 2.0, 5.0, 1.0, 0.6, 1.0, 3.0];
+    let u = inverse_upper_factor(&h, 3).unwrap();
+    // UᵀU · H = I.
+    let mut inv = [0.0; 9];
+    for i in 0..3 {
+        for j in 0..3 {
+            inv[i * 3 + j] = (0..3).map(|k| u[k * 3 + i] * u[k * 3 + j]).sum();
+        }
+    }
+    for i in 0..3 {
+        for j in 0..3 {
+            let v: f64 = (0..3).map(|k| inv[i * 3 + k] * h[k * 3 + j]).sum();
+            assert!((v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12, "{v}");
+        }
+    }
+    assert!(inverse_upper_factor(&[1.0, 2.0, 2.0, 1.0], 2).is_none(), "indefinite");
+}
+
+#[test]
+fn gptq_has_less_output_error_than_round_to_nearest() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let (rows, cols) = (24, 64);
+    let w = Tensor::from_vec(normal(&mut rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();
+    let x = correlated_inputs(&mut rng, 512, cols);
+    let h = hessian_of(&x);
+    for (bits, gran) in [(4, Granularity::PerGroup { size: 32 }), (3, Granularity::PerChannel { axis: 0 })] {
+        let spec = LinearSpec { bits, symmetric: false, granularity: gran };
+        let rtn = output_error(&x, &w, &quantize_linear("w", &w, spec).unwrap());
+        for act_order in [false, true] {
+            let cfg = GptqConfig { act_order, ..Default::default() };
+            let g = output_error(&x, &w, &gptq_quantize("w", &w, &h, spec, cfg).unwrap());
+            assert!(g < 0.7 * rtn, "{bits} bits act_order={act_order}: gptq {g} vs rtn {rtn}");
+        }
+        let c = output_error(&x, &w, &clip_search("w", &w, spec).unwrap());
+        assert!(c <= rtn * 1.0001, "clip search {c} vs rtn {rtn}");
+    }
+}
+
+#[test]
+fn gptq_codes_are_a_valid_tensor_of_the_requested_scheme() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let w = Tensor::from_vec(normal(&mut rng, 6 * 32), (6, 32), &Device::Cpu).unwrap();
+    let x = correlated_inputs(&mut rng, 64, 32);
+    let spec = LinearSpec { bits: 4, symmetric: true, granularity: Granularity::PerGroup { size: 16 } };
+    let q = gptq_quantize("w", &w, &hessian_of(&x), spec, GptqConfig::default()).unwrap();
+    assert_eq!(q.scales().len(), 12);
+    assert!(q.codes().iter().all(|&c| c < 16));
+    // Bad options are named.
+    let e = gptq_quantize("enc.fc", &w, &[1.0; 4], spec, GptqConfig::default()).unwrap_err().to_string();
+    assert!(e.contains("`enc.fc`") && e.contains("32×32"), "{e}");
+    let bad = LinearSpec { granularity: Granularity::PerGroup { size: 10 }, ..spec };
+    let e = gptq_quantize("enc.fc", &w, &hessian_of(&x), bad, GptqConfig::default()).unwrap_err().to_string();
+    assert!(e.contains("group size 10") && e.contains("32"), "{e}");
+}
