@@ -23,8 +23,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Embed every line of a text file with a sentence-transformers model folder.
     Embed(embed::Args),
-    /// Quantize the weights of a model (weight-only) and report each layer's error and size.
-    Quantize(quantize::Args),
+    /// Quantize a model (weights, and activations dynamic or static) and report error and size.
+    Quantize(Box<quantize::Args>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -37,7 +37,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(a) => demo::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Embed(a) => embed::run(a),
-        Command::Quantize(a) => quantize::run(a),
+        Command::Quantize(a) => quantize::run(*a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

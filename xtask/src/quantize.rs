@@ -8,15 +8,16 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use candle_core::Device;
-use pare_core_tensor::Hooks;
 use pare_core_tensor::data::{Examples, digits, sentences};
 use pare_core_tensor::io::{META_RECIPE, load_weights, save_weights};
 use pare_core_tensor::metrics::{mean_cosine, retrieval_agreement};
+use pare_core_tensor::{Hooks, Module};
 use pare_models::bert::SentenceEncoder;
 use pare_models::digits::{DigitsNet, META_MODEL};
 use pare_quant::gptq::{HessianObserver, collect_hessians};
 use pare_quant::observer::ObserverKind;
-use pare_quant::ptq::{ActSpec, apply, calibrate, dynamic_specs};
+use pare_quant::ptq::{ActSpec, apply, calibrate_smoothed, dynamic_specs};
+use pare_quant::smooth::{collect_channel_max, smooth_model};
 use pare_quant::weight_only::{LayerReport, Method, Selection, quantize_model_with, quantize_tensors, select_tensors};
 
 /// Arguments of `cargo xtask quantize`.
@@ -54,6 +55,10 @@ pub struct Args {
     /// Symmetric activation codes (dynamic mode uses them always).
     #[arg(long)]
     act_symmetric: bool,
+    /// SmoothQuant migration strength α in [0, 1] (0.5 in the paper) for the linear layers'
+    /// activations in dynamic and static modes; needs calibration data.
+    #[arg(long)]
+    smooth: Option<f32>,
     /// Calibration text, one sentence per line (model folders). Digits models calibrate on the
     /// embedded training split.
     #[arg(long)]
@@ -109,14 +114,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if mode != Mode::WeightOnly && !(2..=8).contains(&act.bits) {
         bail!("--act-bits: expected 2..=8, found {}", act.bits);
     }
-    let needs_calib = mode == Mode::Static || matches!(method, Method::Gptq(..));
+    if args.smooth.is_some() && mode != Mode::Dynamic {
+        // Static ranges over smoothed inputs measured far worse on MiniLM (0.88 mean cosine vs
+        // 0.99 unsmoothed); until that is understood, smoothing is offered for dynamic mode only.
+        bail!("--smooth applies to --mode dynamic only (static smoothing is not supported yet)");
+    }
+    let needs_calib = mode == Mode::Static || matches!(method, Method::Gptq(..)) || args.smooth.is_some();
     if needs_calib && args.calib_size == 0 {
         bail!("--calib-size: expected at least 1 calibration example, found 0");
     }
     let selection = Selection { include: args.layers.clone(), exclude: args.exclude.clone() };
     let recipe = format!(
         "quantize scheme={} granularity={} symmetric={} algo={} mode={} observer={} act_bits={} act_symmetric={} \
-         calib={:?} calib_size={} layers={:?} exclude={:?}",
+         smooth={:?} calib={:?} calib_size={} layers={:?} exclude={:?}",
         args.scheme,
         args.granularity,
         !args.asymmetric,
@@ -125,6 +135,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         observer,
         act.bits,
         act.symmetric,
+        args.smooth,
         args.calib,
         args.calib_size,
         args.layers,
@@ -144,7 +155,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         let calib = match (&args.calib, needs_calib) {
             (Some(p), _) => text_lines(p, args.calib_size, "calibration file")?,
-            (None, true) => bail!("--calib FILE is needed for --mode static and --algo gptq on a model folder"),
+            (None, true) => {
+                bail!("--calib FILE is needed for --mode static, --algo gptq and --smooth on a model folder")
+            }
             (None, false) => Vec::new(),
         };
         let eval = args.eval.as_deref().map(|p| text_lines(p, usize::MAX, "evaluation file")).transpose()?;
@@ -158,11 +171,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok(calib.len())
         };
         let hessians = gptq_hessians(&method, &paths, &mut |h| run_calib(&float, h))?;
+        let factors = match args.smooth {
+            Some(alpha) => {
+                let amax = collect_channel_max(&paths, &mut |h| run_calib(&float, h))?;
+                smooth_model(&mut enc.bert, &paths, &amax, alpha)?
+            }
+            None => BTreeMap::new(),
+        };
         let reports = quantize_model_with(&mut enc.bert, &method, &selection, hessians.as_ref(), &mut on_layer)?;
         let specs = match mode {
             Mode::WeightOnly => BTreeMap::new(),
-            Mode::Dynamic => dynamic_specs(&enc.bert, &paths, act, true)?,
-            Mode::Static => calibrate(&paths, observer, act, &mut |h| run_calib(&enc, h))?,
+            Mode::Dynamic => with_factors(dynamic_specs(&enc.bert, &paths, act, true)?, &factors),
+            Mode::Static => calibrate_smoothed(&paths, observer, act, &factors, &mut |h| run_calib(&enc, h))?,
         };
         apply(&mut enc.bert, &specs)?;
         if let Some(eval) = eval {
@@ -195,11 +215,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 Ok(calib.len())
             };
             let hessians = gptq_hessians(&method, &paths, &mut |h| run_calib(&float, h))?;
+            let factors = match args.smooth {
+                Some(alpha) => {
+                    let linear: Vec<String> = paths
+                        .iter()
+                        .filter(|p| net.layer(p).is_ok_and(|l| l.kind() == pare_core_tensor::LayerKind::Linear))
+                        .cloned()
+                        .collect();
+                    let amax = collect_channel_max(&linear, &mut |h| run_calib(&float, h))?;
+                    smooth_model(&mut net, &linear, &amax, alpha)?
+                }
+                None => BTreeMap::new(),
+            };
             let reports = quantize_model_with(&mut net, &method, &selection, hessians.as_ref(), &mut on_layer)?;
             let specs = match mode {
                 Mode::WeightOnly => BTreeMap::new(),
-                Mode::Dynamic => dynamic_specs(&net, &paths, act, true)?,
-                Mode::Static => calibrate(&paths, observer, act, &mut |h| run_calib(&net, h))?,
+                Mode::Dynamic => with_factors(dynamic_specs(&net, &paths, act, true)?, &factors),
+                Mode::Static => calibrate_smoothed(&paths, observer, act, &factors, &mut |h| run_calib(&net, h))?,
             };
             apply(&mut net, &specs)?;
             let (fa, qa) = (float.accuracy(&data.test)?, net.accuracy(&data.test)?);
@@ -242,6 +274,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// Dynamic specs carrying each layer's SmoothQuant factors.
+fn with_factors(
+    mut specs: BTreeMap<String, pare_core_tensor::ActQuant>,
+    factors: &BTreeMap<String, Vec<f32>>,
+) -> BTreeMap<String, pare_core_tensor::ActQuant> {
+    for (p, a) in &mut specs {
+        a.smooth = factors.get(p).cloned();
+    }
+    specs
 }
 
 /// Calibration Hessians when the method is GPTQ.

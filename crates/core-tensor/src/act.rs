@@ -40,7 +40,7 @@ pub enum ActRange {
 }
 
 /// The quantization of one layer's input activations.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ActQuant {
     /// Bits per code, 2 to 8.
     pub bits: u8,
@@ -48,6 +48,11 @@ pub struct ActQuant {
     pub symmetric: bool,
     /// Static or dynamic range.
     pub range: ActRange,
+    /// SmoothQuant factors, one per input channel (linear layers): the layer quantizes
+    /// `x ⊘ s` and its weight already holds `W·diag(s)`, so outlier channels of `x` are tamed
+    /// before the per-tensor or per-token range is taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smooth: Option<Vec<f32>>,
 }
 
 impl ActQuant {
@@ -60,9 +65,23 @@ impl ActQuant {
         if self.symmetric { (1 << (self.bits - 1)) - 1 } else { (1 << self.bits) - 1 }
     }
 
-    /// Checks the spec for `layer`: width, a finite positive scale, a zero point in range.
+    /// A spec without smoothing.
+    pub fn new(bits: u8, symmetric: bool, range: ActRange) -> Self {
+        Self { bits, symmetric, range, smooth: None }
+    }
+
+    /// Checks the spec for `layer`: width, a finite positive scale, a zero point in range,
+    /// finite positive smoothing factors.
     pub fn validate(&self, layer: &str) -> Result<()> {
         let what = || format!("activation quantization of `{layer}`");
+        if let Some(s) = &self.smooth
+            && let Some(i) = s.iter().position(|v| !(v.is_finite() && *v > 0.0))
+        {
+            return Err(Error::invalid(
+                what(),
+                format!("smoothing factor {i} is {}, expected a finite value > 0", s[i]),
+            ));
+        }
         if !(2..=8).contains(&self.bits) {
             return Err(Error::invalid(what(), format!("expected 2..=8 bits, found {}", self.bits)));
         }
@@ -126,10 +145,21 @@ impl ActQuant {
         (codes, units)
     }
 
-    /// The reference semantics: `x` quantized and dequantized, in `x`'s dtype and shape.
+    /// The reference semantics: `x` (divided by the smoothing factors along its last axis, if
+    /// any) quantized and dequantized, in `x`'s dtype and shape.
     pub fn fake_quantize(&self, x: &Tensor) -> Result<Tensor> {
         let row = x.dims().last().copied().unwrap_or(1);
-        let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(s) = &self.smooth {
+            if s.len() != row {
+                return Err(Error::Shape {
+                    name: "smoothed activation".into(),
+                    expected: vec![s.len()],
+                    found: vec![row],
+                });
+            }
+            v.iter_mut().enumerate().for_each(|(i, x)| *x /= s[i % row]);
+        }
         if let Some(i) = v.iter().position(|f| !f.is_finite()) {
             return Err(Error::NonFinite {
                 name: "activation entering a quantized layer".into(),
@@ -158,7 +188,8 @@ impl ActQuant {
             ActRange::Dynamic { per_token: true } => "dynamic per-token",
             ActRange::Dynamic { per_token: false } => "dynamic per-tensor",
         };
-        format!("int{} {sym} {range}", self.bits)
+        let smooth = if self.smooth.is_some() { " smoothed" } else { "" };
+        format!("int{} {sym} {range}{smooth}", self.bits)
     }
 }
 
@@ -202,7 +233,7 @@ mod tests {
     #[test]
     fn static_and_dynamic_ranges_round_trip_within_half_a_step() {
         let x = Tensor::new(&[[-1.0f32, 0.5, 2.0], [0.1, 0.2, 0.3]], &Device::Cpu).unwrap();
-        let dynamic = ActQuant { bits: 8, symmetric: true, range: ActRange::Dynamic { per_token: true } };
+        let dynamic = ActQuant::new(8, true, ActRange::Dynamic { per_token: true });
         let y = dynamic.fake_quantize(&x).unwrap().to_vec2::<f32>().unwrap();
         // Each row has its own step S = 2·max|x|/255.
         for (row, (xs, ys)) in [[-1.0f32, 0.5, 2.0], [0.1, 0.2, 0.3]].iter().zip(&y).enumerate() {
@@ -210,20 +241,20 @@ mod tests {
             assert!(xs.iter().zip(ys).all(|(a, b)| (a - b).abs() <= s / 2.0 + 1e-7), "row {row}: {ys:?}");
         }
         // A static range clips what lies outside it.
-        let fixed = ActQuant { bits: 8, symmetric: false, range: ActRange::Static { scale: 0.01, zero_point: 100 } };
+        let fixed = ActQuant::new(8, false, ActRange::Static { scale: 0.01, zero_point: 100 });
         let y = fixed.fake_quantize(&x).unwrap().to_vec2::<f32>().unwrap();
         assert!((y[0][0] + 1.0).abs() < 1e-6 && (y[0][2] - 1.55).abs() < 1e-5, "{y:?}");
     }
 
     #[test]
     fn bad_specs_name_the_layer() {
-        let bad = ActQuant { bits: 8, symmetric: true, range: ActRange::Static { scale: f32::NAN, zero_point: 0 } };
+        let bad = ActQuant::new(8, true, ActRange::Static { scale: f32::NAN, zero_point: 0 });
         let e = bad.validate("fc1").unwrap_err().to_string();
         assert!(e.contains("`fc1`") && e.contains("NaN"), "{e}");
-        let bad = ActQuant { bits: 9, symmetric: true, range: ActRange::Dynamic { per_token: true } };
+        let bad = ActQuant::new(9, true, ActRange::Dynamic { per_token: true });
         assert!(bad.validate("fc1").unwrap_err().to_string().contains("found 9"));
         let x = Tensor::new(&[f32::INFINITY, 1.0], &Device::Cpu).unwrap();
-        let ok = ActQuant { bits: 8, symmetric: true, range: ActRange::Dynamic { per_token: false } };
+        let ok = ActQuant::new(8, true, ActRange::Dynamic { per_token: false });
         assert!(ok.fake_quantize(&x).is_err());
     }
 }

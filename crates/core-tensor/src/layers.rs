@@ -74,6 +74,19 @@ macro_rules! input_quant_common {
         pub fn set_input_quant(&mut self, spec: Option<ActQuant>) -> Result<()> {
             if let Some(a) = &spec {
                 a.validate(&self.path)?;
+                let cols: usize = self.weight.shape()[1..].iter().product();
+                match &a.smooth {
+                    Some(s) if !$per_token_ok || s.len() != cols => {
+                        return Err(Error::invalid(
+                            format!("activation quantization of `{}`", self.path),
+                            format!(
+                                "smoothing needs a linear layer and one factor per input channel: expected {cols}, found {}",
+                                s.len()
+                            ),
+                        ));
+                    }
+                    _ => {}
+                }
                 if !$per_token_ok && matches!(a.range, ActRange::Dynamic { per_token: true }) {
                     return Err(Error::invalid(
                         format!("activation quantization of `{}`", self.path),

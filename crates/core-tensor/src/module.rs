@@ -62,8 +62,8 @@ impl<'a> LayerRef<'a> {
     /// How the layer's input is quantized (linear and convolution layers only).
     pub fn input_quant(&self) -> Option<ActQuant> {
         match self {
-            LayerRef::Linear(l) => l.input_quant().copied(),
-            LayerRef::Conv2d(l) => l.input_quant().copied(),
+            LayerRef::Linear(l) => l.input_quant().cloned(),
+            LayerRef::Conv2d(l) => l.input_quant().cloned(),
             _ => None,
         }
     }

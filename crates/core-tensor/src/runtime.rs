@@ -69,7 +69,7 @@ pub trait Runtime: Send + Sync + Debug {
         bias: Option<&Tensor>,
         input: &ActQuant,
     ) -> Result<Arc<dyn PreparedOp>> {
-        Ok(Arc::new(QuantizedInput { act: *input, op: self.prepare_linear(layer, weight, bias)? }))
+        Ok(Arc::new(QuantizedInput { act: input.clone(), op: self.prepare_linear(layer, weight, bias)? }))
     }
 
     /// Prepares a convolution whose input is quantized by `input` (see
@@ -82,7 +82,7 @@ pub trait Runtime: Send + Sync + Debug {
         params: Conv2dParams,
         input: &ActQuant,
     ) -> Result<Arc<dyn PreparedOp>> {
-        Ok(Arc::new(QuantizedInput { act: *input, op: self.prepare_conv2d(layer, weight, bias, params)? }))
+        Ok(Arc::new(QuantizedInput { act: input.clone(), op: self.prepare_conv2d(layer, weight, bias, params)? }))
     }
 }
 

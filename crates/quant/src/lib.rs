@@ -32,6 +32,7 @@ pub mod gptq;
 pub mod linear;
 pub mod observer;
 pub mod ptq;
+pub mod smooth;
 mod values;
 pub mod weight_only;
 
