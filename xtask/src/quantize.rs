@@ -46,7 +46,8 @@ pub struct Args {
     /// ranges calibrated and stored with the model).
     #[arg(long, default_value = "weight-only")]
     mode: String,
-    /// Static mode's observer: minmax, moving-average[:C], percentile[:P], mse, entropy.
+    /// Static mode's observer: minmax, moving-average (or moving-average:C for momentum C),
+    /// percentile (or percentile:P, default 99.99), mse, entropy.
     #[arg(long, default_value = "mse")]
     observer: String,
     /// Bits of activation codes (dynamic and static modes).
