@@ -99,7 +99,7 @@ impl Observer for Calibrator {
         }
         let mut v = input.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         if let Some(s) = self.smooth.get(site.path) {
-            if v.len() % s.len() != 0 {
+            if s.is_empty() || !v.len().is_multiple_of(s.len()) {
                 return Err(pare_core_tensor::Error::Shape {
                     name: format!("input of `{}`", site.path),
                     expected: vec![s.len()],
@@ -200,6 +200,15 @@ pub fn apply(model: &mut dyn Module, specs: &BTreeMap<String, ActQuant>) -> Resu
             return Err(option(p, format!("activation quantization needs a linear or conv layer, found {kind:?}")));
         }
         a.validate(p)?;
+        if let Some(s) = &a.smooth {
+            let cols: usize = model.layer(p)?.parameters()[0].1.shape()[1..].iter().product();
+            if kind != LayerKind::Linear || s.len() != cols {
+                return Err(option(
+                    p,
+                    format!("expected {cols} smoothing factors on a linear layer, found {}", s.len()),
+                ));
+            }
+        }
     }
     for (p, a) in specs {
         model.layer_mut(p)?.set_input_quant(Some(a.clone()))?;
