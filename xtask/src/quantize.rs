@@ -14,6 +14,7 @@ use pare_core_tensor::metrics::{mean_cosine, retrieval_agreement};
 use pare_core_tensor::{Hooks, Module};
 use pare_models::bert::SentenceEncoder;
 use pare_models::digits::{DigitsNet, META_MODEL};
+use pare_quant::gguf::GgufType;
 use pare_quant::gptq::{HessianObserver, collect_hessians};
 use pare_quant::observer::ObserverKind;
 use pare_quant::ptq::{ActSpec, apply, calibrate_smoothed, dynamic_specs};
@@ -72,6 +73,10 @@ pub struct Args {
     /// on the embedded test split.
     #[arg(long)]
     eval: Option<PathBuf>,
+    /// Output format: pare (safetensors with packed codes) or gguf (llama.cpp's blocks via
+    /// candle; --scheme f16, q8_0, q4_0, q4_1, q4_k or q6_k).
+    #[arg(long, default_value = "pare")]
+    format: String,
     /// Quantize only layers matching these globs (repeatable); by default every linear and
     /// convolution except embeddings and the final classifier.
     #[arg(long = "layers")]
@@ -99,6 +104,12 @@ fn text_lines(path: &Path, limit: usize, what: &str) -> anyhow::Result<Vec<Strin
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.format.as_str() {
+        "pare" => {}
+        "gguf" => return export_gguf(&args),
+        "compressed-tensors" => bail!("--format compressed-tensors is not built yet (issue 3); use pare or gguf"),
+        other => bail!("--format: expected pare or gguf, found `{other}`"),
+    }
     // Everything is checked before any long work starts.
     let method = Method::parse(&args.scheme, &args.granularity, !args.asymmetric)?.with_algo(&args.algo)?;
     let mode = match args.mode.as_str() {
@@ -274,6 +285,120 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{q}");
     }
     println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// `--format gguf`: the selected layers' weights in a llama.cpp block type, every other tensor
+/// as F32, written through candle's GGUF writer; the result is loaded back and evaluated.
+fn export_gguf(args: &Args) -> anyhow::Result<()> {
+    let Some(ty) = GgufType::parse(&args.scheme) else {
+        bail!("--format gguf needs --scheme f16, q8_0, q4_0, q4_1, q4_k or q6_k, found `{}`", args.scheme);
+    };
+    if args.mode != "weight-only" || args.algo != "rtn" {
+        bail!("--format gguf writes weight-only blocks: expected --mode weight-only --algo rtn");
+    }
+    let dev = Device::Cpu;
+    let selection = Selection { include: args.layers.clone(), exclude: args.exclude.clone() };
+    let mut meta = BTreeMap::from([
+        (
+            META_RECIPE.to_string(),
+            format!("quantize format=gguf scheme={} layers={:?} exclude={:?}", args.scheme, args.layers, args.exclude),
+        ),
+        (pare_core_tensor::io::META_VERSION.to_string(), pare_core_tensor::VERSION.to_string()),
+    ]);
+    // (all weights, names to quantize, output file, the model kind for evaluation)
+    let folder = args.model.is_dir();
+    let (weights, chosen, dest) = if folder {
+        let bert = pare_models::bert::BertEncoder::load(&args.model, &dev)
+            .with_context(|| format!("load {}", args.model.display()))?;
+        let chosen: Vec<String> = selection.resolve(&bert)?.iter().map(|p| format!("{p}.weight")).collect();
+        if args.out.exists() && !args.out.is_dir() {
+            bail!("--out `{}` must be a folder for a model folder", args.out.display());
+        }
+        (bert.named_weights(), chosen, args.out.join("model.gguf"))
+    } else {
+        let (weights, file_meta) = load_weights(&args.model, &dev)?;
+        let chosen = if let Some(arch) = file_meta.get(META_MODEL) {
+            meta.insert(META_MODEL.to_string(), arch.clone());
+            let net = DigitsNet::load(&args.model, &dev)?;
+            selection.resolve(&net)?.iter().map(|p| format!("{p}.weight")).collect()
+        } else {
+            select_tensors(&weights, &args.layers)?
+        };
+        (weights, chosen, args.out.clone())
+    };
+    if chosen.is_empty() {
+        bail!("the selection matches no layer to quantize");
+    }
+    for name in &chosen {
+        let w = &weights[name];
+        if !matches!(w, pare_core_tensor::Weight::Dense(_)) {
+            bail!("`{name}`: GGUF export needs float weights, found {}", w.describe());
+        }
+        ty.check(name, &w.shape())?;
+    }
+    let bar = crate::progress(weights.len() as u64, "gguf");
+    let mut tensors = Vec::new();
+    let mut reports = Vec::new();
+    for (name, w) in &weights {
+        let t = w.to_dense(&dev)?;
+        if chosen.contains(name) {
+            let q = pare_quant::gguf::quantize(name, &t, ty)?;
+            let before = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let after = q.dequantize(&dev)?.flatten_all()?.to_vec1::<f32>()?;
+            let (rmse, sqnr_db) = pare_quant::weight_only::error_stats(&before, &after);
+            reports.push(LayerReport {
+                path: name.trim_end_matches(".weight").to_string(),
+                shape: t.dims().to_vec(),
+                format: format!("gguf {}", args.scheme),
+                bytes_before: t.elem_count() * t.dtype().size_in_bytes(),
+                bytes_after: q.storage_size_in_bytes(),
+                rmse,
+                sqnr_db,
+            });
+            tensors.push((name.clone(), q));
+        } else {
+            let t32 = t.to_dtype(candle_core::DType::F32)?;
+            tensors.push((name.clone(), candle_core::quantized::QTensor::quantize(&t32, GgufType::F32.ggml())?));
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if folder {
+        std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
+    }
+    pare_quant::gguf::write(&dest, &tensors, &meta, &[args.model.as_path()])?;
+    if folder {
+        pare_models::bert::copy_model_files(&args.model, &args.out)?;
+    }
+    print_table(&reports);
+    // Load what was written, as a user would, and measure it against the float model.
+    if folder {
+        if let Some(eval) = &args.eval {
+            let eval = text_lines(eval, usize::MAX, "evaluation file")?;
+            let a = SentenceEncoder::load(&args.model, &dev)?.embed(&eval, 32, &mut |_| {})?;
+            let b = SentenceEncoder::load(&args.out, &dev)?.embed(&eval, 32, &mut |_| {})?;
+            println!(
+                "{} sentences (model reloaded from GGUF): mean cosine to float {:.5}, top-1 retrieval agreement {:.4}",
+                eval.len(),
+                mean_cosine(&a, &b)?,
+                retrieval_agreement(&a, &b)?
+            );
+        }
+    } else if meta.contains_key(META_MODEL) {
+        let data = digits(42, &dev)?;
+        let (fa, qa) = (
+            DigitsNet::load(&args.model, &dev)?.accuracy(&data.test)?,
+            DigitsNet::load(&dest, &dev)?.accuracy(&data.test)?,
+        );
+        println!(
+            "test accuracy (model reloaded from GGUF) {:.2}% (float {:.2}%, {:+.2} points)",
+            100.0 * qa,
+            100.0 * fa,
+            100.0 * (qa - fa)
+        );
+    }
+    println!("wrote {}", dest.display());
     Ok(())
 }
 

@@ -654,5 +654,37 @@ pub fn load_weights(
     Ok((out, meta))
 }
 
+/// The four bytes every GGUF file starts with.
+pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+
+/// Whether `path` starts with the GGUF magic.
+pub fn is_gguf(path: impl AsRef<Path>) -> bool {
+    let mut head = [0u8; 4];
+    std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)).is_ok()
+        && &head == GGUF_MAGIC
+}
+
+/// Loads a GGUF file (llama.cpp's format, as pare's GGUF export writes it): every tensor
+/// dequantized by candle to a dense f32 weight, and the string-valued metadata. A malformed
+/// file is an [`Error::Malformed`] naming it.
+pub fn load_gguf(
+    path: impl AsRef<Path>,
+    device: &Device,
+) -> Result<(BTreeMap<String, Weight>, BTreeMap<String, String>)> {
+    use candle_core::quantized::gguf_file;
+    let path = path.as_ref();
+    let bad = |what: String| Error::Malformed { path: path.to_path_buf(), what };
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+    let content = gguf_file::Content::read(&mut f).map_err(|e| bad(format!("not a GGUF file: {e}")))?;
+    let mut weights = BTreeMap::new();
+    for name in content.tensor_infos.keys() {
+        let q = content.tensor(&mut f, name, device).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        weights.insert(name.clone(), Weight::Dense(q.dequantize(device)?));
+    }
+    let meta =
+        content.metadata.iter().filter_map(|(k, v)| v.to_string().ok().map(|s| (k.clone(), s.clone()))).collect();
+    Ok((weights, meta))
+}
+
 #[cfg(test)]
 mod tests;

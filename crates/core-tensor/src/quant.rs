@@ -206,7 +206,7 @@ impl QuantizedTensor {
     }
 
     /// Builds a quantized tensor from already packed codes, validating every invariant:
-    /// packed length, number of scales, finite positive-or-zero scales, zero points present
+    /// packed length, number of scales, finite scales, zero points present
     /// exactly for asymmetric linear schemes and within the code range, codebook present
     /// exactly for codebook schemes with at most `2^bits` finite entries.
     pub fn new(
@@ -229,8 +229,10 @@ impl QuantizedTensor {
         if scales.len() != n_scales {
             return Err(Error::invalid(what(), format!("expected {n_scales} scales, found {}", scales.len())));
         }
-        if let Some(i) = scales.iter().position(|s| !s.is_finite() || *s < 0.0) {
-            return Err(Error::invalid(what(), format!("scale {i} is {} (must be finite and ≥ 0)", scales[i])));
+        // Scales may be negative: llama.cpp's Q4_0 stores d = max/−8 with the sign of the
+        // largest-magnitude value, and pare keeps its blocks exactly.
+        if let Some(i) = scales.iter().position(|s| !s.is_finite()) {
+            return Err(Error::invalid(what(), format!("scale {i} is {} (must be finite)", scales[i])));
         }
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
             return Err(Error::invalid(what(), format!("logical dtype must be a float type, found {dtype:?}")));

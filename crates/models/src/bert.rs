@@ -151,10 +151,16 @@ impl BertEncoder {
         Ok(Self { config, act, word, position, token_type, emb_norm, layers })
     }
 
-    /// Loads `model.safetensors` and `config.json` from a Hugging Face model folder.
+    /// Loads `config.json` and `model.safetensors` (or, failing that, `model.gguf`, dequantized)
+    /// from a Hugging Face model folder.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let config = BertConfig::from_file(&dir.join("config.json"))?;
-        let (mut weights, meta) = load_weights(dir.join("model.safetensors"), device)?;
+        let st = dir.join("model.safetensors");
+        let (mut weights, meta) = if st.is_file() {
+            load_weights(st, device)?
+        } else {
+            pare_core_tensor::io::load_gguf(dir.join("model.gguf"), device)?
+        };
         // Checkpoints saved from `BertForX` carry a `bert.` prefix; accept both spellings.
         if weights.keys().any(|k| k.starts_with("bert.")) {
             weights =
@@ -299,6 +305,12 @@ impl Module for BertEncoder {
 }
 
 /// Copies every file of `src` except `model.safetensors` into `out`, sub-folders included.
+/// Copies every file of model folder `src` into `out` (recursively) except the weights
+/// (`model.safetensors`, `model.gguf`): config, tokenizer and pooling files for a rewritten model.
+pub fn copy_model_files(src: &Path, out: &Path) -> Result<()> {
+    copy_tree(src, out)
+}
+
 fn copy_tree(src: &Path, out: &Path) -> Result<()> {
     let entries = std::fs::read_dir(src).map_err(|e| pare_core_tensor::Error::io("list", src, e))?;
     for entry in entries {
@@ -307,7 +319,7 @@ fn copy_tree(src: &Path, out: &Path) -> Result<()> {
         if from.is_dir() {
             std::fs::create_dir_all(&to).map_err(|e| pare_core_tensor::Error::io("create folder", &to, e))?;
             copy_tree(&from, &to)?;
-        } else if entry.file_name() != "model.safetensors" {
+        } else if entry.file_name() != "model.safetensors" && entry.file_name() != "model.gguf" {
             std::fs::copy(&from, &to).map_err(|e| pare_core_tensor::Error::io("copy", &from, e))?;
         }
     }
@@ -358,10 +370,15 @@ impl SentenceEncoder {
     /// Loads a sentence-transformers folder (`config.json`, `model.safetensors`, `tokenizer.json`,
     /// optional `sentence_bert_config.json` for the maximum sequence length).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-            if !dir.join(f).is_file() {
-                return Err(Error::Model { path: dir.to_path_buf(), detail: format!("missing `{f}`") });
-            }
+        let missing = |f: &str| Error::Model { path: dir.to_path_buf(), detail: format!("missing `{f}`") };
+        if !dir.join("config.json").is_file() {
+            return Err(missing("config.json"));
+        }
+        if !dir.join("model.safetensors").is_file() && !dir.join("model.gguf").is_file() {
+            return Err(missing("model.safetensors` (or `model.gguf`"));
+        }
+        if !dir.join("tokenizer.json").is_file() {
+            return Err(missing("tokenizer.json"));
         }
         let bert = BertEncoder::load(dir, device)?;
         let sbert = dir.join("sentence_bert_config.json");

@@ -172,9 +172,14 @@ impl DigitsNet {
         Ok(save_weights(path, &self.named_weights(), &meta, inputs)?)
     }
 
-    /// Loads a network saved by [`DigitsNet::save`].
+    /// Loads a network saved by [`DigitsNet::save`] (or exported to GGUF by `pare-quant`, whose
+    /// tensors load dequantized).
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let (weights, meta) = load_weights(path, device)?;
+        let (weights, meta) = if pare_core_tensor::io::is_gguf(path) {
+            pare_core_tensor::io::load_gguf(path, device)?
+        } else {
+            load_weights(path, device)?
+        };
         let arch = Self::arch_of(path, &meta)?;
         let mut src = LoadedWeights::new(weights, device.clone());
         let mut net = Self::build(arch, &mut src)?;

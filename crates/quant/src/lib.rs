@@ -28,6 +28,7 @@
 pub mod codebook;
 mod error;
 pub mod float;
+pub mod gguf;
 pub mod gptq;
 pub mod linear;
 pub mod observer;

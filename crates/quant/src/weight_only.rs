@@ -46,6 +46,9 @@ pub enum Method {
     Fp8(Fp8),
     /// FP16 or BF16.
     Half(Half),
+    /// A llama.cpp block type, quantized by candle: Q8_0 and Q4_0 convert exactly to pare's
+    /// format; the others are written with `--format gguf`.
+    Gguf(crate::gguf::GgufType),
 }
 
 fn parse_bits(s: &str, prefix: &str, scheme: &str) -> Result<u8> {
@@ -93,6 +96,9 @@ impl Method {
             "fp8-e4m3" => Method::Fp8(Fp8::E4M3),
             "fp8-e5m2" => Method::Fp8(Fp8::E5M2),
             "fp16" => Method::Half(Half::F16),
+            s if crate::gguf::GgufType::parse(s).is_some() && s.starts_with('q') => {
+                Method::Gguf(crate::gguf::GgufType::parse(s).expect("checked"))
+            }
             "bf16" => Method::Half(Half::BF16),
             s if s.starts_with("int") => {
                 Method::Int(LinearSpec { bits: parse_bits(s, "int", scheme)?, symmetric, granularity: gran })
@@ -103,7 +109,8 @@ impl Method {
                 return Err(option(
                     "--scheme",
                     format!(
-                        "expected int2..int8, nf4, quantileN, kmeansN, fp8-e4m3, fp8-e5m2, fp16 or bf16, found `{other}`"
+                        "expected int2..int8, nf4, quantileN, kmeansN, fp8-e4m3, fp8-e5m2, fp16, bf16, q8_0, q4_0, q4_1, \
+                         q4_k or q6_k, found `{other}`"
                     ),
                 ));
             }
@@ -124,6 +131,16 @@ impl Method {
     /// Checks that the method fits a weight of `shape` (group size divides the row, ...)
     /// without doing the work.
     pub fn check(&self, name: &str, shape: &[usize]) -> Result<()> {
+        if let Method::Gguf(ty) = self {
+            ty.check(name, shape)?;
+            if !ty.has_pare_format() {
+                return Err(option(
+                    name,
+                    format!("{ty:?} has no exact pare format yet: expected q8_0 or q4_0, or use --format gguf"),
+                ));
+            }
+            return Ok(());
+        }
         let gran = match self {
             Method::Int(s) | Method::IntClip(s) | Method::Gptq(s, _) => s.granularity,
             Method::Nf4 { group } => Granularity::PerGroup { size: *group },
@@ -157,6 +174,7 @@ pub fn quantize_weight(name: &str, t: &Tensor, method: &Method) -> Result<Weight
         Method::KMeans { bits, seed } => Weight::Quantized(kmeans(name, t, bits, seed, 30)?),
         Method::Fp8(f) => Weight::Quantized(to_fp8(name, t, f, Some(Granularity::PerChannel { axis: 0 }))?),
         Method::Half(h) => Weight::Dense(to_half(name, t, h)?),
+        Method::Gguf(ty) => crate::gguf::to_pare(name, t, ty)?,
     })
 }
 
