@@ -126,10 +126,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if mode != Mode::WeightOnly && !(2..=8).contains(&act.bits) {
         bail!("--act-bits: expected 2..=8, found {}", act.bits);
     }
-    if args.smooth.is_some() && mode != Mode::Dynamic {
-        // Static ranges over smoothed inputs measured far worse on MiniLM (0.88 mean cosine vs
-        // 0.99 unsmoothed); until that is understood, smoothing is offered for dynamic mode only.
-        bail!("--smooth applies to --mode dynamic only (static smoothing is not supported yet)");
+    if args.smooth.is_some() && mode == Mode::WeightOnly {
+        bail!("--smooth applies to activation quantization: use --mode dynamic or static");
+    }
+    if args.smooth.is_some() && matches!(method, Method::Gptq(..)) {
+        // GPTQ would need the Hessian of the smoothed inputs, diag(1/s)·H·diag(1/s).
+        bail!("--smooth with --algo gptq is not supported yet: use --algo rtn or clip");
     }
     let needs_calib = mode == Mode::Static || matches!(method, Method::Gptq(..)) || args.smooth.is_some();
     if needs_calib && args.calib_size == 0 {
@@ -194,6 +196,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let specs = match mode {
             Mode::WeightOnly => BTreeMap::new(),
             Mode::Dynamic => with_factors(dynamic_specs(&enc.bert, &paths, act, true)?, &factors),
+            // A smoothed model is only right once its specs divide the inputs: calibrate the
+            // smoothed ranges on the float model.
+            Mode::Static if !factors.is_empty() => {
+                calibrate_smoothed(&paths, observer, act, &factors, &mut |h| run_calib(&float, h))?
+            }
             Mode::Static => calibrate_smoothed(&paths, observer, act, &factors, &mut |h| run_calib(&enc, h))?,
         };
         apply(&mut enc.bert, &specs)?;
@@ -243,6 +250,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let specs = match mode {
                 Mode::WeightOnly => BTreeMap::new(),
                 Mode::Dynamic => with_factors(dynamic_specs(&net, &paths, act, true)?, &factors),
+                Mode::Static if !factors.is_empty() => {
+                    calibrate_smoothed(&paths, observer, act, &factors, &mut |h| run_calib(&float, h))?
+                }
                 Mode::Static => calibrate_smoothed(&paths, observer, act, &factors, &mut |h| run_calib(&net, h))?,
             };
             apply(&mut net, &specs)?;

@@ -145,9 +145,10 @@ pub fn calibrate(
 /// [`calibrate`] for layers smoothed by [`crate::smooth::smooth_model`]: ranges are taken of
 /// the inputs divided by each layer's factors, and the specs carry the factors.
 ///
-/// Known weakness: on MiniLM, per-tensor static ranges over smoothed inputs measure far worse
-/// (0.88 mean cosine with α = 0.5) than unsmoothed ones (0.99); the command line offers
-/// smoothing with dynamic ranges only until this is understood.
+/// `run` must drive a model *without* the smoothed weights (the float model, or the original
+/// weight-quantized one): a smoothed layer computes its float output only once its spec
+/// divides the input, so calibrating the smoothed model itself would propagate `x·diag(s)·Wᵀ`
+/// to every later layer.
 pub fn calibrate_smoothed(
     paths: &[String],
     kind: ObserverKind,
