@@ -6,8 +6,8 @@
 //! - [`quantize`] is candle's `QTensor::quantize`; [`to_pare`] re-encodes Q8_0 and Q4_0 blocks
 //!   exactly as pare `QuantizedTensor`s (symmetric, per group of 32, the block's f16 scale), so
 //!   pare's own kernels run llama.cpp's formats bit for bit.
-//! - [`write`] saves tensors atomically (temp file, fsync, rename), refusing to overwrite an
-//!   input; [`read`] loads any GGUF file back as dense weights plus its string metadata, so a
+//! - [`write()`] saves tensors atomically (temp file, fsync, rename), refusing to overwrite an
+//!   input; [`read()`] loads any GGUF file back as dense weights plus its string metadata, so a
 //!   GGUF model pare wrote runs wherever a float one does.
 
 use std::collections::BTreeMap;
@@ -103,7 +103,7 @@ pub fn quantize(name: &str, t: &Tensor, ty: GgufType) -> Result<QTensor> {
 /// The pare weight holding exactly what llama.cpp's `ty` holds: Q8_0 and Q4_0 as symmetric
 /// per-group-32 `QuantizedTensor`s with the blocks' scales, F16 as a dense f16 tensor, F32 as
 /// it is. Q4_1 and the K-quants have float block minimums or nested scales with no pare
-/// equivalent yet: write them with [`write`].
+/// equivalent yet: write them with [`write()`].
 pub fn to_pare(name: &str, t: &Tensor, ty: GgufType) -> Result<Weight> {
     let (bits, block_bytes) = match ty {
         GgufType::F32 => return Ok(Weight::Dense(t.to_dtype(DType::F32)?)),
