@@ -104,21 +104,7 @@ impl ActQuant {
     /// Scale and zero point for values spanning `[lo, hi]` (widened to include 0, so zero is
     /// exact; an all-zero range gets S = 1).
     pub fn scale_zero(&self, lo: f32, hi: f32) -> (f32, i32) {
-        let (q_min, q_max) = (self.q_min() as f32, self.q_max() as f32);
-        let (lo, hi) = if self.symmetric {
-            let a = lo.abs().max(hi.abs());
-            (-a, a)
-        } else {
-            (lo.min(0.0), hi.max(0.0))
-        };
-        if hi - lo <= 0.0 || !(hi - lo).is_finite() {
-            return (1.0, if self.symmetric { 0 } else { q_min as i32 });
-        }
-        let s = (hi - lo) / (q_max - q_min);
-        if self.symmetric {
-            return (s, 0);
-        }
-        (s, (q_min - lo / s).round_ties_even().clamp(q_min, q_max) as i32)
+        crate::quant::affine_scale_zero(lo, hi, self.q_min(), self.q_max(), self.symmetric)
     }
 
     /// Quantizes `x` to codes (as `i32`), returning each value's `(scale, zero_point)` unit

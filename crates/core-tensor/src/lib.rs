@@ -46,7 +46,9 @@ pub use error::{Error, Result};
 pub use hooks::{Hooks, LayerKind, Observer, Site};
 pub use layers::{Activation, Conv2d, Embedding, LayerNorm, Linear};
 pub use module::{Init, InitWeights, LayerMut, LayerRef, LoadedWeights, Module, WeightSource};
-pub use quant::{Granularity, Mapping, QuantScheme, QuantizedTensor, pack_codes, packed_len, unpack_codes};
+pub use quant::{
+    Granularity, Mapping, QuantScheme, QuantizedTensor, affine_scale_zero, pack_codes, packed_len, unpack_codes,
+};
 pub use runtime::{Conv2dParams, PreparedOp, ReferenceRuntime, Runtime};
 pub use sparse::{SparseLayout, SparseTensor};
 pub use weight::Weight;

@@ -114,6 +114,29 @@ impl QuantScheme {
     }
 }
 
+/// Scale and zero point of the affine mapping with codes `[q_min, q_max]` for values spanning
+/// `[lo, hi]`: the range is widened to include 0 (made ±max|r| when `symmetric`, Z = 0) so zero
+/// is exact, `S = (hi − lo)/(q_max − q_min)`, `Z = round(q_min − lo/S)`. An empty or non-finite
+/// range gets S = 1 (Z = q_min when asymmetric), so constant tensors have a defined result.
+/// Weights (pare-quant) and activations ([`crate::ActQuant`]) share this one rule.
+pub fn affine_scale_zero(lo: f32, hi: f32, q_min: i32, q_max: i32, symmetric: bool) -> (f32, i32) {
+    let (q_min, q_max) = (q_min as f32, q_max as f32);
+    let (lo, hi) = if symmetric {
+        let a = lo.abs().max(hi.abs());
+        (-a, a)
+    } else {
+        (lo.min(0.0), hi.max(0.0))
+    };
+    if hi - lo <= 0.0 || !(hi - lo).is_finite() {
+        return (1.0, if symmetric { 0 } else { q_min as i32 });
+    }
+    let s = (hi - lo) / (q_max - q_min);
+    if symmetric {
+        return (s, 0);
+    }
+    (s, (q_min - lo / s).round_ties_even().clamp(q_min, q_max) as i32)
+}
+
 /// Packs `codes` (each `< 2^bits`) into a little-endian bit stream: code `i` occupies bits
 /// `i·bits .. (i+1)·bits`, least significant bit first.
 pub fn pack_codes(codes: &[u8], bits: u8) -> Result<Vec<u8>> {

@@ -40,22 +40,7 @@ impl LinearSpec {
 /// The range is widened to include 0 so zero is exact. A unit that is all zeros gets S = 1
 /// (any scale represents it exactly), so constant tensors have a defined result.
 pub fn scale_zero(lo: f32, hi: f32, scheme: &QuantScheme) -> (f32, i32) {
-    let (q_min, q_max) = (scheme.q_min() as f32, scheme.q_max() as f32);
-    let (lo, hi) = if scheme.symmetric {
-        let a = lo.abs().max(hi.abs());
-        (-a, a)
-    } else {
-        (lo.min(0.0), hi.max(0.0))
-    };
-    if hi - lo == 0.0 {
-        return (1.0, if scheme.symmetric { 0 } else { q_min as i32 });
-    }
-    let s = (hi - lo) / (q_max - q_min);
-    if scheme.symmetric {
-        return (s, 0);
-    }
-    let z = (q_min - lo / s).round_ties_even().clamp(q_min, q_max);
-    (s, z as i32)
+    pare_core_tensor::affine_scale_zero(lo, hi, scheme.q_min(), scheme.q_max(), scheme.symmetric)
 }
 
 /// Quantizes one value: `clamp(round(r/S + Z))` as an integer in the scheme's range.
