@@ -345,7 +345,9 @@ fn export_gguf(args: &Args) -> anyhow::Result<()> {
         if !matches!(w, pare_core_tensor::Weight::Dense(_)) {
             bail!("`{name}`: GGUF export needs float weights, found {}", w.describe());
         }
-        ty.check(name, &w.shape())?;
+        if let Err(e) = ty.check(name, &w.shape()) {
+            bail!("{e} (leave it in float with --exclude, or name the layers with --layers)");
+        }
     }
     let bar = crate::progress(weights.len() as u64, "gguf");
     let mut tensors = Vec::new();
