@@ -6,6 +6,7 @@ mod pare {
     mod digits;
     mod minilm;
     mod ptq;
+    mod qat;
 
     mod safetensors_corpus;
     mod trainer;

@@ -7,9 +7,8 @@ use anyhow::Context;
 use candle_core::Device;
 use pare_core_tensor::data::digits;
 use pare_core_tensor::metrics::MacCounter;
-use pare_core_tensor::train::{LrSchedule, OptimizerKind, TrainConfig, TrainEvent};
 use pare_core_tensor::{Hooks, Module};
-use pare_models::digits::{DigitsArch, DigitsNet, fit, time_forward};
+use pare_models::digits::{DigitsArch, time_forward};
 
 /// Arguments of `cargo xtask demo`.
 #[derive(clap::Args)]
@@ -37,36 +36,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         data.validation.len(),
         data.test.len()
     );
-    let vars = candle_nn::VarMap::new();
-    let net = DigitsNet::init(DigitsArch::default_cnn(), args.seed, &dev, &vars)?;
-    let cfg = TrainConfig {
-        epochs: args.epochs,
-        batch_size: 32,
-        optimizer: OptimizerKind::adamw(args.lr),
-        schedule: LrSchedule::Cosine { warmup_steps: 40, min_factor: 0.02 },
-        seed: args.seed,
-        patience: Some(15),
-        checkpoint: None,
-    };
-    let steps = data.train.len().div_ceil(cfg.batch_size) * cfg.epochs;
-    let bar = crate::progress(steps as u64, "train cnn");
-    let started = std::time::Instant::now();
-    let report = fit(&net, &vars, &data, &cfg, &mut |e| match e {
-        TrainEvent::Step { loss, .. } => {
-            bar.inc(1);
-            bar.set_message(format!("loss {loss:.3}"));
-        }
-        TrainEvent::Epoch(s) => bar.set_message(format!("val acc {:.3}", s.metric)),
-    })?;
-    bar.finish_and_clear();
-    println!(
-        "trained in {:.1} s: {} epochs, best validation accuracy {:.4} at epoch {}{}",
-        started.elapsed().as_secs_f64(),
-        report.history.len(),
-        report.best_metric,
-        report.best_epoch + 1,
-        if report.stopped_early { " (stopped early)" } else { "" }
-    );
+    let (net, _) = crate::train::train_digits(DigitsArch::default_cnn(), &data, args.seed, args.epochs, args.lr)?;
 
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     let path = args.out.join("teacher.safetensors");

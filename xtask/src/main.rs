@@ -4,6 +4,7 @@ mod demo;
 mod embed;
 mod inspect;
 mod quantize;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +20,8 @@ struct Cli {
 enum Command {
     /// Train the digits CNN teacher on the embedded data set and print its figures.
     Demo(demo::Args),
+    /// Train a digits model of any architecture (cnn:C1,C2:H or mlp:H1,H2) on the embedded data.
+    Train(train::Args),
     /// List every tensor of a safetensors file (name, dtype, shape, bytes) and pare's metadata.
     Inspect(inspect::Args),
     /// Embed every line of a text file with a sentence-transformers model folder.
@@ -35,6 +38,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
+        Command::Train(a) => train::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Embed(a) => embed::run(a),
         Command::Quantize(a) => quantize::run(*a),

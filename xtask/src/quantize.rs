@@ -11,13 +11,17 @@ use candle_core::Device;
 use pare_core_tensor::data::{Examples, digits, sentences};
 use pare_core_tensor::io::{META_RECIPE, load_weights, save_weights};
 use pare_core_tensor::metrics::{mean_cosine, retrieval_agreement};
+use pare_core_tensor::train::{LrSchedule, OptimizerKind, TrainConfig, TrainEvent};
+use pare_core_tensor::{Granularity, ReferenceRuntime};
 use pare_core_tensor::{Hooks, Module};
 use pare_models::bert::SentenceEncoder;
+use pare_models::digits::fit;
 use pare_models::digits::{DigitsNet, META_MODEL};
 use pare_quant::gguf::GgufType;
 use pare_quant::gptq::{HessianObserver, collect_hessians};
 use pare_quant::observer::ObserverKind;
 use pare_quant::ptq::{ActSpec, apply, calibrate_smoothed, dynamic_specs};
+use pare_quant::qat::QatConfig;
 use pare_quant::smooth::{collect_channel_max, smooth_model};
 use pare_quant::weight_only::{LayerReport, Method, Selection, quantize_model_with, quantize_tensors, select_tensors};
 
@@ -43,8 +47,9 @@ pub struct Args {
     /// gptq (error compensation from calibration Hessians; needs calibration data).
     #[arg(long, default_value = "rtn")]
     algo: String,
-    /// weight-only, dynamic (activations ranged per token at run time) or static (activation
-    /// ranges calibrated and stored with the model).
+    /// weight-only, dynamic (activations ranged per token at run time), static (activation
+    /// ranges calibrated and stored with the model) or qat (static, then quantization-aware
+    /// fine-tuning of weights and learned step sizes; digits models).
     #[arg(long, default_value = "weight-only")]
     mode: String,
     /// Static mode's observer: minmax, moving-average (or moving-average:C for momentum C),
@@ -84,6 +89,15 @@ pub struct Args {
     /// Leave layers matching these globs in float (repeatable).
     #[arg(long = "exclude")]
     exclude: Vec<String>,
+    /// QAT: fine-tuning epochs (the epoch with the best validation accuracy is kept).
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    /// QAT: peak learning rate of AdamW (weights and log step sizes).
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// QAT: seed of the data split and the shuffles.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -91,6 +105,7 @@ enum Mode {
     WeightOnly,
     Dynamic,
     Static,
+    Qat,
 }
 
 /// Lines of a text file, at most `limit`, refusing an empty set.
@@ -116,10 +131,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "weight-only" => Mode::WeightOnly,
         "dynamic" => Mode::Dynamic,
         "static" => Mode::Static,
-        "qat" => bail!(
-            "--mode qat: quantization-aware training is not built yet (issue 3); use weight-only, dynamic or static"
-        ),
-        other => bail!("--mode: expected weight-only, dynamic or static, found `{other}`"),
+        "qat" => Mode::Qat,
+        other => bail!("--mode: expected weight-only, dynamic, static or qat, found `{other}`"),
     };
     let observer = ObserverKind::parse(&args.observer)?;
     let act = ActSpec { bits: args.act_bits, symmetric: args.act_symmetric || mode == Mode::Dynamic };
@@ -133,14 +146,39 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // GPTQ would need the Hessian of the smoothed inputs, diag(1/s)·H·diag(1/s).
         bail!("--smooth with --algo gptq is not supported yet: use --algo rtn or clip");
     }
-    let needs_calib = mode == Mode::Static || matches!(method, Method::Gptq(..)) || args.smooth.is_some();
+    let qat = match (&method, mode) {
+        (_, m) if m != Mode::Qat => None,
+        (Method::Int(spec), _)
+            if spec.symmetric
+                && matches!(spec.granularity, Granularity::PerChannel { axis: 0 } | Granularity::PerTensor) =>
+        {
+            Some(QatConfig { bits: spec.bits, per_channel: spec.granularity != Granularity::PerTensor })
+        }
+        _ => bail!(
+            "--mode qat learns symmetric integer weights with one step per channel or per tensor: use --scheme \
+             int2..int8, --granularity channel|tensor, no --asymmetric and --algo rtn (found --scheme {} \
+             --granularity {}{} --algo {})",
+            args.scheme,
+            args.granularity,
+            if args.asymmetric { " --asymmetric" } else { "" },
+            args.algo
+        ),
+    };
+    if qat.is_some() && args.smooth.is_some() {
+        bail!("--smooth with --mode qat is not supported: QAT learns unsmoothed static input steps");
+    }
+    if qat.is_some() && (args.epochs == 0 || !(args.lr.is_finite() && args.lr > 0.0)) {
+        bail!("--epochs must be ≥ 1 and --lr finite and > 0, found {} and {}", args.epochs, args.lr);
+    }
+    let needs_calib =
+        matches!(mode, Mode::Static | Mode::Qat) || matches!(method, Method::Gptq(..)) || args.smooth.is_some();
     if needs_calib && args.calib_size == 0 {
         bail!("--calib-size: expected at least 1 calibration example, found 0");
     }
     let selection = Selection { include: args.layers.clone(), exclude: args.exclude.clone() };
     let recipe = format!(
         "quantize scheme={} granularity={} symmetric={} algo={} mode={} observer={} act_bits={} act_symmetric={} \
-         smooth={:?} calib={:?} calib_size={} layers={:?} exclude={:?}",
+         smooth={:?} calib={:?} calib_size={} layers={:?} exclude={:?} epochs={} lr={} seed={}",
         args.scheme,
         args.granularity,
         !args.asymmetric,
@@ -153,7 +191,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.calib,
         args.calib_size,
         args.layers,
-        args.exclude
+        args.exclude,
+        args.epochs,
+        args.lr,
+        args.seed
     );
     let meta = BTreeMap::from([(META_RECIPE.to_string(), recipe)]);
     let dev = Device::Cpu;
@@ -164,6 +205,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut quality = Vec::new();
     let reports = if args.model.is_dir() {
+        if mode == Mode::Qat {
+            bail!(
+                "--mode qat needs a training task: it is built for digits models; for a model folder use \
+                 --mode static (with --smooth) or --algo gptq"
+            );
+        }
         if args.out.exists() && !args.out.is_dir() {
             bail!("--out `{}` must be a folder for a model folder", args.out.display());
         }
@@ -201,7 +248,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Mode::Static if !factors.is_empty() => {
                 calibrate_smoothed(&paths, observer, act, &factors, &mut |h| run_calib(&float, h))?
             }
-            Mode::Static => calibrate_smoothed(&paths, observer, act, &factors, &mut |h| run_calib(&enc, h))?,
+            Mode::Static | Mode::Qat => {
+                calibrate_smoothed(&paths, observer, act, &factors, &mut |h| run_calib(&enc, h))?
+            }
         };
         apply(&mut enc.bert, &specs)?;
         if let Some(eval) = eval {
@@ -219,7 +268,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         reports
     } else {
         let (mut weights, file_meta) = load_weights(&args.model, &dev)?;
-        if file_meta.contains_key(META_MODEL) {
+        if let (Some(cfg), true) = (qat, file_meta.contains_key(META_MODEL)) {
+            bar.finish_and_clear();
+            let (reports, q) = qat_digits(&args, cfg, act, observer, &selection, &meta)?;
+            quality.push(q);
+            reports
+        } else if file_meta.contains_key(META_MODEL) {
             let float = DigitsNet::load(&args.model, &dev)?;
             let data = digits(42, &dev)?;
             let calib: Examples =
@@ -253,7 +307,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 Mode::Static if !factors.is_empty() => {
                     calibrate_smoothed(&paths, observer, act, &factors, &mut |h| run_calib(&float, h))?
                 }
-                Mode::Static => calibrate_smoothed(&paths, observer, act, &factors, &mut |h| run_calib(&net, h))?,
+                Mode::Static | Mode::Qat => {
+                    calibrate_smoothed(&paths, observer, act, &factors, &mut |h| run_calib(&net, h))?
+                }
             };
             apply(&mut net, &specs)?;
             let (fa, qa) = (float.accuracy(&data.test)?, net.accuracy(&data.test)?);
@@ -283,7 +339,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     bar.finish_and_clear();
     print_table(&reports);
     if mode != Mode::WeightOnly {
-        let kind = if mode == Mode::Dynamic { "dynamic per token".to_string() } else { format!("static ({observer})") };
+        let kind = match mode {
+            Mode::Dynamic => "dynamic per token".to_string(),
+            Mode::Qat => format!("static (initialised by {observer}, steps learned by QAT)"),
+            _ => format!("static ({observer})"),
+        };
         println!(
             "activations: int{} {} {kind} on the inputs of {} layers",
             act.bits,
@@ -296,6 +356,68 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// `--mode qat` on a digits model: static PTQ as the starting point (weights at the MSE-optimal
+/// steps, activation ranges from the observer), then LSQ fine-tuning on the training split,
+/// then conversion to integer weights and static activation specs.
+fn qat_digits(
+    args: &Args,
+    cfg: QatConfig,
+    act: ActSpec,
+    observer: ObserverKind,
+    selection: &Selection,
+    meta: &BTreeMap<String, String>,
+) -> anyhow::Result<(Vec<LayerReport>, String)> {
+    let dev = Device::Cpu;
+    let float = DigitsNet::load(&args.model, &dev)?;
+    let data = digits(args.seed, &dev)?;
+    let calib: Examples = data.train.select(&(0..args.calib_size.min(data.train.len()) as u32).collect::<Vec<_>>())?;
+    let vars = candle_nn::VarMap::new();
+    let mut net = DigitsNet::load_trainable(&args.model, &dev, &vars)?;
+    let paths = selection.resolve(&net)?;
+    let specs = calibrate_smoothed(&paths, observer, act, &BTreeMap::new(), &mut |hooks| {
+        for b in calib.batches(64)? {
+            net.forward_hooked(&b.x, hooks)?;
+        }
+        Ok(calib.len())
+    })?;
+    apply(&mut net, &specs)?;
+    let rt = pare_quant::qat::prepare(&mut net, &vars, cfg, &paths)?;
+    let start = net.accuracy(&data.test)?;
+    let train = TrainConfig {
+        epochs: args.epochs,
+        batch_size: 32,
+        optimizer: OptimizerKind::adamw(args.lr),
+        schedule: LrSchedule::Cosine { warmup_steps: 20, min_factor: 0.05 },
+        seed: args.seed,
+        patience: None,
+        checkpoint: None,
+    };
+    let bar = crate::progress((data.train.len().div_ceil(32) * args.epochs) as u64, "qat");
+    let report = fit(&net, &vars, &data, &train, &mut |e| match e {
+        TrainEvent::Step { loss, .. } => {
+            bar.inc(1);
+            bar.set_message(format!("loss {loss:.3}"));
+        }
+        TrainEvent::Epoch(s) => bar.set_message(format!("val acc {:.3}", s.metric)),
+    })?;
+    bar.finish_and_clear();
+    let reference: std::sync::Arc<dyn pare_core_tensor::Runtime> = ReferenceRuntime::shared(dev.clone());
+    let reports = pare_quant::qat::convert(&mut net, &rt, &reference)?;
+    let (fa, qa) = (float.accuracy(&data.test)?, net.accuracy(&data.test)?);
+    net.save(&args.out, meta, &[args.model.as_path()])?;
+    let quality = format!(
+        "test accuracy {:.2}% (float {:.2}%, {:+.2} points; PTQ starting point {:.2}%) after QAT epoch {} of {} on {} digits",
+        100.0 * qa,
+        100.0 * fa,
+        100.0 * (qa - fa),
+        100.0 * start,
+        report.best_epoch + 1,
+        report.history.len(),
+        data.test.len()
+    );
+    Ok((reports, quality))
 }
 
 /// `--format gguf`: the selected layers' weights in a llama.cpp block type, every other tensor

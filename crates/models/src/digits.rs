@@ -47,6 +47,46 @@ pub enum DigitsArch {
     Cnn(CnnConfig),
 }
 
+impl std::str::FromStr for DigitsArch {
+    type Err = Error;
+
+    /// `mlp:H1,H2,...` (hidden widths) or `cnn:C1,C2,...:H` (convolution channels, hidden
+    /// width): `cnn:16,32:64` is the demo's teacher, `mlp:128,64` the default MLP.
+    fn from_str(spec: &str) -> Result<Self> {
+        let bad = |why: &str| Error::Config {
+            what: "digits architecture",
+            detail: format!("expected mlp:H1,H2,... or cnn:C1,C2,...:H, found `{spec}` ({why})"),
+        };
+        let widths = |list: &str| -> Result<Vec<usize>> {
+            list.split(',')
+                .map(|w| w.trim().parse::<usize>().map_err(|_| bad("widths are positive integers")))
+                .collect()
+        };
+        let arch = match spec.split(':').collect::<Vec<_>>().as_slice() {
+            ["mlp", hidden] => DigitsArch::Mlp(MlpConfig { hidden: widths(hidden)? }),
+            ["mlp"] => DigitsArch::Mlp(MlpConfig { hidden: Vec::new() }),
+            ["cnn", channels, hidden] => DigitsArch::Cnn(CnnConfig {
+                channels: widths(channels)?,
+                hidden: hidden.trim().parse().map_err(|_| bad("the hidden width is a positive integer"))?,
+            }),
+            _ => return Err(bad("unknown form")),
+        };
+        arch.validate()?;
+        Ok(arch)
+    }
+}
+
+impl std::fmt::Display for DigitsArch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let join = |w: &[usize]| w.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+        match self {
+            DigitsArch::Mlp(c) if c.hidden.is_empty() => write!(f, "mlp"),
+            DigitsArch::Mlp(c) => write!(f, "mlp:{}", join(&c.hidden)),
+            DigitsArch::Cnn(c) => write!(f, "cnn:{}:{}", join(&c.channels), c.hidden),
+        }
+    }
+}
+
 impl DigitsArch {
     /// The demo's teacher CNN: conv 16, conv 32, max-pool, linear 64, linear 10 (≈38k parameters).
     pub fn default_cnn() -> Self {
@@ -265,4 +305,22 @@ pub fn time_forward(net: &DigitsNet, x: &Tensor, reps: usize) -> Result<f64> {
         net.forward(x)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
     }
     Ok(start.elapsed().as_secs_f64() / reps.max(1) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn architectures_parse_and_print_back() {
+        for spec in ["cnn:16,32:64", "cnn:4,8:32", "mlp:128,64", "mlp"] {
+            let arch: DigitsArch = spec.parse().unwrap();
+            assert_eq!(arch.to_string(), spec);
+        }
+        assert_eq!("cnn:16,32:64".parse::<DigitsArch>().unwrap(), DigitsArch::default_cnn());
+        for bad in ["cnn:16,32", "rnn:4", "mlp:128,x", "cnn:0,8:32", "cnn:4,8:0", ""] {
+            let e = bad.parse::<DigitsArch>().unwrap_err().to_string();
+            assert!(e.contains(&format!("`{bad}`")) || e.contains("widths must be"), "{bad}: {e}");
+        }
+    }
 }

@@ -195,12 +195,15 @@ pub fn group_params(w: &[f32], spec: &LinearSpec, clip: bool) -> (f32, i32) {
 
 fn groups_of(spec: &LinearSpec, name: &str, cols: usize) -> Result<usize> {
     match spec.granularity {
-        Granularity::PerChannel { axis: 0 } => Ok(cols),
+        Granularity::PerChannel { axis: 0 } | Granularity::PerTensor => Ok(cols),
         Granularity::PerGroup { size } if size > 0 && cols.is_multiple_of(size) => Ok(size),
         Granularity::PerGroup { size } => {
             Err(option(name, format!("group size {size} must divide the row length {cols}")))
         }
-        g => Err(option(name, format!("GPTQ and clip search need per-channel or per-group scales, found {g:?}"))),
+        g => Err(option(
+            name,
+            format!("GPTQ and clip search need per-tensor, per-channel (axis 0) or per-group scales, found {g:?}"),
+        )),
     }
 }
 
@@ -209,6 +212,10 @@ pub fn clip_search(name: &str, t: &Tensor, spec: LinearSpec) -> Result<Quantized
     let (rows, cols) = t.dims2().map_err(|_| option(name, format!("expected a 2-D weight, found {:?}", t.dims())))?;
     let group = groups_of(&spec, name, cols)?;
     let w = finite_values(name, t)?;
+    if spec.granularity == Granularity::PerTensor {
+        let (s, z) = group_params(&w, &spec, true);
+        return quantize_with(name, &w, &[rows, cols], t.dtype(), spec, &[s], &[z]);
+    }
     let (mut scales, mut zeros) = (Vec::new(), Vec::new());
     for r in 0..rows {
         for g in (0..cols).step_by(group) {
@@ -248,10 +255,15 @@ pub fn gptq_quantize(name: &str, t: &Tensor, h: &[f64], spec: LinearSpec, cfg: G
     if cfg.act_order {
         perm.sort_by(|&a, &b| h[b * cols + b].total_cmp(&h[a * cols + a]).then(a.cmp(&b)));
     }
-    // Group parameters fixed up front for act-order (static groups), else found lazily.
+    // Group parameters fixed up front for act-order (static groups) and per-tensor scales,
+    // else found lazily from the updated weights.
     let n_groups = cols / group;
+    let per_tensor = spec.granularity == Granularity::PerTensor;
+    let fixed = cfg.act_order || per_tensor;
     let mut params = vec![(0f32, 0i32); rows * n_groups];
-    if cfg.act_order {
+    if per_tensor {
+        params.fill(group_params(&w, &spec, cfg.clip_search));
+    } else if cfg.act_order {
         for r in 0..rows {
             for g in 0..n_groups {
                 let row = &w[r * cols + g * group..r * cols + (g + 1) * group];
@@ -284,7 +296,7 @@ pub fn gptq_quantize(name: &str, t: &Tensor, h: &[f64], spec: LinearSpec, cfg: G
     for i in 0..cols {
         let orig = perm[i];
         let g = orig / group;
-        if !cfg.act_order && orig.is_multiple_of(group) {
+        if !fixed && orig.is_multiple_of(group) {
             // Natural order: the group starts here; take its parameters from the updated weights.
             for r in 0..rows {
                 let row: Vec<f32> = (i..i + group).map(|j| wp[r * cols + j] as f32).collect();
@@ -307,6 +319,9 @@ pub fn gptq_quantize(name: &str, t: &Tensor, h: &[f64], spec: LinearSpec, cfg: G
                 wr.iter_mut().zip(urow).for_each(|(wv, uv)| *wv -= e * uv);
             }
         }
+    }
+    if per_tensor {
+        params.truncate(1);
     }
     let (scales, zeros): (Vec<f32>, Vec<i32>) = params.into_iter().unzip();
     quantize_with(name, &out, &[rows, cols], t.dtype(), spec, &scales, &zeros)

@@ -7,10 +7,17 @@
 //!   channel (any axis), per group along the reduction axis, or per token;
 //! - [`float`]: narrowing to FP16, BF16, FP8 E4M3 and E5M2 (round-to-nearest-even, saturating);
 //! - [`codebook`]: non-linear mappings — NF4, quantile (equal-population bins) and seeded
-//!   k-means codebooks.
+//!   k-means codebooks;
+//! - [`weight_only`]: layer selection by glob and weight-only quantization of whole models
+//!   (round to nearest, clipping search, GPTQ) with per-layer error reports;
+//! - [`gptq`]: GPTQ's Hessian-based error compensation and the clipping search;
+//! - [`observer`] and [`ptq`]: activation quantization — dynamic per token, or static ranges
+//!   from min-max, moving-average, percentile, MSE and entropy (KL) observers;
+//! - [`smooth`]: SmoothQuant's migration of activation outliers into the weights;
+//! - [`qat`]: quantization-aware training with learned step sizes, converted to integers;
+//! - [`gguf`]: llama.cpp block types through candle, and GGUF export.
 //!
-//! Still to come (issue 3): PTQ static observers, dynamic activation quantization, QAT,
-//! GPTQ/AWQ/SmoothQuant, layer selection and export to GGUF / compressed-tensors.
+//! Still to come (issue 3): compressed-tensors export.
 //!
 //! ```
 //! use pare_quant::linear::{LinearSpec, quantize_linear};
@@ -33,6 +40,7 @@ pub mod gptq;
 pub mod linear;
 pub mod observer;
 pub mod ptq;
+pub mod qat;
 pub mod smooth;
 mod values;
 pub mod weight_only;

@@ -70,12 +70,18 @@ fn gptq_has_less_output_error_than_round_to_nearest() {
     let w = Tensor::from_vec(normal(&mut rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();
     let x = correlated_inputs(&mut rng, 512, cols);
     let h = hessian_of(&x);
-    for (bits, gran) in [(4, Granularity::PerGroup { size: 32 }), (3, Granularity::PerChannel { axis: 0 })] {
+    for (bits, gran) in [
+        (4, Granularity::PerGroup { size: 32 }),
+        (3, Granularity::PerChannel { axis: 0 }),
+        (4, Granularity::PerTensor),
+    ] {
         let spec = LinearSpec { bits, symmetric: false, granularity: gran };
         let rtn = output_error(&x, &w, &quantize_linear("w", &w, spec).unwrap());
         for act_order in [false, true] {
             let cfg = GptqConfig { act_order, ..Default::default() };
-            let g = output_error(&x, &w, &gptq_quantize("w", &w, &h, spec, cfg).unwrap());
+            let q = gptq_quantize("w", &w, &h, spec, cfg).unwrap();
+            assert_eq!(q.scales().len(), spec.scheme().num_scales(&[rows, cols]).unwrap());
+            let g = output_error(&x, &w, &q);
             assert!(g < 0.7 * rtn, "{bits} bits act_order={act_order}: gptq {g} vs rtn {rtn}");
         }
         let c = output_error(&x, &w, &clip_search("w", &w, spec).unwrap());
