@@ -78,8 +78,9 @@ pub struct Args {
     /// on the embedded test split.
     #[arg(long)]
     eval: Option<PathBuf>,
-    /// Output format: pare (safetensors with packed codes) or gguf (llama.cpp's blocks via
-    /// candle; --scheme f16, q8_0, q4_0, q4_1, q4_k or q6_k).
+    /// Output format: pare (safetensors with packed codes), gguf (llama.cpp's blocks via
+    /// candle; --scheme f16, q8_0, q4_0, q4_1, q4_k or q6_k) or compressed-tensors (the layout
+    /// vLLM and transformers load; model folders, int2..int8).
     #[arg(long, default_value = "pare")]
     format: String,
     /// Quantize only layers matching these globs (repeatable); by default every linear and
@@ -119,14 +120,32 @@ fn text_lines(path: &Path, limit: usize, what: &str) -> anyhow::Result<Vec<Strin
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    match args.format.as_str() {
-        "pare" => {}
+    let compressed_tensors = match args.format.as_str() {
+        "pare" => false,
         "gguf" => return export_gguf(&args),
-        "compressed-tensors" => bail!("--format compressed-tensors is not built yet (issue 3); use pare or gguf"),
-        other => bail!("--format: expected pare or gguf, found `{other}`"),
-    }
+        "compressed-tensors" => true,
+        other => bail!("--format: expected pare, gguf or compressed-tensors, found `{other}`"),
+    };
     // Everything is checked before any long work starts.
     let method = Method::parse(&args.scheme, &args.granularity, !args.asymmetric)?.with_algo(&args.algo)?;
+    if compressed_tensors {
+        if !args.model.is_dir() {
+            bail!(
+                "--format compressed-tensors writes a Hugging Face model folder: --model must be one (digits models save as pare or gguf)"
+            );
+        }
+        if !matches!(method, Method::Int(_) | Method::IntClip(_) | Method::Gptq(..)) {
+            bail!(
+                "--format compressed-tensors holds integer weights: expected --scheme int2..int8, found `{}`",
+                args.scheme
+            );
+        }
+        if args.smooth.is_some() {
+            bail!(
+                "--format compressed-tensors has no place for SmoothQuant factors: drop --smooth, or use --format pare"
+            );
+        }
+    }
     let mode = match args.mode.as_str() {
         "weight-only" => Mode::WeightOnly,
         "dynamic" => Mode::Dynamic,
@@ -264,7 +283,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 retrieval_agreement(&a, &b)?
             ));
         }
-        enc.bert.save_folder(&args.model, &args.out, &meta).with_context(|| format!("write {}", args.out.display()))?;
+        if compressed_tensors {
+            enc.bert
+                .save_folder_compressed_tensors(&args.model, &args.out, &meta)
+                .with_context(|| format!("write {}", args.out.display()))?;
+            // Read the folder back as a user would and check it computes the same embeddings.
+            let back =
+                SentenceEncoder::load(&args.out, &dev).with_context(|| format!("reload {}", args.out.display()))?;
+            let probe: Vec<String> = calib.iter().take(16).cloned().collect();
+            let probe =
+                if probe.is_empty() { vec!["The quick brown fox jumps over the lazy dog.".to_string()] } else { probe };
+            let (a, b) = (enc.embed(&probe, 32, &mut |_| {})?, back.embed(&probe, 32, &mut |_| {})?);
+            let d = pare_core_tensor::testing::max_abs_diff(&a, &b)?;
+            if d != 0.0 {
+                bail!("the compressed-tensors folder reloads with embeddings {d} away from the quantized model");
+            }
+            quality.push(format!(
+                "compressed-tensors folder ({}) reloads to identical embeddings",
+                std::fs::read_to_string(args.out.join("config.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .and_then(|v| v["quantization_config"]["format"].as_str().map(String::from))
+                    .unwrap_or_default()
+            ));
+        } else {
+            enc.bert
+                .save_folder(&args.model, &args.out, &meta)
+                .with_context(|| format!("write {}", args.out.display()))?;
+        }
         reports
     } else {
         let (mut weights, file_meta) = load_weights(&args.model, &dev)?;

@@ -480,6 +480,32 @@ pub fn save_tensors(
     Ok(())
 }
 
+/// Writes `data` to `dest` atomically (temp file in the same folder, fsync, rename, fsync the
+/// folder): an interrupted write leaves `dest` as it was.
+pub fn write_file_atomic(dest: impl AsRef<Path>, data: &[u8]) -> Result<()> {
+    let dest = dest.as_ref();
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{file_name}."))
+        .suffix(".tmp")
+        .tempfile_in(&dir)
+        .map_err(|e| Error::io("create a temp file in", &dir, e))?;
+    tmp.write_all(data).map_err(|e| Error::io("write", tmp.path(), e))?;
+    let mode = std::fs::metadata(dest).map(|m| m.permissions()).unwrap_or_else(|_| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::Permissions::from_mode(0o644)
+    });
+    tmp.as_file().set_permissions(mode).map_err(|e| Error::io("set permissions of", tmp.path(), e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io("fsync", tmp.path(), e))?;
+    tmp.persist(dest).map_err(|e| Error::io("rename the temp file onto", dest, e.error))?;
+    File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("fsync folder", &dir, e))?;
+    Ok(())
+}
+
 /// Encodes every weight in its own format: dense tensors under their name; quantized ones as
 /// `NAME.__q.codes` (packed U8), `NAME.__q.scales` (F32), `NAME.__q.zero_points` (I32),
 /// `NAME.__q.codebook` (F32) with the scheme, shape and dtype in metadata `pare.quant.NAME`;
@@ -685,6 +711,8 @@ pub fn load_gguf(
         content.metadata.iter().filter_map(|(k, v)| v.to_string().ok().map(|s| (k.clone(), s.clone()))).collect();
     Ok((weights, meta))
 }
+
+pub mod compressed_tensors;
 
 #[cfg(test)]
 mod tests;

@@ -152,11 +152,14 @@ impl BertEncoder {
     }
 
     /// Loads `config.json` and `model.safetensors` (or, failing that, `model.gguf`, dequantized)
-    /// from a Hugging Face model folder.
+    /// from a Hugging Face model folder. A config.json with a compressed-tensors
+    /// `quantization_config` has its quantized layers read as pare quantized weights.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let config = BertConfig::from_file(&dir.join("config.json"))?;
         let st = dir.join("model.safetensors");
-        let (mut weights, meta) = if st.is_file() {
+        let (mut weights, meta) = if let Some(qc) = compressed_tensors_config(&dir.join("config.json"))? {
+            pare_core_tensor::io::compressed_tensors::load(st, &qc, device)?
+        } else if st.is_file() {
             load_weights(st, device)?
         } else {
             pare_core_tensor::io::load_gguf(dir.join("model.gguf"), device)?
@@ -198,6 +201,48 @@ impl BertEncoder {
         meta.extend(pare_core_tensor::act::to_metadata(self));
         pare_core_tensor::io::save_weights(out.join("model.safetensors"), &self.named_weights(), &meta, &[&weights])?;
         copy_tree(src, out)
+    }
+
+    /// Writes a model folder in the compressed-tensors layout that vLLM and transformers load:
+    /// `out/model.safetensors` with the quantized layers as `int-quantized` or
+    /// `pack-quantized` tensors (see [`pare_core_tensor::io::compressed_tensors`]), `config.json`
+    /// with its `quantization_config`, and every other file of `src`. pare's own loader reads
+    /// it back to the same weights and activation specs.
+    pub fn save_folder_compressed_tensors(
+        &self,
+        src: &Path,
+        out: &Path,
+        metadata: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        let same = match (src.canonicalize(), out.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if same {
+            return Err(pare_core_tensor::Error::OverwriteInput { path: out.to_path_buf() }.into());
+        }
+        let inputs: std::collections::BTreeMap<String, pare_core_tensor::ActQuant> =
+            self.layers().iter().filter_map(|l| l.input_quant().map(|a| (l.path().to_string(), a))).collect();
+        // Everything is encoded (and refused) before anything is written.
+        let (tensors, qconfig) = pare_core_tensor::io::compressed_tensors::encode(&self.named_weights(), &inputs)?;
+        let cfg_path = src.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| pare_core_tensor::Error::io("read", &cfg_path, e))?;
+        let mut config: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| pare_core_tensor::Error::Json { path: cfg_path.clone(), cause: e })?;
+        config["quantization_config"] = qconfig;
+        std::fs::create_dir_all(out).map_err(|e| pare_core_tensor::Error::io("create folder", out, e))?;
+        let mut meta = metadata.clone();
+        meta.insert("format".into(), "pt".into());
+        pare_core_tensor::io::save_tensors(
+            out.join("model.safetensors"),
+            &tensors,
+            &meta,
+            &[&src.join("model.safetensors")],
+        )?;
+        copy_tree(src, out)?;
+        let json = serde_json::to_vec_pretty(&config).expect("JSON values serialise");
+        pare_core_tensor::io::write_file_atomic(out.join("config.json"), &json)?;
+        Ok(())
     }
 
     /// The configuration.
@@ -304,7 +349,19 @@ impl Module for BertEncoder {
     }
 }
 
-/// Copies every file of `src` except `model.safetensors` into `out`, sub-folders included.
+/// The `quantization_config` of a config.json when it is compressed-tensors'.
+fn compressed_tensors_config(path: &Path) -> Result<Option<serde_json::Value>> {
+    let text = std::fs::read_to_string(path).map_err(|e| pare_core_tensor::Error::io("read", path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| pare_core_tensor::Error::Json { path: path.to_path_buf(), cause: e })?;
+    Ok(v.get("quantization_config")
+        .filter(|q| {
+            q.get("quant_method").and_then(|m| m.as_str())
+                == Some(pare_core_tensor::io::compressed_tensors::QUANT_METHOD)
+        })
+        .cloned())
+}
+
 /// Copies every file of model folder `src` into `out` (recursively) except the weights
 /// (`model.safetensors`, `model.gguf`): config, tokenizer and pooling files for a rewritten model.
 pub fn copy_model_files(src: &Path, out: &Path) -> Result<()> {

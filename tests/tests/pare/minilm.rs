@@ -4,6 +4,7 @@
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
+use pare_core_tensor::Module;
 use pare_core_tensor::data::sentences;
 use pare_core_tensor::testing::max_abs_diff;
 use pare_models::bert::{SentenceEncoder, mean_pool_normalize};
@@ -105,5 +106,55 @@ fn a_quantized_folder_loads_like_the_original() -> anyhow::Result<()> {
     assert!(quantized * 10 < original * 7, "{quantized} vs {original} bytes"); // word embeddings stay f32
     // Writing the folder onto itself is refused.
     assert!(enc.bert.save_folder(&dir, &dir, &Default::default()).is_err());
+    Ok(())
+}
+
+#[test]
+fn compressed_tensors_folders_reload_to_the_same_model() -> anyhow::Result<()> {
+    use pare_core_tensor::io::SafeTensorsFile;
+    use pare_quant::ptq::{ActSpec, apply, dynamic_specs};
+    use pare_quant::weight_only::{Method, Selection, quantize_model};
+
+    let Some(dir) = minilm_dir("minilm::compressed_tensors_folders_reload_to_the_same_model")? else { return Ok(()) };
+    let dev = Device::Cpu;
+    let float = SentenceEncoder::load(&dir, &dev)?;
+    let few: Vec<String> = sentences(workspace_root().join("data/sentences.txt"))?.into_iter().take(8).collect();
+    // INT4 group-64 asymmetric weight-only: pack-quantized, zero points packed down the columns.
+    // W8A8 with dynamic per-token activations: int-quantized.
+    for (scheme, gran, sym, dynamic, format) in
+        [("int4", "group:64", false, false, "pack-quantized"), ("int8", "channel", true, true, "int-quantized")]
+    {
+        let mut enc = float.clone();
+        quantize_model(&mut enc.bert, &Method::parse(scheme, gran, sym)?, &Selection::default(), &mut |_| {})?;
+        if dynamic {
+            let paths = Selection::default().resolve(&enc.bert)?;
+            let specs = dynamic_specs(&enc.bert, &paths, ActSpec { bits: 8, symmetric: true }, true)?;
+            apply(&mut enc.bert, &specs)?;
+        }
+        let out = tempfile::tempdir()?;
+        enc.bert.save_folder_compressed_tensors(&dir, out.path(), &Default::default())?;
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json"))?)?;
+        let qc = &config["quantization_config"];
+        assert_eq!(qc["quant_method"], "compressed-tensors");
+        assert_eq!(qc["format"], format);
+        assert_eq!(config["hidden_size"], 384, "the model's own config is kept");
+        let targets = qc["config_groups"]["group_0"]["targets"].as_array().unwrap();
+        assert_eq!(targets.len(), 36, "every linear layer of the six blocks");
+        let file = SafeTensorsFile::open(out.path().join("model.safetensors"))?;
+        let q = "encoder.layer.0.attention.self.query";
+        if format == "pack-quantized" {
+            let packed = file.info(&format!("{q}.weight_packed"))?;
+            assert_eq!((packed.dtype.name(), packed.shape.clone()), ("I32", vec![384, 48]));
+            assert_eq!(file.info(&format!("{q}.weight_scale"))?.shape, vec![384, 6]);
+            assert_eq!(file.info(&format!("{q}.weight_zero_point"))?.shape, vec![48, 6]);
+        } else {
+            assert_eq!(file.info(&format!("{q}.weight"))?.dtype.name(), "I8");
+            assert_eq!(file.info(&format!("{q}.weight_scale"))?.shape, vec![384, 1]);
+        }
+        let back = SentenceEncoder::load(out.path(), &dev)?;
+        assert_eq!(back.bert.layer(q)?.input_quant(), enc.bert.layer(q)?.input_quant());
+        assert_eq!(max_abs_diff(&enc.embed(&few, 8, &mut |_| {})?, &back.embed(&few, 8, &mut |_| {})?)?, 0.0);
+    }
     Ok(())
 }

@@ -70,11 +70,9 @@ fn gptq_has_less_output_error_than_round_to_nearest() {
     let w = Tensor::from_vec(normal(&mut rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();
     let x = correlated_inputs(&mut rng, 512, cols);
     let h = hessian_of(&x);
-    for (bits, gran) in [
-        (4, Granularity::PerGroup { size: 32 }),
-        (3, Granularity::PerChannel { axis: 0 }),
-        (4, Granularity::PerTensor),
-    ] {
+    for (bits, gran) in
+        [(4, Granularity::PerGroup { size: 32 }), (3, Granularity::PerChannel { axis: 0 }), (4, Granularity::PerTensor)]
+    {
         let spec = LinearSpec { bits, symmetric: false, granularity: gran };
         let rtn = output_error(&x, &w, &quantize_linear("w", &w, spec).unwrap());
         for act_order in [false, true] {
