@@ -4,6 +4,7 @@ mod demo;
 mod embed;
 mod inspect;
 mod quantize;
+mod report;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,8 @@ enum Command {
     Embed(embed::Args),
     /// Quantize a model (weights, and activations dynamic or static) and report error and size.
     Quantize(Box<quantize::Args>),
+    /// Gather `quantize --json` runs into a Markdown table, per-layer SQNR, JSON and an SVG plot.
+    QuantReport(report::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -42,6 +45,7 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Embed(a) => embed::run(a),
         Command::Quantize(a) => quantize::run(*a),
+        Command::QuantReport(a) => report::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

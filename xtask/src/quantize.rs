@@ -23,7 +23,9 @@ use pare_quant::observer::ObserverKind;
 use pare_quant::ptq::{ActSpec, apply, calibrate_smoothed, dynamic_specs};
 use pare_quant::qat::QatConfig;
 use pare_quant::smooth::{collect_channel_max, smooth_model};
-use pare_quant::weight_only::{LayerReport, Method, Selection, quantize_model_with, quantize_tensors, select_tensors};
+use pare_quant::weight_only::{
+    LayerReport, Method, Override, Selection, quantize_model_plan, quantize_tensors, select_tensors,
+};
 
 /// Arguments of `cargo xtask quantize`.
 #[derive(clap::Args)]
@@ -90,6 +92,15 @@ pub struct Args {
     /// Leave layers matching these globs in float (repeatable).
     #[arg(long = "exclude")]
     exclude: Vec<String>,
+    /// A different method for some selected layers: `GLOB=SCHEME[,GRANULARITY[,ALGO]]`
+    /// (repeatable; the last matching override wins), e.g.
+    /// `encoder.layer.*.output.dense=int8,channel`.
+    #[arg(long = "override")]
+    overrides: Vec<String>,
+    /// Also write the run's figures (options, per-layer table, totals, quality) as JSON here,
+    /// for `cargo xtask quant-report`.
+    #[arg(long)]
+    json: Option<PathBuf>,
     /// QAT: fine-tuning epochs (the epoch with the best validation accuracy is kept).
     #[arg(long, default_value_t = 30)]
     epochs: usize,
@@ -161,7 +172,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.smooth.is_some() && mode == Mode::WeightOnly {
         bail!("--smooth applies to activation quantization: use --mode dynamic or static");
     }
-    if args.smooth.is_some() && matches!(method, Method::Gptq(..)) {
+    let overrides =
+        args.overrides.iter().map(|o| Override::parse(o, !args.asymmetric)).collect::<pare_quant::Result<Vec<_>>>()?;
+    let any_gptq = method.needs_hessians() || overrides.iter().any(|o| o.method.needs_hessians());
+    if !overrides.is_empty() && mode == Mode::Qat {
+        bail!("--override does not apply to --mode qat (one learned width for every layer)");
+    }
+    if args.smooth.is_some() && any_gptq {
         // GPTQ would need the Hessian of the smoothed inputs, diag(1/s)·H·diag(1/s).
         bail!("--smooth with --algo gptq is not supported yet: use --algo rtn or clip");
     }
@@ -189,8 +206,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if qat.is_some() && (args.epochs == 0 || !(args.lr.is_finite() && args.lr > 0.0)) {
         bail!("--epochs must be ≥ 1 and --lr finite and > 0, found {} and {}", args.epochs, args.lr);
     }
-    let needs_calib =
-        matches!(mode, Mode::Static | Mode::Qat) || matches!(method, Method::Gptq(..)) || args.smooth.is_some();
+    let needs_calib = matches!(mode, Mode::Static | Mode::Qat) || any_gptq || args.smooth.is_some();
     if needs_calib && args.calib_size == 0 {
         bail!("--calib-size: expected at least 1 calibration example, found 0");
     }
@@ -223,6 +239,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bar.set_message(r.path.clone());
     };
     let mut quality = Vec::new();
+    let mut metrics = serde_json::Map::new();
     let reports = if args.model.is_dir() {
         if mode == Mode::Qat {
             bail!(
@@ -250,7 +267,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             e.embed_hooked(&calib, 32, hooks, &mut |_| {})?;
             Ok(calib.len())
         };
-        let hessians = gptq_hessians(&method, &paths, &mut |h| run_calib(&float, h))?;
+        let hessians = gptq_hessians(any_gptq, &paths, &mut |h| run_calib(&float, h))?;
         let factors = match args.smooth {
             Some(alpha) => {
                 let amax = collect_channel_max(&paths, &mut |h| run_calib(&float, h))?;
@@ -258,7 +275,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             None => BTreeMap::new(),
         };
-        let reports = quantize_model_with(&mut enc.bert, &method, &selection, hessians.as_ref(), &mut on_layer)?;
+        let reports =
+            quantize_model_plan(&mut enc.bert, &method, &selection, &overrides, hessians.as_ref(), &mut on_layer)?;
         let specs = match mode {
             Mode::WeightOnly => BTreeMap::new(),
             Mode::Dynamic => with_factors(dynamic_specs(&enc.bert, &paths, act, true)?, &factors),
@@ -276,12 +294,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             bar.set_message("evaluating");
             let a = float.embed(&eval, 32, &mut |_| {})?;
             let b = enc.embed(&eval, 32, &mut |_| {})?;
+            let (cos, agree) = (mean_cosine(&a, &b)?, retrieval_agreement(&a, &b)?);
             quality.push(format!(
-                "{} sentences: mean cosine to float {:.5}, top-1 retrieval agreement {:.4}",
-                eval.len(),
-                mean_cosine(&a, &b)?,
-                retrieval_agreement(&a, &b)?
+                "{} sentences: mean cosine to float {cos:.5}, top-1 retrieval agreement {agree:.4}",
+                eval.len()
             ));
+            metrics.insert("mean_cosine".into(), cos.into());
+            metrics.insert("top1_agreement".into(), agree.into());
+            metrics.insert("eval_examples".into(), eval.len().into());
         }
         if compressed_tensors {
             enc.bert
@@ -316,8 +336,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let (mut weights, file_meta) = load_weights(&args.model, &dev)?;
         if let (Some(cfg), true) = (qat, file_meta.contains_key(META_MODEL)) {
             bar.finish_and_clear();
-            let (reports, q) = qat_digits(&args, cfg, act, observer, &selection, &meta)?;
+            let (reports, q, m) = qat_digits(&args, cfg, act, observer, &selection, &meta)?;
             quality.push(q);
+            metrics.extend(m);
             reports
         } else if file_meta.contains_key(META_MODEL) {
             let float = DigitsNet::load(&args.model, &dev)?;
@@ -333,7 +354,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 }
                 Ok(calib.len())
             };
-            let hessians = gptq_hessians(&method, &paths, &mut |h| run_calib(&float, h))?;
+            let hessians = gptq_hessians(any_gptq, &paths, &mut |h| run_calib(&float, h))?;
             let factors = match args.smooth {
                 Some(alpha) => {
                     let linear: Vec<String> = paths
@@ -346,7 +367,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 }
                 None => BTreeMap::new(),
             };
-            let reports = quantize_model_with(&mut net, &method, &selection, hessians.as_ref(), &mut on_layer)?;
+            let reports =
+                quantize_model_plan(&mut net, &method, &selection, &overrides, hessians.as_ref(), &mut on_layer)?;
             let specs = match mode {
                 Mode::WeightOnly => BTreeMap::new(),
                 Mode::Dynamic => with_factors(dynamic_specs(&net, &paths, act, true)?, &factors),
@@ -359,6 +381,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             };
             apply(&mut net, &specs)?;
             let (fa, qa) = (float.accuracy(&data.test)?, net.accuracy(&data.test)?);
+            metrics.insert("accuracy".into(), qa.into());
+            metrics.insert("float_accuracy".into(), fa.into());
             quality.push(format!(
                 "test accuracy {:.2}% (float {:.2}%, {:+.2} points) on {} digits",
                 100.0 * qa,
@@ -377,6 +401,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 );
             }
             bar.set_length(select_tensors(&weights, &args.layers)?.len() as u64);
+            if !overrides.is_empty() {
+                bail!("--override needs a known architecture; tensor by tensor, quantize in steps with --layers");
+            }
             let reports = quantize_tensors(&mut weights, &method, &args.layers, &mut on_layer)?;
             save_weights(&args.out, &weights, &meta, &[args.model.as_path()])?;
             reports
@@ -384,24 +411,46 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     bar.finish_and_clear();
     print_table(&reports);
+    let mut act_desc = String::new();
     if mode != Mode::WeightOnly {
         let kind = match mode {
             Mode::Dynamic => "dynamic per token".to_string(),
             Mode::Qat => format!("static (initialised by {observer}, steps learned by QAT)"),
             _ => format!("static ({observer})"),
         };
-        println!(
-            "activations: int{} {} {kind} on the inputs of {} layers",
-            act.bits,
-            if act.symmetric { "symmetric" } else { "asymmetric" },
-            reports.len()
-        );
+        act_desc = format!("int{} {} {kind}", act.bits, if act.symmetric { "symmetric" } else { "asymmetric" });
+        println!("activations: {act_desc} on the inputs of {} layers", reports.len());
     }
-    for q in quality {
+    for q in &quality {
         println!("{q}");
     }
     println!("wrote {}", args.out.display());
-    Ok(())
+    let act_desc = (mode != Mode::WeightOnly).then_some(act_desc);
+    write_run_json(args.json.as_deref(), &reports, act_desc, metrics)
+}
+
+/// `--json`: the run's options, per-layer table, totals, activation scheme and quality metrics.
+fn write_run_json(
+    path: Option<&Path>,
+    reports: &[LayerReport],
+    activations: Option<String>,
+    metrics: serde_json::Map<String, serde_json::Value>,
+) -> anyhow::Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let (before, after): (usize, usize) =
+        reports.iter().fold((0, 0), |(b, a), r| (b + r.bytes_before, a + r.bytes_after));
+    let weights: usize = reports.iter().map(|r| r.shape.iter().product::<usize>()).sum();
+    let run = serde_json::json!({
+        "command": std::env::args().skip(1).collect::<Vec<_>>(),
+        "layers": reports,
+        "bytes_before": before,
+        "bytes_after": after,
+        "bits_per_weight": 8.0 * after as f64 / weights.max(1) as f64,
+        "activations": activations,
+        "metrics": metrics,
+    });
+    let text = serde_json::to_vec_pretty(&run)?;
+    pare_core_tensor::io::write_file_atomic(path, &text).with_context(|| format!("write {}", path.display()))
 }
 
 /// `--mode qat` on a digits model: static PTQ as the starting point (weights at the MSE-optimal
@@ -414,7 +463,7 @@ fn qat_digits(
     observer: ObserverKind,
     selection: &Selection,
     meta: &BTreeMap<String, String>,
-) -> anyhow::Result<(Vec<LayerReport>, String)> {
+) -> anyhow::Result<(Vec<LayerReport>, String, serde_json::Map<String, serde_json::Value>)> {
     let dev = Device::Cpu;
     let float = DigitsNet::load(&args.model, &dev)?;
     let data = digits(args.seed, &dev)?;
@@ -463,7 +512,11 @@ fn qat_digits(
         report.history.len(),
         data.test.len()
     );
-    Ok((reports, quality))
+    let mut m = serde_json::Map::new();
+    m.insert("accuracy".into(), qa.into());
+    m.insert("float_accuracy".into(), fa.into());
+    m.insert("ptq_start_accuracy".into(), start.into());
+    Ok((reports, quality, m))
 }
 
 /// `--format gguf`: the selected layers' weights in a llama.cpp block type, every other tensor
@@ -474,6 +527,9 @@ fn export_gguf(args: &Args) -> anyhow::Result<()> {
     };
     if args.mode != "weight-only" || args.algo != "rtn" {
         bail!("--format gguf writes weight-only blocks: expected --mode weight-only --algo rtn");
+    }
+    if !args.overrides.is_empty() {
+        bail!("--override applies to --format pare and compressed-tensors: for GGUF, run with --layers per block type");
     }
     let dev = Device::Cpu;
     let selection = Selection { include: args.layers.clone(), exclude: args.exclude.clone() };
@@ -552,18 +608,21 @@ fn export_gguf(args: &Args) -> anyhow::Result<()> {
         pare_models::bert::copy_model_files(&args.model, &args.out)?;
     }
     print_table(&reports);
+    let mut metrics = serde_json::Map::new();
     // Load what was written, as a user would, and measure it against the float model.
     if folder {
         if let Some(eval) = &args.eval {
             let eval = text_lines(eval, usize::MAX, "evaluation file")?;
             let a = SentenceEncoder::load(&args.model, &dev)?.embed(&eval, 32, &mut |_| {})?;
             let b = SentenceEncoder::load(&args.out, &dev)?.embed(&eval, 32, &mut |_| {})?;
+            let (cos, agree) = (mean_cosine(&a, &b)?, retrieval_agreement(&a, &b)?);
             println!(
-                "{} sentences (model reloaded from GGUF): mean cosine to float {:.5}, top-1 retrieval agreement {:.4}",
-                eval.len(),
-                mean_cosine(&a, &b)?,
-                retrieval_agreement(&a, &b)?
+                "{} sentences (model reloaded from GGUF): mean cosine to float {cos:.5}, top-1 retrieval agreement {agree:.4}",
+                eval.len()
             );
+            metrics.insert("mean_cosine".into(), cos.into());
+            metrics.insert("top1_agreement".into(), agree.into());
+            metrics.insert("eval_examples".into(), eval.len().into());
         }
     } else if meta.contains_key(META_MODEL) {
         let data = digits(42, &dev)?;
@@ -577,9 +636,11 @@ fn export_gguf(args: &Args) -> anyhow::Result<()> {
             100.0 * fa,
             100.0 * (qa - fa)
         );
+        metrics.insert("accuracy".into(), qa.into());
+        metrics.insert("float_accuracy".into(), fa.into());
     }
     println!("wrote {}", dest.display());
-    Ok(())
+    write_run_json(args.json.as_deref(), &reports, None, metrics)
 }
 
 /// Dynamic specs carrying each layer's SmoothQuant factors.
@@ -595,14 +656,11 @@ fn with_factors(
 
 /// Calibration Hessians when the method is GPTQ.
 fn gptq_hessians(
-    method: &Method,
+    needed: bool,
     paths: &[String],
     run: &mut dyn FnMut(&mut Hooks<'_>) -> pare_quant::Result<usize>,
 ) -> anyhow::Result<Option<HessianObserver>> {
-    Ok(match method {
-        Method::Gptq(..) => Some(collect_hessians(paths, run)?),
-        _ => None,
-    })
+    Ok(if needed { Some(collect_hessians(paths, run)?) } else { None })
 }
 
 fn print_table(reports: &[LayerReport]) {

@@ -37,7 +37,7 @@ fn codebook_scheme(bits: u8, granularity: Granularity) -> QuantScheme {
 }
 
 /// Index of the entry of the sorted `book` nearest to `x` (ties to the lower entry).
-fn nearest(book: &[f32], x: f32) -> usize {
+pub(crate) fn nearest(book: &[f32], x: f32) -> usize {
     let i = book.partition_point(|v| *v < x);
     if i == 0 {
         0

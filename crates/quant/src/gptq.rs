@@ -231,13 +231,106 @@ pub fn clip_search(name: &str, t: &Tensor, spec: LinearSpec) -> Result<Quantized
 /// row-major, from [`HessianObserver::hessian`]).
 pub fn gptq_quantize(name: &str, t: &Tensor, h: &[f64], spec: LinearSpec, cfg: GptqConfig) -> Result<QuantizedTensor> {
     let (rows, cols) = t.dims2().map_err(|_| option(name, format!("expected a 2-D weight, found {:?}", t.dims())))?;
-    if h.len() != cols * cols {
-        return Err(option(name, format!("expected a {cols}×{cols} Hessian, found {} values", h.len())));
-    }
     if !(2..=8).contains(&spec.bits) {
         return Err(option(name, format!("linear mapping needs 2..=8 bits, found {}", spec.bits)));
     }
     let group = groups_of(&spec, name, cols)?;
+    let scheme = spec.scheme();
+    let (q_min, q_max) = (scheme.q_min(), scheme.q_max());
+    let grid = Grid {
+        group,
+        per_tensor: spec.granularity == Granularity::PerTensor,
+        params: &|w: &[f32]| group_params(w, &spec, cfg.clip_search),
+        deq: &|x: f32, (s, z): (f32, i32)| s * (quantize_value(x, s, z, q_min, q_max) - z) as f32,
+    };
+    let (out, mut params) = gptq_core(name, t, h, cfg, &grid)?;
+    if grid.per_tensor {
+        params.truncate(1);
+    }
+    let (scales, zeros): (Vec<f32>, Vec<i32>) = params.into_iter().unzip();
+    quantize_with(name, &out, &[rows, cols], t.dtype(), spec, &scales, &zeros)
+}
+
+/// NF4 with per-group absmax scales (optionally shrunk by the clipping search), rounded by
+/// GPTQ's error compensation instead of to the nearest codebook entry.
+pub fn gptq_nf4(name: &str, t: &Tensor, h: &[f64], group: usize, cfg: GptqConfig) -> Result<QuantizedTensor> {
+    let (rows, cols) = t.dims2().map_err(|_| option(name, format!("expected a 2-D weight, found {:?}", t.dims())))?;
+    if group == 0 || !cols.is_multiple_of(group) {
+        return Err(option(name, format!("NF4 group size {group} must divide the row length {cols}")));
+    }
+    let book = &crate::codebook::NF4;
+    let deq = |x: f32, (s, _): (f32, i32)| if s > 0.0 { s * book[crate::codebook::nearest(book, x / s)] } else { 0.0 };
+    let params = |w: &[f32]| -> (f32, i32) {
+        let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if !cfg.clip_search || amax == 0.0 {
+            return (amax, 0);
+        }
+        let err = |s: f32| -> f64 { w.iter().map(|&x| f64::from((x - deq(x, (s, 0))).abs()).powf(2.4)).sum() };
+        let mut best = (err(amax), amax);
+        for k in 1..=20 {
+            let s = amax * (1.0 - k as f32 * 0.01);
+            let e = err(s);
+            if e < best.0 {
+                best = (e, s);
+            }
+        }
+        (best.1, 0)
+    };
+    let grid = Grid { group, per_tensor: false, params: &params, deq: &deq };
+    let (out, params) = gptq_core(name, t, h, cfg, &grid)?;
+    let scales: Vec<f32> = params.iter().map(|p| p.0).collect();
+    let codes: Vec<u8> = out
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            let s = scales[i / group];
+            (if s > 0.0 { crate::codebook::nearest(book, x / s) } else { crate::codebook::nearest(book, 0.0) }) as u8
+        })
+        .collect();
+    let scheme = pare_core_tensor::QuantScheme {
+        bits: 4,
+        signed: false,
+        symmetric: true,
+        mapping: pare_core_tensor::Mapping::Codebook,
+        granularity: Granularity::PerGroup { size: group },
+    };
+    Ok(QuantizedTensor::from_codes(
+        &codes,
+        scheme,
+        scales,
+        None,
+        Some(book.to_vec()),
+        vec![rows, cols],
+        candle_core::DType::F32,
+    )?)
+}
+
+/// One group's scale and zero point.
+type GroupParams = (f32, i32);
+
+/// A per-group quantization grid for [`gptq_core`]: how a group's parameters are chosen and
+/// how one value is quantized and dequantized under them.
+struct Grid<'a> {
+    group: usize,
+    per_tensor: bool,
+    params: &'a dyn Fn(&[f32]) -> (f32, i32),
+    deq: &'a dyn Fn(f32, (f32, i32)) -> f32,
+}
+
+/// GPTQ's column-by-column quantization with error compensation: the dequantized weight
+/// (row-major, original column order) and every row's group parameters.
+fn gptq_core(
+    name: &str,
+    t: &Tensor,
+    h: &[f64],
+    cfg: GptqConfig,
+    grid: &Grid<'_>,
+) -> Result<(Vec<f32>, Vec<GroupParams>)> {
+    let (rows, cols) = t.dims2().map_err(|_| option(name, format!("expected a 2-D weight, found {:?}", t.dims())))?;
+    if h.len() != cols * cols {
+        return Err(option(name, format!("expected a {cols}×{cols} Hessian, found {} values", h.len())));
+    }
+    let group = grid.group;
     let mut w = finite_values(name, t)?;
     let mut h = h.to_vec();
     // Dead inputs (never non-zero in calibration) carry no information: zero their weights.
@@ -258,16 +351,14 @@ pub fn gptq_quantize(name: &str, t: &Tensor, h: &[f64], spec: LinearSpec, cfg: G
     // Group parameters fixed up front for act-order (static groups) and per-tensor scales,
     // else found lazily from the updated weights.
     let n_groups = cols / group;
-    let per_tensor = spec.granularity == Granularity::PerTensor;
-    let fixed = cfg.act_order || per_tensor;
+    let fixed = cfg.act_order || grid.per_tensor;
     let mut params = vec![(0f32, 0i32); rows * n_groups];
-    if per_tensor {
-        params.fill(group_params(&w, &spec, cfg.clip_search));
+    if grid.per_tensor {
+        params.fill((grid.params)(&w));
     } else if cfg.act_order {
         for r in 0..rows {
             for g in 0..n_groups {
-                let row = &w[r * cols + g * group..r * cols + (g + 1) * group];
-                params[r * n_groups + g] = group_params(row, &spec, cfg.clip_search);
+                params[r * n_groups + g] = (grid.params)(&w[r * cols + g * group..r * cols + (g + 1) * group]);
             }
         }
     }
@@ -289,8 +380,6 @@ pub fn gptq_quantize(name: &str, t: &Tensor, h: &[f64], spec: LinearSpec, cfg: G
             return Err(option(name, "the calibration Hessian is not positive definite even after dampening"));
         }
     };
-    let scheme = spec.scheme();
-    let (q_min, q_max) = (scheme.q_min(), scheme.q_max());
     let mut out = vec![0f32; rows * cols];
     let mut err = vec![0f64; rows];
     for i in 0..cols {
@@ -300,14 +389,13 @@ pub fn gptq_quantize(name: &str, t: &Tensor, h: &[f64], spec: LinearSpec, cfg: G
             // Natural order: the group starts here; take its parameters from the updated weights.
             for r in 0..rows {
                 let row: Vec<f32> = (i..i + group).map(|j| wp[r * cols + j] as f32).collect();
-                params[r * n_groups + g] = group_params(&row, &spec, cfg.clip_search);
+                params[r * n_groups + g] = (grid.params)(&row);
             }
         }
         let d = u[i * cols + i];
         for r in 0..rows {
-            let (s, z) = params[r * n_groups + g];
             let x = wp[r * cols + i] as f32;
-            let deq = s * (quantize_value(x, s, z, q_min, q_max) - z) as f32;
+            let deq = (grid.deq)(x, params[r * n_groups + g]);
             out[r * cols + orig] = deq;
             err[r] = (f64::from(x) - f64::from(deq)) / d;
         }
@@ -320,11 +408,7 @@ pub fn gptq_quantize(name: &str, t: &Tensor, h: &[f64], spec: LinearSpec, cfg: G
             }
         }
     }
-    if per_tensor {
-        params.truncate(1);
-    }
-    let (scales, zeros): (Vec<f32>, Vec<i32>) = params.into_iter().unzip();
-    quantize_with(name, &out, &[rows, cols], t.dtype(), spec, &scales, &zeros)
+    Ok((out, params))
 }
 
 #[cfg(test)]

@@ -25,6 +25,14 @@ pub enum Method {
     /// layers; convolutions fall back to the clipping search). Needs Hessians: use
     /// [`crate::gptq::collect_hessians`] and [`quantize_model_with`].
     Gptq(LinearSpec, crate::gptq::GptqConfig),
+    /// NF4 rounded by GPTQ's error compensation (linear layers with Hessians; otherwise plain
+    /// NF4).
+    Nf4Gptq {
+        /// Elements per scale along each row.
+        group: usize,
+        /// GPTQ's options.
+        cfg: crate::gptq::GptqConfig,
+    },
     /// NF4 with per-group absmax scales.
     Nf4 {
         /// Elements per scale along each row.
@@ -65,9 +73,17 @@ impl Method {
             (m, "rtn") => Ok(m),
             (Method::Int(s), "clip") => Ok(Method::IntClip(s)),
             (Method::Int(s), "gptq") => Ok(Method::Gptq(s, crate::gptq::GptqConfig::default())),
+            (Method::Nf4 { group }, "gptq") => Ok(Method::Nf4Gptq { group, cfg: crate::gptq::GptqConfig::default() }),
             (Method::Int(_), other) => Err(option("--algo", format!("expected rtn, clip or gptq, found `{other}`"))),
-            (_, other) => Err(option("--algo", format!("`{other}` applies to the int2..int8 schemes only"))),
+            (_, other) => {
+                Err(option("--algo", format!("`{other}` applies to the int2..int8 schemes (and gptq to nf4) only")))
+            }
         }
+    }
+
+    /// Whether the method rounds with calibration Hessians (GPTQ).
+    pub fn needs_hessians(&self) -> bool {
+        matches!(self, Method::Gptq(..) | Method::Nf4Gptq { .. })
     }
 
     /// Parses the command line's `--scheme` (int2..int8, nf4, quantileN, kmeansN, fp8-e4m3,
@@ -143,7 +159,7 @@ impl Method {
         }
         let gran = match self {
             Method::Int(s) | Method::IntClip(s) | Method::Gptq(s, _) => s.granularity,
-            Method::Nf4 { group } => Granularity::PerGroup { size: *group },
+            Method::Nf4 { group } | Method::Nf4Gptq { group, .. } => Granularity::PerGroup { size: *group },
             Method::Fp8(_) => Granularity::PerChannel { axis: 0 },
             _ => Granularity::PerTensor,
         };
@@ -169,7 +185,7 @@ pub fn quantize_weight(name: &str, t: &Tensor, method: &Method) -> Result<Weight
             let q = crate::gptq::clip_search(name, &w, spec)?;
             Weight::Quantized(q.reshaped(t.dims().to_vec())?)
         }
-        Method::Nf4 { group } => Weight::Quantized(nf4(name, t, group)?),
+        Method::Nf4 { group } | Method::Nf4Gptq { group, .. } => Weight::Quantized(nf4(name, t, group)?),
         Method::Quantile { bits } => Weight::Quantized(quantile(name, t, bits)?),
         Method::KMeans { bits, seed } => Weight::Quantized(kmeans(name, t, bits, seed, 30)?),
         Method::Fp8(f) => Weight::Quantized(to_fp8(name, t, f, Some(Granularity::PerChannel { axis: 0 }))?),
@@ -230,7 +246,7 @@ impl Selection {
 }
 
 /// One layer's outcome.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LayerReport {
     /// Layer path.
     pub path: String,
@@ -309,6 +325,47 @@ pub fn quantize_model_with(
     hessians: Option<&crate::gptq::HessianObserver>,
     on_layer: &mut dyn FnMut(&LayerReport),
 ) -> Result<Vec<LayerReport>> {
+    quantize_model_plan(model, method, selection, &[], hessians, on_layer)
+}
+
+/// A per-layer override: selected layers whose path matches the glob `pattern` take `method`
+/// instead of the default.
+#[derive(Debug, Clone)]
+pub struct Override {
+    /// Glob over layer paths.
+    pub pattern: String,
+    /// The method for the layers it matches.
+    pub method: Method,
+}
+
+impl Override {
+    /// Parses the command line's `GLOB=SCHEME[,GRANULARITY[,ALGO]]` (granularity `channel`
+    /// and algorithm `rtn` when left out), e.g. `encoder.layer.*.output.dense=int8,channel`.
+    pub fn parse(text: &str, symmetric: bool) -> Result<Self> {
+        let bad = || option("--override", format!("expected GLOB=SCHEME[,GRANULARITY[,ALGO]], found `{text}`"));
+        let (pattern, spec) = text.split_once('=').ok_or_else(bad)?;
+        let mut parts = spec.split(',');
+        let scheme = parts.next().filter(|s| !s.is_empty()).ok_or_else(bad)?;
+        let gran = parts.next().unwrap_or("channel");
+        let algo = parts.next().unwrap_or("rtn");
+        if pattern.is_empty() || parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Self { pattern: pattern.to_string(), method: Method::parse(scheme, gran, symmetric)?.with_algo(algo)? })
+    }
+}
+
+/// [`quantize_model_with`] with per-layer overrides: each selected layer takes the method of
+/// the last override whose glob matches it, else `default`. Every override must match a
+/// selected layer, and every layer is checked against its method, before any layer changes.
+pub fn quantize_model_plan(
+    model: &mut dyn Module,
+    default: &Method,
+    selection: &Selection,
+    overrides: &[Override],
+    hessians: Option<&crate::gptq::HessianObserver>,
+    on_layer: &mut dyn FnMut(&LayerReport),
+) -> Result<Vec<LayerReport>> {
     let paths = selection.resolve(model)?;
     if paths.is_empty() {
         return Err(option(
@@ -319,23 +376,45 @@ pub fn quantize_model_with(
             ),
         ));
     }
-    let mut plan: Vec<(String, Tensor)> = Vec::with_capacity(paths.len());
+    let matchers = overrides
+        .iter()
+        .map(|o| {
+            let m = Glob::new(&o.pattern)
+                .map_err(|e| option("--override", format!("bad glob `{}`: {e}", o.pattern)))?
+                .compile_matcher();
+            if !paths.iter().any(|p| m.is_match(p)) {
+                return Err(Error::Core(pare_core_tensor::Error::unknown(
+                    "override pattern (among the selected layers)",
+                    &o.pattern,
+                    paths.iter().map(String::as_str),
+                )));
+            }
+            Ok((m, &o.method))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut plan: Vec<(String, Tensor, &Method)> = Vec::with_capacity(paths.len());
     for p in &paths {
+        let method = matchers.iter().rev().find(|(m, _)| m.is_match(p)).map_or(default, |(_, method)| *method);
         let (name, w) = model.layer(p)?.parameters().swap_remove(0);
         let Weight::Dense(t) = w else {
             return Err(option(&name, format!("expected a dense float weight, found {}", w.describe())));
         };
         method.check(&name, t.dims())?;
         finite_values(&name, &t)?;
-        plan.push((p.clone(), t));
+        plan.push((p.clone(), t, method));
     }
     let mut reports = Vec::with_capacity(plan.len());
-    for (path, t) in plan {
+    for (path, t, method) in plan {
         let name = format!("{path}.weight");
         let (q, report) = match (method, hessians) {
             (Method::Gptq(spec, cfg), Some(h)) if t.rank() == 2 => {
                 let (hess, _) = h.hessian(&path)?;
                 let q = Weight::Quantized(crate::gptq::gptq_quantize(&name, &t, &hess, *spec, *cfg)?);
+                report_for(&path, &name, &t, q)?
+            }
+            (Method::Nf4Gptq { group, cfg }, Some(h)) if t.rank() == 2 => {
+                let (hess, _) = h.hessian(&path)?;
+                let q = Weight::Quantized(crate::gptq::gptq_nf4(&name, &t, &hess, *group, *cfg)?);
                 report_for(&path, &name, &t, q)?
             }
             _ => quantize_and_report(&path, &name, &t, method)?,

@@ -13,7 +13,7 @@ use pare_core_tensor::{Error, Hooks, Module, Weight};
 use pare_models::digits::{DigitsArch, DigitsNet, fit};
 use pare_quant::observer::ObserverKind;
 use pare_quant::ptq::{ActSpec, apply, calibrate};
-use pare_quant::weight_only::{Method, Selection, quantize_model};
+use pare_quant::weight_only::{Method, Override, Selection, quantize_model, quantize_model_plan};
 
 fn demo_config(seed: u64) -> TrainConfig {
     TrainConfig {
@@ -74,11 +74,28 @@ fn the_cnn_teacher_trains_to_97_percent_and_survives_every_round_trip() {
     // INT4: group 32 along the reduction axis where the row allows it (fc1: 512), per channel
     // for the convolutions (rows of 9 and 144) — a per-layer override.
     let mut q4 = back.clone();
-    let fc = Selection { include: vec!["fc1".into()], exclude: vec![] };
-    quantize_model(&mut q4, &Method::parse("int4", "group:32", true).unwrap(), &fc, &mut |_| {}).unwrap();
-    let convs = Selection { include: vec!["conv*".into()], exclude: vec![] };
-    quantize_model(&mut q4, &Method::parse("int4", "channel", true).unwrap(), &convs, &mut |_| {}).unwrap();
+    let convs = Override::parse("conv*=int4,channel", true).unwrap();
+    let reports = quantize_model_plan(
+        &mut q4,
+        &Method::parse("int4", "group:32", true).unwrap(),
+        &Selection::default(),
+        &[convs],
+        None,
+        &mut |_| {},
+    )
+    .unwrap();
+    let formats: Vec<&str> = reports.iter().map(|r| r.format.as_str()).collect();
+    assert_eq!(
+        formats,
+        ["int4 linear sym per-channel(0)", "int4 linear sym per-channel(0)", "int4 linear sym per-group(32)"]
+    );
     let q4_acc = q4.accuracy(&data.test).unwrap();
+    // An override that matches no selected layer is an error before any layer changes.
+    let mut untouched = back.clone();
+    let stray = Override::parse("fc2=int8", true).unwrap();
+    let e = quantize_model_plan(&mut untouched, &int8, &Selection::default(), &[stray], None, &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("`fc2`"), "{e}");
+    assert!(matches!(untouched.layer("conv1").unwrap().parameters()[0].1, Weight::Dense(_)));
     assert!(acc - q4_acc <= 0.02, "int4 accuracy {q4_acc} vs float {acc}");
     // A group size that does not divide a selected layer's row fails before any layer changes.
     let mut untouched = back.clone();

@@ -52,20 +52,24 @@ fn w8a8_and_gptq_minilm_keep_their_embeddings() -> anyhow::Result<()> {
     let smoothed = mean_cosine(&reference, &smooth.embed(eval, 32, &mut |_| {})?)?;
     eprintln!("MiniLM W8A8 dynamic per-token + SmoothQuant: mean cosine {smoothed:.5}");
     assert!(smoothed > cos && smoothed >= 0.999, "smoothing {smoothed} vs plain {cos}");
-    // Static ranges of the smoothed inputs, calibrated on the float model (the smoothed one is
-    // only right once its specs divide the inputs).
+    // Static W8A8: ranges of the smoothed inputs, calibrated on the float model (the smoothed one
+    // is only right once its specs divide the inputs). One per-tensor range per layer input needs
+    // more migration than per-token ranges do: α = 0.85 measures 0.9976 on the 1024 held-out
+    // sentences (0.7: 0.9973, 0.5: 0.9912, 0.3: 0.87), against 0.9938 unsmoothed.
+    let mut smooth = float.clone();
+    let factors = smooth_model(&mut smooth.bert, &paths, &amax, 0.85)?;
+    quantize_model(&mut smooth.bert, &Method::parse("int8", "channel", true)?, &Selection::default(), &mut |_| {})?;
     let specs =
         calibrate_smoothed(&paths, ObserverKind::Mse, ActSpec { bits: 8, symmetric: false }, &factors, &mut |h| {
             run(&float, h)
         })?;
     apply(&mut smooth.bert, &specs)?;
     let smooth_static = mean_cosine(&reference, &smooth.embed(eval, 32, &mut |_| {})?)?;
-    eprintln!("MiniLM W8A8 static (mse) + SmoothQuant: mean cosine {smooth_static:.5}");
-    // 0.991 measured (below unsmoothed static, 0.994); calibrating the smoothed model itself gave 0.88.
-    assert!(smooth_static >= 0.98, "smoothed static mean cosine {smooth_static} < 0.98");
+    eprintln!("MiniLM W8A8 static (mse) + SmoothQuant 0.85: mean cosine {smooth_static:.5}");
+    assert!(smooth_static >= 0.995, "W8A8 static + SmoothQuant mean cosine {smooth_static} < 0.995");
 
-    // Static: one calibrated scale per layer input. MSE clipping, asymmetric, measures 0.9938 —
-    // below issue 3's 0.995 for static W8A8, which needs SmoothQuant-style outlier migration.
+    // Static without smoothing: one calibrated scale per layer input; MSE clipping, asymmetric,
+    // measures 0.9938 — BERT's outlier channels are why smoothing is needed for 0.995.
     let specs = calibrate(&paths, ObserverKind::Mse, ActSpec { bits: 8, symmetric: false }, &mut |h| run(&w8, h))?;
     assert!(specs.values().all(|a| matches!(a.range, ActRange::Static { .. })));
     let mut stat = w8.clone();
@@ -104,5 +108,18 @@ fn w8a8_and_gptq_minilm_keep_their_embeddings() -> anyhow::Result<()> {
     );
     assert!(cos >= 0.98, "INT4 GPTQ mean cosine {cos} < 0.98");
     assert!(cos > peer && ours_bits <= peer_bits, "GPTQ {cos} at {ours_bits} vs Q4_0 {peer} at {peer_bits}");
+
+    // NF4 group 64 (4.5 bits): nearest-entry rounding measures 0.972; GPTQ's error
+    // compensation over the same codebook 0.9905 on the 1024 held-out sentences.
+    let mut nf4 = float.clone();
+    quantize_model(&mut nf4.bert, &Method::parse("nf4", "group:64", true)?, &Selection::default(), &mut |_| {})?;
+    let plain = mean_cosine(&reference, &nf4.embed(eval, 32, &mut |_| {})?)?;
+    let mut nf4g = float.clone();
+    let method = Method::parse("nf4", "group:64", true)?.with_algo("gptq")?;
+    let reports = quantize_model_with(&mut nf4g.bert, &method, &Selection::default(), Some(&hessians), &mut |_| {})?;
+    let cos = mean_cosine(&reference, &nf4g.embed(eval, 32, &mut |_| {})?)?;
+    eprintln!("MiniLM NF4 g64: nearest {plain:.5}, GPTQ {cos:.5} at {:.3} bits/weight", bits(&reports));
+    assert!(reports.iter().all(|r| r.format.starts_with("uint4 codebook")), "{:?}", reports[0].format);
+    assert!(cos >= 0.98 && cos > plain, "NF4 GPTQ mean cosine {cos} (nearest {plain})");
     Ok(())
 }

@@ -103,3 +103,24 @@ fn gptq_codes_are_a_valid_tensor_of_the_requested_scheme() {
     let e = gptq_quantize("enc.fc", &w, &hessian_of(&x), bad, GptqConfig::default()).unwrap_err().to_string();
     assert!(e.contains("group size 10") && e.contains("32"), "{e}");
 }
+
+#[test]
+fn gptq_over_the_nf4_codebook_beats_nearest_rounding() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(23);
+    let (rows, cols) = (16, 128);
+    let w = Tensor::from_vec(normal(&mut rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();
+    let x = correlated_inputs(&mut rng, 512, cols);
+    let h = hessian_of(&x);
+    let plain = crate::codebook::nf4("w", &w, 64).unwrap();
+    for clip_search in [false, true] {
+        let q = gptq_nf4("w", &w, &h, 64, GptqConfig { clip_search, ..Default::default() }).unwrap();
+        // Same format as plain NF4: the codebook, one scale per group.
+        assert_eq!(q.scheme(), plain.scheme());
+        assert_eq!(q.codebook(), plain.codebook());
+        assert_eq!(q.scales().len(), rows * cols / 64);
+        let (g, p) = (output_error(&x, &w, &q), output_error(&x, &w, &plain));
+        assert!(g < 0.7 * p, "clip={clip_search}: gptq nf4 {g} vs nearest {p}");
+    }
+    let e = gptq_nf4("w", &w, &h, 48, GptqConfig::default()).unwrap_err().to_string();
+    assert!(e.contains("group size 48 must divide the row length 128"), "{e}");
+}
