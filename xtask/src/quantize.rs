@@ -85,11 +85,11 @@ pub struct Args {
     /// vLLM and transformers load; model folders, int2..int8).
     #[arg(long, default_value = "pare")]
     format: String,
-    /// Quantize only layers matching these globs (repeatable); by default every linear and
-    /// convolution except embeddings and the final classifier.
+    /// Quantize only layers matching these globs, or regexes after `re:` (repeatable); by
+    /// default every linear and convolution except embeddings and the final classifier.
     #[arg(long = "layers")]
     layers: Vec<String>,
-    /// Leave layers matching these globs in float (repeatable).
+    /// Leave layers matching these globs (or `re:` regexes) in float (repeatable).
     #[arg(long = "exclude")]
     exclude: Vec<String>,
     /// A different method for some selected layers: `GLOB=SCHEME[,GRANULARITY[,ALGO]]`

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor};
-use globset::{Glob, GlobSetBuilder};
+use globset::Glob;
 use pare_core_tensor::{Granularity, LayerKind, Module, QuantScheme, Weight};
 
 use crate::codebook::{kmeans, nf4, quantile};
@@ -197,7 +197,7 @@ pub fn quantize_weight(name: &str, t: &Tensor, method: &Method) -> Result<Weight
 /// Which layers a transform touches.
 #[derive(Debug, Clone, Default)]
 pub struct Selection {
-    /// Globs over layer paths (`encoder.layer.*.attention.*`); empty means every linear and
+    /// Globs over layer paths (`encoder.layer.*.attention.*`), or regexes after `re:`; empty means every linear and
     /// convolution except the final classifier. A layer named by a glob is taken even if it
     /// is an embedding or the classifier.
     pub include: Vec<String>,
@@ -205,16 +205,47 @@ pub struct Selection {
     pub exclude: Vec<String>,
 }
 
+/// A layer-path pattern: a glob (`encoder.layer.*.output.dense`), or a regular expression
+/// after `re:` that must match the whole path (`re:encoder\.layer\.[0-2]\..*`).
+#[derive(Debug, Clone)]
+pub enum PathPattern {
+    /// A glob (`*` also crosses dots).
+    Glob(globset::GlobMatcher),
+    /// An anchored regular expression.
+    Regex(regex::Regex),
+}
+
+impl PathPattern {
+    /// Parses `text`; `flag` names the option in errors.
+    pub fn parse(text: &str, flag: &str) -> Result<Self> {
+        match text.strip_prefix("re:") {
+            Some(re) => regex::Regex::new(&format!("^(?:{re})$"))
+                .map(PathPattern::Regex)
+                .map_err(|e| option(flag, format!("bad regular expression `{re}`: {e}"))),
+            None => Glob::new(text)
+                .map(|g| PathPattern::Glob(g.compile_matcher()))
+                .map_err(|e| option(flag, format!("bad glob `{text}`: {e}"))),
+        }
+    }
+
+    /// Whether `path` matches.
+    pub fn is_match(&self, path: &str) -> bool {
+        match self {
+            PathPattern::Glob(g) => g.is_match(path),
+            PathPattern::Regex(r) => r.is_match(path),
+        }
+    }
+}
+
 impl Selection {
-    /// The selected layer paths of `model`, in forward order. Every glob must match at least
-    /// one layer, so a typo is an error before any work starts.
+    /// The selected layer paths of `model`, in forward order. Every pattern (glob, or regex
+    /// after `re:`) must match at least one layer, so a typo is an error before any work starts.
     pub fn resolve(&self, model: &dyn Module) -> Result<Vec<String>> {
         let layers = model.layers();
-        let build = |pats: &[String]| -> Result<Vec<globset::GlobMatcher>> {
+        let build = |pats: &[String]| -> Result<Vec<PathPattern>> {
             pats.iter()
                 .map(|p| {
-                    let g = Glob::new(p).map_err(|e| option("--layers", format!("bad glob `{p}`: {e}")))?;
-                    let m = g.compile_matcher();
+                    let m = PathPattern::parse(p, "--layers")?;
                     if !layers.iter().any(|l| m.is_match(l.path())) {
                         return Err(Error::Core(pare_core_tensor::Error::unknown(
                             "layer pattern",
@@ -379,9 +410,7 @@ pub fn quantize_model_plan(
     let matchers = overrides
         .iter()
         .map(|o| {
-            let m = Glob::new(&o.pattern)
-                .map_err(|e| option("--override", format!("bad glob `{}`: {e}", o.pattern)))?
-                .compile_matcher();
+            let m = PathPattern::parse(&o.pattern, "--override")?;
             if !paths.iter().any(|p| m.is_match(p)) {
                 return Err(Error::Core(pare_core_tensor::Error::unknown(
                     "override pattern (among the selected layers)",
@@ -429,16 +458,12 @@ pub fn quantize_model_plan(
 /// The names of the 2-D dense float tensors of `weights` matching `include` globs (all of them
 /// when empty), or an error when none does.
 pub fn select_tensors(weights: &BTreeMap<String, Weight>, include: &[String]) -> Result<Vec<String>> {
-    let mut set = GlobSetBuilder::new();
-    for p in include {
-        set.add(Glob::new(p).map_err(|e| option("--layers", format!("bad glob `{p}`: {e}")))?);
-    }
-    let set = set.build().map_err(|e| option("--layers", e.to_string()))?;
+    let set = include.iter().map(|p| PathPattern::parse(p, "--layers")).collect::<Result<Vec<_>>>()?;
     let chosen: Vec<String> = weights
         .iter()
         .filter(|(n, w)| {
             matches!(w, Weight::Dense(t) if t.rank() == 2 && t.dtype().is_float())
-                && (include.is_empty() || set.is_match(n.as_str()))
+                && (include.is_empty() || set.iter().any(|m| m.is_match(n)))
         })
         .map(|(n, _)| n.clone())
         .collect();

@@ -113,6 +113,11 @@ fn the_cnn_teacher_trains_to_97_percent_and_survives_every_round_trip() {
     assert!(e.to_string().contains("matches no linear, convolution or embedding layer"), "{e}");
     let e = Selection { include: vec!["fc9*".into()], exclude: vec![] }.resolve(&untouched).unwrap_err();
     assert!(e.to_string().contains("unknown layer pattern `fc9*`"), "{e}");
+    // Regular expressions after `re:` match whole paths.
+    let re = Selection { include: vec!["re:conv[12]|fc1".into()], exclude: vec![] }.resolve(&untouched).unwrap();
+    assert_eq!(re, ["conv1", "conv2", "fc1"]);
+    let e = Selection { include: vec!["re:conv(".into()], exclude: vec![] }.resolve(&untouched).unwrap_err();
+    assert!(e.to_string().contains("bad regular expression `conv(`"), "{e}");
     // And the quantized model round-trips through a file exactly.
     let qpath = dir.path().join("int8.safetensors");
     q.save(&qpath, &BTreeMap::new(), &[path.as_path()]).unwrap();
