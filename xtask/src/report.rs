@@ -145,12 +145,24 @@ fn options_of(cmd: &[&str]) -> String {
 
 fn plot(rows: &[Row], args: &Args, path: &std::path::Path) -> anyhow::Result<()> {
     // Quality as an error that shrinks toward 0, on a log axis: 1 − cosine, or 1 − accuracy.
-    let pts: Vec<(f64, f64, String)> = rows
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| {
-            let short: String = r.label.chars().take(28).collect();
-            Some((r.bits(), (1.0 - r.metric(&args.metric)?).max(1e-6), format!("{} {short}", i + 1)))
+    // Runs that land on the same point share one label: "7, 8, 9".
+    let mut pts: Vec<(f64, f64, Vec<usize>)> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        let Some(m) = r.metric(&args.metric) else { continue };
+        let (x, y) = (r.bits(), (1.0 - m).max(1e-6));
+        match pts.iter_mut().find(|p| (p.0 - x).abs() < 1e-9 && (p.1 - y).abs() < 1e-12) {
+            Some(p) => p.2.push(i),
+            None => pts.push((x, y, vec![i])),
+        }
+    }
+    let pts: Vec<(f64, f64, String)> = pts
+        .into_iter()
+        .map(|(x, y, ids)| {
+            let label = match ids.as_slice() {
+                [one] => format!("{} {}", one + 1, rows[*one].label.chars().take(28).collect::<String>()),
+                many => many.iter().map(|i| (i + 1).to_string()).collect::<Vec<_>>().join(", "),
+            };
+            (x, y, label)
         })
         .collect();
     let (xmin, xmax) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
@@ -171,6 +183,7 @@ fn plot(rows: &[Row], args: &Args, path: &std::path::Path) -> anyhow::Result<()>
             .x_desc("bits per weight (codes, scales, zero points)")
             .y_desc(format!("{what} (log; lower is better)"))
             .y_label_formatter(&|v| format!("{v:.0e}"))
+            .light_line_style(WHITE)
             .draw()?;
         chart.draw_series(pts.iter().map(|(x, y, label)| {
             EmptyElement::at((*x, *y))

@@ -1,0 +1,69 @@
+//! W8A8 linear (pare-runtime-cpu: int8 per-channel weights × int8 per-token activations,
+//! quantization of the activations included) against candle's f32 matmul on the same shapes,
+//! measured in the same process: MiniLM's linear layers at M tokens (`PARE_BENCH_M`, 4096 by
+//! default). Issue 4's goal is ≥ 1.8×.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use criterion::{Criterion, criterion_main};
+use pare_core_tensor::{ActQuant, ActRange, Granularity, Mapping, QuantScheme, QuantizedTensor, Runtime, Weight};
+use pare_runtime_cpu::CpuRuntime;
+
+fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+fn bench(c: &mut Criterion) {
+    let m: usize = std::env::var("PARE_BENCH_M").ok().and_then(|v| v.parse().ok()).unwrap_or(4096);
+    let dev = Device::Cpu;
+    let rt: Arc<dyn Runtime> = Arc::new(CpuRuntime::new(2).expect("runtime"));
+    let act = ActQuant::new(8, true, ActRange::Dynamic { per_token: true });
+    for (k, n) in [(384usize, 384usize), (384, 1536), (1536, 384)] {
+        let scheme = QuantScheme {
+            bits: 8,
+            signed: true,
+            symmetric: true,
+            mapping: Mapping::Linear,
+            granularity: Granularity::PerChannel { axis: 0 },
+        };
+        let codes: Vec<u8> = (0..n * k).map(|i| (i as u64).wrapping_mul(2654435761) as u8).collect();
+        let q = QuantizedTensor::from_codes(&codes, scheme, vec![0.01; n], None, None, vec![n, k], DType::F32).unwrap();
+        let wf = q.dequantize(&dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let op = rt.prepare_linear_quantized_input("fc", &Weight::Quantized(q), None, &act).unwrap();
+        let wt = wf.t().unwrap();
+        let ours = || op.forward(&x).unwrap();
+        let theirs = || x.matmul(&wt).unwrap();
+        let mut g = c.benchmark_group(format!("linear {m}x{k} · {k}x{n}"));
+        g.sample_size(10);
+        g.bench_function("pare W8A8", |b| b.iter(ours));
+        g.bench_function("candle f32 matmul", |b| b.iter(theirs));
+        g.finish();
+        let (t_ours, t_peer) = (median_secs(5, || drop(ours())), median_secs(5, || drop(theirs())));
+        println!(
+            "RATIO w8a8 {m}x{k}x{n}: pare W8A8 {:.2} ms, candle f32 {:.2} ms, speed-up {:.2}x (goal 1.8x)",
+            t_ours * 1e3,
+            t_peer * 1e3,
+            t_peer / t_ours
+        );
+    }
+}
+
+// criterion's macro generates an undocumented `pub fn benches`.
+#[allow(missing_docs)]
+mod group {
+    criterion::criterion_group!(benches, super::bench);
+}
+use group::benches;
+criterion_main!(benches);

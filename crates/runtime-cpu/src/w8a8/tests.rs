@@ -1,0 +1,117 @@
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use pare_core_tensor::{ActRange, QuantScheme, ReferenceRuntime, Runtime, Weight};
+use proptest::prelude::*;
+
+use super::*;
+use crate::CpuRuntime;
+
+fn int8_weight(n: usize, k: usize, seed: u64) -> QuantizedTensor {
+    let scheme = QuantScheme {
+        bits: 8,
+        signed: true,
+        symmetric: true,
+        mapping: Mapping::Linear,
+        granularity: Granularity::PerChannel { axis: 0 },
+    };
+    let codes: Vec<u8> =
+        (0..n * k).map(|i| ((i as u64).wrapping_mul(2654435761).wrapping_add(seed) >> 7) as u8).collect();
+    let scales = (0..n).map(|j| 0.001 + 0.0007 * j as f32).collect();
+    QuantizedTensor::from_codes(&codes, scheme, scales, None, None, vec![n, k], DType::F32).unwrap()
+}
+
+fn input(m: usize, k: usize, seed: u64) -> Vec<f32> {
+    (0..m * k)
+        .map(|i| {
+            let h = (i as u64).wrapping_mul(6364136223846793005).wrapping_add(seed.wrapping_mul(1442695040888963407));
+            ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0
+        })
+        .collect()
+}
+
+fn specs() -> Vec<ActQuant> {
+    let mut smooth = ActQuant::new(8, true, ActRange::Dynamic { per_token: true });
+    smooth.smooth = Some(Vec::new()); // sized per case below
+    vec![
+        ActQuant::new(8, true, ActRange::Dynamic { per_token: true }),
+        ActQuant::new(8, true, ActRange::Dynamic { per_token: false }),
+        ActQuant::new(8, false, ActRange::Dynamic { per_token: true }),
+        ActQuant::new(8, false, ActRange::Static { scale: 0.021, zero_point: 121 }),
+        ActQuant::new(8, true, ActRange::Static { scale: 0.017, zero_point: 0 }),
+        smooth,
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn every_simd_level_and_thread_count_matches_the_reference(
+        m in 1usize..9, n in 1usize..23, k in 1usize..70, seed in any::<u64>(), spec in 0usize..6, bias in any::<bool>()
+    ) {
+        let q = int8_weight(n, k, seed);
+        let mut act = specs()[spec].clone();
+        if act.smooth.is_some() {
+            act.smooth = Some((0..k).map(|i| 0.5 + (i % 5) as f32 * 0.3).collect());
+        }
+        let b = bias.then(|| Tensor::from_vec((0..n).map(|j| j as f32 * 0.1 - 1.0).collect::<Vec<_>>(), n, &Device::Cpu).unwrap());
+        let x = Tensor::from_vec(input(m, k, seed ^ 7), (m, k), &Device::Cpu).unwrap();
+        let w = Weight::Quantized(q.clone());
+        let want = ReferenceRuntime::cpu()
+            .prepare_linear_quantized_input("fc", &w, b.as_ref(), &act).unwrap()
+            .forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        // The bound on float rounding: Σ|x̂·ŵ| times a few ulps.
+        let xq = act.fake_quantize(&x).unwrap().to_vec2::<f32>().unwrap();
+        let wd = q.dequantize_f32();
+        let mut first: Option<Vec<Vec<f32>>> = None;
+        for level in SimdLevel::available() {
+            for threads in [1, 3] {
+                let rt = CpuRuntime::with_level(threads, level).unwrap();
+                let got = rt.prepare_linear_quantized_input("fc", &w, b.as_ref(), &act).unwrap()
+                    .forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                for r in 0..m {
+                    for j in 0..n {
+                        let mag: f32 = (0..k).map(|t| (xq[r][t] * wd[j * k + t]).abs()).sum();
+                        let tol = 4e-6 * mag + 1e-6;
+                        prop_assert!((got[r][j] - want[r][j]).abs() <= tol,
+                            "{level:?}/{threads}: [{r},{j}] {} vs {} (tol {tol})", got[r][j], want[r][j]);
+                    }
+                }
+                match &first {
+                    None => first = Some(got),
+                    Some(f) => prop_assert_eq!(f, &got, "bits differ across levels or threads"),
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_scalar_twin_and_avx2_agree_on_long_rows() {
+    let (n, k) = (37, 1536 + 13);
+    let w: Vec<i8> = (0..n * k).map(|i| (i as i32 * 31 % 256 - 128) as i8).collect();
+    let x: Vec<i16> = (0..k).map(|i| (i as i32 * 17 % 256) as i16).collect();
+    let mut a = vec![0; n];
+    dot_rows_scalar(&x, &w, k, &mut a);
+    for level in SimdLevel::available() {
+        let mut b = vec![0; n];
+        dot_rows(level, &x, &w, k, &mut b);
+        assert_eq!(a, b, "{level:?}");
+    }
+}
+
+#[test]
+fn shapes_that_do_not_match_are_errors() {
+    let rt: Arc<dyn Runtime> = Arc::new(CpuRuntime::new(1).unwrap());
+    let w = Weight::Quantized(int8_weight(4, 8, 1));
+    let act = ActQuant::new(8, true, ActRange::Dynamic { per_token: true });
+    let op = rt.prepare_linear_quantized_input("fc", &w, None, &act).unwrap();
+    let e = op.forward(&Tensor::zeros((2, 9), DType::F32, &Device::Cpu).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("input of `fc`") && e.contains("[8]") && e.contains("[9]"), "{e}");
+    let bad_bias = Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap();
+    let e = rt.prepare_linear_quantized_input("fc", &w, Some(&bad_bias), &act).unwrap_err().to_string();
+    assert!(e.contains("fc.bias"), "{e}");
+    let nan = Tensor::new(&[[f32::NAN; 8]], &Device::Cpu).unwrap();
+    assert!(op.forward(&nan).is_err());
+    assert!(CpuRuntime::new(0).unwrap_err().to_string().contains("found 0"));
+}
