@@ -125,7 +125,7 @@ impl ActQuant {
             .enumerate()
             .map(|(i, &v)| {
                 let (s, z) = units[if per_row { i / row } else { 0 }];
-                ((v / s).round_ties_even() as i32 + z).clamp(q_min, q_max)
+                ((v / s).round_ties_even() as i32).saturating_add(z).clamp(q_min, q_max)
             })
             .collect();
         (codes, units)
@@ -230,6 +230,13 @@ mod tests {
         let fixed = ActQuant::new(8, false, ActRange::Static { scale: 0.01, zero_point: 100 });
         let y = fixed.fake_quantize(&x).unwrap().to_vec2::<f32>().unwrap();
         assert!((y[0][0] + 1.0).abs() < 1e-6 && (y[0][2] - 1.55).abs() < 1e-5, "{y:?}");
+    }
+
+    #[test]
+    fn values_far_outside_a_static_range_saturate_instead_of_overflowing() {
+        let a = ActQuant::new(8, false, ActRange::Static { scale: 1e-3, zero_point: 7 });
+        let (codes, _) = a.quantize_slice(&[3e9, -3e9, 0.0], 3);
+        assert_eq!(codes, [255, 0, 7]);
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub fn scale_zero(lo: f32, hi: f32, scheme: &QuantScheme) -> (f32, i32) {
 /// Quantizes one value: `clamp(round(r/S + Z))` as an integer in the scheme's range.
 #[inline]
 pub fn quantize_value(r: f32, s: f32, z: i32, q_min: i32, q_max: i32) -> i32 {
-    ((r / s).round_ties_even() as i32 + z).clamp(q_min, q_max)
+    ((r / s).round_ties_even() as i32).saturating_add(z).clamp(q_min, q_max)
 }
 
 /// Quantizes `t` (named `name` in errors) with `spec`, computing each unit's range from the data.

@@ -115,3 +115,32 @@ fn shapes_that_do_not_match_are_errors() {
     assert!(op.forward(&nan).is_err());
     assert!(CpuRuntime::new(0).unwrap_err().to_string().contains("found 0"));
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn the_packed_gemm_equals_the_scalar_twin(m in 1usize..11, n in 1usize..40, k in 1usize..45, seed in any::<u64>()) {
+        let w: Vec<i8> = (0..n * k).map(|i| ((i as u64).wrapping_mul(2654435761).wrapping_add(seed) >> 9) as i8).collect();
+        let x: Vec<i16> = (0..m * k).map(|i| ((i as u64).wrapping_mul(40503).wrapping_add(seed) % 256) as i16 - 128).collect();
+        let panel = Panel::pack(&w, n, k);
+        let mut want = vec![0; m * n];
+        gemm(SimdLevel::Scalar, &x, m, k, &w, &panel, &mut want);
+        for level in SimdLevel::available() {
+            let mut got = vec![0; m * n];
+            gemm(level, &x, m, k, &w, &panel, &mut got);
+            prop_assert_eq!(&got, &want, "{:?}", level);
+        }
+    }
+}
+
+#[test]
+fn quantization_of_far_out_of_range_values_matches_the_scalar_path() {
+    let act = ActQuant::new(8, false, ActRange::Static { scale: 1e-3, zero_point: 7 });
+    let x: Vec<f32> = vec![3e9, -3e9, 1e7, -1e7, 0.0, 0.0015, -0.0025, 0.1275, 1.0, -1.0, 2.5e-3];
+    let (want, _) = act.quantize_slice(&x, x.len());
+    for level in SimdLevel::available() {
+        let mut got = vec![0i16; x.len()];
+        quantize_row(level, &x, None, (1e-3, 7), &act, &mut got);
+        assert_eq!(got.iter().map(|&v| i32::from(v)).collect::<Vec<_>>(), want, "{level:?}");
+    }
+}
