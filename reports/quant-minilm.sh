@@ -7,13 +7,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 M=${PARE_MINILM_DIR:?set PARE_MINILM_DIR to the all-MiniLM-L6-v2 folder (bash ../shared/tools/fetch-minilm.sh DIR)}
 W=target/report-quant
-rm -rf "$W" && mkdir -p "$W"
-head -n 128 data/sentences.txt > "$W/calib.txt"
-tail -n +129 data/sentences.txt > "$W/eval.txt"
+# REPORT_ONLY=1 re-renders the report from the runs of the last full run.
+[ -n "${REPORT_ONLY:-}" ] || { rm -rf "$W" && mkdir -p "$W"; }
+[ -n "${REPORT_ONLY:-}" ] || head -n 128 data/sentences.txt > "$W/calib.txt"
+[ -n "${REPORT_ONLY:-}" ] || tail -n +129 data/sentences.txt > "$W/eval.txt"
 cargo build --release -q -p xtask --target-dir target/xtask
 X=target/xtask/release/xtask
 n=0
 row() {
+  [ -z "${REPORT_ONLY:-}" ] || return 0
   local label=$1; shift
   n=$((n + 1))
   rm -rf "$W/q"
@@ -58,7 +60,7 @@ OUT=reports/quant-minilm.md.tmp
   echo "The same runs, layer by layer, are in [quant-minilm.json](quant-minilm.json);"
   echo "[quant-minilm.svg](quant-minilm.svg) plots quality against size."
   echo
-  echo "![1 − cosine against bits per weight](quant-minilm.svg)"
+  echo "![1 − cosine against bits per weight; points are numbered by table row](quant-minilm.svg)"
   echo
   "$X" quant-report --rows "$W/rows.tsv" --out reports/quant-minilm --metric mean_cosine \
     --title "all-MiniLM-L6-v2: embedding error against bits per weight"

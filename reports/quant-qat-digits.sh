@@ -5,13 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=target/report-qat
-rm -rf "$W" && mkdir -p "$W"
+# REPORT_ONLY=1 re-renders the report from the runs of the last full run.
+[ -n "${REPORT_ONLY:-}" ] || { rm -rf "$W" && mkdir -p "$W"; }
 cargo build --release -q -p xtask --target-dir target/xtask
 X=target/xtask/release/xtask
-"$X" train --arch cnn:4,8:32 --out "$W/compact.safetensors" > "$W/train-compact.log" 2>&1
-"$X" train --arch cnn:16,32:64 --out "$W/teacher.safetensors" > "$W/train-teacher.log" 2>&1
+[ -n "${REPORT_ONLY:-}" ] || "$X" train --arch cnn:4,8:32 --out "$W/compact.safetensors" > "$W/train-compact.log" 2>&1
+[ -n "${REPORT_ONLY:-}" ] || "$X" train --arch cnn:16,32:64 --out "$W/teacher.safetensors" > "$W/train-teacher.log" 2>&1
 n=0
 row() {
+  [ -z "${REPORT_ONLY:-}" ] || return 0
   local label=$1 model=$2; shift 2
   n=$((n + 1))
   "$X" quantize --model "$W/$model.safetensors" --out "$W/q$n.safetensors" --layers '*' "$@" \
@@ -45,7 +47,7 @@ OUT=reports/quant-qat-digits.md.tmp
   echo "(AdamW 3e-3, cosine), keep the best validation epoch, and convert to integer weights; the"
   echo "accuracy is the converted model's on the 269 test images (one image is 0.37 points)."
   echo
-  echo "![1 − test accuracy against bits per weight](quant-qat-digits.svg)"
+  echo "![1 − test accuracy against bits per weight; points are numbered by table row](quant-qat-digits.svg)"
   echo
   "$X" quant-report --rows "$W/rows.tsv" --out reports/quant-qat-digits --metric accuracy \
     --title "digits CNNs: test error against bits per weight (PTQ vs QAT)"

@@ -145,7 +145,8 @@ fn options_of(cmd: &[&str]) -> String {
 
 fn plot(rows: &[Row], args: &Args, path: &std::path::Path) -> anyhow::Result<()> {
     // Quality as an error that shrinks toward 0, on a log axis: 1 − cosine, or 1 − accuracy.
-    // Runs that land on the same point share one label: "7, 8, 9".
+    // Runs that land on the same point share one label: "7, 8, 9". Points are labelled with
+    // their row numbers in the Markdown table.
     let mut pts: Vec<(f64, f64, Vec<usize>)> = Vec::new();
     for (i, r) in rows.iter().enumerate() {
         let Some(m) = r.metric(&args.metric) else { continue };
@@ -158,10 +159,8 @@ fn plot(rows: &[Row], args: &Args, path: &std::path::Path) -> anyhow::Result<()>
     let pts: Vec<(f64, f64, String)> = pts
         .into_iter()
         .map(|(x, y, ids)| {
-            let label = match ids.as_slice() {
-                [one] => format!("{} {}", one + 1, rows[*one].label.chars().take(28).collect::<String>()),
-                many => many.iter().map(|i| (i + 1).to_string()).collect::<Vec<_>>().join(", "),
-            };
+            // Row numbers only (the table names them): long labels collide on dense plots.
+            let label = ids.iter().map(|i| (i + 1).to_string()).collect::<Vec<_>>().join(", ");
             (x, y, label)
         })
         .collect();
