@@ -9,6 +9,10 @@ mod train;
 
 use clap::{Parser, Subcommand};
 
+/// Seed of the digits train/validation/test split. Fixed for every command, so a model trained
+/// by `train` or `demo` is always evaluated (by `quantize`, ...) on images it never saw.
+pub(crate) const DIGITS_SPLIT_SEED: u64 = 42;
+
 /// pare: make neural networks smaller and faster.
 #[derive(Parser)]
 #[command(name = "cargo xtask", version, about)]

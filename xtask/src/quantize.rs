@@ -107,7 +107,7 @@ pub struct Args {
     /// QAT: peak learning rate of AdamW (weights and log step sizes).
     #[arg(long, default_value_t = 3e-3)]
     lr: f64,
-    /// QAT: seed of the data split and the shuffles.
+    /// QAT: seed of the per-epoch shuffles (the data split is fixed, as in `train`).
     #[arg(long, default_value_t = 42)]
     seed: u64,
 }
@@ -342,7 +342,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             reports
         } else if file_meta.contains_key(META_MODEL) {
             let float = DigitsNet::load(&args.model, &dev)?;
-            let data = digits(42, &dev)?;
+            let data = digits(crate::DIGITS_SPLIT_SEED, &dev)?;
             let calib: Examples =
                 data.train.select(&(0..args.calib_size.min(data.train.len()) as u32).collect::<Vec<_>>())?;
             let mut net = float.clone();
@@ -466,7 +466,7 @@ fn qat_digits(
 ) -> anyhow::Result<(Vec<LayerReport>, String, serde_json::Map<String, serde_json::Value>)> {
     let dev = Device::Cpu;
     let float = DigitsNet::load(&args.model, &dev)?;
-    let data = digits(args.seed, &dev)?;
+    let data = digits(crate::DIGITS_SPLIT_SEED, &dev)?;
     let calib: Examples = data.train.select(&(0..args.calib_size.min(data.train.len()) as u32).collect::<Vec<_>>())?;
     let vars = candle_nn::VarMap::new();
     let mut net = DigitsNet::load_trainable(&args.model, &dev, &vars)?;
@@ -625,7 +625,7 @@ fn export_gguf(args: &Args) -> anyhow::Result<()> {
             metrics.insert("eval_examples".into(), eval.len().into());
         }
     } else if meta.contains_key(META_MODEL) {
-        let data = digits(42, &dev)?;
+        let data = digits(crate::DIGITS_SPLIT_SEED, &dev)?;
         let (fa, qa) = (
             DigitsNet::load(&args.model, &dev)?.accuracy(&data.test)?,
             DigitsNet::load(&dest, &dev)?.accuracy(&data.test)?,

@@ -17,7 +17,7 @@ pub struct Args {
     /// cnn:C1,C2,...:H (convolution channels, hidden width) or mlp:H1,H2,...
     #[arg(long, default_value = "cnn:16,32:64")]
     arch: DigitsArch,
-    /// Seed of the data split, the initialisation and the shuffles.
+    /// Seed of the initialisation and the shuffles (the train/validation/test split is fixed).
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Maximum training epochs (early stopping may end sooner).
@@ -77,7 +77,7 @@ pub fn train_digits(
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let data = digits(args.seed, &Device::Cpu)?;
+    let data = digits(crate::DIGITS_SPLIT_SEED, &Device::Cpu)?;
     let (net, _) = train_digits(args.arch.clone(), &data, args.seed, args.epochs, args.lr)?;
     let recipe = format!("train arch={} seed={} epochs={} lr={}", args.arch, args.seed, args.epochs, args.lr);
     net.save(&args.out, &BTreeMap::from([(META_RECIPE.to_string(), recipe)]), &[])?;

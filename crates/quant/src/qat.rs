@@ -367,11 +367,16 @@ pub fn prepare(model: &mut dyn Module, varmap: &VarMap, cfg: QatConfig, layers: 
             ));
         }
     }
-    let device = model.layers().first().map(|l| match &l.parameters()[0].1 {
-        Weight::Dense(t) => t.device().clone(),
-        _ => Device::Cpu,
-    });
-    let rt = Arc::new(QatRuntime::new(device.unwrap_or(Device::Cpu), varmap, cfg, layers)?);
+    let device = model
+        .layers()
+        .iter()
+        .flat_map(|l| l.parameters())
+        .find_map(|(_, w)| match w {
+            Weight::Dense(t) => Some(t.device().clone()),
+            _ => None,
+        })
+        .unwrap_or(Device::Cpu);
+    let rt = Arc::new(QatRuntime::new(device, varmap, cfg, layers)?);
     let dynrt: Arc<dyn Runtime> = rt.clone();
     model.prepare(&dynrt)?;
     Ok(rt)
