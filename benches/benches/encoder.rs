@@ -2,7 +2,7 @@
 //! candle-transformers' `BertModel` on the same token batch, measured in the same process.
 //! Prints the ratio; needs `PARE_MINILM_DIR` (skips with a message otherwise).
 
-use std::time::Instant;
+use pare_benches::median_secs;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -10,19 +10,6 @@ use candle_transformers::models::bert::{BertModel, Config};
 use criterion::{Criterion, criterion_main};
 use pare_core_tensor::Hooks;
 use pare_models::bert::SentenceEncoder;
-
-fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
-}
 
 fn bench(c: &mut Criterion) {
     let Some(dir) = std::env::var_os("PARE_MINILM_DIR").map(std::path::PathBuf::from) else {

@@ -3,26 +3,13 @@
 //! measured in the same process: MiniLM's linear layers at M tokens (`PARE_BENCH_M`, 4096 by
 //! default). Issue 4's goal is ≥ 1.8×.
 
+use pare_benches::median_secs;
 use std::sync::Arc;
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, criterion_main};
 use pare_core_tensor::{ActQuant, ActRange, Granularity, Mapping, QuantScheme, QuantizedTensor, Runtime, Weight};
 use pare_runtime_cpu::CpuRuntime;
-
-fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
-}
 
 fn bench(c: &mut Criterion) {
     let m: usize = std::env::var("PARE_BENCH_M").ok().and_then(|v| v.parse().ok()).unwrap_or(4096);

@@ -11,7 +11,7 @@ use candle_core::Device;
 use pare_core_tensor::data::{Examples, digits, sentences};
 use pare_core_tensor::io::{META_RECIPE, load_weights, save_weights};
 use pare_core_tensor::metrics::{mean_cosine, retrieval_agreement};
-use pare_core_tensor::train::{LrSchedule, OptimizerKind, TrainConfig, TrainEvent};
+use pare_core_tensor::train::{LrSchedule, OptimizerKind, TrainConfig};
 use pare_core_tensor::{Granularity, ReferenceRuntime};
 use pare_core_tensor::{Hooks, Module};
 use pare_models::bert::SentenceEncoder;
@@ -490,13 +490,7 @@ fn qat_digits(
         checkpoint: None,
     };
     let bar = crate::progress((data.train.len().div_ceil(32) * args.epochs) as u64, "qat");
-    let report = fit(&net, &vars, &data, &train, &mut |e| match e {
-        TrainEvent::Step { loss, .. } => {
-            bar.inc(1);
-            bar.set_message(format!("loss {loss:.3}"));
-        }
-        TrainEvent::Epoch(s) => bar.set_message(format!("val acc {:.3}", s.metric)),
-    })?;
+    let report = fit(&net, &vars, &data, &train, &mut crate::train::show_on(&bar))?;
     bar.finish_and_clear();
     let reference: std::sync::Arc<dyn pare_core_tensor::Runtime> = ReferenceRuntime::shared(dev.clone());
     let reports = pare_quant::qat::convert(&mut net, &rt, &reference)?;

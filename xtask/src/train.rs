@@ -31,6 +31,17 @@ pub struct Args {
     out: PathBuf,
 }
 
+/// A trainer callback that advances `bar` per step and shows the loss and validation metric.
+pub fn show_on(bar: &indicatif::ProgressBar) -> impl FnMut(&TrainEvent) + '_ {
+    move |e| match e {
+        TrainEvent::Step { loss, .. } => {
+            bar.inc(1);
+            bar.set_message(format!("loss {loss:.3}"));
+        }
+        TrainEvent::Epoch(s) => bar.set_message(format!("val acc {:.3}", s.metric)),
+    }
+}
+
 /// Trains a digits model of `arch` with a progress bar and prints a one-line summary.
 pub fn train_digits(
     arch: DigitsArch,
@@ -56,13 +67,7 @@ pub fn train_digits(
         &format!("train {}", if matches!(arch, DigitsArch::Cnn(_)) { "cnn" } else { "mlp" }),
     );
     let started = std::time::Instant::now();
-    let report = fit(&net, &vars, data, &cfg, &mut |e| match e {
-        TrainEvent::Step { loss, .. } => {
-            bar.inc(1);
-            bar.set_message(format!("loss {loss:.3}"));
-        }
-        TrainEvent::Epoch(s) => bar.set_message(format!("val acc {:.3}", s.metric)),
-    })?;
+    let report = fit(&net, &vars, data, &cfg, &mut show_on(&bar))?;
     bar.finish_and_clear();
     println!(
         "trained {arch} ({} parameters) in {:.1} s: {} epochs, best validation accuracy {:.4} at epoch {}{}",

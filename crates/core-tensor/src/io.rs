@@ -446,6 +446,29 @@ pub fn save_tensors(
         header.push(b' ');
     }
 
+    write_atomic_with(dest, |f| {
+        let mut w = BufWriter::with_capacity(1 << 20, f);
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        for t in tensors.values() {
+            w.write_all(&t.data)?;
+        }
+        w.flush()
+    })?;
+    tracing::debug!(path = %dest.display(), bytes = offset, "saved safetensors");
+    Ok(())
+}
+
+/// Writes `data` to `dest` atomically (temp file in the same folder, fsync, rename, fsync the
+/// folder): an interrupted write leaves `dest` as it was.
+pub fn write_file_atomic(dest: impl AsRef<Path>, data: &[u8]) -> Result<()> {
+    write_atomic_with(dest.as_ref(), |mut f| f.write_all(data))
+}
+
+/// The one atomic-write path: `write` fills a temp file in `dest`'s folder, which is given the
+/// mode of the file it replaces (or 0644: temp files start private), fsynced, renamed over
+/// `dest`, and the folder fsynced.
+fn write_atomic_with(dest: &Path, write: impl FnOnce(&File) -> std::io::Result<()>) -> Result<()> {
     let dir = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -456,45 +479,7 @@ pub fn save_tensors(
         .suffix(".tmp")
         .tempfile_in(&dir)
         .map_err(|e| Error::io("create a temp file in", &dir, e))?;
-    {
-        let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
-        let werr = |e| Error::io("write", tmp.path(), e);
-        w.write_all(&(header.len() as u64).to_le_bytes()).map_err(werr)?;
-        w.write_all(&header).map_err(werr)?;
-        for t in tensors.values() {
-            w.write_all(&t.data).map_err(werr)?;
-        }
-        w.flush().map_err(werr)?;
-    }
-    // Temp files are created private (0600); give the result the mode it replaces, or the
-    // usual 0644 for a new file, so a saved model is as readable as any other file.
-    let mode = std::fs::metadata(dest).map(|m| m.permissions()).unwrap_or_else(|_| {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::Permissions::from_mode(0o644)
-    });
-    tmp.as_file().set_permissions(mode).map_err(|e| Error::io("set permissions of", tmp.path(), e))?;
-    tmp.as_file().sync_all().map_err(|e| Error::io("fsync", tmp.path(), e))?;
-    tmp.persist(dest).map_err(|e| Error::io("rename the temp file onto", dest, e.error))?;
-    File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("fsync folder", &dir, e))?;
-    tracing::debug!(path = %dest.display(), bytes = offset, "saved safetensors");
-    Ok(())
-}
-
-/// Writes `data` to `dest` atomically (temp file in the same folder, fsync, rename, fsync the
-/// folder): an interrupted write leaves `dest` as it was.
-pub fn write_file_atomic(dest: impl AsRef<Path>, data: &[u8]) -> Result<()> {
-    let dest = dest.as_ref();
-    let dir = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{file_name}."))
-        .suffix(".tmp")
-        .tempfile_in(&dir)
-        .map_err(|e| Error::io("create a temp file in", &dir, e))?;
-    tmp.write_all(data).map_err(|e| Error::io("write", tmp.path(), e))?;
+    write(tmp.as_file()).map_err(|e| Error::io("write", tmp.path(), e))?;
     let mode = std::fs::metadata(dest).map(|m| m.permissions()).unwrap_or_else(|_| {
         use std::os::unix::fs::PermissionsExt;
         std::fs::Permissions::from_mode(0o644)

@@ -188,13 +188,7 @@ impl BertEncoder {
         out: &Path,
         metadata: &std::collections::BTreeMap<String, String>,
     ) -> Result<()> {
-        let same = match (src.canonicalize(), out.canonicalize()) {
-            (Ok(a), Ok(b)) => a == b,
-            _ => false,
-        };
-        if same {
-            return Err(pare_core_tensor::Error::OverwriteInput { path: out.to_path_buf() }.into());
-        }
+        refuse_same_folder(src, out)?;
         std::fs::create_dir_all(out).map_err(|e| pare_core_tensor::Error::io("create folder", out, e))?;
         let weights = src.join("model.safetensors");
         let mut meta = metadata.clone();
@@ -214,13 +208,7 @@ impl BertEncoder {
         out: &Path,
         metadata: &std::collections::BTreeMap<String, String>,
     ) -> Result<()> {
-        let same = match (src.canonicalize(), out.canonicalize()) {
-            (Ok(a), Ok(b)) => a == b,
-            _ => false,
-        };
-        if same {
-            return Err(pare_core_tensor::Error::OverwriteInput { path: out.to_path_buf() }.into());
-        }
+        refuse_same_folder(src, out)?;
         let inputs: std::collections::BTreeMap<String, pare_core_tensor::ActQuant> =
             self.layers().iter().filter_map(|l| l.input_quant().map(|a| (l.path().to_string(), a))).collect();
         // Everything is encoded (and refused) before anything is written.
@@ -346,6 +334,14 @@ impl Module for BertEncoder {
             ]);
         }
         v
+    }
+}
+
+/// Writing a model folder onto the folder it was read from is refused.
+fn refuse_same_folder(src: &Path, out: &Path) -> Result<()> {
+    match (src.canonicalize(), out.canonicalize()) {
+        (Ok(a), Ok(b)) if a == b => Err(pare_core_tensor::Error::OverwriteInput { path: out.to_path_buf() }.into()),
+        _ => Ok(()),
     }
 }
 
