@@ -261,19 +261,8 @@ impl PreparedOp for W8A8Linear {
     }
 }
 
-/// `acc[j] = Σ_k x[k]·w[j·k..]` for every weight row `j`.
-pub fn dot_rows(level: SimdLevel, x: &[i16], w: &[i8], k: usize, acc: &mut [i32]) {
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
-            // SAFETY: AVX2 and FMA were detected on this CPU just above.
-            unsafe { avx2::dot_rows(x, w, k, acc) }
-        }
-        _ => dot_rows_scalar(x, w, k, acc),
-    }
-}
-
-/// The scalar twin of every SIMD `dot_rows`.
+/// `acc[j] = Σ_t x[t]·w[j·k + t]` for every weight row `j`: the scalar twin of [`gemm`]'s
+/// SIMD paths, one row of `x` at a time.
 pub fn dot_rows_scalar(x: &[i16], w: &[i8], k: usize, acc: &mut [i32]) {
     for (j, a) in acc.iter_mut().enumerate() {
         let row = &w[j * k..(j + 1) * k];
@@ -338,53 +327,6 @@ mod avx2 {
         }
     }
 
-    /// Four weight rows at a time: each 16-element step loads 16 activations (i16) once and
-    /// 16 int8 weights of each row, widens them in registers and multiply-adds pairs into i32
-    /// lanes (`vpmaddwd`); tails that are not multiples of 16 run scalar.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2. `x.len() == k`, `w.len() ≥ acc.len()·k`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_rows(x: &[i16], w: &[i8], k: usize, acc: &mut [i32]) {
-        let n = acc.len();
-        assert!(x.len() == k && w.len() >= n * k, "dot_rows: x has {} of {k}, w {} of {}", x.len(), w.len(), n * k);
-        let body = k - k % 16;
-        let mut j = 0;
-        while j + 4 <= n {
-            let mut s = [_mm256_setzero_si256(); 4];
-            let mut i = 0;
-            while i < body {
-                // SAFETY: i + 16 ≤ body ≤ k = x.len(); row (j + r)·k + i + 16 ≤ n·k ≤ w.len().
-                let xv = unsafe { _mm256_loadu_si256(x.as_ptr().add(i) as *const __m256i) };
-                for (r, sr) in s.iter_mut().enumerate() {
-                    let wp = unsafe { w.as_ptr().add((j + r) * k + i) } as *const __m128i;
-                    let wv = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(wp) });
-                    *sr = _mm256_add_epi32(*sr, _mm256_madd_epi16(xv, wv));
-                }
-                i += 16;
-            }
-            for (r, sr) in s.iter().enumerate() {
-                let tail: i32 = (body..k).map(|t| i32::from(x[t]) * i32::from(w[(j + r) * k + t])).sum();
-                acc[j + r] = hsum(*sr) + tail;
-            }
-            j += 4;
-        }
-        while j < n {
-            let mut sr = _mm256_setzero_si256();
-            let mut i = 0;
-            while i < body {
-                // SAFETY: as above.
-                let xv = unsafe { _mm256_loadu_si256(x.as_ptr().add(i) as *const __m256i) };
-                let wv = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(w.as_ptr().add(j * k + i) as *const __m128i) });
-                sr = _mm256_add_epi32(sr, _mm256_madd_epi16(xv, wv));
-                i += 16;
-            }
-            let tail: i32 = (body..k).map(|t| i32::from(x[t]) * i32::from(w[j * k + t])).sum();
-            acc[j] = hsum(sr) + tail;
-            j += 1;
-        }
-    }
-
     /// [`super::quantize_row`] eight lanes at a time: IEEE division, round-half-even
     /// (`vroundps` to nearest), the same integer clamp.
     ///
@@ -437,16 +379,6 @@ mod avx2 {
             }
         }
         a
-    }
-
-    #[target_feature(enable = "avx2")]
-    fn hsum(v: __m256i) -> i32 {
-        let lo = _mm256_castsi256_si128(v);
-        let hi = _mm256_extracti128_si256(v, 1);
-        let s = _mm_add_epi32(lo, hi);
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-        _mm_cvtsi128_si32(s)
     }
 }
 

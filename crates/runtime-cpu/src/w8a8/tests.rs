@@ -88,14 +88,17 @@ proptest! {
 
 #[test]
 fn the_scalar_twin_and_avx2_agree_on_long_rows() {
-    let (n, k) = (37, 1536 + 13);
+    // MiniLM's FFN width plus an odd tail, odd column and row counts.
+    let (m, n, k) = (5, 37, 1536 + 13);
     let w: Vec<i8> = (0..n * k).map(|i| (i as i32 * 31 % 256 - 128) as i8).collect();
-    let x: Vec<i16> = (0..k).map(|i| (i as i32 * 17 % 256) as i16).collect();
-    let mut a = vec![0; n];
-    dot_rows_scalar(&x, &w, k, &mut a);
+    let x: Vec<i16> = (0..m * k).map(|i| (i as i32 * 17 % 256) as i16).collect();
+    let panel = Panel::pack(&w, n, k);
+    let mut a = vec![0; m * n];
+    gemm(SimdLevel::Scalar, &x, m, k, &w, &panel, &mut a);
+    assert_eq!(a[0], (0..k).map(|t| i32::from(x[t]) * i32::from(w[t])).sum::<i32>());
     for level in SimdLevel::available() {
-        let mut b = vec![0; n];
-        dot_rows(level, &x, &w, k, &mut b);
+        let mut b = vec![0; m * n];
+        gemm(level, &x, m, k, &w, &panel, &mut b);
         assert_eq!(a, b, "{level:?}");
     }
 }
