@@ -130,12 +130,27 @@ struct RefLinear {
 
 impl PreparedOp for RefLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.w.t()?)?;
-        Ok(match &self.b {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        linear_forward(x, &self.w, self.b.as_ref())
     }
+}
+
+/// `x Wᵀ + b` in candle (any leading dimensions): the reference linear op, also used by
+/// runtimes that transform `W` or `x` first (QAT's fake quantization).
+pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.broadcast_matmul(&w.t()?)?;
+    Ok(match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+/// A 2-D convolution plus per-channel bias in candle: the reference conv op.
+pub fn conv2d_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Result<Tensor> {
+    let y = x.conv2d(w, p.padding, p.stride, p.dilation, p.groups)?;
+    Ok(match b {
+        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+        None => y,
+    })
 }
 
 #[derive(Debug)]
@@ -147,11 +162,7 @@ struct RefConv2d {
 
 impl PreparedOp for RefConv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.w, self.p.padding, self.p.stride, self.p.dilation, self.p.groups)?;
-        Ok(match &self.b {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
-            None => y,
-        })
+        conv2d_forward(x, &self.w, self.b.as_ref(), self.p)
     }
 }
 

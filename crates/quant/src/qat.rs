@@ -244,11 +244,7 @@ struct QatLinear {
 impl PreparedOp for QatLinear {
     fn forward(&self, x: &Tensor) -> pare_core_tensor::Result<Tensor> {
         let (x, w) = self.parts.inputs_and_weight(x)?;
-        let y = x.broadcast_matmul(&w.t()?)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        pare_core_tensor::linear_forward(&x, &w, self.bias.as_ref())
     }
 }
 
@@ -262,11 +258,7 @@ struct QatConv2d {
 impl PreparedOp for QatConv2d {
     fn forward(&self, x: &Tensor) -> pare_core_tensor::Result<Tensor> {
         let (x, w) = self.parts.inputs_and_weight(x)?;
-        let y = x.conv2d(&w, self.p.padding, self.p.stride, self.p.dilation, self.p.groups)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
-            None => y,
-        })
+        pare_core_tensor::conv2d_forward(&x, &w, self.bias.as_ref(), self.p)
     }
 }
 
