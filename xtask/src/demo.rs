@@ -13,15 +13,8 @@ use pare_models::digits::{DigitsArch, time_forward};
 /// Arguments of `cargo xtask demo`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Seed of the initialisation and the shuffles (the train/validation/test split is fixed).
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    /// Maximum training epochs (early stopping may end sooner).
-    #[arg(long, default_value_t = 60)]
-    epochs: usize,
-    /// Peak learning rate of AdamW.
-    #[arg(long, default_value_t = 3e-3)]
-    lr: f64,
+    #[command(flatten)]
+    opts: crate::train::TrainOpts,
     /// Folder for the trained teacher.
     #[arg(long, default_value = "target/demo")]
     out: PathBuf,
@@ -36,7 +29,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         data.validation.len(),
         data.test.len()
     );
-    let (net, _) = crate::train::train_digits(DigitsArch::default_cnn(), &data, args.seed, args.epochs, args.lr)?;
+    let (net, _) = crate::train::train_digits(DigitsArch::default_cnn(), &data, &args.opts)?;
 
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     let path = args.out.join("teacher.safetensors");

@@ -11,21 +11,28 @@ use pare_core_tensor::io::META_RECIPE;
 use pare_core_tensor::train::{LrSchedule, OptimizerKind, TrainConfig, TrainEvent, TrainReport};
 use pare_models::digits::{DigitsArch, DigitsNet, fit};
 
+/// Training options shared by `train` and `demo`.
+#[derive(clap::Args, Clone, Copy)]
+pub struct TrainOpts {
+    /// Seed of the initialisation and the shuffles (the train/validation/test split is fixed).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Maximum training epochs (early stopping may end sooner).
+    #[arg(long, default_value_t = 60)]
+    pub epochs: usize,
+    /// Peak learning rate of AdamW.
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f64,
+}
+
 /// Arguments of `cargo xtask train`.
 #[derive(clap::Args)]
 pub struct Args {
     /// cnn:C1,C2,...:H (convolution channels, hidden width) or mlp:H1,H2,...
     #[arg(long, default_value = "cnn:16,32:64")]
     arch: DigitsArch,
-    /// Seed of the initialisation and the shuffles (the train/validation/test split is fixed).
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    /// Maximum training epochs (early stopping may end sooner).
-    #[arg(long, default_value_t = 60)]
-    epochs: usize,
-    /// Peak learning rate of AdamW.
-    #[arg(long, default_value_t = 3e-3)]
-    lr: f64,
+    #[command(flatten)]
+    opts: TrainOpts,
     /// Output safetensors file.
     #[arg(long)]
     out: PathBuf,
@@ -46,10 +53,9 @@ pub fn show_on(bar: &indicatif::ProgressBar) -> impl FnMut(&TrainEvent) + '_ {
 pub fn train_digits(
     arch: DigitsArch,
     data: &DigitsSplit,
-    seed: u64,
-    epochs: usize,
-    lr: f64,
+    opts: &TrainOpts,
 ) -> anyhow::Result<(DigitsNet, TrainReport)> {
+    let TrainOpts { seed, epochs, lr } = *opts;
     let vars = candle_nn::VarMap::new();
     let net = DigitsNet::init(arch.clone(), seed, &Device::Cpu, &vars)?;
     let cfg = TrainConfig {
@@ -83,8 +89,9 @@ pub fn train_digits(
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let data = digits(crate::DIGITS_SPLIT_SEED, &Device::Cpu)?;
-    let (net, _) = train_digits(args.arch.clone(), &data, args.seed, args.epochs, args.lr)?;
-    let recipe = format!("train arch={} seed={} epochs={} lr={}", args.arch, args.seed, args.epochs, args.lr);
+    let (net, _) = train_digits(args.arch.clone(), &data, &args.opts)?;
+    let o = &args.opts;
+    let recipe = format!("train arch={} seed={} epochs={} lr={}", args.arch, o.seed, o.epochs, o.lr);
     net.save(&args.out, &BTreeMap::from([(META_RECIPE.to_string(), recipe)]), &[])?;
     println!("test accuracy {:.2}% on {} digits", 100.0 * net.accuracy(&data.test)?, data.test.len());
     println!("wrote {}", args.out.display());
