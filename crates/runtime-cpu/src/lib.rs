@@ -21,13 +21,22 @@
 //! # Ok::<(), pare_core_tensor::Error>(())
 //! ```
 
+pub mod gemm;
+pub mod halfw;
+pub mod linear;
 pub mod simd;
 pub mod w8a8;
+pub mod wq;
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use pare_core_tensor::{ActQuant, Conv2dParams, Error, PreparedOp, ReferenceRuntime, Result, Runtime, Weight};
+
+use crate::gemm::{PackedF32, Panels};
+use crate::halfw::HalfPanels;
+use crate::linear::PanelLinear;
+use crate::wq::QuantPanels;
 
 pub use simd::SimdLevel;
 
@@ -77,6 +86,35 @@ impl CpuRuntime {
     }
 }
 
+impl CpuRuntime {
+    /// `weight` packed for pare's GEMM when a kernel takes its format (dense f32/f16/bf16,
+    /// weight-only quantized), `None` when the reference must run it.
+    fn panels(&self, layer: &str, weight: &Weight) -> Result<Option<Box<dyn Panels>>> {
+        let shape = weight.shape();
+        if shape.len() != 2 {
+            return Err(Error::invalid(format!("linear layer `{layer}`"), format!("weight must be 2-D, found {shape:?}")));
+        }
+        let (n, k) = (shape[0], shape[1]);
+        Ok(match weight {
+            Weight::Dense(t) => match t.dtype() {
+                DType::F32 => Some(Box::new(PackedF32::pack(&t.flatten_all()?.to_vec1::<f32>()?, n, k))),
+                DType::F16 => {
+                    let bits: Vec<u16> = t.flatten_all()?.to_vec1::<::half::f16>()?.iter().map(|v| v.to_bits()).collect();
+                    Some(Box::new(HalfPanels::pack(&bits, n, k, DType::F16)))
+                }
+                DType::BF16 => {
+                    let bits: Vec<u16> =
+                        t.flatten_all()?.to_vec1::<::half::bf16>()?.iter().map(|v| v.to_bits()).collect();
+                    Some(Box::new(HalfPanels::pack(&bits, n, k, DType::BF16)))
+                }
+                _ => None,
+            },
+            Weight::Quantized(q) if wq::fits(q) => Some(Box::new(QuantPanels::pack(q))),
+            _ => None,
+        })
+    }
+}
+
 impl Runtime for CpuRuntime {
     fn name(&self) -> &str {
         "cpu"
@@ -87,7 +125,10 @@ impl Runtime for CpuRuntime {
     }
 
     fn prepare_linear(&self, layer: &str, weight: &Weight, bias: Option<&Tensor>) -> Result<Arc<dyn PreparedOp>> {
-        self.reference.prepare_linear(layer, weight, bias)
+        match self.panels(layer, weight)? {
+            Some(w) => Ok(Arc::new(PanelLinear::new(layer, w, bias, self.level, self.pool.clone())?)),
+            None => self.reference.prepare_linear(layer, weight, bias),
+        }
     }
 
     fn prepare_conv2d(
@@ -119,3 +160,6 @@ impl Runtime for CpuRuntime {
         }
     }
 }
+
+#[cfg(test)]
+mod testkit;

@@ -238,26 +238,8 @@ pub fn gemm(level: SimdLevel, x: &[i16], m: usize, k: usize, w: &[i8], panel: &P
 
 impl PreparedOp for W8A8Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        if dims.last() != Some(&self.k) {
-            return Err(Error::Shape {
-                name: format!("input of `{}`", self.layer),
-                expected: vec![self.k],
-                found: dims.last().map(|d| vec![*d]).unwrap_or_default(),
-            });
-        }
-        let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        if let Some(i) = v.iter().position(|f| !f.is_finite()) {
-            return Err(Error::NonFinite {
-                name: format!("input of `{}`", self.layer),
-                count: v.iter().filter(|f| !f.is_finite()).count(),
-                first: i,
-            });
-        }
-        let y = self.run(&v);
-        let mut out = dims;
-        *out.last_mut().expect("rank ≥ 1") = self.n;
-        Ok(Tensor::from_vec(y, out, x.device())?.to_dtype(x.dtype())?)
+        let v = crate::linear::input_values(&self.layer, x, self.k)?;
+        crate::linear::output(x, self.run(&v), self.n)
     }
 }
 

@@ -1,0 +1,307 @@
+//! pare's f32 GEMM: `y = x·Wᵀ + b` with `W` repacked once into column panels of [`NR`] outputs,
+//! blocked BLIS-style (a [`KC`]-deep slice of one panel stays in L1 while [`MC`] rows of `x`,
+//! packed into [`MR`]-row strips, stream past it from L2), with an AVX2+FMA 6×16 micro-kernel
+//! and a scalar twin that performs the same fused multiply-adds in the same order.
+//!
+//! The weight side is a [`Panels`] source, so the same driver runs dense f32 weights (borrowed
+//! in place), FP16/BF16 weights and quantized weights (both decoded a panel slice at a time into
+//! an L1 buffer, never into a whole float matrix).
+//!
+//! Every output element is `b + Σ_blocks (Σ_{p in block} fma-chain)`, summed over the K blocks in
+//! order by one task, so the bits do not depend on the thread count or on how the output is
+//! split into tiles, and the scalar twin matches the AVX2 path exactly.
+
+use std::fmt::Debug;
+
+use rayon::prelude::*;
+
+use crate::simd::SimdLevel;
+
+/// Rows of `x` per micro-kernel call.
+pub const MR: usize = 6;
+/// Output columns per panel (two AVX2 registers).
+pub const NR: usize = 16;
+/// Reduction depth of one block (a `KC × NR` panel slice is 16 KiB, half of L1).
+pub const KC: usize = 256;
+/// Rows of `x` per tile (a `MC × KC` packed block is 96 KiB, in L2).
+pub const MC: usize = 96;
+
+/// A weight matrix `[n, k]` (used as `Wᵀ`) served as column panels of [`NR`] outputs.
+pub trait Panels: Send + Sync + Debug {
+    /// Output features (rows of `W`).
+    fn n(&self) -> usize;
+    /// Input features (columns of `W`).
+    fn k(&self) -> usize;
+    /// The f32 values of panel `jb` (outputs `jb·NR ..`), reduction rows `k0..k1`, laid out
+    /// `[p][NR]` with columns past `n` zero: either borrowed from the packed weights or
+    /// decoded into `buf` (which holds at least `KC·NR` floats).
+    fn panel<'a>(&'a self, level: SimdLevel, jb: usize, k0: usize, k1: usize, buf: &'a mut [f32]) -> &'a [f32];
+    /// For at most [`MR`] rows: `out[r][c] = Σ_p x[r][p]·W[jb·NR + c][p]` computed straight from
+    /// the stored format (weight bytes read once for all rows). Returns false when the format
+    /// has no such path; the driver then runs the blocked GEMM.
+    fn fused_rows(&self, _level: SimdLevel, _jb: usize, _x: &[&[f32]], _out: &mut [[f32; NR]]) -> bool {
+        false
+    }
+}
+
+/// Dense f32 weights packed `[panel][k][NR]`.
+#[derive(Debug, Clone)]
+pub struct PackedF32 {
+    data: Vec<f32>,
+    n: usize,
+    k: usize,
+}
+
+impl PackedF32 {
+    /// Packs row-major `w` (`[n, k]`).
+    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0f32; panels * k * NR];
+        for j in 0..n {
+            let (jb, c) = (j / NR, j % NR);
+            for (p, &v) in w[j * k..(j + 1) * k].iter().enumerate() {
+                data[(jb * k + p) * NR + c] = v;
+            }
+        }
+        Self { data, n, k }
+    }
+}
+
+impl Panels for PackedF32 {
+    fn n(&self) -> usize {
+        self.n
+    }
+    fn k(&self) -> usize {
+        self.k
+    }
+    fn panel<'a>(&'a self, _: SimdLevel, jb: usize, k0: usize, k1: usize, _: &'a mut [f32]) -> &'a [f32] {
+        &self.data[(jb * self.k + k0) * NR..(jb * self.k + k1) * NR]
+    }
+}
+
+/// A raw output pointer shared by tasks that write disjoint tiles.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint row×column tiles of the output (see `gemm`), so no element is
+// written by two threads, and the buffer outlives the scope the tasks run in.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `y[m, n] = x[m, k]·Wᵀ + bias` on `pool`, at `level`. Rows of `y` are split into tiles of
+/// [`MC`] rows and, when there are too few of those to feed every thread, panels are split
+/// too; either way each output element is computed whole by one task.
+pub fn gemm(
+    level: SimdLevel,
+    pool: &rayon::ThreadPool,
+    x: &[f32],
+    m: usize,
+    w: &dyn Panels,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let (n, k) = (w.n(), w.k());
+    assert!(x.len() == m * k && y.len() == m * n && bias.is_none_or(|b| b.len() == n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    let panels = n.div_ceil(NR);
+    let fused = m <= MR;
+    let row_tiles = if fused { 1 } else { m.div_ceil(MC) };
+    let want = 4 * pool.current_num_threads();
+    let col_tiles = if row_tiles >= want { 1 } else { want.div_ceil(row_tiles).min(panels) };
+    let per = panels.div_ceil(col_tiles);
+    let out = OutPtr(y.as_mut_ptr());
+    pool.install(|| {
+        (0..row_tiles * col_tiles).into_par_iter().for_each(|t| {
+            let (ti, tj) = (t / col_tiles, t % col_tiles);
+            let (r0, r1) = (ti * MC, ((ti + 1) * MC).min(m));
+            let (p0, p1) = (tj * per, ((tj + 1) * per).min(panels));
+            if p0 >= p1 {
+                return;
+            }
+            let out = out;
+            // SAFETY: tile (ti, tj) owns rows r0..r1 × columns p0·NR..min(p1·NR, n); tiles
+            // partition the output, and `y` outlives `pool.install`.
+            let mut tile = Tile { y: out.0, n, r0, r1, c0: p0 * NR, c1: (p1 * NR).min(n) };
+            if fused && fused_tile(level, x, k, w, bias, p0, p1, &mut tile) {
+                return;
+            }
+            blocked_tile(level, x, k, w, bias, p0, p1, &mut tile);
+        });
+    });
+}
+
+/// One task's rectangle of the output.
+struct Tile {
+    y: *mut f32,
+    n: usize,
+    r0: usize,
+    r1: usize,
+    c0: usize,
+    c1: usize,
+}
+
+impl Tile {
+    /// Sets every element of the tile to its bias (or zero).
+    fn init(&mut self, bias: Option<&[f32]>) {
+        for r in self.r0..self.r1 {
+            for c in self.c0..self.c1 {
+                // SAFETY: (r, c) lies in this tile, which only this task writes.
+                unsafe { *self.y.add(r * self.n + c) = bias.map_or(0.0, |b| b[c]) };
+            }
+        }
+    }
+
+    /// Adds `acc` (rows from `r`, columns from `c`) into the tile, clipped to its bounds.
+    fn add(&mut self, r: usize, c: usize, acc: &[[f32; NR]]) {
+        for (i, row) in acc.iter().enumerate().take(self.r1.saturating_sub(r)) {
+            for (j, v) in row.iter().enumerate().take(self.c1.saturating_sub(c)) {
+                // SAFETY: r + i < r1 and c + j < c1: inside this task's tile.
+                unsafe { *self.y.add((r + i) * self.n + c + j) += *v };
+            }
+        }
+    }
+}
+
+/// The small-M path: the format's fused kernel, panel by panel, when it has one.
+#[allow(clippy::too_many_arguments)]
+fn fused_tile(
+    level: SimdLevel,
+    x: &[f32],
+    k: usize,
+    w: &dyn Panels,
+    bias: Option<&[f32]>,
+    p0: usize,
+    p1: usize,
+    tile: &mut Tile,
+) -> bool {
+    let rows: Vec<&[f32]> = (tile.r0..tile.r1).map(|r| &x[r * k..(r + 1) * k]).collect();
+    let mut acc = vec![[0f32; NR]; rows.len()];
+    for jb in p0..p1 {
+        acc.iter_mut().for_each(|a| *a = [0.0; NR]);
+        if !w.fused_rows(level, jb, &rows, &mut acc) {
+            return false;
+        }
+        if jb == p0 {
+            tile.init(bias);
+        }
+        tile.add(tile.r0, jb * NR, &acc);
+    }
+    true
+}
+
+/// The blocked GEMM over one tile: for each K block, pack the tile's rows into [`MR`]-row
+/// strips, then run every strip against each panel slice.
+#[allow(clippy::too_many_arguments)]
+fn blocked_tile(
+    level: SimdLevel,
+    x: &[f32],
+    k: usize,
+    w: &dyn Panels,
+    bias: Option<&[f32]>,
+    p0: usize,
+    p1: usize,
+    tile: &mut Tile,
+) {
+    tile.init(bias);
+    let rows = tile.r1 - tile.r0;
+    let strips = rows.div_ceil(MR);
+    let mut a = vec![0f32; strips * MR * KC.min(k)];
+    let mut buf = vec![0f32; KC * NR];
+    let mut acc = [[0f32; NR]; MR];
+    for k0 in (0..k).step_by(KC) {
+        let k1 = (k0 + KC).min(k);
+        let kc = k1 - k0;
+        pack_a(x, k, tile.r0, tile.r1, k0, k1, &mut a[..strips * MR * kc]);
+        for jb in p0..p1 {
+            let b = w.panel(level, jb, k0, k1, &mut buf);
+            for s in 0..strips {
+                micro(level, &a[s * MR * kc..(s + 1) * MR * kc], b, kc, &mut acc);
+                tile.add(tile.r0 + s * MR, jb * NR, &acc);
+            }
+        }
+    }
+}
+
+/// Rows `r0..r1`, columns `k0..k1` of `x` into strips `[strip][p][MR]`, zero rows past `r1`.
+fn pack_a(x: &[f32], k: usize, r0: usize, r1: usize, k0: usize, k1: usize, a: &mut [f32]) {
+    let kc = k1 - k0;
+    for (s, strip) in a.chunks_mut(MR * kc).enumerate() {
+        for i in 0..MR {
+            let r = r0 + s * MR + i;
+            if r < r1 {
+                for (p, &v) in x[r * k + k0..r * k + k1].iter().enumerate() {
+                    strip[p * MR + i] = v;
+                }
+            } else {
+                for p in 0..kc {
+                    strip[p * MR + i] = 0.0;
+                }
+            }
+        }
+    }
+}
+
+/// `acc[i][c] = Σ_p a[p][i]·b[p][c]` as a chain of fused multiply-adds from zero, `p` ascending.
+pub fn micro(level: SimdLevel, a: &[f32], b: &[f32], kc: usize, acc: &mut [[f32; NR]; MR]) {
+    assert!(a.len() == kc * MR && b.len() == kc * NR);
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+            // SAFETY: AVX2 and FMA were detected just above; lengths asserted.
+            unsafe { avx2::micro(a, b, kc, acc) }
+        }
+        _ => {
+            *acc = [[0.0; NR]; MR];
+            for p in 0..kc {
+                let bp = &b[p * NR..(p + 1) * NR];
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let ai = a[p * MR + i];
+                    for (c, v) in row.iter_mut().enumerate() {
+                        *v = ai.mul_add(bp[c], *v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{MR, NR};
+
+    /// The 6×16 micro-kernel: twelve accumulators, two panel loads and six broadcasts per step.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `a.len() == kc·MR`, `b.len() == kc·NR`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn micro(a: &[f32], b: &[f32], kc: usize, acc: &mut [[f32; NR]; MR]) {
+        assert!(a.len() == kc * MR && b.len() == kc * NR);
+        let mut c = [[_mm256_setzero_ps(); 2]; MR];
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        for p in 0..kc {
+            // SAFETY: p < kc, so p·NR + 16 ≤ b.len() and p·MR + 6 ≤ a.len().
+            unsafe {
+                let b0 = _mm256_loadu_ps(bp.add(p * NR));
+                let b1 = _mm256_loadu_ps(bp.add(p * NR + 8));
+                for (i, ci) in c.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*ap.add(p * MR + i));
+                    ci[0] = _mm256_fmadd_ps(av, b0, ci[0]);
+                    ci[1] = _mm256_fmadd_ps(av, b1, ci[1]);
+                }
+            }
+        }
+        for (row, ci) in acc.iter_mut().zip(c) {
+            // SAFETY: each row holds NR = 16 floats.
+            unsafe {
+                _mm256_storeu_ps(row.as_mut_ptr(), ci[0]);
+                _mm256_storeu_ps(row.as_mut_ptr().add(8), ci[1]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

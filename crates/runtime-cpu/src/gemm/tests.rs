@@ -1,0 +1,71 @@
+use candle_core::{DType, Device, Tensor};
+use pare_core_tensor::Weight;
+use proptest::prelude::*;
+
+use super::*;
+use crate::testkit::{check_linear, input};
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+    /// Shapes straddle every blocking edge: MR-row strips and the fused limit (6), MC-row
+    /// tiles (96), NR-column panels (16) and KC-deep blocks (256), with tails of each.
+    #[test]
+    fn f32_weights_match_the_reference_at_every_level_and_thread_count(
+        m in prop_oneof![1usize..14, 90usize..110], n in 1usize..40, k in prop_oneof![1usize..40, 250usize..530],
+        bias in any::<bool>(), seed in any::<u64>()
+    ) {
+        let w = input(n, k, seed ^ 11);
+        let t = Weight::Dense(Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap());
+        let mag: Vec<f32> = w.iter().map(|v| v.abs()).collect();
+        check_linear(&t, &w, &mag, (m, n, k), bias, seed)?;
+    }
+
+    #[test]
+    fn f16_and_bf16_weights_widen_exactly_and_accumulate_in_f32(
+        m in 1usize..12, n in 1usize..35, k in 1usize..300, bf in any::<bool>(), seed in any::<u64>()
+    ) {
+        let dtype = if bf { DType::BF16 } else { DType::F16 };
+        let half = Tensor::from_vec(input(n, k, seed), (n, k), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let w = half.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mag: Vec<f32> = w.iter().map(|v| v.abs()).collect();
+        check_linear(&Weight::Dense(half), &w, &mag, (m, n, k), true, seed)?;
+    }
+}
+
+#[test]
+fn the_micro_kernel_equals_its_scalar_twin_bit_for_bit() {
+    let kc = 37;
+    let a = input(kc, MR, 1);
+    let b = input(kc, NR, 2);
+    let mut want = [[0f32; NR]; MR];
+    micro(SimdLevel::Scalar, &a, &b, kc, &mut want);
+    let direct: f32 = (0..kc).fold(0.0, |s, p| a[p * MR + 2].mul_add(b[p * NR + 5], s));
+    assert_eq!(want[2][5], direct);
+    for level in SimdLevel::available() {
+        let mut got = [[0f32; NR]; MR];
+        micro(level, &a, &b, kc, &mut got);
+        assert_eq!(got, want, "{level:?}");
+    }
+}
+
+#[test]
+fn empty_batches_and_bad_inputs() {
+    use pare_core_tensor::Runtime;
+    let rt = crate::CpuRuntime::new(2).unwrap();
+    let w = Weight::Dense(Tensor::ones((3, 5), DType::F32, &Device::Cpu).unwrap());
+    let op = rt.prepare_linear("fc", &w, None).unwrap();
+    let y = op.forward(&Tensor::zeros((0, 5), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    assert_eq!(y.dims(), &[0, 3]);
+    let y = op.forward(&Tensor::ones((2, 4, 5), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    assert_eq!(y.dims(), &[2, 4, 3]);
+    assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![5.0; 24]);
+    let e = op.forward(&Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("input of `fc`") && e.contains("[5]") && e.contains("[4]"), "{e}");
+    let e = op.forward(&Tensor::new(&[[1f32, 2.0, f32::INFINITY, 0.0, 0.0]], &Device::Cpu).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("input of `fc`"), "{e}");
+    let b = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+    let e = rt.prepare_linear("fc", &w, Some(&b)).unwrap_err().to_string();
+    assert!(e.contains("fc.bias") && e.contains("[3]") && e.contains("[4]"), "{e}");
+    let w3 = Weight::Dense(Tensor::ones((3, 5, 1), DType::F32, &Device::Cpu).unwrap());
+    assert!(rt.prepare_linear("fc", &w3, None).unwrap_err().to_string().contains("2-D"));
+}

@@ -1,0 +1,64 @@
+//! Shared test problem for every linear kernel (tract test-rt style): random inputs, the
+//! reference answer from `ReferenceRuntime` on the dense equivalent, every SIMD level × thread
+//! count checked against it and against each other bit for bit.
+
+use candle_core::{Device, Tensor};
+use pare_core_tensor::{ReferenceRuntime, Runtime, Weight};
+use proptest::prelude::*;
+
+use crate::{CpuRuntime, SimdLevel};
+
+/// Deterministic pseudo-random values in [−3, 3).
+pub fn input(m: usize, k: usize, seed: u64) -> Vec<f32> {
+    (0..m * k)
+        .map(|i| {
+            let h = (i as u64).wrapping_mul(6364136223846793005).wrapping_add(seed.wrapping_mul(1442695040888963407));
+            ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0
+        })
+        .collect()
+}
+
+/// Runs `w` (dense values `dense`, `[n, k]`) on `m` random rows at every level and thread
+/// count. Each result must be within the float-summation bound `8·k·ε·Σ|x|·mag` of the
+/// reference, where `mag[j·k + p]` bounds the magnitude of the terms a kernel may sum for
+/// weight `(j, p)` (`|w|` for float kernels), and all results must be identical.
+pub fn check_linear(
+    w: &Weight,
+    dense: &[f32],
+    mag: &[f32],
+    (m, n, k): (usize, usize, usize),
+    bias: bool,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let dev = Device::Cpu;
+    let b = bias.then(|| Tensor::from_vec(input(1, n, seed ^ 3), n, &dev).unwrap());
+    let xv = input(m, k, seed);
+    let x = Tensor::from_vec(xv.clone(), (m, k), &dev).unwrap();
+    let wd = Weight::Dense(Tensor::from_vec(dense.to_vec(), (n, k), &dev).unwrap());
+    let want = ReferenceRuntime::cpu().prepare_linear("fc", &wd, b.as_ref()).unwrap().forward(&x).unwrap();
+    let want = want.to_vec2::<f32>().unwrap();
+    let mut first: Option<Vec<Vec<f32>>> = None;
+    for level in SimdLevel::available() {
+        for threads in [1, 3] {
+            let rt = CpuRuntime::with_level(threads, level).unwrap();
+            let got = rt.prepare_linear("fc", w, b.as_ref()).unwrap().forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            for r in 0..m {
+                for j in 0..n {
+                    let s: f32 = (0..k).map(|p| xv[r * k + p].abs() * mag[j * k + p]).sum();
+                    let tol = 8.0 * k as f32 * f32::EPSILON * s + 1e-6;
+                    prop_assert!(
+                        (got[r][j] - want[r][j]).abs() <= tol,
+                        "{level:?}/{threads} threads: y[{r},{j}] = {} vs reference {} (tol {tol})",
+                        got[r][j],
+                        want[r][j]
+                    );
+                }
+            }
+            match &first {
+                None => first = Some(got),
+                Some(f) => prop_assert_eq!(f, &got, "bits differ across SIMD levels or thread counts"),
+            }
+        }
+    }
+    Ok(())
+}

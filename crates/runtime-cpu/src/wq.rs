@@ -1,0 +1,390 @@
+//! Weight-only quantized linear weights (1–8-bit linear codes, sym or asym; 1–4-bit codebooks
+//! such as NF4) repacked once into [`crate::gemm::Panels`] and decoded in registers.
+//!
+//! Codes are repacked into column panels of [`NR`] outputs: for `bits ≤ 4`, eight bytes per
+//! reduction index, byte `b` holding column `b` in its low nibble and column `b + 8` in its high
+//! one; for wider codes one byte per column. Scales and offsets are laid out per panel and
+//! group as `NR`-lane vectors, so one load serves the whole panel.
+//!
+//! Two paths read them: the blocked GEMM asks for a `KC × NR` slice decoded to f32
+//! (`S·(c − e)`, bit-for-bit the reference `dequantize`), and, for at most [`MR`] rows, a fused
+//! kernel multiplies the raw code values (or codebook entries) straight into per-group
+//! accumulators and applies `S·(acc − e·Σx)` once per group, reading each weight byte once.
+
+use pare_core_tensor::{Granularity, Mapping, QuantizedTensor};
+
+use crate::gemm::{MR, NR, Panels};
+use crate::simd::SimdLevel;
+
+/// Quantized weights `[n, k]` in panel layout.
+#[derive(Debug, Clone)]
+pub struct QuantPanels {
+    n: usize,
+    k: usize,
+    /// Codes of ≤ 4 bits, two per byte (otherwise one per byte).
+    nibbles: bool,
+    codes: Vec<u8>,
+    /// Reduction indices per scale.
+    group: usize,
+    groups: usize,
+    /// `[panel][group][NR]` scales.
+    scale: Vec<f32>,
+    /// `[panel][group][NR]` offsets `e = Z − q_min` (0 for codebooks): `w = S·(c − e)`.
+    offset: Vec<f32>,
+    /// Codebook entries, padded to 16 (codebook schemes).
+    table: Option<[f32; 16]>,
+}
+
+/// Whether the weight-only kernels take `q`: a 2-D weight with linear codes of any width, or a
+/// codebook of at most 16 entries, and one scale per tensor, per output row or per group of
+/// the reduction axis.
+pub fn fits(q: &QuantizedTensor) -> bool {
+    let s = q.scheme();
+    q.shape().len() == 2
+        && (s.mapping == Mapping::Linear || s.bits <= 4)
+        && matches!(
+            s.granularity,
+            Granularity::PerTensor
+                | Granularity::PerChannel { axis: 0 }
+                | Granularity::PerGroup { .. }
+                | Granularity::PerToken
+        )
+}
+
+impl QuantPanels {
+    /// Repacks `q`, which must satisfy [`fits`].
+    pub fn pack(q: &QuantizedTensor) -> Self {
+        assert!(fits(q), "QuantPanels::pack needs a format `fits` accepts");
+        let (n, k) = (q.shape()[0], q.shape()[1]);
+        let s = q.scheme();
+        let group = match s.granularity {
+            Granularity::PerGroup { size } => size,
+            _ => k.max(1),
+        };
+        let groups = k.div_ceil(group).max(1);
+        let panels = n.div_ceil(NR);
+        let nibbles = s.bits <= 4;
+        let codes_in = q.codes();
+        let width = if nibbles { NR / 2 } else { NR };
+        let mut codes = vec![0u8; panels * k * width];
+        for j in 0..n {
+            let (jb, c) = (j / NR, j % NR);
+            for (p, &code) in codes_in[j * k..(j + 1) * k].iter().enumerate() {
+                let at = (jb * k + p) * width;
+                if nibbles {
+                    codes[at + c % 8] |= code << (4 * (c / 8));
+                } else {
+                    codes[at + c] = code;
+                }
+            }
+        }
+        let mut scale = vec![0f32; panels * groups * NR];
+        let mut offset = vec![0f32; panels * groups * NR];
+        for j in 0..n {
+            let (jb, c) = (j / NR, j % NR);
+            for g in 0..groups {
+                let i = q.scale_index(j * k + g * group);
+                scale[(jb * groups + g) * NR + c] = q.scales()[i];
+                if s.mapping == Mapping::Linear {
+                    let z = q.zero_points().map_or(0, |z| z[i]);
+                    offset[(jb * groups + g) * NR + c] = (z - s.q_min()) as f32;
+                }
+            }
+        }
+        let table = q.codebook().map(|cb| {
+            let mut t = [0f32; 16];
+            t[..cb.len()].copy_from_slice(cb);
+            t
+        });
+        Self { n, k, nibbles, codes, group, groups, scale, offset, table }
+    }
+
+    fn width(&self) -> usize {
+        if self.nibbles { NR / 2 } else { NR }
+    }
+
+    /// The 16 raw codes of panel `jb` at reduction index `p`.
+    fn codes_at(&self, jb: usize, p: usize) -> [u8; NR] {
+        let at = (jb * self.k + p) * self.width();
+        let mut out = [0u8; NR];
+        if self.nibbles {
+            for b in 0..NR / 2 {
+                let v = self.codes[at + b];
+                out[b] = v & 0x0F;
+                out[b + 8] = v >> 4;
+            }
+        } else {
+            out.copy_from_slice(&self.codes[at..at + NR]);
+        }
+        out
+    }
+
+    /// A code's value before scaling: the integer itself, or its codebook entry.
+    fn value(&self, c: u8) -> f32 {
+        match &self.table {
+            Some(t) => t[usize::from(c)],
+            None => f32::from(c),
+        }
+    }
+
+    fn lanes(&self, v: &[f32], jb: usize, g: usize) -> [f32; NR] {
+        v[(jb * self.groups + g) * NR..(jb * self.groups + g + 1) * NR].try_into().expect("NR lanes")
+    }
+}
+
+impl Panels for QuantPanels {
+    fn n(&self) -> usize {
+        self.n
+    }
+
+    fn k(&self) -> usize {
+        self.k
+    }
+
+    fn panel<'a>(&'a self, level: SimdLevel, jb: usize, k0: usize, k1: usize, buf: &'a mut [f32]) -> &'a [f32] {
+        let out = &mut buf[..(k1 - k0) * NR];
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+                // SAFETY: AVX2 was detected just above; indices are within the packed panel.
+                unsafe { avx2::decode(self, jb, k0, k1, out) }
+            }
+            _ => {
+                for p in k0..k1 {
+                    let g = p / self.group;
+                    let (s, e) = (self.lanes(&self.scale, jb, g), self.lanes(&self.offset, jb, g));
+                    let codes = self.codes_at(jb, p);
+                    for c in 0..NR {
+                        out[(p - k0) * NR + c] = (self.value(codes[c]) - e[c]) * s[c];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn fused_rows(&self, level: SimdLevel, jb: usize, x: &[&[f32]], out: &mut [[f32; NR]]) -> bool {
+        assert!(x.len() <= MR && out.len() == x.len() && x.iter().all(|r| r.len() == self.k));
+        // Σx per row and group, in index order: the `e·Σx` correction of each group.
+        let sums: Vec<f32> = x
+            .iter()
+            .flat_map(|row| (0..self.groups).map(move |g| row[g * self.group..((g + 1) * self.group).min(row.len())].iter().sum::<f32>()))
+            .collect();
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+                // SAFETY: AVX2 was detected just above; shapes asserted.
+                unsafe { avx2::fused(self, jb, x, &sums, out) }
+            }
+            _ => self.fused_scalar(jb, x, &sums, out),
+        }
+        true
+    }
+}
+
+/// Independent accumulator sets per row count: enough chains to hide the FMA latency when
+/// only one or two rows share each decoded weight.
+pub(crate) const fn unroll(rows: usize) -> usize {
+    match rows {
+        1 => 4,
+        2 => 2,
+        _ => 1,
+    }
+}
+
+impl QuantPanels {
+    /// The scalar twin of the fused kernel: the same chains of fused multiply-adds per lane,
+    /// `unroll(rows)` interleaved accumulator sets summed in order at each group's end.
+    fn fused_scalar(&self, jb: usize, x: &[&[f32]], sums: &[f32], out: &mut [[f32; NR]]) {
+        let rows = x.len();
+        let u = unroll(rows);
+        for g in 0..self.groups {
+            let (g0, g1) = (g * self.group, ((g + 1) * self.group).min(self.k));
+            let mut acc = vec![[0f32; NR]; u * rows];
+            for p in g0..g1 {
+                let set = (p - g0) % u;
+                let codes = self.codes_at(jb, p);
+                let w: [f32; NR] = std::array::from_fn(|c| self.value(codes[c]));
+                for (r, xr) in x.iter().enumerate() {
+                    let a = &mut acc[set * rows + r];
+                    for c in 0..NR {
+                        a[c] = xr[p].mul_add(w[c], a[c]);
+                    }
+                }
+            }
+            let (s, e) = (self.lanes(&self.scale, jb, g), self.lanes(&self.offset, jb, g));
+            for (r, o) in out.iter_mut().enumerate() {
+                let mut a = acc[r];
+                for set in 1..u {
+                    for c in 0..NR {
+                        a[c] += acc[set * rows + r][c];
+                    }
+                }
+                let sx = sums[r * self.groups + g];
+                for c in 0..NR {
+                    let t = (-e[c]).mul_add(sx, a[c]);
+                    o[c] = s[c].mul_add(t, o[c]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{NR, QuantPanels, unroll};
+
+    /// The 16 codes of panel `jb` at reduction index `p` as two vectors of code values (or
+    /// codebook entries).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn load(q: &QuantPanels, jb: usize, p: usize, tab: Option<(__m256, __m256)>) -> (__m256, __m256) {
+        let w = q.width();
+        let at = (jb * q.k + p) * w;
+        assert!(at + w <= q.codes.len());
+        // SAFETY: at + width ≤ codes.len() (asserted); loads are unaligned.
+        let (lo, hi) = unsafe {
+            if q.nibbles {
+                let v = _mm_loadl_epi64(q.codes.as_ptr().add(at) as *const __m128i);
+                let m = _mm_set1_epi8(0x0F);
+                (_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16::<4>(v), m))
+            } else {
+                let v = _mm_loadu_si128(q.codes.as_ptr().add(at) as *const __m128i);
+                (v, _mm_srli_si128::<8>(v))
+            }
+        };
+        let (a, b) = (_mm256_cvtepu8_epi32(lo), _mm256_cvtepu8_epi32(hi));
+        match tab {
+            None => (_mm256_cvtepi32_ps(a), _mm256_cvtepi32_ps(b)),
+            Some((t0, t1)) => {
+                let seven = _mm256_set1_epi32(7);
+                let pick = |i: __m256i| {
+                    let high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(i, seven));
+                    _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, i), _mm256_permutevar8x32_ps(t1, i), high)
+                };
+                (pick(a), pick(b))
+            }
+        }
+    }
+
+    fn table(q: &QuantPanels) -> Option<(__m256, __m256)> {
+        // SAFETY: reading 8 + 8 floats from a 16-entry array; AVX is implied by the callers'
+        // AVX2 check.
+        q.table.as_ref().map(|t| unsafe { (_mm256_loadu_ps(t.as_ptr()), _mm256_loadu_ps(t.as_ptr().add(8))) })
+    }
+
+    /// Decodes reduction rows `k0..k1` of panel `jb` to `S·(c − e)` into `out` (`[p][NR]`).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `out.len() == (k1 − k0)·NR`, `k1 ≤ k`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn decode(q: &QuantPanels, jb: usize, k0: usize, k1: usize, out: &mut [f32]) {
+        assert!(out.len() == (k1 - k0) * NR && k1 <= q.k);
+        let tab = table(q);
+        let mut g_cur = usize::MAX;
+        let (mut s0, mut s1, mut e0, mut e1) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+        for p in k0..k1 {
+            let g = p / q.group;
+            if g != g_cur {
+                g_cur = g;
+                let at = (jb * q.groups + g) * NR;
+                assert!(at + NR <= q.scale.len());
+                // SAFETY: at + 16 ≤ scale.len() == offset.len() (asserted).
+                unsafe {
+                    s0 = _mm256_loadu_ps(q.scale.as_ptr().add(at));
+                    s1 = _mm256_loadu_ps(q.scale.as_ptr().add(at + 8));
+                    e0 = _mm256_loadu_ps(q.offset.as_ptr().add(at));
+                    e1 = _mm256_loadu_ps(q.offset.as_ptr().add(at + 8));
+                }
+            }
+            let (v0, v1) = load(q, jb, p, tab);
+            let o = (p - k0) * NR;
+            // SAFETY: o + 16 ≤ out.len() (asserted).
+            unsafe {
+                _mm256_storeu_ps(out.as_mut_ptr().add(o), _mm256_mul_ps(_mm256_sub_ps(v0, e0), s0));
+                _mm256_storeu_ps(out.as_mut_ptr().add(o + 8), _mm256_mul_ps(_mm256_sub_ps(v1, e1), s1));
+            }
+        }
+    }
+
+    /// The fused small-M kernel for 1..=6 rows.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; every row of `x` has `k` values, `out.len() ==
+    /// x.len() ≤ 6`, `sums` holds `x.len()·groups` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn fused(q: &QuantPanels, jb: usize, x: &[&[f32]], sums: &[f32], out: &mut [[f32; NR]]) {
+        // SAFETY: forwarded contract.
+        unsafe {
+            match x.len() {
+                1 => rows::<1, { unroll(1) }>(q, jb, x, sums, out),
+                2 => rows::<2, { unroll(2) }>(q, jb, x, sums, out),
+                3 => rows::<3, 1>(q, jb, x, sums, out),
+                4 => rows::<4, 1>(q, jb, x, sums, out),
+                5 => rows::<5, 1>(q, jb, x, sums, out),
+                _ => rows::<6, 1>(q, jb, x, sums, out),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows<const R: usize, const U: usize>(
+        q: &QuantPanels,
+        jb: usize,
+        x: &[&[f32]],
+        sums: &[f32],
+        out: &mut [[f32; NR]],
+    ) {
+        assert!(x.len() == R && out.len() == R && sums.len() == R * q.groups && x.iter().all(|r| r.len() == q.k));
+        let tab = table(q);
+        let mut y = [[_mm256_setzero_ps(); 2]; R];
+        for g in 0..q.groups {
+            let (g0, g1) = (g * q.group, ((g + 1) * q.group).min(q.k));
+            let mut acc = [[[_mm256_setzero_ps(); 2]; R]; U];
+            let mut p = g0;
+            while p < g1 {
+                for set in acc.iter_mut().take((g1 - p).min(U)) {
+                    let (w0, w1) = load(q, jb, p, tab);
+                    for (r, a) in set.iter_mut().enumerate() {
+                        let xv = _mm256_set1_ps(x[r][p]);
+                        a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
+                        a[1] = _mm256_fmadd_ps(xv, w1, a[1]);
+                    }
+                    p += 1;
+                }
+            }
+            let at = (jb * q.groups + g) * NR;
+            assert!(at + NR <= q.scale.len());
+            // SAFETY: at + 16 ≤ scale.len() == offset.len() (asserted).
+            let (s, e) = unsafe {
+                (
+                    [_mm256_loadu_ps(q.scale.as_ptr().add(at)), _mm256_loadu_ps(q.scale.as_ptr().add(at + 8))],
+                    [_mm256_loadu_ps(q.offset.as_ptr().add(at)), _mm256_loadu_ps(q.offset.as_ptr().add(at + 8))],
+                )
+            };
+            for r in 0..R {
+                let sx = _mm256_set1_ps(sums[r * q.groups + g]);
+                for h in 0..2 {
+                    let mut a = acc[0][r][h];
+                    for set in acc.iter().skip(1) {
+                        a = _mm256_add_ps(a, set[r][h]);
+                    }
+                    let t = _mm256_fnmadd_ps(e[h], sx, a);
+                    y[r][h] = _mm256_fmadd_ps(s[h], t, y[r][h]);
+                }
+            }
+        }
+        for (o, yr) in out.iter_mut().zip(y) {
+            // SAFETY: each output row holds 16 floats.
+            unsafe {
+                _mm256_storeu_ps(o.as_mut_ptr(), yr[0]);
+                _mm256_storeu_ps(o.as_mut_ptr().add(8), yr[1]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
