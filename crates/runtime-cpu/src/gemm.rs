@@ -21,9 +21,10 @@ use crate::simd::SimdLevel;
 pub const MR: usize = 6;
 /// Output columns per panel (two AVX2 registers).
 pub const NR: usize = 16;
-/// Reduction depth of one block (a `KC × NR` panel slice is 16 KiB, half of L1).
-pub const KC: usize = 256;
-/// Rows of `x` per tile (a `MC × KC` packed block is 96 KiB, in L2).
+/// Reduction depth of one block (a `KC × NR` panel slice is 24 KiB, in L1; MiniLM's 384-wide
+/// layers take one block, so each output is written once).
+pub const KC: usize = 384;
+/// Rows of `x` per tile (a `MC × KC` packed block is 144 KiB, in L2).
 pub const MC: usize = 96;
 
 /// A weight matrix `[n, k]` (used as `Wᵀ`) served as column panels of [`NR`] outputs.
@@ -36,11 +37,17 @@ pub trait Panels: Send + Sync + Debug {
     /// `[p][NR]` with columns past `n` zero: either borrowed from the packed weights or
     /// decoded into `buf` (which holds at least `KC·NR` floats).
     fn panel<'a>(&'a self, level: SimdLevel, jb: usize, k0: usize, k1: usize, buf: &'a mut [f32]) -> &'a [f32];
+    /// The per-call data a format's fused small-M kernel needs for rows `x` (at most [`MR`]),
+    /// computed once per call and shared by every panel; `None` when the format has no fused
+    /// kernel and the driver must run the blocked GEMM.
+    fn fused_aux(&self, _x: &[&[f32]]) -> Option<Vec<f32>> {
+        None
+    }
     /// For at most [`MR`] rows: `out[r][c] = Σ_p x[r][p]·W[jb·NR + c][p]` computed straight from
-    /// the stored format (weight bytes read once for all rows). Returns false when the format
-    /// has no such path; the driver then runs the blocked GEMM.
-    fn fused_rows(&self, _level: SimdLevel, _jb: usize, _x: &[&[f32]], _out: &mut [[f32; NR]]) -> bool {
-        false
+    /// the stored format (weight bytes read once for all rows), given `aux` from
+    /// [`Panels::fused_aux`]. Only called when `fused_aux` returned `Some`.
+    fn fused_rows(&self, _level: SimdLevel, _jb: usize, _x: &[&[f32]], _aux: &[f32], _out: &mut [[f32; NR]]) {
+        unreachable!("fused_rows without fused_aux")
     }
 }
 
@@ -87,6 +94,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not the raw field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `y[m, n] = x[m, k]·Wᵀ + bias` on `pool`, at `level`. Rows of `y` are split into tiles of
 /// [`MC`] rows and, when there are too few of those to feed every thread, panels are split
 /// too; either way each output element is computed whole by one task.
@@ -119,10 +133,9 @@ pub fn gemm(
             if p0 >= p1 {
                 return;
             }
-            let out = out;
             // SAFETY: tile (ti, tj) owns rows r0..r1 × columns p0·NR..min(p1·NR, n); tiles
             // partition the output, and `y` outlives `pool.install`.
-            let mut tile = Tile { y: out.0, n, r0, r1, c0: p0 * NR, c1: (p1 * NR).min(n) };
+            let mut tile = Tile { y: out.get(), n, r0, r1, c0: p0 * NR, c1: (p1 * NR).min(n) };
             if fused && fused_tile(level, x, k, w, bias, p0, p1, &mut tile) {
                 return;
             }
@@ -152,12 +165,17 @@ impl Tile {
         }
     }
 
-    /// Adds `acc` (rows from `r`, columns from `c`) into the tile, clipped to its bounds.
-    fn add(&mut self, r: usize, c: usize, acc: &[[f32; NR]]) {
+    /// Adds `acc` (rows from `r`, columns from `c`) into the tile, clipped to its bounds; on
+    /// the `first` K block the base is the bias (or zero) instead of the tile's contents.
+    fn add(&mut self, r: usize, c: usize, acc: &[[f32; NR]], first: bool, bias: Option<&[f32]>) {
         for (i, row) in acc.iter().enumerate().take(self.r1.saturating_sub(r)) {
             for (j, v) in row.iter().enumerate().take(self.c1.saturating_sub(c)) {
                 // SAFETY: r + i < r1 and c + j < c1: inside this task's tile.
-                unsafe { *self.y.add((r + i) * self.n + c + j) += *v };
+                unsafe {
+                    let y = self.y.add((r + i) * self.n + c + j);
+                    let base = if first { bias.map_or(0.0, |b| b[c + j]) } else { *y };
+                    *y = base + *v;
+                }
             }
         }
     }
@@ -176,16 +194,14 @@ fn fused_tile(
     tile: &mut Tile,
 ) -> bool {
     let rows: Vec<&[f32]> = (tile.r0..tile.r1).map(|r| &x[r * k..(r + 1) * k]).collect();
+    let Some(aux) = w.fused_aux(&rows) else {
+        return false;
+    };
     let mut acc = vec![[0f32; NR]; rows.len()];
     for jb in p0..p1 {
         acc.iter_mut().for_each(|a| *a = [0.0; NR]);
-        if !w.fused_rows(level, jb, &rows, &mut acc) {
-            return false;
-        }
-        if jb == p0 {
-            tile.init(bias);
-        }
-        tile.add(tile.r0, jb * NR, &acc);
+        w.fused_rows(level, jb, &rows, &aux, &mut acc);
+        tile.add(tile.r0, jb * NR, &acc, true, bias);
     }
     true
 }
@@ -203,7 +219,9 @@ fn blocked_tile(
     p1: usize,
     tile: &mut Tile,
 ) {
-    tile.init(bias);
+    if k == 0 {
+        tile.init(bias);
+    }
     let rows = tile.r1 - tile.r0;
     let strips = rows.div_ceil(MR);
     let mut a = vec![0f32; strips * MR * KC.min(k)];
@@ -216,8 +234,17 @@ fn blocked_tile(
         for jb in p0..p1 {
             let b = w.panel(level, jb, k0, k1, &mut buf);
             for s in 0..strips {
-                micro(level, &a[s * MR * kc..(s + 1) * MR * kc], b, kc, &mut acc);
-                tile.add(tile.r0 + s * MR, jb * NR, &acc);
+                let (r, c) = (tile.r0 + s * MR, jb * NR);
+                let strip = &a[s * MR * kc..(s + 1) * MR * kc];
+                let (first, base) = (k0 == 0, bias.map(|b| &b[c..]));
+                if r + MR <= tile.r1 && c + NR <= tile.c1 {
+                    let base = if first { Base::Bias(base) } else { Base::Output };
+                    // SAFETY: the full MR × NR block at (r, c) lies inside this task's tile.
+                    unsafe { micro_add(level, strip, b, kc, tile.y.add(r * tile.n + c), tile.n, base) };
+                } else {
+                    micro(level, strip, b, kc, &mut acc);
+                    tile.add(r, c, &acc, first, bias);
+                }
             }
         }
     }
@@ -266,11 +293,53 @@ pub fn micro(level: SimdLevel, a: &[f32], b: &[f32], kc: usize, acc: &mut [[f32;
     }
 }
 
+/// What a block's sums are added to: the output's current values (later K blocks) or, on the
+/// first K block, the bias (`None`: zero) for the block's `NR` columns.
+#[derive(Debug, Clone, Copy)]
+pub enum Base<'a> {
+    /// The values already in the output.
+    Output,
+    /// The bias from the block's first column (at least `NR` values), or zero.
+    Bias(Option<&'a [f32]>),
+}
+
+/// [`micro`] written straight into a full `MR × NR` block of the output at `c` (row stride
+/// `ldc`): `c[i][j] = base[i][j] + acc[i][j]`, one rounding per element as [`Tile::add`] does.
+///
+/// # Safety
+/// `c` must point at `MR` rows of `NR` writable floats, `ldc` apart, that no other thread
+/// touches during the call.
+pub unsafe fn micro_add(level: SimdLevel, a: &[f32], b: &[f32], kc: usize, c: *mut f32, ldc: usize, base: Base) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+            // SAFETY: AVX2 and FMA were detected just above; the caller vouches for `c`.
+            unsafe { avx2::micro_add(a, b, kc, c, ldc, base) }
+        }
+        _ => {
+            let mut acc = [[0f32; NR]; MR];
+            micro(level, a, b, kc, &mut acc);
+            for (i, row) in acc.iter().enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    // SAFETY: i < MR, j < NR: inside the block the caller vouches for.
+                    unsafe {
+                        let y = c.add(i * ldc + j);
+                        *y = match base {
+                            Base::Output => *y,
+                            Base::Bias(b) => b.map_or(0.0, |b| b[j]),
+                        } + *v;
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR};
+    use super::{Base, MR, NR};
 
     /// The 6×16 micro-kernel: twelve accumulators, two panel loads and six broadcasts per step.
     ///
@@ -278,6 +347,47 @@ mod avx2 {
     /// The CPU must support AVX2 and FMA; `a.len() == kc·MR`, `b.len() == kc·NR`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn micro(a: &[f32], b: &[f32], kc: usize, acc: &mut [[f32; NR]; MR]) {
+        let c = chains(a, b, kc);
+        for (row, ci) in acc.iter_mut().zip(c) {
+            // SAFETY: each row holds NR = 16 floats.
+            unsafe {
+                _mm256_storeu_ps(row.as_mut_ptr(), ci[0]);
+                _mm256_storeu_ps(row.as_mut_ptr().add(8), ci[1]);
+            }
+        }
+    }
+
+    /// [`super::micro_add`] on AVX2.
+    ///
+    /// # Safety
+    /// As [`super::micro_add`], and the CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn micro_add(a: &[f32], b: &[f32], kc: usize, c: *mut f32, ldc: usize, base: Base) {
+        let acc = chains(a, b, kc);
+        let bias = match base {
+            Base::Bias(Some(b)) => {
+                assert!(b.len() >= NR);
+                // SAFETY: b holds at least 16 floats (asserted).
+                Some(unsafe { [_mm256_loadu_ps(b.as_ptr()), _mm256_loadu_ps(b.as_ptr().add(8))] })
+            }
+            Base::Bias(None) => Some([_mm256_setzero_ps(); 2]),
+            Base::Output => None,
+        };
+        for (i, ci) in acc.into_iter().enumerate() {
+            // SAFETY: row i of the caller's MR × NR block.
+            unsafe {
+                let p = c.add(i * ldc);
+                let [b0, b1] = bias.unwrap_or_else(|| [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]);
+                _mm256_storeu_ps(p, _mm256_add_ps(b0, ci[0]));
+                _mm256_storeu_ps(p.add(8), _mm256_add_ps(b1, ci[1]));
+            }
+        }
+    }
+
+    /// The twelve accumulator chains of the 6×16 block.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn chains(a: &[f32], b: &[f32], kc: usize) -> [[__m256; 2]; MR] {
         assert!(a.len() == kc * MR && b.len() == kc * NR);
         let mut c = [[_mm256_setzero_ps(); 2]; MR];
         let (ap, bp) = (a.as_ptr(), b.as_ptr());
@@ -293,13 +403,7 @@ mod avx2 {
                 }
             }
         }
-        for (row, ci) in acc.iter_mut().zip(c) {
-            // SAFETY: each row holds NR = 16 floats.
-            unsafe {
-                _mm256_storeu_ps(row.as_mut_ptr(), ci[0]);
-                _mm256_storeu_ps(row.as_mut_ptr().add(8), ci[1]);
-            }
-        }
+        c
     }
 }
 

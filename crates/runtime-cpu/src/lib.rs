@@ -24,6 +24,7 @@
 pub mod gemm;
 pub mod halfw;
 pub mod linear;
+pub mod probe;
 pub mod simd;
 pub mod w8a8;
 pub mod wq;

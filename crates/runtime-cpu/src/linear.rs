@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, DType, Storage, Tensor};
 use pare_core_tensor::{Error, PreparedOp, Result};
 
 use crate::gemm::{self, Panels};
@@ -46,9 +46,10 @@ impl PanelLinear {
     }
 }
 
-/// The input of `layer` as f32 values, after checking its last dimension is `k` and that
-/// every value is finite.
-pub(crate) fn input_values(layer: &str, x: &Tensor, k: usize) -> Result<Vec<f32>> {
+/// Calls `f` with the input of `layer` as f32 values (borrowed from the tensor's storage when
+/// it is a contiguous f32 CPU tensor, converted otherwise), after checking that its last
+/// dimension is `k` and that every value is finite.
+pub(crate) fn with_input<R>(layer: &str, x: &Tensor, k: usize, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let dims = x.dims();
     if dims.last() != Some(&k) {
         return Err(Error::Shape {
@@ -57,27 +58,37 @@ pub(crate) fn input_values(layer: &str, x: &Tensor, k: usize) -> Result<Vec<f32>
             found: dims.last().map(|d| vec![*d]).unwrap_or_default(),
         });
     }
-    let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    if let Some(i) = v.iter().position(|f| !f.is_finite()) {
-        return Err(Error::NonFinite {
+    let check = |v: &[f32]| match v.iter().position(|f| !f.is_finite()) {
+        Some(i) => Err(Error::NonFinite {
             name: format!("input of `{layer}`"),
             count: v.iter().filter(|f| !f.is_finite()).count(),
             first: i,
-        });
+        }),
+        None => Ok(()),
+    };
+    if x.dtype() == DType::F32 && x.is_contiguous() {
+        let (storage, layout) = x.storage_and_layout();
+        if let Storage::Cpu(CpuStorage::F32(all)) = &*storage {
+            let v = &all[layout.start_offset()..layout.start_offset() + x.elem_count()];
+            check(v)?;
+            return Ok(f(v));
+        }
     }
-    Ok(v)
+    let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    check(&v)?;
+    Ok(f(&v))
 }
 
 /// The output tensor for values `y` of an op mapping `x`'s last dimension to `n`.
 pub(crate) fn output(x: &Tensor, y: Vec<f32>, n: usize) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
-    *dims.last_mut().expect("rank ≥ 1 checked by input_values") = n;
+    *dims.last_mut().expect("rank ≥ 1 checked by with_input") = n;
     Ok(Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())?)
 }
 
 impl PreparedOp for PanelLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let v = input_values(&self.layer, x, self.w.k())?;
-        output(x, self.run(&v), self.w.n())
+        let y = with_input(&self.layer, x, self.w.k(), |v| self.run(v))?;
+        output(x, y, self.w.n())
     }
 }

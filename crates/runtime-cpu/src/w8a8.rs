@@ -238,8 +238,8 @@ pub fn gemm(level: SimdLevel, x: &[i16], m: usize, k: usize, w: &[i8], panel: &P
 
 impl PreparedOp for W8A8Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let v = crate::linear::input_values(&self.layer, x, self.k)?;
-        crate::linear::output(x, self.run(&v), self.n)
+        let y = crate::linear::with_input(&self.layer, x, self.k, |v| self.run(v))?;
+        crate::linear::output(x, y, self.n)
     }
 }
 

@@ -29,8 +29,11 @@ pub struct QuantPanels {
     groups: usize,
     /// `[panel][group][NR]` scales.
     scale: Vec<f32>,
-    /// `[panel][group][NR]` offsets `e = Z − q_min` (0 for codebooks): `w = S·(c − e)`.
+    /// `[panel][group][NR]` offsets `e = Z − q_min` (0 for codebooks): `w = S·(c − e)`;
+    /// empty when every offset is `uniform` (symmetric schemes, codebooks), so the kernels
+    /// neither store nor stream them.
     offset: Vec<f32>,
+    uniform: Option<f32>,
     /// Codebook entries, padded to 16 (codebook schemes).
     table: Option<[f32; 16]>,
 }
@@ -96,7 +99,15 @@ impl QuantPanels {
             t[..cb.len()].copy_from_slice(cb);
             t
         });
-        Self { n, k, nibbles, codes, group, groups, scale, offset, table }
+        let uniform = match (s.mapping, q.zero_points()) {
+            (Mapping::Codebook, _) => Some(0.0),
+            (Mapping::Linear, None) => Some(-s.q_min() as f32),
+            (Mapping::Linear, Some(_)) => None,
+        };
+        if uniform.is_some() {
+            offset = Vec::new();
+        }
+        Self { n, k, nibbles, codes, group, groups, scale, offset, uniform, table }
     }
 
     fn width(&self) -> usize {
@@ -130,6 +141,14 @@ impl QuantPanels {
     fn lanes(&self, v: &[f32], jb: usize, g: usize) -> [f32; NR] {
         v[(jb * self.groups + g) * NR..(jb * self.groups + g + 1) * NR].try_into().expect("NR lanes")
     }
+
+    /// The offsets `e` of panel `jb`, group `g`.
+    fn offsets(&self, jb: usize, g: usize) -> [f32; NR] {
+        match self.uniform {
+            Some(e) => [e; NR],
+            None => self.lanes(&self.offset, jb, g),
+        }
+    }
 }
 
 impl Panels for QuantPanels {
@@ -152,7 +171,7 @@ impl Panels for QuantPanels {
             _ => {
                 for p in k0..k1 {
                     let g = p / self.group;
-                    let (s, e) = (self.lanes(&self.scale, jb, g), self.lanes(&self.offset, jb, g));
+                    let (s, e) = (self.lanes(&self.scale, jb, g), self.offsets(jb, g));
                     let codes = self.codes_at(jb, p);
                     for c in 0..NR {
                         out[(p - k0) * NR + c] = (self.value(codes[c]) - e[c]) * s[c];
@@ -163,22 +182,29 @@ impl Panels for QuantPanels {
         out
     }
 
-    fn fused_rows(&self, level: SimdLevel, jb: usize, x: &[&[f32]], out: &mut [[f32; NR]]) -> bool {
+    /// Σx per row and group, in index order: the `e·Σx` correction of each group.
+    fn fused_aux(&self, x: &[&[f32]]) -> Option<Vec<f32>> {
+        Some(
+            x.iter()
+                .flat_map(|row| {
+                    (0..self.groups)
+                        .map(move |g| row[g * self.group..((g + 1) * self.group).min(row.len())].iter().sum::<f32>())
+                })
+                .collect(),
+        )
+    }
+
+    fn fused_rows(&self, level: SimdLevel, jb: usize, x: &[&[f32]], sums: &[f32], out: &mut [[f32; NR]]) {
         assert!(x.len() <= MR && out.len() == x.len() && x.iter().all(|r| r.len() == self.k));
-        // Σx per row and group, in index order: the `e·Σx` correction of each group.
-        let sums: Vec<f32> = x
-            .iter()
-            .flat_map(|row| (0..self.groups).map(move |g| row[g * self.group..((g + 1) * self.group).min(row.len())].iter().sum::<f32>()))
-            .collect();
+        assert!(sums.len() == x.len() * self.groups);
         match level {
             #[cfg(target_arch = "x86_64")]
             SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
                 // SAFETY: AVX2 was detected just above; shapes asserted.
-                unsafe { avx2::fused(self, jb, x, &sums, out) }
+                unsafe { avx2::fused(self, jb, x, sums, out) }
             }
-            _ => self.fused_scalar(jb, x, &sums, out),
+            _ => self.fused_scalar(jb, x, sums, out),
         }
-        true
     }
 }
 
@@ -212,7 +238,7 @@ impl QuantPanels {
                     }
                 }
             }
-            let (s, e) = (self.lanes(&self.scale, jb, g), self.lanes(&self.offset, jb, g));
+            let (s, e) = (self.lanes(&self.scale, jb, g), self.offsets(jb, g));
             for (r, o) in out.iter_mut().enumerate() {
                 let mut a = acc[r];
                 for set in 1..u {
@@ -236,22 +262,22 @@ mod avx2 {
 
     use super::{NR, QuantPanels, unroll};
 
-    /// The 16 codes of panel `jb` at reduction index `p` as two vectors of code values (or
-    /// codebook entries).
+    /// The 16 codes at `ptr` (8 bytes of nibble pairs when `NIB`, else 16 bytes) as two vectors
+    /// of code values, or of codebook entries when `tab` is given.
+    ///
+    /// # Safety
+    /// AVX2 must be available and `ptr` readable for 8 (`NIB`) or 16 bytes.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    fn load(q: &QuantPanels, jb: usize, p: usize, tab: Option<(__m256, __m256)>) -> (__m256, __m256) {
-        let w = q.width();
-        let at = (jb * q.k + p) * w;
-        assert!(at + w <= q.codes.len());
-        // SAFETY: at + width ≤ codes.len() (asserted); loads are unaligned.
+    unsafe fn load<const NIB: bool>(ptr: *const u8, tab: Option<(__m256, __m256)>) -> (__m256, __m256) {
+        // SAFETY: the caller vouches for 8 / 16 readable bytes; loads are unaligned.
         let (lo, hi) = unsafe {
-            if q.nibbles {
-                let v = _mm_loadl_epi64(q.codes.as_ptr().add(at) as *const __m128i);
+            if NIB {
+                let v = _mm_loadl_epi64(ptr as *const __m128i);
                 let m = _mm_set1_epi8(0x0F);
                 (_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16::<4>(v), m))
             } else {
-                let v = _mm_loadu_si128(q.codes.as_ptr().add(at) as *const __m128i);
+                let v = _mm_loadu_si128(ptr as *const __m128i);
                 (v, _mm_srli_si128::<8>(v))
             }
         };
@@ -269,10 +295,28 @@ mod avx2 {
         }
     }
 
+    /// The codebook as two vectors, if there is one.
+    #[target_feature(enable = "avx2,fma")]
     fn table(q: &QuantPanels) -> Option<(__m256, __m256)> {
-        // SAFETY: reading 8 + 8 floats from a 16-entry array; AVX is implied by the callers'
-        // AVX2 check.
+        // SAFETY: reading 8 + 8 floats from a 16-entry array.
         q.table.as_ref().map(|t| unsafe { (_mm256_loadu_ps(t.as_ptr()), _mm256_loadu_ps(t.as_ptr().add(8))) })
+    }
+
+    /// Scale and offset vectors of panel `jb`, group `g`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn scale_offset(q: &QuantPanels, jb: usize, g: usize) -> ([__m256; 2], [__m256; 2]) {
+        let at = (jb * q.groups + g) * NR;
+        assert!(at + NR <= q.scale.len() && (q.uniform.is_some() || at + NR <= q.offset.len()));
+        // SAFETY: at + 16 ≤ scale.len() and, when offsets are stored, ≤ offset.len() (asserted).
+        unsafe {
+            let s = [_mm256_loadu_ps(q.scale.as_ptr().add(at)), _mm256_loadu_ps(q.scale.as_ptr().add(at + 8))];
+            let e = match q.uniform {
+                Some(e) => [_mm256_set1_ps(e); 2],
+                None => [_mm256_loadu_ps(q.offset.as_ptr().add(at)), _mm256_loadu_ps(q.offset.as_ptr().add(at + 8))],
+            };
+            (s, e)
+        }
     }
 
     /// Decodes reduction rows `k0..k1` of panel `jb` to `S·(c − e)` into `out` (`[p][NR]`).
@@ -281,30 +325,31 @@ mod avx2 {
     /// The CPU must support AVX2 and FMA; `out.len() == (k1 − k0)·NR`, `k1 ≤ k`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn decode(q: &QuantPanels, jb: usize, k0: usize, k1: usize, out: &mut [f32]) {
-        assert!(out.len() == (k1 - k0) * NR && k1 <= q.k);
+        // SAFETY: forwarded contract.
+        unsafe {
+            if q.nibbles { decode_as::<true>(q, jb, k0, k1, out) } else { decode_as::<false>(q, jb, k0, k1, out) }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn decode_as<const NIB: bool>(q: &QuantPanels, jb: usize, k0: usize, k1: usize, out: &mut [f32]) {
+        let w = q.width();
+        assert!(out.len() == (k1 - k0) * NR && k1 <= q.k && (jb * q.k + k1) * w <= q.codes.len());
         let tab = table(q);
         let mut g_cur = usize::MAX;
-        let (mut s0, mut s1, mut e0, mut e1) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut s, mut e) = ([_mm256_setzero_ps(); 2], [_mm256_setzero_ps(); 2]);
         for p in k0..k1 {
             let g = p / q.group;
             if g != g_cur {
                 g_cur = g;
-                let at = (jb * q.groups + g) * NR;
-                assert!(at + NR <= q.scale.len());
-                // SAFETY: at + 16 ≤ scale.len() == offset.len() (asserted).
-                unsafe {
-                    s0 = _mm256_loadu_ps(q.scale.as_ptr().add(at));
-                    s1 = _mm256_loadu_ps(q.scale.as_ptr().add(at + 8));
-                    e0 = _mm256_loadu_ps(q.offset.as_ptr().add(at));
-                    e1 = _mm256_loadu_ps(q.offset.as_ptr().add(at + 8));
-                }
+                (s, e) = scale_offset(q, jb, g);
             }
-            let (v0, v1) = load(q, jb, p, tab);
             let o = (p - k0) * NR;
-            // SAFETY: o + 16 ≤ out.len() (asserted).
+            // SAFETY: (jb·k + p + 1)·w ≤ codes.len() and o + 16 ≤ out.len() (asserted).
             unsafe {
-                _mm256_storeu_ps(out.as_mut_ptr().add(o), _mm256_mul_ps(_mm256_sub_ps(v0, e0), s0));
-                _mm256_storeu_ps(out.as_mut_ptr().add(o + 8), _mm256_mul_ps(_mm256_sub_ps(v1, e1), s1));
+                let (v0, v1) = load::<NIB>(q.codes.as_ptr().add((jb * q.k + p) * w), tab);
+                _mm256_storeu_ps(out.as_mut_ptr().add(o), _mm256_mul_ps(_mm256_sub_ps(v0, e[0]), s[0]));
+                _mm256_storeu_ps(out.as_mut_ptr().add(o + 8), _mm256_mul_ps(_mm256_sub_ps(v1, e[1]), s[1]));
             }
         }
     }
@@ -316,54 +361,71 @@ mod avx2 {
     /// x.len() ≤ 6`, `sums` holds `x.len()·groups` values.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn fused(q: &QuantPanels, jb: usize, x: &[&[f32]], sums: &[f32], out: &mut [[f32; NR]]) {
+        macro_rules! go {
+            ($nib:literal) => {
+                match x.len() {
+                    1 => rows::<1, { unroll(1) }, $nib>(q, jb, x, sums, out),
+                    2 => rows::<2, { unroll(2) }, $nib>(q, jb, x, sums, out),
+                    3 => rows::<3, 1, $nib>(q, jb, x, sums, out),
+                    4 => rows::<4, 1, $nib>(q, jb, x, sums, out),
+                    5 => rows::<5, 1, $nib>(q, jb, x, sums, out),
+                    _ => rows::<6, 1, $nib>(q, jb, x, sums, out),
+                }
+            };
+        }
         // SAFETY: forwarded contract.
         unsafe {
-            match x.len() {
-                1 => rows::<1, { unroll(1) }>(q, jb, x, sums, out),
-                2 => rows::<2, { unroll(2) }>(q, jb, x, sums, out),
-                3 => rows::<3, 1>(q, jb, x, sums, out),
-                4 => rows::<4, 1>(q, jb, x, sums, out),
-                5 => rows::<5, 1>(q, jb, x, sums, out),
-                _ => rows::<6, 1>(q, jb, x, sums, out),
+            if q.nibbles {
+                go!(true)
+            } else {
+                go!(false)
             }
         }
     }
 
+    /// `R` rows against panel `jb` with `U` interleaved accumulator sets per group.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows<const R: usize, const U: usize>(
+    unsafe fn rows<const R: usize, const U: usize, const NIB: bool>(
         q: &QuantPanels,
         jb: usize,
         x: &[&[f32]],
         sums: &[f32],
         out: &mut [[f32; NR]],
     ) {
+        let w = q.width();
         assert!(x.len() == R && out.len() == R && sums.len() == R * q.groups && x.iter().all(|r| r.len() == q.k));
+        assert!((jb + 1) * q.k * w <= q.codes.len());
         let tab = table(q);
+        let xp: [*const f32; R] = std::array::from_fn(|r| x[r].as_ptr());
+        // SAFETY: panel jb's codes, k·w bytes from here, are in bounds (asserted).
+        let codes = unsafe { q.codes.as_ptr().add(jb * q.k * w) };
         let mut y = [[_mm256_setzero_ps(); 2]; R];
         for g in 0..q.groups {
             let (g0, g1) = (g * q.group, ((g + 1) * q.group).min(q.k));
             let mut acc = [[[_mm256_setzero_ps(); 2]; R]; U];
             let mut p = g0;
-            while p < g1 {
-                for set in acc.iter_mut().take((g1 - p).min(U)) {
-                    let (w0, w1) = load(q, jb, p, tab);
+            // SAFETY (both loops): p < g1 ≤ k, so the codes at p·w and x[r][p] are in bounds.
+            while p + U <= g1 {
+                for (u, set) in acc.iter_mut().enumerate() {
+                    let (w0, w1) = unsafe { load::<NIB>(codes.add((p + u) * w), tab) };
                     for (r, a) in set.iter_mut().enumerate() {
-                        let xv = _mm256_set1_ps(x[r][p]);
+                        let xv = unsafe { _mm256_broadcast_ss(&*xp[r].add(p + u)) };
                         a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
                         a[1] = _mm256_fmadd_ps(xv, w1, a[1]);
                     }
-                    p += 1;
                 }
+                p += U;
             }
-            let at = (jb * q.groups + g) * NR;
-            assert!(at + NR <= q.scale.len());
-            // SAFETY: at + 16 ≤ scale.len() == offset.len() (asserted).
-            let (s, e) = unsafe {
-                (
-                    [_mm256_loadu_ps(q.scale.as_ptr().add(at)), _mm256_loadu_ps(q.scale.as_ptr().add(at + 8))],
-                    [_mm256_loadu_ps(q.offset.as_ptr().add(at)), _mm256_loadu_ps(q.offset.as_ptr().add(at + 8))],
-                )
-            };
+            for set in acc.iter_mut().take(g1 - p) {
+                let (w0, w1) = unsafe { load::<NIB>(codes.add(p * w), tab) };
+                for (r, a) in set.iter_mut().enumerate() {
+                    let xv = unsafe { _mm256_broadcast_ss(&*xp[r].add(p)) };
+                    a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
+                    a[1] = _mm256_fmadd_ps(xv, w1, a[1]);
+                }
+                p += 1;
+            }
+            let (s, e) = scale_offset(q, jb, g);
             for r in 0..R {
                 let sx = _mm256_set1_ps(sums[r * q.groups + g]);
                 for h in 0..2 {

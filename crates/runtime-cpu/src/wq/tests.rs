@@ -46,7 +46,7 @@ fn magnitudes(q: &QuantizedTensor) -> Vec<f32> {
             let (j, t) = (i / k, i % k);
             let g = t / p.group;
             let at = (j / NR * p.groups + g) * NR + j % NR;
-            p.scale[at].abs() * (p.value(codes[i]).abs() + p.offset[at].abs())
+            p.scale[at].abs() * (p.value(codes[i]).abs() + p.offsets(j / NR, g)[j % NR].abs())
         })
         .collect()
 }
