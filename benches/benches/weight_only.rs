@@ -14,7 +14,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use criterion::{Criterion, criterion_main};
-use pare_benches::{Comparison, median_pair, quick};
+use pare_benches::{Comparison, median_pair_blocks, quick};
 use pare_core_tensor::{Granularity, Mapping, QuantScheme, QuantizedTensor, Runtime, Weight};
 use pare_runtime_cpu::{CpuRuntime, probe};
 
@@ -69,7 +69,7 @@ fn bench(c: &mut Criterion) {
         turn += 1;
         turn
     };
-    let mut t_pare = |i: usize| drop(pare[i % copies].0.forward(&x).unwrap());
+    let t_pare = |i: usize| drop(pare[i % copies].0.forward(&x).unwrap());
     if !quick {
         let mut g = c.benchmark_group(format!("q4 gemv 1x{k} · {k}x{n}"));
         g.sample_size(20).warm_up_time(std::time::Duration::from_millis(500));
@@ -86,8 +86,9 @@ fn bench(c: &mut Criterion) {
     let mut t_ours_all = Vec::new();
     for (peer, goal, mut run) in peers {
         let (mut a, mut b) = (0, 0);
-        let (t_ours, t_peer) = median_pair(
+        let (t_ours, t_peer) = median_pair_blocks(
             reps,
+            20,
             || {
                 a += 1;
                 t_pare(a)
@@ -136,8 +137,11 @@ fn bench(c: &mut Criterion) {
             let wt = w.t().unwrap();
             let shape = format!("{m}x{k}x{n}");
             let r = if m > 32 { reps.min(7) } else { reps };
-            let (t_ours, t_q) = median_pair(r, || drop(op.forward(&x).unwrap()), || drop(q40.forward(&x).unwrap()));
-            let (t_ours2, t_f) = median_pair(r, || drop(op.forward(&x).unwrap()), || drop(x.matmul(&wt).unwrap()));
+            let block = if m > 32 { 1 } else { 10 };
+            let (t_ours, t_q) =
+                median_pair_blocks(r, block, || drop(op.forward(&x).unwrap()), || drop(q40.forward(&x).unwrap()));
+            let (t_ours2, t_f) =
+                median_pair_blocks(r, block, || drop(op.forward(&x).unwrap()), || drop(x.matmul(&wt).unwrap()));
             for (t, peer, tp, goal) in
                 [(t_ours, "candle QMatMul Q4_0", t_q, 4.0), (t_ours2, "candle f32 matmul", t_f, 1.0)]
             {

@@ -18,13 +18,23 @@ pub fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
 
 /// Median seconds of `ours` and of `peer`, run alternately (`reps` times each after one warm-up
 /// of each) so that load from other processes on a shared machine falls on both alike.
-pub fn median_pair(reps: usize, mut ours: impl FnMut(), mut peer: impl FnMut()) -> (f64, f64) {
+pub fn median_pair(reps: usize, ours: impl FnMut(), peer: impl FnMut()) -> (f64, f64) {
+    median_pair_blocks(reps, 1, ours, peer)
+}
+
+/// [`median_pair`] where each sample is the mean of `block` consecutive calls: the steady state
+/// a model sees when it runs layer after layer, for calls short enough (a GEMV) that waking a
+/// thread pool or refilling caches after the other side ran would dominate a single call.
+pub fn median_pair_blocks(reps: usize, block: usize, mut ours: impl FnMut(), mut peer: impl FnMut()) -> (f64, f64) {
     ours();
     peer();
+    let block = block.max(1);
     let time = |f: &mut dyn FnMut()| {
         let s = std::time::Instant::now();
-        f();
-        s.elapsed().as_secs_f64()
+        for _ in 0..block {
+            f();
+        }
+        s.elapsed().as_secs_f64() / block as f64
     };
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for _ in 0..reps.max(1) {

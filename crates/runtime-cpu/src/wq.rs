@@ -270,18 +270,26 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn load<const NIB: bool>(ptr: *const u8, tab: Option<(__m256, __m256)>) -> (__m256, __m256) {
+        // Bytes are spread to dwords with in-lane shuffles of a broadcast (no lane-crossing
+        // widening): dword i of `spread(lo)` is byte i, of `spread(hi)` byte i + 8.
+        const Z: i8 = -1;
+        let lo_idx = _mm256_setr_epi8(
+            0, Z, Z, Z, 1, Z, Z, Z, 2, Z, Z, Z, 3, Z, Z, Z, 4, Z, Z, Z, 5, Z, Z, Z, 6, Z, Z, Z, 7, Z, Z, Z,
+        );
         // SAFETY: the caller vouches for 8 / 16 readable bytes; loads are unaligned.
-        let (lo, hi) = unsafe {
+        let (a, b) = unsafe {
             if NIB {
-                let v = _mm_loadl_epi64(ptr as *const __m128i);
-                let m = _mm_set1_epi8(0x0F);
-                (_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16::<4>(v), m))
+                let v = _mm256_broadcastq_epi64(_mm_loadl_epi64(ptr as *const __m128i));
+                let d = _mm256_shuffle_epi8(v, lo_idx);
+                (_mm256_and_si256(d, _mm256_set1_epi32(0x0F)), _mm256_srli_epi32::<4>(d))
             } else {
-                let v = _mm_loadu_si128(ptr as *const __m128i);
-                (v, _mm_srli_si128::<8>(v))
+                let hi_idx = _mm256_setr_epi8(
+                    8, Z, Z, Z, 9, Z, Z, Z, 10, Z, Z, Z, 11, Z, Z, Z, 12, Z, Z, Z, 13, Z, Z, Z, 14, Z, Z, Z, 15, Z, Z, Z,
+                );
+                let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(ptr as *const __m128i));
+                (_mm256_shuffle_epi8(v, lo_idx), _mm256_shuffle_epi8(v, hi_idx))
             }
         };
-        let (a, b) = (_mm256_cvtepu8_epi32(lo), _mm256_cvtepu8_epi32(hi));
         match tab {
             None => (_mm256_cvtepi32_ps(a), _mm256_cvtepi32_ps(b)),
             Some((t0, t1)) => {
