@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{D, DType, Tensor};
+use candle_core::Tensor;
 
 use crate::act::{ActQuant, ActRange};
 use crate::hooks::{Hooks, LayerKind, Site};
@@ -279,18 +279,38 @@ impl LayerNorm {
     }
     /// Normalises `x` over its last dimension, reporting to `hooks`.
     pub fn forward_hooked(&self, x: &Tensor, hooks: &mut Hooks<'_>) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let mean = xf.mean_keepdim(D::Minus1)?;
-        let centred = xf.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let y = normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?;
+        let y = crate::runtime::layer_norm_reference(x, None, &self.weight, &self.bias, self.eps)?;
+        self.emit(x, &y, hooks)?;
+        Ok(y)
+    }
+
+    /// Normalises `x + residual` on `runtime` (which may fuse the addition), reporting the sum
+    /// and the result to `hooks`.
+    pub fn forward_on(
+        &self,
+        runtime: &dyn Runtime,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        hooks: &mut Hooks<'_>,
+    ) -> Result<Tensor> {
+        if hooks.is_empty() {
+            return runtime.layer_norm(x, residual, &self.weight, &self.bias, self.eps);
+        }
+        let s = match residual {
+            Some(r) => (x + r)?,
+            None => x.clone(),
+        };
+        let y = runtime.layer_norm(&s, None, &self.weight, &self.bias, self.eps)?;
+        self.emit(&s, &y, hooks)?;
+        Ok(y)
+    }
+
+    fn emit(&self, x: &Tensor, y: &Tensor, hooks: &mut Hooks<'_>) -> Result<()> {
         if !hooks.is_empty() {
             let shape = [self.weight.dim(0)?];
-            hooks.emit(&Site { path: &self.path, kind: LayerKind::LayerNorm, weight_shape: &shape }, x, &y)?;
+            hooks.emit(&Site { path: &self.path, kind: LayerKind::LayerNorm, weight_shape: &shape }, x, y)?;
         }
-        Ok(y)
+        Ok(())
     }
 }
 

@@ -49,7 +49,10 @@ pub use module::{Init, InitWeights, LayerMut, LayerRef, LoadedWeights, Module, W
 pub use quant::{
     Granularity, Mapping, QuantScheme, QuantizedTensor, affine_scale_zero, pack_codes, packed_len, unpack_codes,
 };
-pub use runtime::{Conv2dParams, PreparedOp, ReferenceRuntime, Runtime, conv2d_forward, linear_forward};
+pub use runtime::{
+    Conv2dParams, PreparedOp, ReferenceRuntime, Runtime, attention_reference, check_attention, conv2d_forward,
+    layer_norm_reference, linear_forward,
+};
 pub use sparse::{SparseLayout, SparseTensor};
 pub use weight::Weight;
 

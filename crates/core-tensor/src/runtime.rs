@@ -5,10 +5,10 @@
 use std::fmt::Debug;
 use std::sync::Arc;
 
-use candle_core::{D, Device, Tensor};
+use candle_core::{D, DType, Device, Tensor};
 
 use crate::act::ActQuant;
-use crate::{Error, Result, Weight};
+use crate::{Activation, Error, Result, Weight};
 
 /// Convolution hyper-parameters of a [`crate::Conv2d`] layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +72,25 @@ pub trait Runtime: Send + Sync + Debug {
         Ok(Arc::new(QuantizedInput { act: input.clone(), op: self.prepare_linear(layer, weight, bias)? }))
     }
 
+    /// Multi-head scaled dot-product attention over projections `q`, `k`, `v` laid out
+    /// `[batch, seq, heads·head_dim]`: per head, `softmax(Q Kᵀ·scale + mask) V`, returned as
+    /// `[batch, seq, heads·head_dim]`. `mask` is additive over keys, `[batch, seq]` (0 to
+    /// attend, a large negative number to ignore). The default is [`attention_reference`].
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+        attention_reference(q, k, v, heads, mask, scale)
+    }
+
+    /// `act(x)` element-wise. The default is [`Activation::forward`] in candle.
+    fn activation(&self, act: Activation, x: &Tensor) -> Result<Tensor> {
+        act.forward(x)
+    }
+
+    /// Layer normalisation of `x + residual` (or `x`) over the last dimension with `gamma`,
+    /// `beta` and `eps`. The default is [`layer_norm_reference`].
+    fn layer_norm(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+        layer_norm_reference(x, residual, gamma, beta, eps)
+    }
+
     /// Prepares a convolution whose input is quantized by `input` (see
     /// [`Runtime::prepare_linear_quantized_input`]).
     fn prepare_conv2d_quantized_input(
@@ -84,6 +103,71 @@ pub trait Runtime: Send + Sync + Debug {
     ) -> Result<Arc<dyn PreparedOp>> {
         Ok(Arc::new(QuantizedInput { act: input.clone(), op: self.prepare_conv2d(layer, weight, bias, params)? }))
     }
+}
+
+/// The reference semantics of [`Runtime::attention`] in candle.
+pub fn attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, t, hidden) = q.dims3()?;
+    check_attention(q, k, v, heads, mask)?;
+    let hs = hidden / heads;
+    let split = |x: &Tensor| -> Result<Tensor> { Ok(x.reshape((b, t, heads, hs))?.transpose(1, 2)?.contiguous()?) };
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(m) = mask {
+        scores = scores.broadcast_add(&m.to_dtype(scores.dtype())?.reshape((b, 1, 1, t))?)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, hidden))?)
+}
+
+/// Checks the shapes [`Runtime::attention`] takes: three equal `[batch, seq, hidden]`
+/// projections, `hidden` divisible by `heads`, a `[batch, seq]` mask.
+pub fn check_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<()> {
+    let dims = q.dims();
+    if dims.len() != 3 || k.dims() != dims || v.dims() != dims {
+        return Err(Error::invalid(
+            "attention",
+            format!("q, k, v must be equal [batch, seq, hidden], found {dims:?}, {:?}, {:?}", k.dims(), v.dims()),
+        ));
+    }
+    if heads == 0 || !dims[2].is_multiple_of(heads) {
+        return Err(Error::invalid("attention", format!("{heads} heads do not divide the hidden size {}", dims[2])));
+    }
+    if let Some(m) = mask
+        && m.dims() != &dims[..2]
+    {
+        return Err(Error::Shape { name: "attention mask".into(), expected: dims[..2].to_vec(), found: m.dims().to_vec() });
+    }
+    Ok(())
+}
+
+/// The reference semantics of [`Runtime::layer_norm`] in candle: statistics in f32,
+/// `(s − mean)/sqrt(var + eps)·γ + β` with `s = x + residual`.
+pub fn layer_norm_reference(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let s = match residual {
+        Some(r) => (x + r)?,
+        None => x.clone(),
+    };
+    let dtype = s.dtype();
+    let xf = s.to_dtype(DType::F32)?;
+    let mean = xf.mean_keepdim(D::Minus1)?;
+    let centred = xf.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(normed.to_dtype(dtype)?.broadcast_mul(gamma)?.broadcast_add(beta)?)
 }
 
 /// An op whose input is fake-quantized first: the reference semantics of activation

@@ -268,25 +268,23 @@ impl BertEncoder {
             .forward_hooked(input_ids, hooks)?
             .add(&self.position.forward_hooked(&positions, hooks)?)?
             .add(&self.token_type.forward_hooked(&types, hooks)?)?;
-        let mut h = self.emb_norm.forward_hooked(&emb, hooks)?;
+        let rt = self.word.runtime().clone();
+        let mut h = self.emb_norm.forward_on(rt.as_ref(), &emb, None, hooks)?;
         // Additive mask: 0 where attended, a large negative number at padding.
-        let mask = ((attention_mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, t))?;
-        let (heads, hs) = (self.config.num_attention_heads, self.config.head_size());
-        let scale = 1.0 / (hs as f64).sqrt();
+        let mask = ((attention_mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?;
+        let heads = self.config.num_attention_heads;
+        let scale = 1.0 / (self.config.head_size() as f64).sqrt();
         for layer in &self.layers {
-            let split =
-                |x: Tensor| -> Result<Tensor> { Ok(x.reshape((b, t, heads, hs))?.transpose(1, 2)?.contiguous()?) };
-            let q = split(layer.query.forward_hooked(&h, hooks)?)?;
-            let k = split(layer.key.forward_hooked(&h, hooks)?)?;
-            let v = split(layer.value.forward_hooked(&h, hooks)?)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, heads * hs))?;
+            let rt = layer.query.runtime().clone();
+            let q = layer.query.forward_hooked(&h, hooks)?;
+            let k = layer.key.forward_hooked(&h, hooks)?;
+            let v = layer.value.forward_hooked(&h, hooks)?;
+            let ctx = rt.attention(&q, &k, &v, heads, Some(&mask), scale)?;
             let attn = layer.attn_out.forward_hooked(&ctx, hooks)?;
-            h = layer.attn_norm.forward_hooked(&(attn + &h)?, hooks)?;
-            let inter = self.act.forward(&layer.intermediate.forward_hooked(&h, hooks)?)?;
+            h = layer.attn_norm.forward_on(rt.as_ref(), &attn, Some(&h), hooks)?;
+            let inter = rt.activation(self.act, &layer.intermediate.forward_hooked(&h, hooks)?)?;
             let out = layer.output.forward_hooked(&inter, hooks)?;
-            h = layer.out_norm.forward_hooked(&(out + &h)?, hooks)?;
+            h = layer.out_norm.forward_on(rt.as_ref(), &out, Some(&h), hooks)?;
         }
         Ok(h)
     }

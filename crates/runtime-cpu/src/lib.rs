@@ -24,6 +24,7 @@
 pub mod gemm;
 pub mod halfw;
 pub mod linear;
+pub mod nonlinear;
 pub mod probe;
 pub mod simd;
 pub mod w8a8;
@@ -32,7 +33,9 @@ pub mod wq;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use pare_core_tensor::{ActQuant, Conv2dParams, Error, PreparedOp, ReferenceRuntime, Result, Runtime, Weight};
+use pare_core_tensor::{
+    ActQuant, Activation, Conv2dParams, Error, PreparedOp, ReferenceRuntime, Result, Runtime, Weight,
+};
 
 use crate::gemm::{PackedF32, Panels};
 use crate::halfw::HalfPanels;
@@ -85,6 +88,22 @@ impl CpuRuntime {
     pub fn threads(&self) -> usize {
         self.threads
     }
+}
+
+/// Whether every tensor is f32 on the CPU (what the non-linear kernels take).
+fn all_f32_cpu(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
+}
+
+/// Calls `f` with `t`'s values as f32, borrowed when `t` is a contiguous f32 CPU tensor.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if t.dtype() == DType::F32 && t.is_contiguous() {
+        let (storage, layout) = t.storage_and_layout();
+        if let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(all)) = &*storage {
+            return Ok(f(&all[layout.start_offset()..layout.start_offset() + t.elem_count()]));
+        }
+    }
+    Ok(f(&t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
 }
 
 impl CpuRuntime {
@@ -144,6 +163,74 @@ impl Runtime for CpuRuntime {
 
     fn prepare_embedding(&self, layer: &str, weight: &Weight) -> Result<Arc<dyn PreparedOp>> {
         self.reference.prepare_embedding(layer, weight)
+    }
+
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        mask: Option<&Tensor>,
+        scale: f64,
+    ) -> Result<Tensor> {
+        pare_core_tensor::check_attention(q, k, v, heads, mask)?;
+        if !all_f32_cpu(&[q, k, v]) {
+            return pare_core_tensor::attention_reference(q, k, v, heads, mask, scale);
+        }
+        let (batch, seq, hidden) = q.dims3()?;
+        let shape = nonlinear::AttnShape { batch, seq, heads, head_dim: hidden / heads };
+        let mask = mask.map(|m| m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
+        let mut out = vec![0f32; q.elem_count()];
+        with_f32(q, |qv| {
+            with_f32(k, |kv| {
+                with_f32(v, |vv| {
+                    let m = mask.as_deref();
+                    nonlinear::attention(self.level, &self.pool, qv, kv, vv, m, scale as f32, shape, &mut out)
+                })
+            })
+        })???;
+        Ok(Tensor::from_vec(out, q.dims(), q.device())?)
+    }
+
+    fn activation(&self, act: Activation, x: &Tensor) -> Result<Tensor> {
+        let kernel = match act {
+            Activation::Relu => nonlinear::Act::Relu,
+            Activation::Gelu => nonlinear::Act::Gelu,
+            Activation::GeluTanh => nonlinear::Act::GeluTanh,
+            Activation::Silu => nonlinear::Act::Silu,
+            _ => return act.forward(x),
+        };
+        if !all_f32_cpu(&[x]) {
+            return act.forward(x);
+        }
+        let mut y = vec![0f32; x.elem_count()];
+        with_f32(x, |xv| nonlinear::activation(self.level, &self.pool, kernel, xv, &mut y))?;
+        Ok(Tensor::from_vec(y, x.dims(), x.device())?)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let dim = x.dims().last().copied().unwrap_or(0);
+        let shapes_ok = residual.is_none_or(|r| r.dims() == x.dims()) && gamma.dims() == [dim] && beta.dims() == [dim];
+        if !shapes_ok || !all_f32_cpu(&[x, gamma, beta]) || residual.is_some_and(|r| !all_f32_cpu(&[r])) {
+            return pare_core_tensor::layer_norm_reference(x, residual, gamma, beta, eps);
+        }
+        let mut y = x.flatten_all()?.to_vec1::<f32>()?;
+        let (g, b) = (gamma.to_vec1::<f32>()?, beta.to_vec1::<f32>()?);
+        match residual {
+            Some(r) => with_f32(r, |rv| {
+                nonlinear::layer_norm(self.level, &self.pool, &mut y, Some(rv), &g, &b, eps as f32)
+            })?,
+            None => nonlinear::layer_norm(self.level, &self.pool, &mut y, None, &g, &b, eps as f32),
+        }
+        Ok(Tensor::from_vec(y, x.dims(), x.device())?)
     }
 
     fn prepare_linear_quantized_input(

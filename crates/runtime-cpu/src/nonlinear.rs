@@ -1,0 +1,544 @@
+//! The non-linear work of a transformer, fused and threaded: multi-head attention (scores,
+//! masked softmax and the weighted sum of values in one pass per head, straight from the
+//! `[batch, seq, hidden]` projections, no transposed copies), GELU (exact, through an erf with
+//! 1.5e-7 absolute error, and its tanh form), ReLU/SiLU, and layer normalisation fused with the
+//! residual addition.
+//!
+//! Each has a scalar twin; rows and heads are split across the pool, each computed whole by one
+//! task, so the bits do not depend on the thread count.
+
+use rayon::prelude::*;
+
+use crate::simd::SimdLevel;
+
+/// Element-wise activations with a kernel here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// max(0, x).
+    Relu,
+    /// x·Φ(x), Φ through erf.
+    Gelu,
+    /// 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+    GeluTanh,
+    /// x·sigmoid(x).
+    Silu,
+}
+
+/// `y = act(x)` element-wise, in chunks across `pool`.
+pub fn activation(level: SimdLevel, pool: &rayon::ThreadPool, act: Act, x: &[f32], y: &mut [f32]) {
+    const CHUNK: usize = 1 << 14;
+    assert!(x.len() == y.len());
+    pool.install(|| {
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| match level {
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+                // SAFETY: AVX2 and FMA were detected just above; x and y have equal lengths.
+                unsafe { avx2::activation(act, x, y) }
+            }
+            _ => y.iter_mut().zip(x).for_each(|(y, &v)| *y = scalar_act(act, v)),
+        })
+    });
+}
+
+/// erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7).
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t + 0.254_829_6) * t;
+    let y = 1.0 - poly * (-a * a).exp();
+    y.copysign(x)
+}
+
+fn scalar_act(act: Act, v: f32) -> f32 {
+    match act {
+        Act::Relu => v.max(0.0),
+        Act::Gelu => 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2)),
+        Act::GeluTanh => {
+            let u = 0.797_884_6 * (v + 0.044_715 * v * v * v);
+            0.5 * v * (1.0 + u.tanh())
+        }
+        Act::Silu => v / (1.0 + (-v).exp()),
+    }
+}
+
+/// Layer normalisation of each `dim`-long row of `x` (plus the same row of `residual`), in
+/// place: `(s − mean)/sqrt(var + eps)·γ + β`, statistics in f32 as the reference computes them.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm(
+    level: SimdLevel,
+    pool: &rayon::ThreadPool,
+    x: &mut [f32],
+    residual: Option<&[f32]>,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) {
+    let dim = gamma.len().max(1);
+    let rows_per = (16384 / dim).max(1);
+    pool.install(|| {
+        x.par_chunks_mut(rows_per * dim).enumerate().for_each(|(c, chunk)| {
+            for (r, row) in chunk.chunks_mut(dim).enumerate() {
+                let at = (c * rows_per + r) * dim;
+                if let Some(res) = residual {
+                    for (v, &a) in row.iter_mut().zip(&res[at..at + dim]) {
+                        *v += a;
+                    }
+                }
+                let n = dim as f32;
+                let mean = sum(level, row) / n;
+                row.iter_mut().for_each(|v| *v -= mean);
+                let var = sum_sq(level, row) / n;
+                let inv = 1.0 / (var + eps).sqrt();
+                for ((v, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
+                    *v = *v * inv * g + b;
+                }
+            }
+        })
+    });
+}
+
+fn sum(level: SimdLevel, x: &[f32]) -> f32 {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+            // SAFETY: AVX2 was detected just above.
+            unsafe { avx2::sum(x, false) }
+        }
+        _ => x.iter().sum(),
+    }
+}
+
+fn sum_sq(level: SimdLevel, x: &[f32]) -> f32 {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+            // SAFETY: AVX2 was detected just above.
+            unsafe { avx2::sum(x, true) }
+        }
+        _ => x.iter().map(|v| v * v).sum(),
+    }
+}
+
+/// Shapes of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    /// Batch size.
+    pub batch: usize,
+    /// Sequence length (queries and keys).
+    pub seq: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Values per head.
+    pub head_dim: usize,
+}
+
+/// Multi-head attention on `[batch, seq, heads·head_dim]` projections into `out` (same
+/// layout), with an optional additive key mask `[batch, seq]`; one task per (batch, head).
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    level: SimdLevel,
+    pool: &rayon::ThreadPool,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<&[f32]>,
+    scale: f32,
+    s: AttnShape,
+    out: &mut [f32],
+) {
+    let (t, d, hidden) = (s.seq, s.head_dim, s.heads * s.head_dim);
+    assert!(q.len() == s.batch * t * hidden && k.len() == q.len() && v.len() == q.len() && out.len() == q.len());
+    let results: Vec<(usize, Vec<f32>)> = pool.install(|| {
+        (0..s.batch * s.heads)
+            .into_par_iter()
+            .map(|bh| {
+                let (b, h) = (bh / s.heads, bh % s.heads);
+                let base = b * t * hidden + h * d;
+                let m = mask.map(|m| &m[b * t..(b + 1) * t]);
+                let mut ctx = vec![0f32; t * d];
+                head(level, &q[base..], &k[base..], &v[base..], hidden, m, scale, t, d, &mut ctx);
+                (bh, ctx)
+            })
+            .collect()
+    });
+    for (bh, ctx) in results {
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        for i in 0..t {
+            let at = b * t * hidden + i * hidden + h * d;
+            out[at..at + d].copy_from_slice(&ctx[i * d..(i + 1) * d]);
+        }
+    }
+}
+
+/// One head: `q`, `k`, `v` start at the head's first value, rows `stride` apart.
+#[allow(clippy::too_many_arguments)]
+fn head(
+    level: SimdLevel,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    mask: Option<&[f32]>,
+    scale: f32,
+    t: usize,
+    d: usize,
+    ctx: &mut [f32],
+) {
+    // Keys transposed to [d][t8] (t8 = t rounded up to 8), values packed [t][d].
+    let t8 = t.div_ceil(8) * 8;
+    let mut kt = vec![0f32; d * t8];
+    let mut vp = vec![0f32; t * d];
+    for j in 0..t {
+        for c in 0..d {
+            kt[c * t8 + j] = k[j * stride + c];
+        }
+        vp[j * d..(j + 1) * d].copy_from_slice(&v[j * stride..j * stride + d]);
+    }
+    let mut p = vec![0f32; 2 * t8];
+    #[cfg(target_arch = "x86_64")]
+    if level == SimdLevel::Avx2 && SimdLevel::detect() >= SimdLevel::Avx2 && d.is_multiple_of(8) {
+        let mut i = 0;
+        while i < t {
+            let rows = (t - i).min(2);
+            let qs: [&[f32]; 2] = std::array::from_fn(|r| {
+                let at = (i + r.min(rows - 1)) * stride;
+                &q[at..at + d]
+            });
+            let (o0, o1) = ctx[i * d..].split_at_mut(d);
+            // SAFETY: AVX2 and FMA were detected just above; kt is d × t8, vp is t × d, p holds
+            // 2·t8 floats, d is a multiple of 8. With one row left, row 0 is computed twice and
+            // the second copy written to a scratch row.
+            unsafe {
+                if rows == 2 {
+                    avx2::attend_rows(qs, &kt, &vp, mask, scale, t, t8, &mut p, [o0, &mut o1[..d]])
+                } else {
+                    let mut spare = vec![0f32; d];
+                    avx2::attend_rows(qs, &kt, &vp, mask, scale, t, t8, &mut p, [o0, &mut spare])
+                }
+            }
+            i += rows;
+        }
+        return;
+    }
+    for i in 0..t {
+        let qi = &q[i * stride..i * stride + d];
+        let out = &mut ctx[i * d..(i + 1) * d];
+        for j in 0..t {
+            let dot: f32 = (0..d).map(|c| qi[c] * kt[c * t8 + j]).sum();
+            p[j] = dot * scale + mask.map_or(0.0, |m| m[j]);
+        }
+        let max = p[..t].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0.0;
+        for e in &mut p[..t] {
+            *e = (*e - max).exp();
+            total += *e;
+        }
+        out.iter_mut().for_each(|o| *o = 0.0);
+        for j in 0..t {
+            let w = p[j] / total;
+            for c in 0..d {
+                out[c] += w * vp[j * d + c];
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::Act;
+
+    /// e^x for eight lanes (Cephes' polynomial; x clamped to ±88.38).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub fn exp(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.376_26)), _mm256_set1_ps(88.376_26));
+        let fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(0.5)));
+        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
+        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), x);
+        let mut y = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_66, 0.5] {
+            y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
+        }
+        let y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0));
+        let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn erf(x: __m256) -> __m256 {
+        let sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0));
+        let a = _mm256_andnot_ps(_mm256_set1_ps(-0.0), x);
+        let one = _mm256_set1_ps(1.0);
+        let t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.327_591_1), a, one));
+        let mut poly = _mm256_set1_ps(1.061_405_4);
+        for c in [-1.453_152_1, 1.421_413_8, -0.284_496_74, 0.254_829_6] {
+            poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(c));
+        }
+        poly = _mm256_mul_ps(poly, t);
+        let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a)));
+        _mm256_or_ps(_mm256_fnmadd_ps(poly, e, one), sign)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn act8(act: Act, v: __m256) -> __m256 {
+        let half = _mm256_set1_ps(0.5);
+        let one = _mm256_set1_ps(1.0);
+        match act {
+            Act::Relu => _mm256_max_ps(v, _mm256_setzero_ps()),
+            Act::Gelu => {
+                let e = erf(_mm256_mul_ps(v, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2)));
+                _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, e))
+            }
+            Act::GeluTanh => {
+                let v3 = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
+                let u = _mm256_mul_ps(_mm256_set1_ps(0.797_884_6), _mm256_fmadd_ps(_mm256_set1_ps(0.044_715), v3, v));
+                // tanh(u) = 1 − 2/(e^{2u} + 1)
+                let e2 = exp(_mm256_add_ps(u, u));
+                let th = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0), _mm256_add_ps(e2, one)));
+                _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, th))
+            }
+            Act::Silu => {
+                let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), v));
+                _mm256_div_ps(v, _mm256_add_ps(one, e))
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `x.len() == y.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn activation(act: Act, x: &[f32], y: &mut [f32]) {
+        assert!(x.len() == y.len());
+        let body = x.len() / 8 * 8;
+        for i in (0..body).step_by(8) {
+            // SAFETY: i + 8 ≤ body ≤ x.len() = y.len().
+            unsafe {
+                let v = _mm256_loadu_ps(x.as_ptr().add(i));
+                _mm256_storeu_ps(y.as_mut_ptr().add(i), act8(act, v));
+            }
+        }
+        if body < x.len() {
+            let mut tail = [0f32; 8];
+            tail[..x.len() - body].copy_from_slice(&x[body..]);
+            // SAFETY: tail holds 8 floats.
+            unsafe { _mm256_storeu_ps(tail.as_mut_ptr(), act8(act, _mm256_loadu_ps(tail.as_ptr()))) };
+            let n = x.len() - body;
+            y[body..].copy_from_slice(&tail[..n]);
+        }
+    }
+
+    /// Σx (or Σx²) over eight lanes, then across them.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn sum(x: &[f32], square: bool) -> f32 {
+        let body = x.len() / 8 * 8;
+        let mut acc = _mm256_setzero_ps();
+        for i in (0..body).step_by(8) {
+            // SAFETY: i + 8 ≤ body ≤ x.len().
+            let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
+            acc = if square { _mm256_fmadd_ps(v, v, acc) } else { _mm256_add_ps(acc, v) };
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: lanes holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+        let mut s: f32 = lanes.iter().sum();
+        for &v in &x[body..] {
+            s += if square { v * v } else { v };
+        }
+        s
+    }
+
+    /// Two query rows at once (each loaded key and value vector feeds both): scores against
+    /// every key, eight at a time from the transposed keys, masked softmax, then the
+    /// probability-weighted sum of the values.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `kt` is `d × t8`, `vp` is `t × d`, `p` holds `2·t8`
+    /// floats, every `q` and `out` row holds `d` (a multiple of 8).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn attend_rows(
+        q: [&[f32]; 2],
+        kt: &[f32],
+        vp: &[f32],
+        mask: Option<&[f32]>,
+        scale: f32,
+        t: usize,
+        t8: usize,
+        p: &mut [f32],
+        mut out: [&mut [f32]; 2],
+    ) {
+        let d = q[0].len();
+        assert!(kt.len() == d * t8 && vp.len() == t * d && p.len() == 2 * t8 && d.is_multiple_of(8));
+        assert!(q.iter().all(|r| r.len() == d) && out.iter().all(|r| r.len() == d));
+        let sv = _mm256_set1_ps(scale);
+        // Scores: four key blocks (32 keys) × two rows per pass, eight FMA chains in registers
+        // (fixed-size blocks, so the accumulators are never spilled); eight keys at the tail.
+        let mut jb = 0;
+        while jb < t8 {
+            // SAFETY: the blocks read kt[c·t8 + jb ..+ 8·NB] and write p[r·t8 + jb ..+ 8·NB],
+            // within bounds as jb + 8·NB ≤ t8.
+            unsafe {
+                if t8 - jb >= 32 {
+                    scores::<4>(q, kt, t8, jb, sv, p);
+                    jb += 32;
+                } else {
+                    scores::<1>(q, kt, t8, jb, sv, p);
+                    jb += 8;
+                }
+            }
+        }
+        let mut inv = [0f32; 2];
+        for (r, inv) in inv.iter_mut().enumerate() {
+            let row = &mut p[r * t8..r * t8 + t];
+            if let Some(m) = mask {
+                assert!(m.len() == t);
+                let full = t / 8 * 8;
+                for j in (0..full).step_by(8) {
+                    // SAFETY: j + 8 ≤ t = row.len() = m.len().
+                    unsafe {
+                        let v = _mm256_add_ps(_mm256_loadu_ps(row.as_ptr().add(j)), _mm256_loadu_ps(m.as_ptr().add(j)));
+                        _mm256_storeu_ps(row.as_mut_ptr().add(j), v);
+                    }
+                }
+                for j in full..t {
+                    row[j] += m[j];
+                }
+            }
+            // SAFETY: AVX2 and FMA are enabled in this function.
+            *inv = 1.0 / unsafe { softmax_numerators(row) };
+        }
+        // Weighted sum of values: four vectors of a row × two rows per pass (one at the tail).
+        let vecs = d / 8;
+        let mut o = 0;
+        while o < vecs {
+            // SAFETY: reads vp[j·d + 8o ..+ 8·NV] and writes out[r][8o ..+ 8·NV], in bounds as
+            // o + NV ≤ d/8.
+            unsafe {
+                if vecs - o >= 4 {
+                    weighted::<4>(p, t, t8, vp, d, o, inv, &mut out);
+                    o += 4;
+                } else {
+                    weighted::<1>(p, t, t8, vp, d, o, inv, &mut out);
+                    o += 1;
+                }
+            }
+        }
+    }
+
+    /// Scores of two query rows against keys `jb .. jb + 8·NB`, scaled, into `p[r·t8 + j]`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `kt` is `d × t8`, `p` holds `2·t8`, `jb + 8·NB ≤ t8`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn scores<const NB: usize>(q: [&[f32]; 2], kt: &[f32], t8: usize, jb: usize, sv: __m256, p: &mut [f32]) {
+        let d = q[0].len();
+        assert!(jb + 8 * NB <= t8 && kt.len() >= d * t8 && p.len() >= 2 * t8 && q[1].len() == d);
+        let mut acc = [[_mm256_setzero_ps(); NB]; 2];
+        for c in 0..d {
+            let qv = [_mm256_set1_ps(q[0][c]), _mm256_set1_ps(q[1][c])];
+            for b in 0..NB {
+                // SAFETY: c·t8 + jb + 8b + 8 ≤ d·t8 (asserted bounds).
+                let kv = unsafe { _mm256_loadu_ps(kt.as_ptr().add(c * t8 + jb + 8 * b)) };
+                acc[0][b] = _mm256_fmadd_ps(qv[0], kv, acc[0][b]);
+                acc[1][b] = _mm256_fmadd_ps(qv[1], kv, acc[1][b]);
+            }
+        }
+        for (r, ar) in acc.iter().enumerate() {
+            for (b, a) in ar.iter().enumerate() {
+                // SAFETY: r·t8 + jb + 8b + 8 ≤ 2·t8 ≤ p.len().
+                unsafe { _mm256_storeu_ps(p.as_mut_ptr().add(r * t8 + jb + 8 * b), _mm256_mul_ps(*a, sv)) };
+            }
+        }
+    }
+
+    /// Output vectors `o .. o + NV` of two rows: `Σ_j p[r][j]·v[j]`, times `inv[r]`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `vp` is `t × d`, `p` holds `2·t8`, `8·(o + NV) ≤ d`, each `out` row `d`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn weighted<const NV: usize>(
+        p: &[f32],
+        t: usize,
+        t8: usize,
+        vp: &[f32],
+        d: usize,
+        o: usize,
+        inv: [f32; 2],
+        out: &mut [&mut [f32]; 2],
+    ) {
+        assert!(8 * (o + NV) <= d && vp.len() >= t * d && p.len() >= t8 + t && out.iter().all(|r| r.len() == d));
+        let mut acc = [[_mm256_setzero_ps(); NV]; 2];
+        for j in 0..t {
+            let w = [_mm256_set1_ps(p[j]), _mm256_set1_ps(p[t8 + j])];
+            for x in 0..NV {
+                // SAFETY: j·d + 8(o + x) + 8 ≤ t·d ≤ vp.len().
+                let vv = unsafe { _mm256_loadu_ps(vp.as_ptr().add(j * d + 8 * (o + x))) };
+                acc[0][x] = _mm256_fmadd_ps(w[0], vv, acc[0][x]);
+                acc[1][x] = _mm256_fmadd_ps(w[1], vv, acc[1][x]);
+            }
+        }
+        for r in 0..2 {
+            for x in 0..NV {
+                let v = _mm256_mul_ps(acc[r][x], _mm256_set1_ps(inv[r]));
+                // SAFETY: 8(o + x) + 8 ≤ d = out[r].len().
+                unsafe { _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * (o + x)), v) };
+            }
+        }
+    }
+
+    /// Replaces `row` by `e^(x − max)` and returns their sum.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn softmax_numerators(row: &mut [f32]) -> f32 {
+        let t = row.len();
+        let full = t / 8 * 8;
+        let mut m8 = _mm256_set1_ps(f32::NEG_INFINITY);
+        for j in (0..full).step_by(8) {
+            // SAFETY: j + 8 ≤ t.
+            m8 = _mm256_max_ps(m8, unsafe { _mm256_loadu_ps(row.as_ptr().add(j)) });
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: lanes holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m8) };
+        let max = row[full..].iter().chain(&lanes).copied().fold(f32::NEG_INFINITY, f32::max);
+        let mx = _mm256_set1_ps(max);
+        let mut total = _mm256_setzero_ps();
+        for j in (0..full).step_by(8) {
+            // SAFETY: j + 8 ≤ t.
+            unsafe {
+                let e = exp(_mm256_sub_ps(_mm256_loadu_ps(row.as_ptr().add(j)), mx));
+                _mm256_storeu_ps(row.as_mut_ptr().add(j), e);
+                total = _mm256_add_ps(total, e);
+            }
+        }
+        // SAFETY: lanes holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
+        let mut sum: f32 = lanes.iter().sum();
+        if full < t {
+            let mut tail = [f32::NEG_INFINITY; 8];
+            tail[..t - full].copy_from_slice(&row[full..]);
+            // SAFETY: tail holds 8 floats.
+            unsafe { _mm256_storeu_ps(tail.as_mut_ptr(), exp(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), mx))) };
+            for (j, e) in tail.iter().enumerate().take(t - full) {
+                row[full + j] = *e;
+                sum += *e;
+            }
+        }
+        sum
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,87 @@
+use candle_core::{Device, Tensor};
+use pare_core_tensor::{Activation, ReferenceRuntime, Runtime};
+use proptest::prelude::*;
+
+use crate::testkit::input;
+use crate::{CpuRuntime, SimdLevel};
+
+fn t(v: Vec<f32>, dims: &[usize]) -> Tensor {
+    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+}
+
+fn flat(x: &Tensor) -> Vec<f32> {
+    x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Runs `f` on every level × thread count: every result within `tol(reference value)` of the
+/// reference, and the same bits for every thread count at one level.
+fn check(
+    want: &[f32],
+    tol: impl Fn(f32) -> f32,
+    f: impl Fn(&CpuRuntime) -> Vec<f32>,
+) -> Result<(), TestCaseError> {
+    for level in SimdLevel::available() {
+        let mut first: Option<Vec<f32>> = None;
+        for threads in [1, 3] {
+            let got = f(&CpuRuntime::with_level(threads, level).unwrap());
+            prop_assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                prop_assert!((g - w).abs() <= tol(*w), "{:?}/{}: [{}] {} vs reference {}", level, threads, i, g, w);
+            }
+            match &first {
+                None => first = Some(got),
+                Some(f) => prop_assert_eq!(f, &got, "bits differ across thread counts"),
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn attention_matches_the_reference(
+        batch in 1usize..3, seq in 1usize..40, heads in 1usize..4, hd in prop_oneof![Just(8usize), Just(16), Just(32), 1usize..12],
+        masked in any::<bool>(), seed in any::<u64>()
+    ) {
+        let dims = [batch, seq, heads * hd];
+        let n = batch * seq * heads * hd;
+        let (q, k, v) = (t(input(1, n, seed), &dims), t(input(1, n, seed ^ 1), &dims), t(input(1, n, seed ^ 2), &dims));
+        // Padding at the end of each sequence except its first token, as BERT masks it.
+        let mask = masked.then(|| {
+            t((0..batch * seq).map(|i| if i % seq == 0 || (i * 7 + seed as usize) % 3 != 0 { 0.0 } else { -1e9 }).collect(), &[batch, seq])
+        });
+        let scale = 1.0 / (hd as f64).sqrt();
+        let want = flat(&ReferenceRuntime::cpu().attention(&q, &k, &v, heads, mask.as_ref(), scale).unwrap());
+        check(&want, |_| 2e-5, |rt| flat(&rt.attention(&q, &k, &v, heads, mask.as_ref(), scale).unwrap()))?;
+    }
+
+    #[test]
+    fn activations_match_the_reference(n in 1usize..300, which in 0usize..4, seed in any::<u64>()) {
+        let act = [Activation::Relu, Activation::Gelu, Activation::GeluTanh, Activation::Silu][which];
+        // Values across [−12, 12]: the tails where erf saturates included.
+        let x = t(input(1, n, seed).into_iter().map(|v| v * 4.0).collect(), &[n]);
+        let want = flat(&ReferenceRuntime::cpu().activation(act, &x).unwrap());
+        check(&want, |w| 2e-6 * w.abs().max(1.0), |rt| flat(&rt.activation(act, &x).unwrap()))?;
+    }
+
+    #[test]
+    fn layer_norm_with_a_residual_matches_the_reference(rows in 1usize..20, dim in 1usize..100, res in any::<bool>(), seed in any::<u64>()) {
+        let x = t(input(rows, dim, seed), &[rows, dim]);
+        let r = res.then(|| t(input(rows, dim, seed ^ 5), &[rows, dim]));
+        let (g, b) = (t(input(1, dim, seed ^ 6), &[dim]), t(input(1, dim, seed ^ 7), &[dim]));
+        let want = flat(&ReferenceRuntime::cpu().layer_norm(&x, r.as_ref(), &g, &b, 1e-12).unwrap());
+        check(&want, |w| 2e-5 * w.abs().max(1.0), |rt| flat(&rt.layer_norm(&x, r.as_ref(), &g, &b, 1e-12).unwrap()))?;
+    }
+}
+
+#[test]
+fn attention_shapes_are_checked() {
+    let rt = CpuRuntime::new(1).unwrap();
+    let q = Tensor::zeros((1, 4, 6), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let e = rt.attention(&q, &q, &q, 4, None, 1.0).unwrap_err().to_string();
+    assert!(e.contains("4 heads") && e.contains("6"), "{e}");
+    let bad = Tensor::zeros((1, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let e = rt.attention(&q, &q, &q, 2, Some(&bad), 1.0).unwrap_err().to_string();
+    assert!(e.contains("attention mask") && e.contains("[1, 4]"), "{e}");
+}
