@@ -1,23 +1,68 @@
-//! MiniLM encoder throughput: pare's BERT (core-tensor layers on the reference runtime) against
-//! candle-transformers' `BertModel` on the same token batch, measured in the same process.
-//! Prints the ratio; needs `PARE_MINILM_DIR` (skips with a message otherwise).
+//! MiniLM end to end (issue 4, goal 5): pare's BERT on `CpuRuntime` (2 threads) in f32 and in
+//! W8A8 (int8 per-channel weights, int8 per-token dynamic activations), against
+//! candle-transformers' `BertModel` in f32 and against pare on the reference runtime, at batch
+//! 32 × 128 tokens and 1 × 16, measured in the same process. The batches are built as the ONNX
+//! Runtime peer builds them (`../shared/tools/ort-peer`): real token ids right-padded to 128
+//! with an all-ones mask (dense work). When `PARE_ORT_JSON` names the peer's `ort-bench.json`
+//! (from the same sitting: `cargo xtask bench` runs both), its f32 and int8 figures are compared
+//! too. Needs `PARE_MINILM_DIR` (skips with a message otherwise).
 
-use pare_benches::median_secs;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use criterion::{Criterion, criterion_main};
-use pare_core_tensor::Hooks;
-use pare_models::bert::SentenceEncoder;
+use pare_benches::{Comparison, median_pair, quick};
+use pare_core_tensor::{Hooks, Module, Runtime, metrics::mean_cosine};
+use pare_models::bert::{SentenceEncoder, mean_pool_normalize};
+use pare_quant::ptq::{ActSpec, apply, dynamic_specs};
+use pare_quant::weight_only::{Method, Selection, quantize_model};
+use pare_runtime_cpu::CpuRuntime;
+
+/// ONNX Runtime's median seconds per model and shape at 2 threads, from `ort-bench.json`.
+fn ort_figures() -> BTreeMap<(String, String), f64> {
+    let Some(path) = std::env::var_os("PARE_ORT_JSON") else { return BTreeMap::new() };
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        eprintln!("PARE_ORT_JSON: cannot read {}", PathBuf::from(path).display());
+        return BTreeMap::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).expect("ort-bench.json is JSON");
+    v["results"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["threads"].as_u64() == Some(2))
+        .filter_map(|r| {
+            Some(((r["model"].as_str()?.to_string(), r["shape"].as_str()?.to_string()), r["median_s"].as_f64()?))
+        })
+        .collect()
+}
 
 fn bench(c: &mut Criterion) {
-    let Some(dir) = std::env::var_os("PARE_MINILM_DIR").map(std::path::PathBuf::from) else {
+    let Some(dir) = std::env::var_os("PARE_MINILM_DIR").map(PathBuf::from) else {
         eprintln!("SKIPPED encoder bench: PARE_MINILM_DIR is not set (see ../shared/tools/fetch-minilm.sh)");
         return;
     };
+    let quick = quick();
     let dev = Device::Cpu;
-    let enc = SentenceEncoder::load(&dir, &dev).expect("load MiniLM");
+    let float = SentenceEncoder::load(&dir, &dev).expect("load MiniLM");
+    let cpu: Arc<dyn Runtime> = Arc::new(CpuRuntime::new(2).expect("runtime"));
+    let mut f32_cpu = float.clone();
+    f32_cpu.bert.prepare(&cpu).unwrap();
+    // W8A8: int8 symmetric per-channel weights, int8 per-token dynamic inputs, every linear
+    // layer of the encoder (embeddings stay float).
+    let mut int8 = float.clone();
+    let method = Method::parse("int8", "channel", true).unwrap();
+    let selection = Selection { include: Vec::new(), exclude: Vec::new() };
+    quantize_model(&mut int8.bert, &method, &selection, &mut |_| {}).unwrap();
+    let paths = selection.resolve(&int8.bert).unwrap();
+    let specs = dynamic_specs(&int8.bert, &paths, ActSpec { bits: 8, symmetric: true }, true).unwrap();
+    apply(&mut int8.bert, &specs).unwrap();
+    int8.bert.prepare(&cpu).unwrap();
+
     let cfg: Config = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     // SAFETY: nothing writes to the model file while it is mapped.
     let vb =
@@ -27,31 +72,80 @@ fn bench(c: &mut Criterion) {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/sentences.txt"),
     )
     .unwrap();
+    let ort = ort_figures();
 
-    for (label, n) in [("32 sentences", 32usize), ("1 sentence", 1)] {
-        let batch: Vec<&str> = text.iter().take(n).map(String::as_str).collect();
-        let b = enc.encode_batch(&batch, &dev).unwrap();
-        let ours = || {
-            enc.bert
-                .forward_hooked(&b.input_ids, Some(&b.token_type_ids), &b.attention_mask, &mut Hooks::none())
-                .unwrap()
+    for (shape, n, len) in [("32x128", 32usize, 128usize), ("1x16", 1, 16)] {
+        // Real token ids, right-padded with [PAD] = 0 (or cut) to `len`, mask all ones.
+        let mut ids = vec![0u32; n * len];
+        for (i, s) in text.iter().take(n).enumerate() {
+            let b = float.encode_batch(&[s.as_str()], &dev).unwrap();
+            let row = b.input_ids.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+            for (j, id) in row.into_iter().take(len).enumerate() {
+                ids[i * len + j] = id;
+            }
+        }
+        let ids = Tensor::from_vec(ids, (n, len), &dev).unwrap();
+        let types = Tensor::zeros((n, len), DType::U32, &dev).unwrap();
+        let mask = Tensor::ones((n, len), DType::U32, &dev).unwrap();
+        let run = |e: &SentenceEncoder| {
+            let h = e.bert.forward_hooked(&ids, Some(&types), &mask, &mut Hooks::none()).unwrap();
+            mean_pool_normalize(&h, &mask).unwrap()
         };
-        let theirs = || peer.forward(&b.input_ids, &b.token_type_ids, Some(&b.attention_mask)).unwrap();
-        let mut g = c.benchmark_group(format!("minilm {label} x {} tokens", b.input_ids.dim(1).unwrap()));
-        g.sample_size(10);
-        g.bench_function("pare reference", |bch| bch.iter(ours));
-        g.bench_function("candle-transformers", |bch| bch.iter(theirs));
-        g.finish();
-        let reps = if n == 1 { 50 } else { 7 };
-        let t_ours = median_secs(reps, || drop(ours()));
-        let t_peer = median_secs(reps, || drop(theirs()));
-        println!(
-            "RATIO minilm {label}: pare {:.2} ms, candle-transformers {:.2} ms, pare/candle = {:.3}",
-            t_ours * 1e3,
-            t_peer * 1e3,
-            t_ours / t_peer
-        );
-        let _: &Tensor = &ours();
+        let theirs = || peer.forward(&ids, &types, Some(&mask)).unwrap();
+        if !quick {
+            let mut g = c.benchmark_group(format!("minilm {shape}"));
+            g.sample_size(10).warm_up_time(std::time::Duration::from_millis(500));
+            g.bench_function("pare cpu f32", |b| b.iter(|| run(&f32_cpu)));
+            g.bench_function("pare cpu w8a8", |b| b.iter(|| run(&int8)));
+            g.bench_function("candle-transformers f32", |b| b.iter(theirs));
+            g.finish();
+        }
+        let reference = run(&float);
+        let cos_f32 = mean_cosine(&reference, &run(&f32_cpu)).unwrap();
+        let cos_int8 = mean_cosine(&reference, &run(&int8)).unwrap();
+        println!("minilm {shape}: mean cosine to the float reference: cpu f32 {cos_f32:.6}, cpu w8a8 {cos_int8:.5}");
+        let reps = match (quick, n) {
+            (true, 32) => 3,
+            (false, 32) => 7,
+            (true, _) => 20,
+            (false, _) => 60,
+        };
+        let (t_f32, t_candle) = median_pair(reps, || drop(run(&f32_cpu)), || drop(theirs()));
+        let (t_int8, t_candle2) = median_pair(reps, || drop(run(&int8)), || drop(theirs()));
+        let (t_ref, _) = median_pair(reps.min(5), || drop(run(&float)), || {});
+        println!("  pare on the reference runtime: {:.2} ms", t_ref * 1e3);
+        let cmp = |name: &'static str, pare: f64, peer: &'static str, peer_value: f64, goal: f64| Comparison {
+            name,
+            shape: shape.to_string(),
+            pare: pare * 1e3,
+            peer,
+            peer_value: peer_value * 1e3,
+            unit: "ms",
+            higher_is_better: false,
+            goal,
+        };
+        cmp("minilm f32", t_f32, "candle-transformers f32", t_candle, 1.0).report();
+        cmp("minilm w8a8", t_int8, "candle-transformers f32", t_candle2, 4.0).report();
+        Comparison {
+            name: "minilm w8a8 mean cosine",
+            shape: shape.to_string(),
+            pare: cos_int8,
+            peer: "goal",
+            peer_value: 0.995,
+            unit: "cos",
+            higher_is_better: true,
+            goal: 1.0,
+        }
+        .report();
+        for (model, ours, name) in [("f32-fused", t_f32, "minilm f32"), ("int8-dyn-perchannel", t_int8, "minilm w8a8")]
+        {
+            match ort.get(&(model.to_string(), shape.to_string())) {
+                Some(&t) => cmp(name, ours, if model == "f32-fused" { "onnxruntime f32" } else { "onnxruntime int8" }, t, 1.0)
+                    .report(),
+                None if !ort.is_empty() => eprintln!("ort-bench.json has no {model} {shape} at 2 threads"),
+                None => {}
+            }
+        }
     }
 }
 

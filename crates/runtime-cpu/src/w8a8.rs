@@ -130,16 +130,25 @@ impl W8A8Linear {
                     quantize_row(level, row, self.act.smooth.as_deref(), unit, &self.act, &mut xq[r * k..(r + 1) * k]);
                     units.push(unit);
                 }
+                // Codes centred on zero fit i8: unsigned codes q become q − 128, and the zero
+                // point moves with them.
+                let offset = if self.act.symmetric { 0 } else { 128 };
+                let xc: Vec<i8> = xq.iter().map(|&q| (q - offset) as i8).collect();
                 let mut acc = vec![0i32; rows * n];
-                gemm(level, &xq, rows, k, &self.w, &self.panel, &mut acc);
+                gemm(level, &xc, rows, k, &self.w, &self.panel, &mut acc);
+                let zeros;
+                let bias = match &self.bias {
+                    Some(b) => b.as_slice(),
+                    None => {
+                        zeros = vec![0f32; n];
+                        &zeros
+                    }
+                };
                 for (r, &(sx, zx)) in units.iter().enumerate() {
-                    for j in 0..n {
-                        let a = acc[r * n + j] - zx * self.w_sum[j];
-                        let mut val = a as f32 * (sx * self.w_scale[j]);
-                        if let Some(b) = &self.bias {
-                            val += b[j];
-                        }
-                        out[r * n + j] = val;
+                    let zx = zx - i32::from(offset);
+                    let (a, o) = (&acc[r * n..(r + 1) * n], &mut out[r * n..(r + 1) * n]);
+                    for ((((o, &a), &ws), &sc), &b) in o.iter_mut().zip(a).zip(&self.w_sum).zip(&self.w_scale).zip(bias) {
+                        *o = (a - zx * ws) as f32 * (sx * sc) + b;
                     }
                 }
             });
@@ -149,6 +158,12 @@ impl W8A8Linear {
 
     /// Minimum and maximum of `x` divided by the smoothing factors (if any).
     fn extremes(&self, x: &[f32]) -> (f32, f32) {
+        #[cfg(target_arch = "x86_64")]
+        if self.act.smooth.is_none() && self.level == SimdLevel::Avx2 && SimdLevel::detect() >= SimdLevel::Avx2 {
+            // SAFETY: AVX2 was detected just above. Min and max are exact, so the lanes give
+            // the scalar loop's answer for the finite inputs `forward` admits.
+            return unsafe { avx2::extremes(x) };
+        }
         let k = self.k.max(1);
         let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
         for (i, &v) in x.iter().enumerate() {
@@ -192,41 +207,73 @@ fn quantize_row(
     }
 }
 
-/// Weights packed for the AVX2 micro-kernel: blocks of 16 output columns; within a block, for
-/// each pair of reduction indices `(2p, 2p+1)`, the 16 columns' two values side by side
-/// (`[c0k0, c0k1, c1k0, c1k1, ...]`, 32 `i16`), zero-padded to whole blocks and pairs.
+/// Weights packed for the AVX2 micro-kernel: blocks of 8 output columns; within a block, for
+/// each quad of reduction indices `4q .. 4q+4`, each column's four codes side by side (32
+/// bytes, one `vpmaddubsw` operand), zero-padded to whole blocks and quads. Codes of −128 are
+/// stored as −127 (so `vpsignb` can negate them) and listed in `low`, whose exact products
+/// the kernel adds back.
 #[derive(Debug, Clone)]
 pub struct Panel {
-    data: Vec<i16>,
-    pairs: usize,
+    data: Vec<i8>,
+    quads: usize,
     blocks: usize,
+    /// The `(column, reduction index)` of every weight code −128.
+    low: Vec<(u32, u32)>,
+    /// The codes transposed, `[k][n]`, for the correction of input codes −128.
+    wt: Vec<i8>,
 }
 
 impl Panel {
     /// Packs row-major `[n, k]` int8 weights.
     pub fn pack(w: &[i8], n: usize, k: usize) -> Self {
-        let (pairs, blocks) = (k.div_ceil(2), n.div_ceil(16));
-        let mut data = vec![0i16; blocks * pairs * 32];
+        let (quads, blocks) = (k.div_ceil(4), n.div_ceil(8));
+        let mut data = vec![0i8; blocks * quads * 32];
+        let mut low = Vec::new();
+        let mut wt = vec![0i8; k * n];
         for j in 0..n {
-            let (b, c) = (j / 16, j % 16);
+            let (b, c) = (j / 8, j % 8);
             for t in 0..k {
-                data[(b * pairs + t / 2) * 32 + c * 2 + t % 2] = i16::from(w[j * k + t]);
+                let v = w[j * k + t];
+                if v == i8::MIN {
+                    low.push((j as u32, t as u32));
+                }
+                data[(b * quads + t / 4) * 32 + c * 4 + t % 4] = v.max(-127);
+                wt[t * n + j] = v;
             }
         }
-        Self { data, pairs, blocks }
+        Self { data, quads, blocks, low, wt }
     }
 }
 
-/// `acc[r, j] = Σ_t x[r, t]·w[j, t]` for `m` rows of `x` (`[m, k]` codes) against the `n`
-/// weight rows, at `level` (the scalar twin uses row-major `w`, AVX2 the packed `panel`).
-pub fn gemm(level: SimdLevel, x: &[i16], m: usize, k: usize, w: &[i8], panel: &Panel, acc: &mut [i32]) {
+/// `acc[r, j] = Σ_t x[r, t]·w[j, t]` for `m` rows of centred codes `x` (`[m, k]`) against the
+/// `n` weight rows, exactly, at `level` (the scalar twin uses row-major `w`, AVX2 the packed
+/// `panel`).
+pub fn gemm(level: SimdLevel, x: &[i8], m: usize, k: usize, w: &[i8], panel: &Panel, acc: &mut [i32]) {
     let n = acc.len() / m.max(1);
     match level {
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
             // SAFETY: AVX2 was detected on this CPU just above; shapes are consistent by
             // construction (x: m·k, panel packed from n×k, acc: m·n).
-            unsafe { avx2::gemm(x, m, k, panel, n, acc) }
+            unsafe { avx2::gemm(x, m, k, panel, n, acc) };
+            // The products the kernel took with −128 clamped to −127, made exact. An input code
+            // −128 against weight w: −128·w − (−127)·max(w, −127). A weight code −128 against an
+            // input x ≠ −128: x·(−128) − x·(−127) = −x.
+            for r in 0..m {
+                let xr = &x[r * k..(r + 1) * k];
+                let row = &mut acc[r * n..(r + 1) * n];
+                for (t, _) in xr.iter().enumerate().filter(|(_, v)| **v == i8::MIN) {
+                    for (a, &wv) in row.iter_mut().zip(&panel.wt[t * n..(t + 1) * n]) {
+                        *a += -128 * i32::from(wv) + 127 * i32::from(wv.max(-127));
+                    }
+                }
+                for &(j, t) in &panel.low {
+                    let xv = xr[t as usize];
+                    if xv != i8::MIN {
+                        row[j as usize] -= i32::from(xv);
+                    }
+                }
+            }
         }
         _ => {
             for r in 0..m {
@@ -245,7 +292,7 @@ impl PreparedOp for W8A8Linear {
 
 /// `acc[j] = Σ_t x[t]·w[j·k + t]` for every weight row `j`: the scalar twin of [`gemm`]'s
 /// SIMD paths, one row of `x` at a time.
-pub fn dot_rows_scalar(x: &[i16], w: &[i8], k: usize, acc: &mut [i32]) {
+pub fn dot_rows_scalar(x: &[i8], w: &[i8], k: usize, acc: &mut [i32]) {
     for (j, a) in acc.iter_mut().enumerate() {
         let row = &w[j * k..(j + 1) * k];
         *a = x.iter().zip(row).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum();
@@ -258,42 +305,50 @@ mod avx2 {
 
     use super::Panel;
 
-    /// 4 rows × 16 columns per step: for each reduction pair, two panel loads, four broadcasts
-    /// of a row's two codes, eight `vpmaddwd` into eight i32 accumulators. Rows past a multiple
-    /// of 4 run one at a time.
+    /// 4 rows × 16 columns per step: for each quad of reduction indices, two panel loads;
+    /// per row one broadcast of its four codes and their absolute values; per row and block of
+    /// 8 columns `vpsignb` (the weights take the codes' signs), `vpmaddubsw` (|x|·±w pairs,
+    /// exact as both are within ±127), `vpmaddwd` by ones and an add into i32. Rows past a
+    /// multiple of 4 run one at a time, a last odd block of 8 columns alone.
     ///
     /// # Safety
     /// The CPU must support AVX2; `x.len() == m·k`, `acc.len() == m·n`, `panel` packed from
     /// `n × k` weights.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn gemm(x: &[i16], m: usize, k: usize, panel: &Panel, n: usize, acc: &mut [i32]) {
+    pub unsafe fn gemm(x: &[i8], m: usize, k: usize, panel: &Panel, n: usize, acc: &mut [i32]) {
         assert!(
-            x.len() == m * k && acc.len() == m * n && panel.pairs == k.div_ceil(2) && panel.blocks == n.div_ceil(16)
+            x.len() == m * k && acc.len() == m * n && panel.quads == k.div_ceil(4) && panel.blocks == n.div_ceil(8)
         );
-        // Row codes as i32 pairs (zero-padded), so one broadcast feeds a vpmaddwd.
-        let pairs = panel.pairs;
-        let xp: Vec<i32> = (0..m)
+        // Row codes as i32 quads (zero-padded, −128 clamped), one broadcast per step.
+        let quads = panel.quads;
+        let xq: Vec<i32> = (0..m)
             .flat_map(|r| {
-                (0..pairs).map(move |p| {
-                    let lo = x[r * k + 2 * p] as u16 as u32;
-                    let hi = if 2 * p + 1 < k { x[r * k + 2 * p + 1] as u16 as u32 } else { 0 };
-                    (lo | hi << 16) as i32
+                (0..quads).map(move |q| {
+                    let mut b = [0u8; 4];
+                    for (i, v) in b.iter_mut().enumerate() {
+                        if 4 * q + i < k {
+                            *v = x[r * k + 4 * q + i].max(-127) as u8;
+                        }
+                    }
+                    i32::from_le_bytes(b)
                 })
             })
             .collect();
         let mut tile = [0i32; 64];
-        for b in 0..panel.blocks {
-            let wb = &panel.data[b * pairs * 32..(b + 1) * pairs * 32];
-            let cols = (n - b * 16).min(16);
+        let mut b = 0;
+        while b < panel.blocks {
+            let nb = (panel.blocks - b).min(2);
+            let wb = &panel.data[b * quads * 32..(b + nb) * quads * 32];
+            let cols = (n - b * 8).min(8 * nb);
             let mut r = 0;
             while r < m {
                 let mr = if m - r >= 4 { 4 } else { 1 };
-                let a: [[__m256i; 2]; 4] = if mr == 4 {
-                    // SAFETY: AVX2 is enabled for this function and so for its callees.
-                    micro::<4>(&xp[r * pairs..(r + 4) * pairs], pairs, wb)
-                } else {
-                    let one = micro::<1>(&xp[r * pairs..(r + 1) * pairs], pairs, wb);
-                    [one[0], [_mm256_setzero_si256(); 2], [_mm256_setzero_si256(); 2], [_mm256_setzero_si256(); 2]]
+                let xs = &xq[r * quads..(r + mr) * quads];
+                let a: [[__m256i; 2]; 4] = match (mr, nb) {
+                    (4, 2) => micro::<4, 2>(xs, quads, wb),
+                    (4, _) => pad(micro::<4, 1>(xs, quads, wb)),
+                    (_, 2) => pad(micro::<1, 2>(xs, quads, wb)),
+                    _ => pad(micro::<1, 1>(xs, quads, wb)),
                 };
                 for (i, ai) in a.iter().enumerate().take(mr) {
                     // SAFETY: tile has 64 = 4 rows × 16 lanes; i < 4.
@@ -301,12 +356,47 @@ mod avx2 {
                         _mm256_storeu_si256(tile.as_mut_ptr().add(i * 16) as *mut __m256i, ai[0]);
                         _mm256_storeu_si256(tile.as_mut_ptr().add(i * 16 + 8) as *mut __m256i, ai[1]);
                     }
-                    acc[(r + i) * n + b * 16..(r + i) * n + b * 16 + cols]
-                        .copy_from_slice(&tile[i * 16..i * 16 + cols]);
+                    acc[(r + i) * n + b * 8..(r + i) * n + b * 8 + cols].copy_from_slice(&tile[i * 16..i * 16 + cols]);
                 }
                 r += mr;
             }
+            b += nb;
         }
+    }
+
+    /// A smaller micro-kernel result widened to 4 rows × 2 blocks (zeros elsewhere).
+    fn pad<const MR: usize, const NB: usize>(a: [[__m256i; NB]; MR]) -> [[__m256i; 2]; 4] {
+        // SAFETY: an all-zero bit pattern is a valid __m256i.
+        let mut out = [[unsafe { std::mem::zeroed::<__m256i>() }; 2]; 4];
+        for (o, ai) in out.iter_mut().zip(a) {
+            o[..NB].copy_from_slice(&ai);
+        }
+        out
+    }
+
+    /// Minimum and maximum of `x`, eight lanes at a time.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn extremes(x: &[f32]) -> (f32, f32) {
+        let body = x.len() / 8 * 8;
+        let (mut lo, mut hi) = (_mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(f32::NEG_INFINITY));
+        for i in (0..body).step_by(8) {
+            // SAFETY: i + 8 ≤ body ≤ x.len().
+            let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
+            lo = _mm256_min_ps(lo, v);
+            hi = _mm256_max_ps(hi, v);
+        }
+        let (mut l, mut h) = ([0f32; 8], [0f32; 8]);
+        // SAFETY: both arrays hold 8 floats.
+        unsafe {
+            _mm256_storeu_ps(l.as_mut_ptr(), lo);
+            _mm256_storeu_ps(h.as_mut_ptr(), hi);
+        }
+        let lo = l.iter().chain(&x[body..]).copied().fold(f32::INFINITY, f32::min);
+        let hi = h.iter().chain(&x[body..]).copied().fold(f32::NEG_INFINITY, f32::max);
+        (lo, hi)
     }
 
     /// [`super::quantize_row`] eight lanes at a time: IEEE division, round-half-even
@@ -343,21 +433,26 @@ mod avx2 {
         }
     }
 
-    /// `MR` rows (codes as i32 pairs, `[MR, pairs]`) against one 16-column panel block: the
+    /// `MR` rows (codes as i32 quads, `[MR, quads]`) against `NB` blocks of 8 columns: the
     /// accumulators are a fixed-size array, unrolled into registers.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    fn micro<const MR: usize>(xp: &[i32], pairs: usize, wb: &[i16]) -> [[__m256i; 2]; MR] {
-        let mut a = [[_mm256_setzero_si256(); 2]; MR];
-        assert!(xp.len() == MR * pairs && wb.len() == pairs * 32);
-        for p in 0..pairs {
-            // SAFETY: p·32 + 32 ≤ pairs·32 = wb.len() (asserted above).
-            let w0 = unsafe { _mm256_loadu_si256(wb.as_ptr().add(p * 32) as *const __m256i) };
-            let w1 = unsafe { _mm256_loadu_si256(wb.as_ptr().add(p * 32 + 16) as *const __m256i) };
+    fn micro<const MR: usize, const NB: usize>(xq: &[i32], quads: usize, wb: &[i8]) -> [[__m256i; NB]; MR] {
+        let mut a = [[_mm256_setzero_si256(); NB]; MR];
+        assert!(xq.len() == MR * quads && wb.len() == NB * quads * 32);
+        let ones = _mm256_set1_epi16(1);
+        for q in 0..quads {
+            // SAFETY: (b·quads + q)·32 + 32 ≤ NB·quads·32 = wb.len() (asserted above).
+            let w: [__m256i; NB] = std::array::from_fn(|b| unsafe {
+                _mm256_loadu_si256(wb.as_ptr().add((b * quads + q) * 32) as *const __m256i)
+            });
             for (i, ai) in a.iter_mut().enumerate() {
-                let xv = _mm256_set1_epi32(xp[i * pairs + p]);
-                ai[0] = _mm256_add_epi32(ai[0], _mm256_madd_epi16(xv, w0));
-                ai[1] = _mm256_add_epi32(ai[1], _mm256_madd_epi16(xv, w1));
+                let xv = _mm256_set1_epi32(xq[i * quads + q]);
+                let ax = _mm256_sign_epi8(xv, xv);
+                for (acc, wv) in ai.iter_mut().zip(&w) {
+                    let p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(*wv, xv));
+                    *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(p, ones));
+                }
             }
         }
         a

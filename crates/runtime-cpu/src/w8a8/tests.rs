@@ -91,11 +91,12 @@ fn the_scalar_twin_and_avx2_agree_on_long_rows() {
     // MiniLM's FFN width plus an odd tail, odd column and row counts.
     let (m, n, k) = (5, 37, 1536 + 13);
     let w: Vec<i8> = (0..n * k).map(|i| (i as i32 * 31 % 256 - 128) as i8).collect();
-    let x: Vec<i16> = (0..m * k).map(|i| (i as i32 * 17 % 256) as i16).collect();
+    let x: Vec<i8> = (0..m * k).map(|i| (i as i32 * 17 % 256 - 128) as i8).collect();
     let panel = Panel::pack(&w, n, k);
     let mut a = vec![0; m * n];
     gemm(SimdLevel::Scalar, &x, m, k, &w, &panel, &mut a);
     assert_eq!(a[0], (0..k).map(|t| i32::from(x[t]) * i32::from(w[t])).sum::<i32>());
+    assert!(x.contains(&i8::MIN) && w.contains(&i8::MIN), "the extreme code −128 on both sides");
     for level in SimdLevel::available() {
         let mut b = vec![0; m * n];
         gemm(level, &x, m, k, &w, &panel, &mut b);
@@ -124,7 +125,7 @@ proptest! {
     #[test]
     fn the_packed_gemm_equals_the_scalar_twin(m in 1usize..11, n in 1usize..40, k in 1usize..45, seed in any::<u64>()) {
         let w: Vec<i8> = (0..n * k).map(|i| ((i as u64).wrapping_mul(2654435761).wrapping_add(seed) >> 9) as i8).collect();
-        let x: Vec<i16> = (0..m * k).map(|i| ((i as u64).wrapping_mul(40503).wrapping_add(seed) % 256) as i16 - 128).collect();
+        let x: Vec<i8> = (0..m * k).map(|i| ((i as u64).wrapping_mul(40503).wrapping_add(seed) % 256) as i16 - 128).map(|v| v as i8).collect();
         let panel = Panel::pack(&w, n, k);
         let mut want = vec![0; m * n];
         gemm(SimdLevel::Scalar, &x, m, k, &w, &panel, &mut want);
@@ -145,5 +146,24 @@ fn quantization_of_far_out_of_range_values_matches_the_scalar_path() {
         let mut got = vec![0i16; x.len()];
         quantize_row(level, &x, None, (1e-3, 7), &act, &mut got);
         assert_eq!(got.iter().map(|&v| i32::from(v)).collect::<Vec<_>>(), want, "{level:?}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Codes at the extremes (−128, which the kernel clamps and corrects, ±127, 0) on both sides.
+    #[test]
+    fn extreme_codes_stay_exact(m in 1usize..9, n in 1usize..20, k in 1usize..40, seed in any::<u64>()) {
+        let pick = |i: usize, s: u64| [-128i8, -127, 127, 0, -128, 5][((i as u64).wrapping_mul(2654435761) ^ s) as usize % 6];
+        let w: Vec<i8> = (0..n * k).map(|i| pick(i, seed)).collect();
+        let x: Vec<i8> = (0..m * k).map(|i| pick(i, seed >> 7)).collect();
+        let panel = Panel::pack(&w, n, k);
+        let mut want = vec![0; m * n];
+        gemm(SimdLevel::Scalar, &x, m, k, &w, &panel, &mut want);
+        for level in SimdLevel::available() {
+            let mut got = vec![0; m * n];
+            gemm(level, &x, m, k, &w, &panel, &mut got);
+            prop_assert_eq!(&got, &want, "{:?}", level);
+        }
     }
 }
