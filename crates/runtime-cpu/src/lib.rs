@@ -27,6 +27,7 @@ pub mod linear;
 pub mod nonlinear;
 pub mod probe;
 pub mod simd;
+pub mod sparse;
 pub mod w8a8;
 pub mod wq;
 
@@ -39,7 +40,8 @@ use pare_core_tensor::{
 
 use crate::gemm::{PackedF32, Panels};
 use crate::halfw::HalfPanels;
-use crate::linear::PanelLinear;
+use crate::linear::{PanelLinear, SparseLinear};
+use crate::sparse::SparseRows;
 use crate::wq::QuantPanels;
 
 pub use simd::SimdLevel;
@@ -130,8 +132,28 @@ impl CpuRuntime {
                 _ => None,
             },
             Weight::Quantized(q) if wq::fits(q) => Some(Box::new(QuantPanels::pack(q))),
+            Weight::Sparse(s) => Some(Box::new(PackedF32::pack(&s.to_dense_f32(), n, k))),
             _ => None,
         })
+    }
+
+    /// The nonzeros of a 2-D sparse weight, or of a dense f32 weight that is mostly zeros
+    /// (a pruned model saved dense), when its density is below the measured crossover
+    /// [`sparse::SPARSE_MAX_DENSITY`]; `None` when the dense kernels are faster.
+    fn sparse_rows(&self, weight: &Weight) -> Result<Option<SparseRows>> {
+        let shape = weight.shape();
+        if shape.len() != 2 {
+            return Ok(None);
+        }
+        let values = match weight {
+            Weight::Sparse(s) => s.to_dense_f32(),
+            Weight::Dense(t) if t.dtype() == DType::F32 => t.flatten_all()?.to_vec1::<f32>()?,
+            _ => return Ok(None),
+        };
+        let zeros = values.iter().filter(|v| **v == 0.0).count();
+        let density = 1.0 - zeros as f64 / values.len().max(1) as f64;
+        Ok((density <= sparse::SPARSE_MAX_DENSITY && !values.is_empty())
+            .then(|| SparseRows::from_dense(&values, shape[0], shape[1])))
     }
 }
 
@@ -145,6 +167,9 @@ impl Runtime for CpuRuntime {
     }
 
     fn prepare_linear(&self, layer: &str, weight: &Weight, bias: Option<&Tensor>) -> Result<Arc<dyn PreparedOp>> {
+        if let Some(rows) = self.sparse_rows(weight)? {
+            return Ok(Arc::new(SparseLinear::new(layer, rows, bias, self.level, self.pool.clone())?));
+        }
         match self.panels(layer, weight)? {
             Some(w) => Ok(Arc::new(PanelLinear::new(layer, w, bias, self.level, self.pool.clone())?)),
             None => self.reference.prepare_linear(layer, weight, bias),

@@ -7,6 +7,7 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 use pare_core_tensor::{Error, PreparedOp, Result};
 
 use crate::gemm::{self, Panels};
+use crate::sparse::SparseRows;
 use crate::simd::SimdLevel;
 
 /// `y = x·Wᵀ + b` with `W` held in a packed [`Panels`] format.
@@ -89,6 +90,46 @@ pub(crate) fn output(x: &Tensor, y: Vec<f32>, n: usize) -> Result<Tensor> {
 impl PreparedOp for PanelLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = with_input(&self.layer, x, self.w.k(), |v| self.run(v))?;
+        output(x, y, self.w.n())
+    }
+}
+
+/// `y = x·Wᵀ + b` with `W` held as its nonzeros ([`SparseRows`]).
+#[derive(Debug)]
+pub struct SparseLinear {
+    layer: String,
+    w: SparseRows,
+    bias: Option<Vec<f32>>,
+    level: SimdLevel,
+    pool: Arc<rayon::ThreadPool>,
+}
+
+impl SparseLinear {
+    /// Wraps sparse weights; `bias`, when given, must have one value per output.
+    pub fn new(
+        layer: &str,
+        w: SparseRows,
+        bias: Option<&Tensor>,
+        level: SimdLevel,
+        pool: Arc<rayon::ThreadPool>,
+    ) -> Result<Self> {
+        let bias = bias.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
+        if let Some(b) = &bias
+            && b.len() != w.n()
+        {
+            return Err(Error::Shape { name: format!("{layer}.bias"), expected: vec![w.n()], found: vec![b.len()] });
+        }
+        Ok(Self { layer: layer.to_string(), w, bias, level, pool })
+    }
+}
+
+impl PreparedOp for SparseLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = with_input(&self.layer, x, self.w.k(), |v| {
+            let mut y = vec![0f32; v.len() / self.w.k().max(1) * self.w.n()];
+            self.w.run(self.level, &self.pool, v, self.bias.as_deref(), &mut y);
+            y
+        })?;
         output(x, y, self.w.n())
     }
 }

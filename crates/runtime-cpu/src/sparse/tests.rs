@@ -1,0 +1,69 @@
+use candle_core::{Device, Tensor};
+use pare_core_tensor::{SparseTensor, Weight};
+use proptest::prelude::*;
+
+use crate::testkit::{check_linear, input};
+
+/// `[n, k]` values with about `keep` of them nonzero.
+fn pruned(n: usize, k: usize, keep: f64, seed: u64) -> Vec<f32> {
+    input(n, k, seed)
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let h = (i as u64 ^ seed).wrapping_mul(0x9E3779B97F4A7C15) >> 11;
+            if (h % 1000) as f64 / 1000.0 < keep { v } else { 0.0 }
+        })
+        .collect()
+}
+
+/// Keeps the `n` largest magnitudes of every `m` consecutive values.
+fn nm(mut v: Vec<f32>, n: usize, m: usize) -> Vec<f32> {
+    for g in v.chunks_mut(m) {
+        let mut order: Vec<usize> = (0..m).collect();
+        order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+        for &i in &order[n..] {
+            g[i] = 0.0;
+        }
+    }
+    v
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+    /// CSR, 2:4 and 4:8 and block-sparse weights, and dense weights that are mostly zeros,
+    /// at batch sizes on both sides of the narrow/wide tile (8 and 32 rows).
+    #[test]
+    fn sparse_weights_match_the_reference_at_every_level_and_thread_count(
+        m in prop_oneof![1usize..12, 14usize..40], n in 1usize..30, kq in 1usize..40,
+        format in 0usize..5, keep in 0.0f64..0.3, bias in any::<bool>(), seed in any::<u64>()
+    ) {
+        let k = kq * 8;
+        let dense = match format {
+            1 => nm(input(n, k, seed), 2, 4),
+            2 => nm(input(n, k, seed), 4, 8),
+            _ => pruned(n, k, keep, seed),
+        };
+        let t = Tensor::from_vec(dense.clone(), (n, k), &Device::Cpu).unwrap();
+        let w = match format {
+            0 => Weight::Sparse(SparseTensor::csr_from_dense(&t, "w").unwrap()),
+            1 => Weight::Sparse(SparseTensor::nm_from_dense(&t, 2, 4, "w").unwrap()),
+            2 => Weight::Sparse(SparseTensor::nm_from_dense(&t, 4, 8, "w").unwrap()),
+            3 => Weight::Sparse(SparseTensor::block_from_dense(&t, 1, 4, "w").unwrap()),
+            _ => Weight::Dense(t),
+        };
+        let values = w.to_dense(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mag: Vec<f32> = values.iter().map(|v| v.abs()).collect();
+        check_linear(&w, &values, &mag, (m, n, k), bias, seed)?;
+    }
+}
+
+#[test]
+fn the_kernel_is_chosen_by_density() {
+    let sparse = SparseRows::from_dense(&pruned(16, 64, 0.1, 1), 16, 64);
+    assert!(sparse.density() < 0.2);
+    let rt = crate::CpuRuntime::new(1).unwrap();
+    assert!(rt.sparse_rows(&Weight::Dense(Tensor::from_vec(pruned(16, 64, 0.1, 1), (16, 64), &Device::Cpu).unwrap())).unwrap().is_some());
+    assert!(rt.sparse_rows(&Weight::Dense(Tensor::from_vec(pruned(16, 64, 0.95, 1), (16, 64), &Device::Cpu).unwrap())).unwrap().is_none());
+}
+
+use super::SparseRows;
