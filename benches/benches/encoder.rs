@@ -140,8 +140,10 @@ fn bench(c: &mut Criterion) {
         for (model, ours, name) in [("f32-fused", t_f32, "minilm f32"), ("int8-dyn-perchannel", t_int8, "minilm w8a8")]
         {
             match ort.get(&(model.to_string(), shape.to_string())) {
-                Some(&t) => cmp(name, ours, if model == "f32-fused" { "onnxruntime f32" } else { "onnxruntime int8" }, t, 1.0)
-                    .report(),
+                Some(&t) => {
+                    cmp(name, ours, if model == "f32-fused" { "onnxruntime f32" } else { "onnxruntime int8" }, t, 1.0)
+                        .report()
+                }
                 None if !ort.is_empty() => eprintln!("ort-bench.json has no {model} {shape} at 2 threads"),
                 None => {}
             }

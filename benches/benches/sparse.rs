@@ -20,7 +20,13 @@ fn weights(n: usize, k: usize, keep: f64, nm: bool) -> Vec<f32> {
             let h = (i as u64).wrapping_mul(0x9E3779B97F4A7C15) >> 11;
             let v = ((h % 2001) as f32 - 1000.0) * 1e-4;
             let kept = if nm { i % 4 == 1 || i % 4 == 2 } else { ((h >> 20) % 1000) as f64 / 1000.0 < keep };
-            if kept && v != 0.0 { v } else if kept { 1e-4 } else { 0.0 }
+            if kept && v != 0.0 {
+                v
+            } else if kept {
+                1e-4
+            } else {
+                0.0
+            }
         })
         .collect()
 }
@@ -37,10 +43,9 @@ fn main() {
     let dense_w = Tensor::from_vec(weights(n, k, 1.0, false), (n, k), &dev).unwrap();
     let dense = rt.prepare_linear("fc", &Weight::Dense(dense_w), None).unwrap();
     let shape = format!("{m}x{k}x{n}");
-    for (name, values, goal) in [
-        ("2:4 sparse gemm", weights(n, k, 0.5, true), 1.5),
-        ("csr 90% sparse gemm", weights(n, k, 0.1, false), 4.0),
-    ] {
+    for (name, values, goal) in
+        [("2:4 sparse gemm", weights(n, k, 0.5, true), 1.5), ("csr 90% sparse gemm", weights(n, k, 0.1, false), 4.0)]
+    {
         let t = Tensor::from_vec(values, (n, k), &dev).unwrap();
         let w = if name.starts_with("2:4") {
             SparseTensor::nm_from_dense(&t, 2, 4, "fc").unwrap()
@@ -48,7 +53,8 @@ fn main() {
             SparseTensor::csr_from_dense(&t, "fc").unwrap()
         };
         let op = rt.prepare_linear("fc", &Weight::Sparse(w), None).unwrap();
-        let (t_sparse, t_dense) = median_pair(reps, || drop(op.forward(&x).unwrap()), || drop(dense.forward(&x).unwrap()));
+        let (t_sparse, t_dense) =
+            median_pair(reps, || drop(op.forward(&x).unwrap()), || drop(dense.forward(&x).unwrap()));
         Comparison {
             name,
             shape: shape.clone(),
@@ -71,7 +77,17 @@ fn main() {
         let w = weights(n, k, d, false);
         let (sp, de) = (SparseRows::from_dense(&w, n, k), PackedF32::pack(&w, n, k));
         let mut y2 = vec![0f32; m * n];
-        let (ts, td) = median_pair(reps, || sp.run(level, &pool, &xv, None, &mut y), || gemm(level, &pool, &xv, m, &de, None, &mut y2));
-        println!("  crossover {shape} density {:.2}: sparse {:.2} ms, dense {:.2} ms, sparse/dense speed {:.2}x", sp.density(), ts * 1e3, td * 1e3, td / ts);
+        let (ts, td) = median_pair(
+            reps,
+            || sp.run(level, &pool, &xv, None, &mut y),
+            || gemm(level, &pool, &xv, m, &de, None, &mut y2),
+        );
+        println!(
+            "  crossover {shape} density {:.2}: sparse {:.2} ms, dense {:.2} ms, sparse/dense speed {:.2}x",
+            sp.density(),
+            ts * 1e3,
+            td * 1e3,
+            td / ts
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! measured in the same process: MiniLM's linear layers at M tokens (`PARE_BENCH_M`, 4096 by
 //! default). Issue 4's goal is ≥ 1.8×.
 
-use pare_benches::median_secs;
+use pare_benches::{Comparison, median_pair, quick};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -32,18 +32,25 @@ fn bench(c: &mut Criterion) {
         let wt = wf.t().unwrap();
         let ours = || op.forward(&x).unwrap();
         let theirs = || x.matmul(&wt).unwrap();
-        let mut g = c.benchmark_group(format!("linear {m}x{k} · {k}x{n}"));
-        g.sample_size(10);
-        g.bench_function("pare W8A8", |b| b.iter(ours));
-        g.bench_function("candle f32 matmul", |b| b.iter(theirs));
-        g.finish();
-        let (t_ours, t_peer) = (median_secs(5, || drop(ours())), median_secs(5, || drop(theirs())));
-        println!(
-            "RATIO w8a8 {m}x{k}x{n}: pare W8A8 {:.2} ms, candle f32 {:.2} ms, speed-up {:.2}x (goal 1.8x)",
-            t_ours * 1e3,
-            t_peer * 1e3,
-            t_peer / t_ours
-        );
+        if !quick() {
+            let mut g = c.benchmark_group(format!("linear {m}x{k} · {k}x{n}"));
+            g.sample_size(10).warm_up_time(std::time::Duration::from_millis(500));
+            g.bench_function("pare W8A8", |b| b.iter(ours));
+            g.bench_function("candle f32 matmul", |b| b.iter(theirs));
+            g.finish();
+        }
+        let (t_ours, t_peer) = median_pair(if quick() { 3 } else { 7 }, || drop(ours()), || drop(theirs()));
+        Comparison {
+            name: "w8a8 gemm",
+            shape: format!("{m}x{k}x{n}"),
+            pare: t_ours * 1e3,
+            peer: "candle f32 matmul",
+            peer_value: t_peer * 1e3,
+            unit: "ms",
+            higher_is_better: false,
+            goal: 1.8,
+        }
+        .report();
     }
 }
 

@@ -78,7 +78,9 @@ fn bench(c: &mut Criterion) {
         g.finish();
     }
     let shape = format!("1x{k}x{n}");
-    let peers: [(&str, f64, Box<dyn FnMut(usize)>); 3] = [
+    /// A peer: its name, the goal against it, and one call (on weight copy `i`).
+    type Peer<'a> = (&'a str, f64, Box<dyn FnMut(usize) + 'a>);
+    let peers: [Peer; 3] = [
         ("candle f32 matmul", 6.0, Box::new(|i: usize| drop(x.matmul(&wts[i % 2]).unwrap()))),
         ("candle QMatMul Q4_0", 2.0, Box::new(|i: usize| drop(q40[i % copies].forward(&x).unwrap()))),
         ("candle QMatMul Q4K", 1.3, Box::new(|i: usize| drop(q4k[i % copies].forward(&x).unwrap()))),

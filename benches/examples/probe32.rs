@@ -6,7 +6,11 @@ use std::time::Instant;
 fn time(name: &str, n: usize, mut f: impl FnMut()) {
     f();
     let mut best = f64::MAX;
-    for _ in 0..n * 2 { let t = Instant::now(); f(); best = best.min(t.elapsed().as_secs_f64()); }
+    for _ in 0..n * 2 {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
     println!("{name}: {:.2} ms (min)", best * 1e3);
 }
 fn main() {
@@ -29,16 +33,18 @@ fn main() {
     let xv = x2.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let p = pare_runtime_cpu::gemm::PackedF32::pack(&vec![0.01f32; 1536 * 384], 1536, 384);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    time("raw gemm 384->1536 reused out", 5, || pare_runtime_cpu::gemm::gemm(pare_runtime_cpu::SimdLevel::Avx2, &pool, &xv, 4096, &p, None, &mut pool_out));
+    time("raw gemm 384->1536 reused out", 5, || {
+        pare_runtime_cpu::gemm::gemm(pare_runtime_cpu::SimdLevel::Avx2, &pool, &xv, 4096, &p, None, &mut pool_out)
+    });
     time("linear 384x384 (x4 per layer)", 5, || drop(l.forward(&x).unwrap()));
     time("linear 384->1536", 5, || drop(l1.forward(&x).unwrap()));
     time("linear 1536->384", 5, || drop(l2.forward(&x4).unwrap()));
     let r = pare_core_tensor::ReferenceRuntime::cpu();
     for _ in 0..3 {
-    time("attention ref", 3, || drop(r.attention(&x, &x, &x, 12, Some(&mask), 0.17).unwrap()));
-    time("attention", 3, || drop(rt.attention(&x, &x, &x, 12, Some(&mask), 0.17).unwrap()));
-    time("gelu ref", 3, || drop(r.activation(Activation::Gelu, &x4).unwrap()));
-    time("gelu", 3, || drop(rt.activation(Activation::Gelu, &x4).unwrap()));
+        time("attention ref", 3, || drop(r.attention(&x, &x, &x, 12, Some(&mask), 0.17).unwrap()));
+        time("attention", 3, || drop(rt.attention(&x, &x, &x, 12, Some(&mask), 0.17).unwrap()));
+        time("gelu ref", 3, || drop(r.activation(Activation::Gelu, &x4).unwrap()));
+        time("gelu", 3, || drop(rt.activation(Activation::Gelu, &x4).unwrap()));
     }
     time("attention", 5, || drop(rt.attention(&x, &x, &x, 12, Some(&mask), 0.17).unwrap()));
     time("gelu", 5, || drop(rt.activation(Activation::Gelu, &x4).unwrap()));

@@ -101,7 +101,8 @@ impl Comparison<'_> {
                 "ratio": ratio, "goal": self.goal, "met": ratio >= self.goal,
             });
             use std::io::Write;
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("PARE_BENCH_JSON file");
+            let mut f =
+                std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("PARE_BENCH_JSON file");
             writeln!(f, "{rec}").expect("append a bench record");
         }
     }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use candle_core::Device;
+use pare_core_tensor::Module;
 use pare_core_tensor::io::{RawTensor, save_tensors};
 use pare_models::bert::SentenceEncoder;
 
@@ -24,6 +25,8 @@ pub struct Args {
     /// Sentences per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    #[command(flatten)]
+    runtime: crate::runtime::RuntimeOpts,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -35,8 +38,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if lines.is_empty() {
         bail!("input `{}` has no lines to embed", args.input.display());
     }
-    let enc = SentenceEncoder::load(&args.model, &Device::Cpu)
+    let rt = args.runtime.build()?;
+    let mut enc = SentenceEncoder::load(&args.model, &Device::Cpu)
         .with_context(|| format!("load model folder {}", args.model.display()))?;
+    enc.bert.prepare(&rt)?;
     let bar = crate::progress(lines.len() as u64, "embed");
     let started = std::time::Instant::now();
     let emb = enc.embed(&lines, args.batch_size, &mut |done| bar.set_position(done as u64))?;
@@ -50,10 +55,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let weights = args.model.join("model.safetensors");
     save_tensors(&args.out, &tensors, &meta, &[args.input.as_path(), weights.as_path()])?;
     println!(
-        "embedded {} lines into {:?} in {secs:.2} s ({:.1} lines/s) -> {}",
+        "embedded {} lines into {:?} in {secs:.2} s ({:.1} lines/s, runtime {}) -> {}",
         lines.len(),
         emb.dims(),
         lines.len() as f64 / secs,
+        rt.name(),
         args.out.display()
     );
     Ok(())

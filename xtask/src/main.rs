@@ -1,10 +1,12 @@
 //! `cargo xtask`: pare's command line — a thin layer of clap over the library crates.
 
+mod bench;
 mod demo;
 mod embed;
 mod inspect;
 mod quantize;
 mod report;
+mod runtime;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +37,8 @@ enum Command {
     Quantize(Box<quantize::Args>),
     /// Gather `quantize --json` runs into a Markdown table, per-layer SQNR, JSON and an SVG plot.
     QuantReport(report::Args),
+    /// Run the kernel and MiniLM benchmarks against their peers; write bench-report.md/json.
+    Bench(bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -50,6 +54,7 @@ fn main() -> std::process::ExitCode {
         Command::Embed(a) => embed::run(a),
         Command::Quantize(a) => quantize::run(*a),
         Command::QuantReport(a) => report::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

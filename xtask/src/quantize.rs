@@ -110,6 +110,9 @@ pub struct Args {
     /// QAT: seed of the per-epoch shuffles (the data split is fixed, as in `train`).
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// The runtime the float and quantized models are evaluated on.
+    #[command(flatten)]
+    runtime: crate::runtime::RuntimeOpts,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -138,6 +141,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         other => bail!("--format: expected pare, gguf or compressed-tensors, found `{other}`"),
     };
     // Everything is checked before any long work starts.
+    let eval_rt = args.runtime.build()?;
     let method = Method::parse(&args.scheme, &args.granularity, !args.asymmetric)?.with_algo(&args.algo)?;
     if compressed_tensors {
         if !args.model.is_dir() {
@@ -292,6 +296,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         apply(&mut enc.bert, &specs)?;
         if let Some(eval) = eval {
             bar.set_message("evaluating");
+            let mut float = float.clone();
+            float.bert.prepare(&eval_rt)?;
+            let mut enc = enc.clone();
+            enc.bert.prepare(&eval_rt)?;
             let a = float.embed(&eval, 32, &mut |_| {})?;
             let b = enc.embed(&eval, 32, &mut |_| {})?;
             let (cos, agree) = (mean_cosine(&a, &b)?, retrieval_agreement(&a, &b)?);
@@ -380,6 +388,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 }
             };
             apply(&mut net, &specs)?;
+            let (mut float, mut net) = (float.clone(), net.clone());
+            float.prepare(&eval_rt)?;
+            net.prepare(&eval_rt)?;
             let (fa, qa) = (float.accuracy(&data.test)?, net.accuracy(&data.test)?);
             metrics.insert("accuracy".into(), qa.into());
             metrics.insert("float_accuracy".into(), fa.into());

@@ -76,7 +76,15 @@ pub trait Runtime: Send + Sync + Debug {
     /// `[batch, seq, heads·head_dim]`: per head, `softmax(Q Kᵀ·scale + mask) V`, returned as
     /// `[batch, seq, heads·head_dim]`. `mask` is additive over keys, `[batch, seq]` (0 to
     /// attend, a large negative number to ignore). The default is [`attention_reference`].
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        mask: Option<&Tensor>,
+        scale: f64,
+    ) -> Result<Tensor> {
         attention_reference(q, k, v, heads, mask, scale)
     }
 
@@ -87,7 +95,14 @@ pub trait Runtime: Send + Sync + Debug {
 
     /// Layer normalisation of `x + residual` (or `x`) over the last dimension with `gamma`,
     /// `beta` and `eps`. The default is [`layer_norm_reference`].
-    fn layer_norm(&self, x: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    fn layer_norm(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f64,
+    ) -> Result<Tensor> {
         layer_norm_reference(x, residual, gamma, beta, eps)
     }
 
@@ -143,7 +158,11 @@ pub fn check_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: O
     if let Some(m) = mask
         && m.dims() != &dims[..2]
     {
-        return Err(Error::Shape { name: "attention mask".into(), expected: dims[..2].to_vec(), found: m.dims().to_vec() });
+        return Err(Error::Shape {
+            name: "attention mask".into(),
+            expected: dims[..2].to_vec(),
+            found: m.dims().to_vec(),
+        });
     }
     Ok(())
 }

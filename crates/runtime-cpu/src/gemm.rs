@@ -304,7 +304,7 @@ pub enum Base<'a> {
 }
 
 /// [`micro`] written straight into a full `MR × NR` block of the output at `c` (row stride
-/// `ldc`): `c[i][j] = base[i][j] + acc[i][j]`, one rounding per element as [`Tile::add`] does.
+/// `ldc`): `c[i][j] = base[i][j] + acc[i][j]`, one rounding per element, as the edge tiles get.
 ///
 /// # Safety
 /// `c` must point at `MR` rows of `NR` writable floats, `ldc` apart, that no other thread

@@ -114,14 +114,18 @@ impl CpuRuntime {
     fn panels(&self, layer: &str, weight: &Weight) -> Result<Option<Box<dyn Panels>>> {
         let shape = weight.shape();
         if shape.len() != 2 {
-            return Err(Error::invalid(format!("linear layer `{layer}`"), format!("weight must be 2-D, found {shape:?}")));
+            return Err(Error::invalid(
+                format!("linear layer `{layer}`"),
+                format!("weight must be 2-D, found {shape:?}"),
+            ));
         }
         let (n, k) = (shape[0], shape[1]);
         Ok(match weight {
             Weight::Dense(t) => match t.dtype() {
                 DType::F32 => Some(Box::new(PackedF32::pack(&t.flatten_all()?.to_vec1::<f32>()?, n, k))),
                 DType::F16 => {
-                    let bits: Vec<u16> = t.flatten_all()?.to_vec1::<::half::f16>()?.iter().map(|v| v.to_bits()).collect();
+                    let bits: Vec<u16> =
+                        t.flatten_all()?.to_vec1::<::half::f16>()?.iter().map(|v| v.to_bits()).collect();
                     Some(Box::new(HalfPanels::pack(&bits, n, k, DType::F16)))
                 }
                 DType::BF16 => {
@@ -250,9 +254,9 @@ impl Runtime for CpuRuntime {
         let mut y = x.flatten_all()?.to_vec1::<f32>()?;
         let (g, b) = (gamma.to_vec1::<f32>()?, beta.to_vec1::<f32>()?);
         match residual {
-            Some(r) => with_f32(r, |rv| {
-                nonlinear::layer_norm(self.level, &self.pool, &mut y, Some(rv), &g, &b, eps as f32)
-            })?,
+            Some(r) => {
+                with_f32(r, |rv| nonlinear::layer_norm(self.level, &self.pool, &mut y, Some(rv), &g, &b, eps as f32))?
+            }
             None => nonlinear::layer_norm(self.level, &self.pool, &mut y, None, &g, &b, eps as f32),
         }
         Ok(Tensor::from_vec(y, x.dims(), x.device())?)

@@ -7,8 +7,8 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 use pare_core_tensor::{Error, PreparedOp, Result};
 
 use crate::gemm::{self, Panels};
-use crate::sparse::SparseRows;
 use crate::simd::SimdLevel;
+use crate::sparse::SparseRows;
 
 /// `y = x·Wᵀ + b` with `W` held in a packed [`Panels`] format.
 #[derive(Debug)]

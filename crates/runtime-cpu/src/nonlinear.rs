@@ -243,6 +243,8 @@ fn head(
     }
 }
 
+// Register-blocked kernels index parallel arrays of accumulators and operands by lane.
+#[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;

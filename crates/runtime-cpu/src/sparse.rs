@@ -196,6 +196,8 @@ impl SparseRows {
     }
 }
 
+// Register-blocked kernels index parallel arrays of accumulators and operands by lane.
+#[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;

@@ -147,7 +147,8 @@ impl W8A8Linear {
                 for (r, &(sx, zx)) in units.iter().enumerate() {
                     let zx = zx - i32::from(offset);
                     let (a, o) = (&acc[r * n..(r + 1) * n], &mut out[r * n..(r + 1) * n]);
-                    for ((((o, &a), &ws), &sc), &b) in o.iter_mut().zip(a).zip(&self.w_sum).zip(&self.w_scale).zip(bias) {
+                    for ((((o, &a), &ws), &sc), &b) in o.iter_mut().zip(a).zip(&self.w_sum).zip(&self.w_scale).zip(bias)
+                    {
                         *o = (a - zx * ws) as f32 * (sx * sc) + b;
                     }
                 }

@@ -284,7 +284,8 @@ mod avx2 {
                 (_mm256_and_si256(d, _mm256_set1_epi32(0x0F)), _mm256_srli_epi32::<4>(d))
             } else {
                 let hi_idx = _mm256_setr_epi8(
-                    8, Z, Z, Z, 9, Z, Z, Z, 10, Z, Z, Z, 11, Z, Z, Z, 12, Z, Z, Z, 13, Z, Z, Z, 14, Z, Z, Z, 15, Z, Z, Z,
+                    8, Z, Z, Z, 9, Z, Z, Z, 10, Z, Z, Z, 11, Z, Z, Z, 12, Z, Z, Z, 13, Z, Z, Z, 14, Z, Z, Z, 15, Z, Z,
+                    Z,
                 );
                 let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(ptr as *const __m128i));
                 (_mm256_shuffle_epi8(v, lo_idx), _mm256_shuffle_epi8(v, hi_idx))
@@ -382,13 +383,7 @@ mod avx2 {
             };
         }
         // SAFETY: forwarded contract.
-        unsafe {
-            if q.nibbles {
-                go!(true)
-            } else {
-                go!(false)
-            }
-        }
+        unsafe { if q.nibbles { go!(true) } else { go!(false) } }
     }
 
     /// `R` rows against panel `jb` with `U` interleaved accumulator sets per group.

@@ -15,11 +15,7 @@ fn flat(x: &Tensor) -> Vec<f32> {
 
 /// Runs `f` on every level × thread count: every result within `tol(reference value)` of the
 /// reference, and the same bits for every thread count at one level.
-fn check(
-    want: &[f32],
-    tol: impl Fn(f32) -> f32,
-    f: impl Fn(&CpuRuntime) -> Vec<f32>,
-) -> Result<(), TestCaseError> {
+fn check(want: &[f32], tol: impl Fn(f32) -> f32, f: impl Fn(&CpuRuntime) -> Vec<f32>) -> Result<(), TestCaseError> {
     for level in SimdLevel::available() {
         let mut first: Option<Vec<f32>> = None;
         for threads in [1, 3] {
@@ -49,7 +45,7 @@ proptest! {
         let (q, k, v) = (t(input(1, n, seed), &dims), t(input(1, n, seed ^ 1), &dims), t(input(1, n, seed ^ 2), &dims));
         // Padding at the end of each sequence except its first token, as BERT masks it.
         let mask = masked.then(|| {
-            t((0..batch * seq).map(|i| if i % seq == 0 || (i * 7 + seed as usize) % 3 != 0 { 0.0 } else { -1e9 }).collect(), &[batch, seq])
+            t((0..batch * seq).map(|i| if i % seq == 0 || !(i * 7 + seed as usize).is_multiple_of(3) { 0.0 } else { -1e9 }).collect(), &[batch, seq])
         });
         let scale = 1.0 / (hd as f64).sqrt();
         let want = flat(&ReferenceRuntime::cpu().attention(&q, &k, &v, heads, mask.as_ref(), scale).unwrap());

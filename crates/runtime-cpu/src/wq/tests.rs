@@ -28,9 +28,8 @@ fn weight(n: usize, k: usize, bits: u8, kind: usize, gran: usize, seed: u64) -> 
     let codes: Vec<u8> = (0..n * k).map(|i| (hash(i, 1) % levels) as u8).collect();
     let ns = scheme.num_scales(&[n, k]).unwrap();
     let scales: Vec<f32> = (0..ns).map(|i| (hash(i, 2) % 1000) as f32 * 1e-4 - 0.02).collect();
-    let zeros = (!symmetric && mapping == Mapping::Linear).then(|| {
-        (0..ns).map(|i| scheme.q_min() + (hash(i, 3) % levels) as i32).collect::<Vec<i32>>()
-    });
+    let zeros = (!symmetric && mapping == Mapping::Linear)
+        .then(|| (0..ns).map(|i| scheme.q_min() + (hash(i, 3) % levels) as i32).collect::<Vec<i32>>());
     let codebook = (mapping == Mapping::Codebook)
         .then(|| (0..levels as usize).map(|i| (i as f32 - 7.5) / 7.5 + (hash(i, 4) % 7) as f32 * 0.01).collect());
     QuantizedTensor::from_codes(&codes, scheme, scales, zeros, codebook, vec![n, k], DType::F32).unwrap()
@@ -100,8 +99,15 @@ fn formats_the_kernels_do_not_take_fall_back_to_the_reference() {
     let s = QuantScheme { granularity: Granularity::PerChannel { axis: 1 }, ..*q.scheme() };
     let q1 = QuantizedTensor::from_codes(&q.codes(), s, vec![0.1; 8], None, None, vec![4, 8], DType::F32).unwrap();
     assert!(!fits(&q1));
-    let cb = QuantScheme { bits: 5, signed: false, symmetric: true, mapping: Mapping::Codebook, granularity: Granularity::PerTensor };
-    let q2 = QuantizedTensor::from_codes(&[1; 32], cb, vec![1.0], None, Some(input(1, 32, 3)), vec![4, 8], DType::F32).unwrap();
+    let cb = QuantScheme {
+        bits: 5,
+        signed: false,
+        symmetric: true,
+        mapping: Mapping::Codebook,
+        granularity: Granularity::PerTensor,
+    };
+    let q2 = QuantizedTensor::from_codes(&[1; 32], cb, vec![1.0], None, Some(input(1, 32, 3)), vec![4, 8], DType::F32)
+        .unwrap();
     assert!(!fits(&q2));
     let rt = crate::CpuRuntime::new(1).unwrap();
     let x = candle_core::Tensor::ones((2, 8), DType::F32, &candle_core::Device::Cpu).unwrap();

@@ -1,0 +1,196 @@
+//! `cargo xtask bench`: runs pare's benchmarks (each compares pare with a peer measured in the
+//! same process), optionally ONNX Runtime's MiniLM peer first, and writes `bench-report.md` and
+//! `bench-report.json` with the machine's CPU and thread count.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+
+/// The benches `cargo xtask bench` runs, in order.
+const BENCHES: [&str; 5] = ["gemm", "weight_only", "w8a8", "sparse", "encoder"];
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Fewer repetitions and no criterion sampling: ratios only, a few minutes in all.
+    #[arg(long)]
+    quick: bool,
+    /// Build pare and candle alike with `RUSTFLAGS="-C target-cpu=native"` (a default candle
+    /// build runs its quantized kernels without AVX2), in `target/native`.
+    #[arg(long)]
+    native: bool,
+    /// Skip ONNX Runtime's MiniLM peer (`../shared/tools/ort-peer/run.sh`, ~10 minutes the
+    /// first time: it builds a Python venv).
+    #[arg(long)]
+    no_ort: bool,
+    /// Run only these benches (comma-separated: gemm, weight_only, w8a8, sparse, encoder).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// The MiniLM folder for the encoder bench and the ONNX Runtime peer.
+    #[arg(long, env = "PARE_MINILM_DIR")]
+    minilm: Option<PathBuf>,
+    /// Where bench-report.md and bench-report.json go.
+    #[arg(long, default_value = "reports")]
+    out: PathBuf,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("xtask has a parent folder")?.to_path_buf();
+    for name in &args.only {
+        if !BENCHES.contains(&name.as_str()) {
+            bail!("--only: expected some of {}, found `{name}`", BENCHES.join(", "));
+        }
+    }
+    if let Some(dir) = &args.minilm
+        && !dir.join("model.safetensors").is_file()
+    {
+        bail!("--minilm {}: no model.safetensors there (run ../shared/tools/fetch-minilm.sh)", dir.display());
+    }
+    let benches: Vec<&str> =
+        BENCHES.iter().copied().filter(|b| args.only.is_empty() || args.only.iter().any(|o| o == b)).collect();
+    std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
+    let work = root.join("target/bench-report");
+    std::fs::create_dir_all(&work)?;
+    let records_path = work.join("records.jsonl");
+    let _ = std::fs::remove_file(&records_path);
+
+    let ort_json = match (&args.minilm, args.no_ort || !benches.contains(&"encoder")) {
+        (Some(dir), false) => run_ort(&root, dir, args.quick)?,
+        _ => None,
+    };
+
+    let bar = ProgressBar::new(benches.len() as u64).with_style(
+        ProgressStyle::with_template("{spinner} bench {pos}/{len} {msg} [{elapsed}]").expect("valid template"),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    for name in &benches {
+        bar.set_message(name.to_string());
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(&root)
+            .args(["bench", "-q", "-p", "pare-benches", "--bench", name])
+            .env("PARE_BENCH_JSON", &records_path)
+            .env("PARE_BENCH_QUICK", if args.quick { "1" } else { "0" });
+        if args.native {
+            cmd.env("RUSTFLAGS", "-C target-cpu=native").env("CARGO_TARGET_DIR", root.join("target/native"));
+        }
+        if let Some(dir) = &args.minilm {
+            cmd.env("PARE_MINILM_DIR", dir);
+        }
+        if let Some(j) = &ort_json {
+            cmd.env("PARE_ORT_JSON", j);
+        }
+        let out = cmd.output().with_context(|| format!("run cargo bench --bench {name}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        bar.suspend(|| {
+            for line in text.lines().filter(|l| l.starts_with("RATIO") || l.starts_with("  ") || l.contains("SKIPPED"))
+            {
+                println!("{line}");
+            }
+        });
+        if !out.status.success() {
+            bar.abandon();
+            bail!("bench {name} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    let records: Vec<Value> = std::fs::read_to_string(&records_path)
+        .unwrap_or_default()
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .context("parse the benches' records")?;
+    let machine = json!({
+        "cpu": cpu_model(),
+        "threads_used": 2,
+        "logical_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "native": args.native,
+        "quick": args.quick,
+        "ort_peer": ort_json.as_ref().map(|p| p.display().to_string()),
+    });
+    let report = json!({ "machine": machine, "records": records });
+    let json_path = args.out.join("bench-report.json");
+    pare_core_tensor::io::write_file_atomic(&json_path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    let md_path = args.out.join("bench-report.md");
+    pare_core_tensor::io::write_file_atomic(&md_path, markdown(&args, &machine, &records).as_bytes())?;
+    println!("wrote {} and {}", md_path.display(), json_path.display());
+    Ok(())
+}
+
+/// Runs ONNX Runtime's peer and returns its `ort-bench.json`, or `None` (with a warning) when it
+/// cannot run here (no python3 venv, no network for PyPI).
+fn run_ort(root: &Path, model: &Path, quick: bool) -> anyhow::Result<Option<PathBuf>> {
+    let script = root.join("../shared/tools/ort-peer/run.sh");
+    if !script.is_file() {
+        eprintln!("warning: {} not found; the ONNX Runtime comparisons are left out", script.display());
+        return Ok(None);
+    }
+    let spinner = ProgressBar::new_spinner().with_message("ONNX Runtime peer (venv, graphs, timing)");
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(model)
+        .arg(root.join("target/ort-peer"))
+        .arg(if quick { "1" } else { "3" })
+        .output()
+        .context("run the ONNX Runtime peer")?;
+    spinner.finish_and_clear();
+    if !out.status.success() {
+        eprintln!(
+            "warning: the ONNX Runtime peer failed; its comparisons are left out:\n{}",
+            String::from_utf8_lossy(&out.stderr).lines().rev().take(5).collect::<Vec<_>>().join("\n")
+        );
+        return Ok(None);
+    }
+    let path = String::from_utf8_lossy(&out.stdout).lines().last().map(PathBuf::from);
+    Ok(path.filter(|p| p.is_file()))
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+fn markdown(args: &Args, machine: &Value, records: &[Value]) -> String {
+    let mut s = String::new();
+    s.push_str("# pare-runtime-cpu benchmarks\n\n");
+    s.push_str(&format!(
+        "Regenerate: `cargo xtask bench{}{}` (needs `PARE_MINILM_DIR` for the MiniLM rows; the ONNX Runtime rows come from `../shared/tools/ort-peer/run.sh`, run first in the same sitting).\n\n",
+        if args.quick { " --quick" } else { "" },
+        if args.native { " --native" } else { "" }
+    ));
+    s.push_str(&format!(
+        "Machine: {} ({} logical CPUs), pare and every peer on 2 threads{}. Every ratio is pare's advantage over the peer measured in the same process, alternating runs, medians; this machine is shared, so single figures swing by up to 2× between sittings while the ratios hold better.\n\n",
+        machine["cpu"].as_str().unwrap_or("?"),
+        machine["logical_cpus"],
+        if args.native { ", built with -C target-cpu=native" } else { ", default build (no target-cpu)" }
+    ));
+    s.push_str(
+        "| comparison | shape | pare | peer | peer figure | ratio | goal | |\n|---|---|---:|---|---:|---:|---:|---|\n",
+    );
+    for r in records {
+        let unit = r["unit"].as_str().unwrap_or("");
+        let f = |v: &Value| v.as_f64().map_or("?".into(), |x| format!("{x:.3} {unit}"));
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {:.2}× | {:.2}× | {} |\n",
+            r["name"].as_str().unwrap_or("?"),
+            r["shape"].as_str().unwrap_or("?"),
+            f(&r["pare"]),
+            r["peer"].as_str().unwrap_or("?"),
+            f(&r["peer_value"]),
+            r["ratio"].as_f64().unwrap_or(f64::NAN),
+            r["goal"].as_f64().unwrap_or(f64::NAN),
+            if r["met"].as_bool() == Some(true) { "met" } else { "**missed**" }
+        ));
+    }
+    s
+}
