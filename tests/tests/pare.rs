@@ -3,6 +3,7 @@
 
 mod pare {
     mod atomic_save;
+    mod cpu_runtime;
     mod digits;
     mod minilm;
     mod ptq;

@@ -1,7 +1,6 @@
 //! Whole models on `CpuRuntime`, through the same `Module::prepare` path a user calls, in any
 //! mix of formats, against the same models on `ReferenceRuntime`: the digits MLP and CNN
-//! trained briefly on the real digits, and the MiniLM encoder on real sentences (when
-//! `PARE_MINILM_DIR` is set; CI fetches it).
+//! trained briefly on the real digits, and the MiniLM encoder on real sentences.
 
 use std::sync::Arc;
 
@@ -103,14 +102,10 @@ fn digits_models_in_every_format_agree_with_the_reference() {
 
 #[test]
 fn minilm_in_a_mix_of_formats_agrees_with_the_reference() {
-    let Some(dir) = std::env::var_os("PARE_MINILM_DIR").map(std::path::PathBuf::from) else {
-        eprintln!("SKIPPED: PARE_MINILM_DIR is not set (../shared/tools/fetch-minilm.sh)");
+    let Some(dir) = pare_tests::minilm_dir("minilm_in_a_mix_of_formats_agrees_with_the_reference").unwrap() else {
         return;
     };
-    let text = pare_core_tensor::data::sentences(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/sentences.txt"),
-    )
-    .unwrap();
+    let text = pare_core_tensor::data::sentences(pare_tests::workspace_root().join("data/sentences.txt")).unwrap();
     let batch: Vec<String> = text.into_iter().take(48).collect();
     let float = pare_models::bert::SentenceEncoder::load(&dir, &Device::Cpu).unwrap();
     // Layers 0-1 W8A8 dynamic, 2-3 NF4 weight-only, 4 int4 per group, 5's FFN input layer
