@@ -36,7 +36,9 @@ fn ort_figures() -> BTreeMap<(String, String), f64> {
         .flatten()
         .filter(|r| r["threads"].as_u64() == Some(2))
         .filter_map(|r| {
-            Some(((r["model"].as_str()?.to_string(), r["shape"].as_str()?.to_string()), r["median_s"].as_f64()?))
+            // Model names carry the variant in parentheses: `f32-fused(tf-optimizer)`.
+            let model = r["model"].as_str()?.split('(').next()?.to_string();
+            Some(((model, r["shape"].as_str()?.to_string()), r["median_s"].as_f64()?))
         })
         .collect()
 }
@@ -103,7 +105,9 @@ fn bench(c: &mut Criterion) {
         let reference = run(&float);
         let cos_f32 = mean_cosine(&reference, &run(&f32_cpu)).unwrap();
         let cos_int8 = mean_cosine(&reference, &run(&int8)).unwrap();
-        println!("minilm {shape}: mean cosine to the float reference: cpu f32 {cos_f32:.6}, cpu w8a8 {cos_int8:.5}");
+        println!(
+            "NOTE minilm {shape}: mean cosine to the float reference: cpu f32 {cos_f32:.6}, cpu w8a8 {cos_int8:.5}"
+        );
         let reps = match (quick, n) {
             (true, 32) => 3,
             (false, 32) => 7,
@@ -113,7 +117,7 @@ fn bench(c: &mut Criterion) {
         let (t_f32, t_candle) = median_pair(reps, || drop(run(&f32_cpu)), || drop(theirs()));
         let (t_int8, t_candle2) = median_pair(reps, || drop(run(&int8)), || drop(theirs()));
         let (t_ref, _) = median_pair(reps.min(5), || drop(run(&float)), || {});
-        println!("  pare on the reference runtime: {:.2} ms", t_ref * 1e3);
+        println!("NOTE minilm {shape}: pare on the reference runtime {:.2} ms", t_ref * 1e3);
         let cmp = |name: &'static str, pare: f64, peer: &'static str, peer_value: f64, goal: f64| Comparison {
             name,
             shape: shape.to_string(),

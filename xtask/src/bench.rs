@@ -28,6 +28,10 @@ pub struct Args {
     /// Run only these benches (comma-separated: gemm, weight_only, w8a8, sparse, encoder).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Use this `ort-bench.json` (from `../shared/tools/ort-peer/run.sh`) instead of running the
+    /// peer again; its figures should come from the same sitting.
+    #[arg(long, conflicts_with = "no_ort")]
+    ort_json: Option<PathBuf>,
     /// The MiniLM folder for the encoder bench and the ONNX Runtime peer.
     #[arg(long, env = "PARE_MINILM_DIR")]
     minilm: Option<PathBuf>,
@@ -56,7 +60,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let records_path = work.join("records.jsonl");
     let _ = std::fs::remove_file(&records_path);
 
+    if let Some(j) = &args.ort_json
+        && !j.is_file()
+    {
+        bail!("--ort-json {}: no such file", j.display());
+    }
     let ort_json = match (&args.minilm, args.no_ort || !benches.contains(&"encoder")) {
+        _ if args.ort_json.is_some() => args.ort_json.clone(),
         (Some(dir), false) => run_ort(&root, dir, args.quick)?,
         _ => None,
     };
@@ -65,6 +75,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ProgressStyle::with_template("{spinner} bench {pos}/{len} {msg} [{elapsed}]").expect("valid template"),
     );
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let mut notes = Vec::new();
     for name in &benches {
         bar.set_message(name.to_string());
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
@@ -111,11 +122,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "quick": args.quick,
         "ort_peer": ort_json.as_ref().map(|p| p.display().to_string()),
     });
-    let report = json!({ "machine": machine, "records": records });
+    let report = json!({ "machine": machine, "records": records, "notes": notes });
     let json_path = args.out.join("bench-report.json");
     pare_core_tensor::io::write_file_atomic(&json_path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     let md_path = args.out.join("bench-report.md");
-    pare_core_tensor::io::write_file_atomic(&md_path, markdown(&args, &machine, &records).as_bytes())?;
+    pare_core_tensor::io::write_file_atomic(&md_path, markdown(&args, &machine, &records, &notes).as_bytes())?;
     println!("wrote {} and {}", md_path.display(), json_path.display());
     Ok(())
 }
@@ -160,7 +171,7 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
-fn markdown(args: &Args, machine: &Value, records: &[Value]) -> String {
+fn markdown(args: &Args, machine: &Value, records: &[Value], notes: &[String]) -> String {
     let mut s = String::new();
     s.push_str("# pare-runtime-cpu benchmarks\n\n");
     s.push_str(&format!(
@@ -191,6 +202,12 @@ fn markdown(args: &Args, machine: &Value, records: &[Value]) -> String {
             r["goal"].as_f64().unwrap_or(f64::NAN),
             if r["met"].as_bool() == Some(true) { "met" } else { "**missed**" }
         ));
+    }
+    if !notes.is_empty() {
+        s.push_str("\nAlso measured:\n\n");
+        for n in notes {
+            s.push_str(&format!("- {n}\n"));
+        }
     }
     s
 }
