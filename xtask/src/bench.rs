@@ -94,12 +94,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         let out = cmd.output().with_context(|| format!("run cargo bench --bench {name}"))?;
         let text = String::from_utf8_lossy(&out.stdout);
-        bar.suspend(|| {
-            for line in text.lines().filter(|l| l.starts_with("RATIO") || l.starts_with("  ") || l.contains("SKIPPED"))
-            {
-                println!("{line}");
-            }
-        });
+        let shown = |l: &&str| l.starts_with("RATIO") || l.starts_with("NOTE") || l.contains("SKIPPED");
+        bar.suspend(|| text.lines().filter(shown).for_each(|l| println!("{l}")));
+        notes.extend(text.lines().filter_map(|l| l.strip_prefix("NOTE ")).map(String::from));
         if !out.status.success() {
             bar.abandon();
             bail!("bench {name} failed:\n{}", String::from_utf8_lossy(&out.stderr));
