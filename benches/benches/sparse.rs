@@ -83,7 +83,7 @@ fn main() {
             || gemm(level, &pool, &xv, m, &de, None, &mut y2),
         );
         println!(
-            "  crossover {shape} density {:.2}: sparse {:.2} ms, dense {:.2} ms, sparse/dense speed {:.2}x",
+            "NOTE sparse crossover {shape} density {:.2}: sparse {:.2} ms, dense {:.2} ms, sparse/dense speed {:.2}x",
             sp.density(),
             ts * 1e3,
             td * 1e3,
