@@ -59,18 +59,24 @@ pub struct PackedF32 {
     k: usize,
 }
 
+/// Row-major `w` (`[n, k]`) rearranged into column panels `[n/NR][k][NR]`, the last panel
+/// padded with `T::default()`.
+pub fn to_panels<T: Copy + Default>(w: &[T], n: usize, k: usize) -> Vec<T> {
+    assert!(w.len() == n * k);
+    let mut data = vec![T::default(); n.div_ceil(NR) * k * NR];
+    for j in 0..n {
+        let (jb, c) = (j / NR, j % NR);
+        for (p, &v) in w[j * k..(j + 1) * k].iter().enumerate() {
+            data[(jb * k + p) * NR + c] = v;
+        }
+    }
+    data
+}
+
 impl PackedF32 {
     /// Packs row-major `w` (`[n, k]`).
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
-        let panels = n.div_ceil(NR);
-        let mut data = vec![0f32; panels * k * NR];
-        for j in 0..n {
-            let (jb, c) = (j / NR, j % NR);
-            for (p, &v) in w[j * k..(j + 1) * k].iter().enumerate() {
-                data[(jb * k + p) * NR + c] = v;
-            }
-        }
-        Self { data, n, k }
+        Self { data: to_panels(w, n, k), n, k }
     }
 }
 
@@ -86,17 +92,18 @@ impl Panels for PackedF32 {
     }
 }
 
-/// A raw output pointer shared by tasks that write disjoint tiles.
+/// A raw output pointer shared by tasks that write disjoint tiles of one buffer (pare's GEMM
+/// and the sparse kernel split their output so).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint row×column tiles of the output (see `gemm`), so no element is
-// written by two threads, and the buffer outlives the scope the tasks run in.
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+// SAFETY: every user splits the output into tiles that partition it, so no element is written
+// by two threads, and the buffer outlives the pool scope the tasks run in.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// The pointer (a method, so closures capture the `Sync` wrapper, not the raw field).
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

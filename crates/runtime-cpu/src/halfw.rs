@@ -20,15 +20,8 @@ pub struct HalfPanels {
 impl HalfPanels {
     /// Packs row-major bit patterns of `dtype` (F16 or BF16) weights `[n, k]`.
     pub fn pack(bits: &[u16], n: usize, k: usize, dtype: DType) -> Self {
-        assert!(matches!(dtype, DType::F16 | DType::BF16) && bits.len() == n * k);
-        let mut data = vec![0u16; n.div_ceil(NR) * k * NR];
-        for j in 0..n {
-            let (jb, c) = (j / NR, j % NR);
-            for (p, &v) in bits[j * k..(j + 1) * k].iter().enumerate() {
-                data[(jb * k + p) * NR + c] = v;
-            }
-        }
-        Self { n, k, bf16: dtype == DType::BF16, data }
+        assert!(matches!(dtype, DType::F16 | DType::BF16));
+        Self { n, k, bf16: dtype == DType::BF16, data: crate::gemm::to_panels(bits, n, k) }
     }
 
     fn widen(&self, v: u16) -> f32 {

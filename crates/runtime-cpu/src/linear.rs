@@ -29,12 +29,7 @@ impl PanelLinear {
         level: SimdLevel,
         pool: Arc<rayon::ThreadPool>,
     ) -> Result<Self> {
-        let bias = bias.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
-        if let Some(b) = &bias
-            && b.len() != w.n()
-        {
-            return Err(Error::Shape { name: format!("{layer}.bias"), expected: vec![w.n()], found: vec![b.len()] });
-        }
+        let bias = bias_values(layer, bias, w.n())?;
         Ok(Self { layer: layer.to_string(), w, bias, level, pool })
     }
 
@@ -44,6 +39,17 @@ impl PanelLinear {
         let mut y = vec![0f32; m * self.w.n()];
         gemm::gemm(self.level, &self.pool, x, m, self.w.as_ref(), self.bias.as_deref(), &mut y);
         y
+    }
+}
+
+/// A layer's bias as f32 values, checked to hold one value per output (`n`).
+pub(crate) fn bias_values(layer: &str, bias: Option<&Tensor>, n: usize) -> Result<Option<Vec<f32>>> {
+    let bias = bias.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
+    match &bias {
+        Some(b) if b.len() != n => {
+            Err(Error::Shape { name: format!("{layer}.bias"), expected: vec![n], found: vec![b.len()] })
+        }
+        _ => Ok(bias),
     }
 }
 
@@ -113,12 +119,7 @@ impl SparseLinear {
         level: SimdLevel,
         pool: Arc<rayon::ThreadPool>,
     ) -> Result<Self> {
-        let bias = bias.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
-        if let Some(b) = &bias
-            && b.len() != w.n()
-        {
-            return Err(Error::Shape { name: format!("{layer}.bias"), expected: vec![w.n()], found: vec![b.len()] });
-        }
+        let bias = bias_values(layer, bias, w.n())?;
         Ok(Self { layer: layer.to_string(), w, bias, level, pool })
     }
 }

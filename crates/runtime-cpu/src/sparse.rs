@@ -9,6 +9,7 @@
 
 use rayon::prelude::*;
 
+use crate::gemm::OutPtr;
 use crate::simd::SimdLevel;
 
 /// The density (stored nonzeros / elements) above which the dense GEMM is faster than this
@@ -57,20 +58,6 @@ unsafe fn write_back(
             // SAFETY: (r, j) is inside the caller's block.
             unsafe { *y.add(r * n + j) = bias.map_or(0.0, |b| b[j]) + yt[(j - c0) * lanes + (r - r0)] };
         }
-    }
-}
-
-/// A raw output pointer shared by tasks that write disjoint tiles.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint rows × outputs of y (see `SparseRows::run`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the `Sync` wrapper, not the raw field).
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -6,7 +6,7 @@
 //! against the reference (fake-quantized activations × dequantized weights in f32) the only
 //! difference is the rounding of the float accumulation.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use pare_core_tensor::{ActQuant, ActRange, Error, Granularity, Mapping, PreparedOp, QuantizedTensor, Result};
 use rayon::prelude::*;
 
@@ -60,12 +60,7 @@ impl W8A8Linear {
         let (n, k) = (q.shape()[0], q.shape()[1]);
         let w: Vec<i8> = q.codes().iter().map(|&c| (i32::from(c) - 128) as i8).collect();
         let w_sum = w.chunks(k.max(1)).map(|r| r.iter().map(|&v| i32::from(v)).sum()).collect();
-        let bias = bias.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
-        if let Some(b) = &bias
-            && b.len() != n
-        {
-            return Err(Error::Shape { name: format!("{layer}.bias"), expected: vec![n], found: vec![b.len()] });
-        }
+        let bias = crate::linear::bias_values(layer, bias, n)?;
         if let Some(s) = &act.smooth
             && s.len() != k
         {

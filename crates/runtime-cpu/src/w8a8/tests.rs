@@ -1,6 +1,6 @@
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use pare_core_tensor::{ActRange, QuantScheme, ReferenceRuntime, Runtime, Weight};
 use proptest::prelude::*;
 
