@@ -21,6 +21,7 @@
 //! # Ok::<(), pare_core_tensor::Error>(())
 //! ```
 
+pub mod conv;
 pub mod gemm;
 pub mod halfw;
 pub mod linear;
@@ -187,7 +188,32 @@ impl Runtime for CpuRuntime {
         bias: Option<&Tensor>,
         params: Conv2dParams,
     ) -> Result<Arc<dyn PreparedOp>> {
-        self.reference.prepare_conv2d(layer, weight, bias, params)
+        let shape = weight.shape();
+        if shape.len() != 4 || params.groups != 1 || params.stride == 0 || params.dilation == 0 {
+            return self.reference.prepare_conv2d(layer, weight, bias, params);
+        }
+        let (out, rest) = (shape[0], shape[1] * shape[2] * shape[3]);
+        // The weight as the [out, in·kh·kw] matrix im2col multiplies (the same memory order).
+        let flat = match weight {
+            Weight::Dense(t) => Weight::Dense(t.reshape((out, rest))?),
+            Weight::Quantized(q) => match q.clone().reshaped(vec![out, rest]) {
+                Ok(q) => Weight::Quantized(q),
+                Err(_) => return self.reference.prepare_conv2d(layer, weight, bias, params),
+            },
+            Weight::Sparse(s) => Weight::Dense(s.to_dense(self.device())?.reshape((out, rest))?),
+        };
+        match self.panels(layer, &flat)? {
+            Some(w) => Ok(Arc::new(conv::Conv2dOp::new(
+                layer,
+                w,
+                bias,
+                (shape[1], shape[2], shape[3]),
+                params,
+                self.level,
+                self.pool.clone(),
+            )?)),
+            None => self.reference.prepare_conv2d(layer, weight, bias, params),
+        }
     }
 
     fn prepare_embedding(&self, layer: &str, weight: &Weight) -> Result<Arc<dyn PreparedOp>> {
