@@ -35,7 +35,7 @@ pub struct Args {
     /// The MiniLM folder for the encoder bench and the ONNX Runtime peer.
     #[arg(long, env = "PARE_MINILM_DIR")]
     minilm: Option<PathBuf>,
-    /// Where bench-report.md and bench-report.json go.
+    /// Where bench-report.md and bench-report.json go (bench-report-native.* with --native).
     #[arg(long, default_value = "reports")]
     out: PathBuf,
 }
@@ -120,9 +120,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "ort_peer": ort_json.as_ref().map(|p| p.display().to_string()),
     });
     let report = json!({ "machine": machine, "records": records, "notes": notes });
-    let json_path = args.out.join("bench-report.json");
+    // A native build's figures sit beside the default build's, not over them.
+    let stem = if args.native { "bench-report-native" } else { "bench-report" };
+    let json_path = args.out.join(format!("{stem}.json"));
     pare_core_tensor::io::write_file_atomic(&json_path, serde_json::to_string_pretty(&report)?.as_bytes())?;
-    let md_path = args.out.join("bench-report.md");
+    let md_path = args.out.join(format!("{stem}.md"));
     pare_core_tensor::io::write_file_atomic(&md_path, markdown(&args, &machine, &records, &notes).as_bytes())?;
     println!("wrote {} and {}", md_path.display(), json_path.display());
     Ok(())
