@@ -66,7 +66,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--ort-json {}: no such file", j.display());
     }
     let ort_json = match (&args.minilm, args.no_ort || !benches.contains(&"encoder")) {
-        _ if args.ort_json.is_some() => args.ort_json.clone(),
+        // Absolute: the benches run from their own package folder.
+        _ if args.ort_json.is_some() => args.ort_json.as_ref().map(std::fs::canonicalize).transpose()?,
         (Some(dir), false) => run_ort(&root, dir, args.quick)?,
         _ => None,
     };

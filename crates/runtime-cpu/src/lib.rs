@@ -5,18 +5,31 @@
 //! twin and SIMD paths chosen at run time ([`SimdLevel::detect`]), run on a rayon pool of a
 //! configurable size, and give the same bits whatever the thread count.
 //!
-//! Built so far (issue 4 is in progress): the W8A8 linear kernel ([`w8a8`]) — int8 per-channel
-//! weights × activations quantized on the fly, i32 accumulation, fused dequantize + bias — with
-//! scalar and AVX2 paths. Still to come: 4/8-bit weight-only GEMV/GEMM, FP16/BF16 weights,
-//! sparse CSR/2:4/block kernels, pare's own f32 GEMM and the non-linear ops.
+//! | weight / op | kernel |
+//! |---|---|
+//! | dense f32, FP16, BF16 | [`gemm`] (blocked, 6×16 AVX2 micro-kernel), half weights widened per panel ([`halfw`]) |
+//! | 1–8-bit linear codes, ≤ 4-bit codebooks (NF4), any granularity but per input channel | [`wq`]: decoded per panel for the GEMM, in registers for ≤ 6 rows |
+//! | int8 per-channel weights × 8-bit activations (W8A8) | [`w8a8`]: exact `vpmaddubsw` kernel, activations quantized on the fly |
+//! | CSR / N:M / block sparse, or dense with ≤ 30% nonzeros | [`sparse`] (denser weights run on the dense GEMM, which is faster) |
+//! | one-group convolutions | [`conv`]: im2col + the GEMM, every format above |
+//! | attention, GELU/SiLU/ReLU, residual + layer norm | [`nonlinear`] |
+//! | everything else | `ReferenceRuntime` |
+//!
+//! The runtime is for inference: `prepare` copies a layer's weights into the kernel's layout,
+//! so gradients do not flow through it (train on the reference runtime, then prepare here).
+//! [`probe`] holds the FMA-peak and bandwidth loops the benchmarks quote their goals against.
 //!
 //! ```
 //! use std::sync::Arc;
-//! use pare_core_tensor::Runtime;
+//! use candle_core::{Device, Tensor};
+//! use pare_core_tensor::{Runtime, Weight};
 //! use pare_runtime_cpu::CpuRuntime;
 //!
 //! let rt: Arc<dyn Runtime> = Arc::new(CpuRuntime::new(2)?);
 //! assert_eq!(rt.name(), "cpu");
+//! let w = Weight::Dense(Tensor::ones((3, 4), candle_core::DType::F32, &Device::Cpu)?);
+//! let y = rt.prepare_linear("fc", &w, None)?.forward(&Tensor::ones((2, 4), candle_core::DType::F32, &Device::Cpu)?)?;
+//! assert_eq!(y.to_vec2::<f32>()?, vec![vec![4.0; 3]; 2]);
 //! assert!(CpuRuntime::new(0).is_err());
 //! # Ok::<(), pare_core_tensor::Error>(())
 //! ```
