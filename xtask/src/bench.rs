@@ -35,12 +35,28 @@ pub struct Args {
     /// The MiniLM folder for the encoder bench and the ONNX Runtime peer.
     #[arg(long, env = "PARE_MINILM_DIR")]
     minilm: Option<PathBuf>,
-    /// Where bench-report.md and bench-report.json go (bench-report-native.* with --native).
+    /// Re-render the Markdown and SVG from this bench-report JSON instead of running anything.
+    #[arg(long)]
+    render: Option<PathBuf>,
+    /// Where bench-report.md, .json and .svg go (bench-report-native.* with --native).
     #[arg(long, default_value = "reports")]
     out: PathBuf,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(json_path) = args.render.clone() {
+        let text = std::fs::read_to_string(&json_path).with_context(|| format!("read {}", json_path.display()))?;
+        let report: Value = serde_json::from_str(&text).with_context(|| format!("parse {}", json_path.display()))?;
+        let records = report["records"].as_array().context("no `records` array")?.clone();
+        let notes: Vec<String> =
+            report["notes"].as_array().into_iter().flatten().filter_map(|n| n.as_str().map(String::from)).collect();
+        let native = report["machine"]["native"].as_bool() == Some(true);
+        let stem = json_path.file_stem().and_then(|s| s.to_str()).unwrap_or("bench-report").to_string();
+        let out = json_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let quick = report["machine"]["quick"].as_bool() == Some(true);
+        let args = Args { native, quick, ..args };
+        return write_views(&args, &out, &stem, &report["machine"], &records, &notes);
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("xtask has a parent folder")?.to_path_buf();
     for name in &args.only {
         if !BENCHES.contains(&name.as_str()) {
@@ -125,9 +141,73 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let stem = if args.native { "bench-report-native" } else { "bench-report" };
     let json_path = args.out.join(format!("{stem}.json"));
     pare_core_tensor::io::write_file_atomic(&json_path, serde_json::to_string_pretty(&report)?.as_bytes())?;
-    let md_path = args.out.join(format!("{stem}.md"));
-    pare_core_tensor::io::write_file_atomic(&md_path, markdown(&args, &machine, &records, &notes).as_bytes())?;
-    println!("wrote {} and {}", md_path.display(), json_path.display());
+    println!("wrote {}", json_path.display());
+    write_views(&args, &args.out, stem, &machine, &records, &notes)
+}
+
+/// Writes `{stem}.md` (the table, rows numbered) and `{stem}.svg` (each row's ratio against
+/// its goal, on a log axis) into `out`.
+fn write_views(
+    args: &Args,
+    out: &Path,
+    stem: &str,
+    machine: &Value,
+    records: &[Value],
+    notes: &[String],
+) -> anyhow::Result<()> {
+    let md_path = out.join(format!("{stem}.md"));
+    pare_core_tensor::io::write_file_atomic(&md_path, markdown(args, machine, records, notes).as_bytes())?;
+    let svg_path = out.join(format!("{stem}.svg"));
+    plot(records, args.native, &svg_path)?;
+    println!("wrote {} and {}", md_path.display(), svg_path.display());
+    Ok(())
+}
+
+/// Each comparison's ratio (green: goal met, red: missed) and its goal (a black bar), by row
+/// number, on a log axis.
+fn plot(records: &[Value], native: bool, path: &Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let rows: Vec<(f64, f64, bool)> = records
+        .iter()
+        .map(|r| (r["ratio"].as_f64().unwrap_or(f64::NAN), r["goal"].as_f64().unwrap_or(f64::NAN), r["met"] == true))
+        .filter(|(r, g, _)| r.is_finite() && g.is_finite() && *r > 0.0 && *g > 0.0)
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let lo = rows.iter().map(|r| r.0.min(r.1)).fold(f64::INFINITY, f64::min) / 1.4;
+    let hi = rows.iter().map(|r| r.0.max(r.1)).fold(0.0, f64::max) * 1.4;
+    let tmp = path.with_extension("svg.tmp");
+    {
+        let root = SVGBackend::new(&tmp, (1100, 560)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let title =
+            format!("pare vs peers, ratio per comparison ({} build)", if native { "native" } else { "default" });
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(24)
+            .x_label_area_size(44)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.5f64..(rows.len() as f64 + 0.5), (lo..hi).log_scale())?;
+        chart
+            .configure_mesh()
+            .x_desc("row of the table in the report")
+            .y_desc("pare's advantage over the peer (×, log)")
+            .x_labels(rows.len())
+            .x_label_formatter(&|v| format!("{}", v.round() as usize))
+            .y_label_formatter(&|v| format!("{v:.2}"))
+            .light_line_style(WHITE)
+            .draw()?;
+        chart.draw_series(rows.iter().enumerate().map(|(i, (_, g, _))| {
+            let x = i as f64 + 1.0;
+            PathElement::new(vec![(x - 0.35, *g), (x + 0.35, *g)], BLACK.stroke_width(3))
+        }))?;
+        chart.draw_series(rows.iter().enumerate().map(|(i, (r, _, met))| {
+            Circle::new((i as f64 + 1.0, *r), 6, if *met { GREEN.filled() } else { RED.filled() })
+        }))?;
+        root.present()?;
+    }
+    std::fs::rename(&tmp, path)?;
     Ok(())
 }
 
@@ -188,11 +268,12 @@ fn markdown(args: &Args, machine: &Value, records: &[Value], notes: &[String]) -
     s.push_str(
         "| comparison | shape | pare | peer | peer figure | ratio | goal | |\n|---|---|---:|---|---:|---:|---:|---|\n",
     );
-    for r in records {
+    for (i, r) in records.iter().enumerate() {
         let unit = r["unit"].as_str().unwrap_or("");
         let f = |v: &Value| v.as_f64().map_or("?".into(), |x| format!("{x:.3} {unit}"));
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.2}× | {:.2}× | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {:.2}× | {:.2}× | {} |\n",
+            i + 1,
             r["name"].as_str().unwrap_or("?"),
             r["shape"].as_str().unwrap_or("?"),
             f(&r["pare"]),
