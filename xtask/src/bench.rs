@@ -202,8 +202,11 @@ fn plot(records: &[Value], native: bool, path: &Path) -> anyhow::Result<()> {
             let x = i as f64 + 1.0;
             PathElement::new(vec![(x - 0.35, *g), (x + 0.35, *g)], BLACK.stroke_width(3))
         }))?;
+        // Each point carries its value: the log axis labels only the decades' multiples.
         chart.draw_series(rows.iter().enumerate().map(|(i, (r, _, met))| {
-            Circle::new((i as f64 + 1.0, *r), 6, if *met { GREEN.filled() } else { RED.filled() })
+            EmptyElement::at((i as f64 + 1.0, *r))
+                + Circle::new((0, 0), 6, if *met { GREEN.filled() } else { RED.filled() })
+                + Text::new(format!("{r:.2}"), (-12, 9), ("sans-serif", 11).into_font())
         }))?;
         root.present()?;
     }

@@ -209,7 +209,7 @@ mod avx2 {
         y: *mut f32,
         n: usize,
     ) {
-        assert!(cb * lanes <= yt.len() && rb <= lanes);
+        assert!(cb * lanes <= yt.len() && rb <= lanes && bias.is_none_or(|b| b.len() >= c0 + cb));
         for jb in (0..cb).step_by(8) {
             let b = match bias {
                 // SAFETY: c0 + jb + 8 ≤ c0 + cb ≤ bias.len() (one bias per output).
