@@ -52,9 +52,9 @@ use pare_core_tensor::{
     ActQuant, Activation, Conv2dParams, Error, PreparedOp, ReferenceRuntime, Result, Runtime, Weight,
 };
 
-use crate::gemm::{PackedF32, Panels};
+use crate::gemm::PackedF32;
 use crate::halfw::HalfPanels;
-use crate::linear::{PanelLinear, SparseLinear};
+use crate::linear::{LinearKernel, LinearOp, with_f32};
 use crate::sparse::SparseRows;
 use crate::wq::QuantPanels;
 
@@ -111,21 +111,13 @@ fn all_f32_cpu(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
 }
 
-/// Calls `f` with `t`'s values as f32, borrowed when `t` is a contiguous f32 CPU tensor.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    if t.dtype() == DType::F32 && t.is_contiguous() {
-        let (storage, layout) = t.storage_and_layout();
-        if let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(all)) = &*storage {
-            return Ok(f(&all[layout.start_offset()..layout.start_offset() + t.elem_count()]));
-        }
-    }
-    Ok(f(&t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
-}
-
 impl CpuRuntime {
-    /// `weight` packed for pare's GEMM when a kernel takes its format (dense f32/f16/bf16,
-    /// weight-only quantized), `None` when the reference must run it.
-    fn panels(&self, layer: &str, weight: &Weight) -> Result<Option<Box<dyn Panels>>> {
+    /// `weight` (`[n, k]`) in the layout of the fastest kernel that takes its format, `None`
+    /// when the reference must run it. Dense f32 and sparse weights take the sparse kernel when
+    /// `sparse_ok` and their density is at most the measured crossover
+    /// [`sparse::SPARSE_MAX_DENSITY`] (a pruned model saved dense included), pare's GEMM
+    /// otherwise; FP16/BF16 and weight-only quantized weights take the GEMM's panels.
+    fn kernel(&self, layer: &str, weight: &Weight, sparse_ok: bool) -> Result<Option<LinearKernel>> {
         let shape = weight.shape();
         if shape.len() != 2 {
             return Err(Error::invalid(
@@ -134,44 +126,29 @@ impl CpuRuntime {
             ));
         }
         let (n, k) = (shape[0], shape[1]);
-        Ok(match weight {
-            Weight::Dense(t) => match t.dtype() {
-                DType::F32 => Some(Box::new(PackedF32::pack(&t.flatten_all()?.to_vec1::<f32>()?, n, k))),
-                DType::F16 => {
-                    let bits: Vec<u16> =
-                        t.flatten_all()?.to_vec1::<::half::f16>()?.iter().map(|v| v.to_bits()).collect();
-                    Some(Box::new(HalfPanels::pack(&bits, n, k, DType::F16)))
-                }
-                DType::BF16 => {
-                    let bits: Vec<u16> =
-                        t.flatten_all()?.to_vec1::<::half::bf16>()?.iter().map(|v| v.to_bits()).collect();
-                    Some(Box::new(HalfPanels::pack(&bits, n, k, DType::BF16)))
-                }
-                _ => None,
-            },
-            Weight::Quantized(q) if wq::fits(q) => Some(Box::new(QuantPanels::pack(q))),
-            Weight::Sparse(s) => Some(Box::new(PackedF32::pack(&s.to_dense_f32(), n, k))),
-            _ => None,
-        })
-    }
-
-    /// The nonzeros of a 2-D sparse weight, or of a dense f32 weight that is mostly zeros
-    /// (a pruned model saved dense), when its density is below the measured crossover
-    /// [`sparse::SPARSE_MAX_DENSITY`]; `None` when the dense kernels are faster.
-    fn sparse_rows(&self, weight: &Weight) -> Result<Option<SparseRows>> {
-        let shape = weight.shape();
-        if shape.len() != 2 {
-            return Ok(None);
-        }
         let values = match weight {
-            Weight::Sparse(s) => s.to_dense_f32(),
             Weight::Dense(t) if t.dtype() == DType::F32 => t.flatten_all()?.to_vec1::<f32>()?,
+            Weight::Sparse(s) => s.to_dense_f32(),
+            Weight::Dense(t) if matches!(t.dtype(), DType::F16 | DType::BF16) => {
+                let bits: Vec<u16> = if t.dtype() == DType::F16 {
+                    t.flatten_all()?.to_vec1::<::half::f16>()?.iter().map(|v| v.to_bits()).collect()
+                } else {
+                    t.flatten_all()?.to_vec1::<::half::bf16>()?.iter().map(|v| v.to_bits()).collect()
+                };
+                return Ok(Some(LinearKernel::Panels(Box::new(HalfPanels::pack(&bits, n, k, t.dtype())))));
+            }
+            Weight::Quantized(q) if wq::fits(q) => {
+                return Ok(Some(LinearKernel::Panels(Box::new(QuantPanels::pack(q)))));
+            }
             _ => return Ok(None),
         };
-        let zeros = values.iter().filter(|v| **v == 0.0).count();
-        let density = 1.0 - zeros as f64 / values.len().max(1) as f64;
-        Ok((density <= sparse::SPARSE_MAX_DENSITY && !values.is_empty())
-            .then(|| SparseRows::from_dense(&values, shape[0], shape[1])))
+        let nonzero = values.iter().filter(|v| **v != 0.0).count();
+        let density = nonzero as f64 / values.len().max(1) as f64;
+        Ok(Some(if sparse_ok && density <= sparse::SPARSE_MAX_DENSITY && !values.is_empty() {
+            LinearKernel::Sparse(SparseRows::from_dense(&values, n, k))
+        } else {
+            LinearKernel::Panels(Box::new(PackedF32::pack(&values, n, k)))
+        }))
     }
 }
 
@@ -185,11 +162,8 @@ impl Runtime for CpuRuntime {
     }
 
     fn prepare_linear(&self, layer: &str, weight: &Weight, bias: Option<&Tensor>) -> Result<Arc<dyn PreparedOp>> {
-        if let Some(rows) = self.sparse_rows(weight)? {
-            return Ok(Arc::new(SparseLinear::new(layer, rows, bias, self.level, self.pool.clone())?));
-        }
-        match self.panels(layer, weight)? {
-            Some(w) => Ok(Arc::new(PanelLinear::new(layer, w, bias, self.level, self.pool.clone())?)),
+        match self.kernel(layer, weight, true)? {
+            Some(w) => Ok(Arc::new(LinearOp::new(layer, w, bias, self.level, self.pool.clone())?)),
             None => self.reference.prepare_linear(layer, weight, bias),
         }
     }
@@ -215,8 +189,8 @@ impl Runtime for CpuRuntime {
             },
             Weight::Sparse(s) => Weight::Dense(s.to_dense(self.device())?.reshape((out, rest))?),
         };
-        match self.panels(layer, &flat)? {
-            Some(w) => Ok(Arc::new(conv::Conv2dOp::new(
+        match self.kernel(layer, &flat, false)? {
+            Some(LinearKernel::Panels(w)) => Ok(Arc::new(conv::Conv2dOp::new(
                 layer,
                 w,
                 bias,
@@ -225,7 +199,7 @@ impl Runtime for CpuRuntime {
                 self.level,
                 self.pool.clone(),
             )?)),
-            None => self.reference.prepare_conv2d(layer, weight, bias, params),
+            _ => self.reference.prepare_conv2d(layer, weight, bias, params),
         }
     }
 

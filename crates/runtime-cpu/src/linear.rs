@@ -1,5 +1,6 @@
-//! The prepared linear op over any [`Panels`] format: shape and finiteness checks, then pare's
-//! GEMM (or a format's fused small-M kernel) on the runtime's pool.
+//! The prepared linear op over any weight kernel — packed [`Panels`] for pare's GEMM (or a
+//! format's fused small-M kernel), or [`SparseRows`] — with the shape and finiteness checks
+//! every CPU op shares, on the runtime's pool.
 
 use std::sync::Arc;
 
@@ -10,21 +11,48 @@ use crate::gemm::{self, Panels};
 use crate::simd::SimdLevel;
 use crate::sparse::SparseRows;
 
-/// `y = x·Wᵀ + b` with `W` held in a packed [`Panels`] format.
+/// The weights of a [`LinearOp`] in the layout of the kernel that runs them.
 #[derive(Debug)]
-pub struct PanelLinear {
+pub enum LinearKernel {
+    /// Column panels for pare's GEMM (dense, half or weight-only quantized).
+    Panels(Box<dyn Panels>),
+    /// The nonzeros, for the sparse kernel.
+    Sparse(SparseRows),
+}
+
+impl LinearKernel {
+    /// Output features.
+    pub fn n(&self) -> usize {
+        match self {
+            LinearKernel::Panels(w) => w.n(),
+            LinearKernel::Sparse(w) => w.n(),
+        }
+    }
+
+    /// Input features.
+    pub fn k(&self) -> usize {
+        match self {
+            LinearKernel::Panels(w) => w.k(),
+            LinearKernel::Sparse(w) => w.k(),
+        }
+    }
+}
+
+/// `y = x·Wᵀ + b` with `W` in a [`LinearKernel`] layout.
+#[derive(Debug)]
+pub struct LinearOp {
     layer: String,
-    w: Box<dyn Panels>,
+    w: LinearKernel,
     bias: Option<Vec<f32>>,
     level: SimdLevel,
     pool: Arc<rayon::ThreadPool>,
 }
 
-impl PanelLinear {
-    /// Wraps packed weights; `bias`, when given, must have one value per output.
+impl LinearOp {
+    /// Wraps prepared weights; `bias`, when given, must have one value per output.
     pub fn new(
         layer: &str,
-        w: Box<dyn Panels>,
+        w: LinearKernel,
         bias: Option<&Tensor>,
         level: SimdLevel,
         pool: Arc<rayon::ThreadPool>,
@@ -37,7 +65,11 @@ impl PanelLinear {
     pub fn run(&self, x: &[f32]) -> Vec<f32> {
         let m = x.len() / self.w.k().max(1);
         let mut y = vec![0f32; m * self.w.n()];
-        gemm::gemm(self.level, &self.pool, x, m, self.w.as_ref(), self.bias.as_deref(), &mut y);
+        let bias = self.bias.as_deref();
+        match &self.w {
+            LinearKernel::Panels(w) => gemm::gemm(self.level, &self.pool, x, m, w.as_ref(), bias, &mut y),
+            LinearKernel::Sparse(w) => w.run(self.level, &self.pool, x, bias, &mut y),
+        }
         y
     }
 }
@@ -77,17 +109,19 @@ pub(crate) fn with_input<R>(layer: &str, x: &Tensor, k: usize, f: impl FnOnce(&[
             first,
         })
     };
-    if x.dtype() == DType::F32 && x.is_contiguous() {
-        let (storage, layout) = x.storage_and_layout();
+    with_f32(x, |v| check(v).map(|()| f(v)))?
+}
+
+/// Calls `f` with `t`'s values as f32, borrowed when `t` is a contiguous f32 CPU tensor,
+/// converted otherwise.
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if t.dtype() == DType::F32 && t.is_contiguous() {
+        let (storage, layout) = t.storage_and_layout();
         if let Storage::Cpu(CpuStorage::F32(all)) = &*storage {
-            let v = &all[layout.start_offset()..layout.start_offset() + x.elem_count()];
-            check(v)?;
-            return Ok(f(v));
+            return Ok(f(&all[layout.start_offset()..layout.start_offset() + t.elem_count()]));
         }
     }
-    let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    check(&v)?;
-    Ok(f(&v))
+    Ok(f(&t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
 }
 
 /// The output tensor for values `y` of an op mapping `x`'s last dimension to `n`.
@@ -97,44 +131,9 @@ pub(crate) fn output(x: &Tensor, y: Vec<f32>, n: usize) -> Result<Tensor> {
     Ok(Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())?)
 }
 
-impl PreparedOp for PanelLinear {
+impl PreparedOp for LinearOp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = with_input(&self.layer, x, self.w.k(), |v| self.run(v))?;
-        output(x, y, self.w.n())
-    }
-}
-
-/// `y = x·Wᵀ + b` with `W` held as its nonzeros ([`SparseRows`]).
-#[derive(Debug)]
-pub struct SparseLinear {
-    layer: String,
-    w: SparseRows,
-    bias: Option<Vec<f32>>,
-    level: SimdLevel,
-    pool: Arc<rayon::ThreadPool>,
-}
-
-impl SparseLinear {
-    /// Wraps sparse weights; `bias`, when given, must have one value per output.
-    pub fn new(
-        layer: &str,
-        w: SparseRows,
-        bias: Option<&Tensor>,
-        level: SimdLevel,
-        pool: Arc<rayon::ThreadPool>,
-    ) -> Result<Self> {
-        let bias = bias_values(layer, bias, w.n())?;
-        Ok(Self { layer: layer.to_string(), w, bias, level, pool })
-    }
-}
-
-impl PreparedOp for SparseLinear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = with_input(&self.layer, x, self.w.k(), |v| {
-            let mut y = vec![0f32; v.len() / self.w.k().max(1) * self.w.n()];
-            self.w.run(self.level, &self.pool, v, self.bias.as_deref(), &mut y);
-            y
-        })?;
         output(x, y, self.w.n())
     }
 }

@@ -62,16 +62,12 @@ fn the_kernel_is_chosen_by_density() {
     let sparse = SparseRows::from_dense(&pruned(16, 64, 0.1, 1), 16, 64);
     assert!(sparse.density() < 0.2);
     let rt = crate::CpuRuntime::new(1).unwrap();
-    assert!(
-        rt.sparse_rows(&Weight::Dense(Tensor::from_vec(pruned(16, 64, 0.1, 1), (16, 64), &Device::Cpu).unwrap()))
-            .unwrap()
-            .is_some()
-    );
-    assert!(
-        rt.sparse_rows(&Weight::Dense(Tensor::from_vec(pruned(16, 64, 0.95, 1), (16, 64), &Device::Cpu).unwrap()))
-            .unwrap()
-            .is_none()
-    );
+    let kind = |keep: f64| {
+        let w = Weight::Dense(Tensor::from_vec(pruned(16, 64, keep, 1), (16, 64), &Device::Cpu).unwrap());
+        rt.kernel("fc", &w, true).unwrap()
+    };
+    assert!(matches!(kind(0.1), Some(crate::linear::LinearKernel::Sparse(_))));
+    assert!(matches!(kind(0.95), Some(crate::linear::LinearKernel::Panels(_))));
 }
 
 use super::SparseRows;
