@@ -148,26 +148,22 @@ pub fn attention(
 ) {
     let (t, d, hidden) = (s.seq, s.head_dim, s.heads * s.head_dim);
     assert!(q.len() == s.batch * t * hidden && k.len() == q.len() && v.len() == q.len() && out.len() == q.len());
-    let results: Vec<(usize, Vec<f32>)> = pool.install(|| {
-        (0..s.batch * s.heads)
-            .into_par_iter()
-            .map(|bh| {
-                let (b, h) = (bh / s.heads, bh % s.heads);
-                let base = b * t * hidden + h * d;
-                let m = mask.map(|m| &m[b * t..(b + 1) * t]);
-                let mut ctx = vec![0f32; t * d];
-                head(level, &q[base..], &k[base..], &v[base..], hidden, m, scale, t, d, &mut ctx);
-                (bh, ctx)
-            })
-            .collect()
+    let dst = crate::gemm::OutPtr(out.as_mut_ptr());
+    pool.install(|| {
+        (0..s.batch * s.heads).into_par_iter().for_each(|bh| {
+            let (b, h) = (bh / s.heads, bh % s.heads);
+            let base = b * t * hidden + h * d;
+            let m = mask.map(|m| &m[b * t..(b + 1) * t]);
+            let mut ctx = vec![0f32; t * d];
+            head(level, &q[base..], &k[base..], &v[base..], hidden, m, scale, t, d, &mut ctx);
+            for (i, row) in ctx.chunks(d.max(1)).enumerate() {
+                // SAFETY: (b, h) owns columns h·d .. (h+1)·d of rows b·t .. (b+1)·t of `out`
+                // (length batch·t·hidden, checked above); the tasks partition `out`, which
+                // outlives `pool.install`.
+                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.get().add(base + i * hidden), row.len()) };
+            }
+        })
     });
-    for (bh, ctx) in results {
-        let (b, h) = (bh / s.heads, bh % s.heads);
-        for i in 0..t {
-            let at = b * t * hidden + i * hidden + h * d;
-            out[at..at + d].copy_from_slice(&ctx[i * d..(i + 1) * d]);
-        }
-    }
 }
 
 /// One head: `q`, `k`, `v` start at the head's first value, rows `stride` apart.

@@ -114,7 +114,8 @@ impl W8A8Linear {
                 let r0 = c * ROWS;
                 let rows = out.len() / n.max(1);
                 let xs = &x[r0 * k..(r0 + rows) * k];
-                let mut xq = vec![0i16; rows * k];
+                // Codes centred to fit i8 (see `code_offset`).
+                let mut xq = vec![0i8; rows * k];
                 let mut units = Vec::with_capacity(rows);
                 for r in 0..rows {
                     let row = &xs[r * k..(r + 1) * k];
@@ -125,12 +126,9 @@ impl W8A8Linear {
                     quantize_row(level, row, self.act.smooth.as_deref(), unit, &self.act, &mut xq[r * k..(r + 1) * k]);
                     units.push(unit);
                 }
-                // Codes centred on zero fit i8: unsigned codes q become q − 128, and the zero
-                // point moves with them.
-                let offset = if self.act.symmetric { 0 } else { 128 };
-                let xc: Vec<i8> = xq.iter().map(|&q| (q - offset) as i8).collect();
+                let offset = code_offset(&self.act);
                 let mut acc = vec![0i32; rows * n];
-                gemm(level, &xc, rows, k, &self.w, &self.panel, &mut acc);
+                gemm(level, &xq, rows, k, &self.w, &self.panel, &mut acc);
                 let zeros;
                 let bias = match &self.bias {
                     Some(b) => b.as_slice(),
@@ -140,7 +138,7 @@ impl W8A8Linear {
                     }
                 };
                 for (r, &(sx, zx)) in units.iter().enumerate() {
-                    let zx = zx - i32::from(offset);
+                    let zx = zx - offset;
                     let (a, o) = (&acc[r * n..(r + 1) * n], &mut out[r * n..(r + 1) * n]);
                     for ((((o, &a), &ws), &sc), &b) in o.iter_mut().zip(a).zip(&self.w_sum).zip(&self.w_scale).zip(bias)
                     {
@@ -174,22 +172,23 @@ impl W8A8Linear {
     }
 }
 
-/// Codes of one row, `clamp(round_half_even(x/s_k / S) + Z)`, exactly as
-/// `ActQuant::quantize_slice` computes them.
+/// Codes of one row, `clamp(round_half_even(x/s_k / S) + Z)` exactly as
+/// `ActQuant::quantize_slice` computes them, stored centred to i8 ([`code_offset`]).
 fn quantize_row(
     level: SimdLevel,
     x: &[f32],
     smooth: Option<&[f32]>,
     (s, z): (f32, i32),
     act: &ActQuant,
-    out: &mut [i16],
+    out: &mut [i8],
 ) {
     let (q_min, q_max) = (act.q_min(), act.q_max());
+    let offset = code_offset(act);
     match level {
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 && smooth.is_none() => {
             // SAFETY: AVX2 was detected just above; out.len() == x.len().
-            unsafe { avx2::quantize_row(x, s, z, q_min, q_max, out) }
+            unsafe { avx2::quantize_row(x, s, z, (q_min, q_max), offset, out) }
         }
         _ => {
             for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
@@ -197,10 +196,16 @@ fn quantize_row(
                     Some(f) => v / f[i],
                     None => v,
                 };
-                *o = ((v / s).round_ties_even() as i32).saturating_add(z).clamp(q_min, q_max) as i16;
+                *o = (((v / s).round_ties_even() as i32).saturating_add(z).clamp(q_min, q_max) - offset) as i8;
             }
         }
     }
+}
+
+/// What 8-bit codes are shifted by to fit i8 (unsigned codes `q` become `q − 128`; the zero
+/// point moves with them).
+fn code_offset(act: &ActQuant) -> i32 {
+    if act.symmetric { 0 } else { 128 }
 }
 
 /// Weights packed for the AVX2 micro-kernel: blocks of 8 output columns; within a block, for
@@ -401,7 +406,7 @@ mod avx2 {
     /// # Safety
     /// The CPU must support AVX2; `out.len() == x.len()`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn quantize_row(x: &[f32], s: f32, z: i32, q_min: i32, q_max: i32, out: &mut [i16]) {
+    pub unsafe fn quantize_row(x: &[f32], s: f32, z: i32, (q_min, q_max): (i32, i32), offset: i32, out: &mut [i8]) {
         assert!(out.len() == x.len());
         let body = x.len() - x.len() % 8;
         let (sv, zv) = (_mm256_set1_ps(s), _mm256_set1_epi32(z));
@@ -420,12 +425,12 @@ mod avx2 {
             // SAFETY: lanes holds 8 i32.
             unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, q) };
             for (o, l) in out[i..i + 8].iter_mut().zip(lanes) {
-                *o = l as i16;
+                *o = (l - offset) as i8;
             }
             i += 8;
         }
         for t in body..x.len() {
-            out[t] = ((x[t] / s).round_ties_even() as i32).saturating_add(z).clamp(q_min, q_max) as i16;
+            out[t] = (((x[t] / s).round_ties_even() as i32).saturating_add(z).clamp(q_min, q_max) - offset) as i8;
         }
     }
 
