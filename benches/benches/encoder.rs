@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use criterion::{Criterion, criterion_main};
-use pare_benches::{Comparison, median_pair, quick};
+use pare_benches::{Comparison, median_pair, median_secs, quick};
 use pare_core_tensor::{Hooks, Module, Runtime, metrics::mean_cosine};
 use pare_models::bert::{SentenceEncoder, mean_pool_normalize};
 use pare_quant::ptq::{ActSpec, apply, dynamic_specs};
@@ -116,7 +116,7 @@ fn bench(c: &mut Criterion) {
         };
         let (t_f32, t_candle) = median_pair(reps, || drop(run(&f32_cpu)), || drop(theirs()));
         let (t_int8, t_candle2) = median_pair(reps, || drop(run(&int8)), || drop(theirs()));
-        let (t_ref, _) = median_pair(reps.min(5), || drop(run(&float)), || {});
+        let t_ref = median_secs(reps.min(5), || drop(run(&float)));
         println!("NOTE minilm {shape}: pare on the reference runtime {:.2} ms", t_ref * 1e3);
         let cmp = |name: &'static str, pare: f64, peer: &'static str, peer_value: f64, goal: f64| Comparison {
             name,

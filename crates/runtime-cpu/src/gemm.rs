@@ -128,9 +128,7 @@ pub fn gemm(
     let panels = n.div_ceil(NR);
     let fused = m <= MR;
     let row_tiles = if fused { 1 } else { m.div_ceil(MC) };
-    let want = 4 * pool.current_num_threads();
-    let col_tiles = if row_tiles >= want { 1 } else { want.div_ceil(row_tiles).min(panels) };
-    let per = panels.div_ceil(col_tiles);
+    let (col_tiles, per) = column_split(pool, row_tiles, panels);
     let out = OutPtr(y.as_mut_ptr());
     pool.install(|| {
         (0..row_tiles * col_tiles).into_par_iter().for_each(|t| {
@@ -149,6 +147,15 @@ pub fn gemm(
             blocked_tile(level, x, k, w, bias, p0, p1, &mut tile);
         });
     });
+}
+
+/// How to split `units` output columns (panels, outputs) when there are only `row_tiles`
+/// row tiles: into enough column ranges that every thread gets about four tasks. Returns the
+/// number of ranges and the units per range.
+pub(crate) fn column_split(pool: &rayon::ThreadPool, row_tiles: usize, units: usize) -> (usize, usize) {
+    let want = 4 * pool.current_num_threads();
+    let splits = if row_tiles >= want { 1 } else { want.div_ceil(row_tiles).min(units).max(1) };
+    (splits, units.div_ceil(splits))
 }
 
 /// One task's rectangle of the output.

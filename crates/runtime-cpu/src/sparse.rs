@@ -118,9 +118,7 @@ impl SparseRows {
         }
         let lanes = if m >= WIDE { WIDE } else { NARROW };
         let tiles = m.div_ceil(lanes);
-        let want = 4 * pool.current_num_threads();
-        let splits = if tiles >= want { 1 } else { want.div_ceil(tiles).min(n) };
-        let per = n.div_ceil(splits);
+        let (splits, per) = crate::gemm::column_split(pool, tiles, n);
         let out = OutPtr(y.as_mut_ptr());
         pool.install(|| {
             (0..tiles * splits).into_par_iter().for_each(|t| {
