@@ -1,4 +1,5 @@
-//! Runs MiniLM on `CpuRuntime` at batch 32 × 128 a few times (for `perf record`).
+//! Runs MiniLM on `CpuRuntime` at batch 32 × 128 a few times (for `perf record`); `W8A8=1`
+//! quantizes every encoder linear to int8 weights × int8 per-token inputs first.
 use candle_core::{DType, Device, Tensor};
 use pare_core_tensor::{Hooks, Module, Runtime};
 use pare_models::bert::SentenceEncoder;
@@ -8,12 +9,23 @@ fn main() {
     let dir = std::path::PathBuf::from(std::env::var("PARE_MINILM_DIR").expect("PARE_MINILM_DIR"));
     let mut enc = SentenceEncoder::load(&dir, &dev).unwrap();
     let rt: Arc<dyn Runtime> = Arc::new(pare_runtime_cpu::CpuRuntime::new(2).unwrap());
+    if std::env::var("W8A8").is_ok_and(|v| v == "1") {
+        use pare_quant::weight_only::{Method, Selection, quantize_model};
+        let method = Method::parse("int8", "channel", true).unwrap();
+        let selection = Selection { include: Vec::new(), exclude: Vec::new() };
+        quantize_model(&mut enc.bert, &method, &selection, &mut |_| {}).unwrap();
+        let paths = selection.resolve(&enc.bert).unwrap();
+        let spec = pare_quant::ptq::ActSpec { bits: 8, symmetric: true };
+        let specs = pare_quant::ptq::dynamic_specs(&enc.bert, &paths, spec, true).unwrap();
+        pare_quant::ptq::apply(&mut enc.bert, &specs).unwrap();
+    }
     enc.bert.prepare(&rt).unwrap();
     let ids =
         Tensor::from_vec((0..32 * 128).map(|i| (i * 7 % 20000 + 1000) as u32).collect::<Vec<_>>(), (32, 128), &dev)
             .unwrap();
     let mask = Tensor::ones((32, 128), DType::U32, &dev).unwrap();
-    for _ in 0..4 {
+    let iters: usize = std::env::var("ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    for _ in 0..iters {
         let t = std::time::Instant::now();
         drop(enc.bert.forward_hooked(&ids, None, &mask, &mut Hooks::none()).unwrap());
         eprintln!("{:.3} s", t.elapsed().as_secs_f64());

@@ -12,7 +12,8 @@ use rayon::prelude::*;
 
 use crate::simd::SimdLevel;
 
-/// Weights repacked for the kernel: signed codes row-major `[n, k]`, scales, row sums.
+/// Weights repacked for the kernel: signed codes row-major `[n, k]` (the scalar twin's), the
+/// AVX2 panels, scales, row sums.
 #[derive(Debug)]
 pub struct W8A8Linear {
     layer: String,
@@ -39,6 +40,9 @@ pub fn fits(q: &QuantizedTensor) -> bool {
         && s.granularity == Granularity::PerChannel { axis: 0 }
         && q.shape().len() == 2
 }
+
+/// Rows of output a task quantizes and computes (a multiple of the micro-kernel's 6 rows).
+const ROWS: usize = 48;
 
 impl W8A8Linear {
     /// Repacks `q` (which must satisfy [`fits`]) for inputs quantized by `act` (8-bit).
@@ -105,46 +109,59 @@ impl W8A8Linear {
             ActRange::Dynamic { per_token: true } => None,
         };
         let mut y = vec![0f32; m * n];
+        if m == 0 || n == 0 {
+            return y;
+        }
         let level = self.level;
-        // Each task owns ROWS whole output rows: the integer sums are exact and quantization
-        // and the epilogue are per element, so the bits do not depend on the split.
-        const ROWS: usize = 128;
+        let offset = code_offset(&self.act);
+        let zeros;
+        let bias = match &self.bias {
+            Some(b) => b.as_slice(),
+            None => {
+                zeros = vec![0f32; n];
+                &zeros
+            }
+        };
+        // Tasks own whole output elements (rows r0..r1 × blocks b0..b1): the integer sums are
+        // exact and quantization and the epilogue are per element, so the bits do not depend
+        // on the split. With few row chunks the columns are split too (each such task
+        // quantizes its rows itself: cheap next to the products).
+        let chunks = m.div_ceil(ROWS);
+        let (col_tiles, per) = crate::gemm::column_split(&self.pool, chunks, self.panel.blocks);
+        let out = crate::gemm::OutPtr(y.as_mut_ptr());
         self.pool.install(|| {
-            y.par_chunks_mut((ROWS * n).max(1)).enumerate().for_each(|(c, out)| {
-                let r0 = c * ROWS;
-                let rows = out.len() / n.max(1);
-                let xs = &x[r0 * k..(r0 + rows) * k];
-                // Codes centred to fit i8 (see `code_offset`).
-                let mut xq = vec![0i8; rows * k];
+            (0..chunks * col_tiles).into_par_iter().for_each(|t| {
+                let (ci, cj) = (t / col_tiles, t % col_tiles);
+                let (r0, r1) = (ci * ROWS, ((ci + 1) * ROWS).min(m));
+                let (b0, b1) = (cj * per, ((cj + 1) * per).min(self.panel.blocks));
+                if b0 >= b1 {
+                    return;
+                }
+                let rows = r1 - r0;
+                let mut xq = Rows::new(rows, self.panel.pairs);
+                let mut codes = vec![0i16; k];
                 let mut units = Vec::with_capacity(rows);
                 for r in 0..rows {
-                    let row = &xs[r * k..(r + 1) * k];
-                    let unit = global.unwrap_or_else(|| {
+                    let row = &x[(r0 + r) * k..(r0 + r + 1) * k];
+                    let (sx, zx) = global.unwrap_or_else(|| {
                         let (lo, hi) = self.extremes(row);
                         self.act.scale_zero(lo, hi)
                     });
-                    quantize_row(level, row, self.act.smooth.as_deref(), unit, &self.act, &mut xq[r * k..(r + 1) * k]);
-                    units.push(unit);
+                    quantize_row(level, row, self.act.smooth.as_deref(), (sx, zx), &self.act, &mut codes);
+                    xq.set_row(r, &codes);
+                    units.push((sx, zx - offset));
                 }
-                let offset = code_offset(&self.act);
-                let mut acc = vec![0i32; rows * n];
-                gemm(level, &xq, rows, k, &self.w, &self.panel, &mut acc);
-                let zeros;
-                let bias = match &self.bias {
-                    Some(b) => b.as_slice(),
-                    None => {
-                        zeros = vec![0f32; n];
-                        &zeros
-                    }
+                let sink = Sink::F32 {
+                    // SAFETY (of the writes through it): this task's rows r0..r1 × the columns
+                    // of blocks b0..b1 (clipped to n) are its own; `y` outlives `pool.install`.
+                    out: out.get().wrapping_add(r0 * n),
+                    n,
+                    units: &units,
+                    w_sum: &self.w_sum,
+                    w_scale: &self.w_scale,
+                    bias,
                 };
-                for (r, &(sx, zx)) in units.iter().enumerate() {
-                    let zx = zx - offset;
-                    let (a, o) = (&acc[r * n..(r + 1) * n], &mut out[r * n..(r + 1) * n]);
-                    for ((((o, &a), &ws), &sc), &b) in o.iter_mut().zip(a).zip(&self.w_sum).zip(&self.w_scale).zip(bias)
-                    {
-                        *o = (a - zx * ws) as f32 * (sx * sc) + b;
-                    }
-                }
+                products(level, &xq, k, &self.w, &self.panel, b0..b1, &sink);
             });
         });
         y
@@ -173,14 +190,14 @@ impl W8A8Linear {
 }
 
 /// Codes of one row, `clamp(round_half_even(x/s_k / S) + Z)` exactly as
-/// `ActQuant::quantize_slice` computes them, stored centred to i8 ([`code_offset`]).
+/// `ActQuant::quantize_slice` computes them, stored centred to the i8 range ([`code_offset`]).
 fn quantize_row(
     level: SimdLevel,
     x: &[f32],
     smooth: Option<&[f32]>,
     (s, z): (f32, i32),
     act: &ActQuant,
-    out: &mut [i8],
+    out: &mut [i16],
 ) {
     let (q_min, q_max) = (act.q_min(), act.q_max());
     let offset = code_offset(act);
@@ -196,7 +213,7 @@ fn quantize_row(
                     Some(f) => v / f[i],
                     None => v,
                 };
-                *o = (((v / s).round_ties_even() as i32).saturating_add(z).clamp(q_min, q_max) - offset) as i8;
+                *o = (((v / s).round_ties_even() as i32).saturating_add(z).clamp(q_min, q_max) - offset) as i16;
             }
         }
     }
@@ -208,41 +225,133 @@ fn code_offset(act: &ActQuant) -> i32 {
     if act.symmetric { 0 } else { 128 }
 }
 
-/// Weights packed for the AVX2 micro-kernel: blocks of 8 output columns; within a block, for
-/// each quad of reduction indices `4q .. 4q+4`, each column's four codes side by side (32
-/// bytes, one `vpmaddubsw` operand), zero-padded to whole blocks and quads. Codes of −128 are
-/// stored as −127 (so `vpsignb` can negate them) and listed in `low`, whose exact products
-/// the kernel adds back.
+/// Output columns per panel block (two 8-lane i32 accumulators per row).
+const NR: usize = 16;
+
+/// Weights packed for the AVX2 micro-kernel, as i16 for `vpmaddwd` (which multiplies i16
+/// pairs into i32 sums exactly, the code −128 included): blocks of 16 output columns; within a
+/// block, for each pair of reduction indices `2p, 2p+1`, columns 0–7 then 8–15, each column's
+/// two codes side by side (64 bytes, two `vpmaddwd` operands); zero-padded to whole blocks and
+/// pairs.
 #[derive(Debug, Clone)]
 pub struct Panel {
-    data: Vec<i8>,
-    quads: usize,
+    data: Vec<i16>,
+    pairs: usize,
     blocks: usize,
-    /// The `(column, reduction index)` of every weight code −128.
-    low: Vec<(u32, u32)>,
-    /// The codes transposed, `[k][n]`, for the correction of input codes −128.
-    wt: Vec<i8>,
 }
 
 impl Panel {
     /// Packs row-major `[n, k]` int8 weights.
     pub fn pack(w: &[i8], n: usize, k: usize) -> Self {
-        let (quads, blocks) = (k.div_ceil(4), n.div_ceil(8));
-        let mut data = vec![0i8; blocks * quads * 32];
-        let mut low = Vec::new();
-        let mut wt = vec![0i8; k * n];
+        let (pairs, blocks) = (k.div_ceil(2), n.div_ceil(NR));
+        let mut data = vec![0i16; blocks * pairs * 2 * NR];
         for j in 0..n {
-            let (b, c) = (j / 8, j % 8);
+            let (b, h, c) = (j / NR, j % NR / 8, j % 8);
             for t in 0..k {
-                let v = w[j * k + t];
-                if v == i8::MIN {
-                    low.push((j as u32, t as u32));
-                }
-                data[(b * quads + t / 4) * 32 + c * 4 + t % 4] = v.max(-127);
-                wt[t * n + j] = v;
+                data[(b * pairs + t / 2) * 2 * NR + h * 16 + c * 2 + t % 2] = i16::from(w[j * k + t]);
             }
         }
-        Self { data, quads, blocks, low, wt }
+        Self { data, pairs, blocks }
+    }
+}
+
+/// Rows of i16 codes laid out for the micro-kernel: tiles of 6 rows (the last one
+/// `m mod 6` rows), within a tile the rows' code pairs `2p, 2p+1` interleaved pair by pair,
+/// so one pointer walks every row's next pair; zero-padded to whole pairs.
+#[derive(Debug)]
+pub struct Rows {
+    data: Vec<i16>,
+    m: usize,
+    pairs: usize,
+}
+
+impl Rows {
+    /// `m` zero rows of `pairs` code pairs.
+    pub fn new(m: usize, pairs: usize) -> Self {
+        Self { data: vec![0; m * pairs * 2], m, pairs }
+    }
+
+    /// Row `r`'s tile: its first element and its row count.
+    fn tile(&self, r: usize) -> (usize, usize) {
+        let t = r / 6;
+        (t * 6 * self.pairs * 2, (self.m - t * 6).min(6))
+    }
+
+    /// Stores `codes` (at most `2·pairs` of them; the rest stay zero) as row `r`.
+    pub fn set_row(&mut self, r: usize, codes: &[i16]) {
+        assert!(r < self.m && codes.len() <= self.pairs * 2);
+        let (base, mr) = self.tile(r);
+        let i = r % 6;
+        // This row's pairs are every mr-th pair of the tile, from its i-th.
+        let tile = &mut self.data[base..base + mr * self.pairs * 2];
+        let mut slots = tile.chunks_exact_mut(2).skip(i).step_by(mr);
+        let (whole, tail) = codes.split_at(codes.len() / 2 * 2);
+        // `whole` first: zip stops on it without taking a slot the tail needs.
+        for (c, slot) in whole.chunks_exact(2).zip(slots.by_ref()) {
+            slot[0] = c[0];
+            slot[1] = c[1];
+        }
+        if let (Some(slot), [c]) = (slots.next(), tail) {
+            slot[0] = *c;
+        }
+    }
+
+    /// The code of row `r` at reduction index `t`.
+    fn at(&self, r: usize, t: usize) -> i16 {
+        let (base, mr) = self.tile(r);
+        self.data[base + ((t / 2) * mr + r % 6) * 2 + t % 2]
+    }
+}
+
+/// Where the micro-kernel's sums go, 16 columns (one panel block) at a time, clipped to `n`
+/// columns. Row indices count from the pointer's row.
+pub enum Sink<'a> {
+    /// The raw i32 sums, row-major with `n` columns.
+    I32 {
+        /// The first row's first element.
+        acc: *mut i32,
+        /// Columns per row.
+        n: usize,
+    },
+    /// The W8A8 epilogue `(acc − zx·w_sum) as f32 · (sx·w_scale) + bias`, row-major f32.
+    F32 {
+        /// The first row's first element.
+        out: *mut f32,
+        /// Columns per row.
+        n: usize,
+        /// Each row's `(sx, zx)`, the zero point already centred.
+        units: &'a [(f32, i32)],
+        /// Σ_k w per output column.
+        w_sum: &'a [i32],
+        /// Scale per output column.
+        w_scale: &'a [f32],
+        /// Bias per output column (zeros when the layer has none).
+        bias: &'a [f32],
+    },
+}
+
+impl Sink<'_> {
+    /// Writes the scalar sums of row `r`, columns `j0..j0 + acc.len()` (clipped to `n`).
+    ///
+    /// # Safety
+    /// Row `r`, columns `j0..min(j0 + 16, n)` of the sink's buffer are valid and written by
+    /// no one else.
+    unsafe fn put(&self, r: usize, j0: usize, acc: &[i32]) {
+        match *self {
+            Sink::I32 { acc: p, n } => {
+                for (j, &a) in (j0..n).zip(acc) {
+                    // SAFETY: the caller vouches for row r, columns j0..n.
+                    unsafe { *p.add(r * n + j) = a };
+                }
+            }
+            Sink::F32 { out, n, units, w_sum, w_scale, bias } => {
+                let (sx, zx) = units[r];
+                for (j, &a) in (j0..n).zip(acc) {
+                    // SAFETY: as above.
+                    unsafe { *out.add(r * n + j) = (a - zx * w_sum[j]) as f32 * (sx * w_scale[j]) + bias[j] };
+                }
+            }
+        }
     }
 }
 
@@ -251,34 +360,48 @@ impl Panel {
 /// `panel`).
 pub fn gemm(level: SimdLevel, x: &[i8], m: usize, k: usize, w: &[i8], panel: &Panel, acc: &mut [i32]) {
     let n = acc.len() / m.max(1);
+    assert!(x.len() == m * k && acc.len() == m * n && w.len() == n * k);
+    let mut xq = Rows::new(m, panel.pairs);
+    for r in 0..m {
+        xq.set_row(r, &x[r * k..(r + 1) * k].iter().map(|&v| i16::from(v)).collect::<Vec<_>>());
+    }
+    products(level, &xq, k, w, panel, 0..panel.blocks, &Sink::I32 { acc: acc.as_mut_ptr(), n });
+}
+
+/// The exact integer products of the rows `x` with the weight blocks `blocks` (columns
+/// `16·blocks.start .. min(16·blocks.end, n)`), handed to `sink`.
+///
+/// The sink must own those rows and columns of its buffer.
+fn products(
+    level: SimdLevel,
+    x: &Rows,
+    k: usize,
+    w: &[i8],
+    panel: &Panel,
+    blocks: std::ops::Range<usize>,
+    sink: &Sink,
+) {
+    assert!(x.pairs == panel.pairs && blocks.end <= panel.blocks);
+    let n = w.len() / k.max(1);
     match level {
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
-            // SAFETY: AVX2 was detected on this CPU just above; shapes are consistent by
-            // construction (x: m·k, panel packed from n×k, acc: m·n).
-            unsafe { avx2::gemm(x, m, k, panel, n, acc) };
-            // The products the kernel took with −128 clamped to −127, made exact. An input code
-            // −128 against weight w: −128·w − (−127)·max(w, −127). A weight code −128 against an
-            // input x ≠ −128: x·(−128) − x·(−127) = −x.
-            for r in 0..m {
-                let xr = &x[r * k..(r + 1) * k];
-                let row = &mut acc[r * n..(r + 1) * n];
-                for (t, _) in xr.iter().enumerate().filter(|(_, v)| **v == i8::MIN) {
-                    for (a, &wv) in row.iter_mut().zip(&panel.wt[t * n..(t + 1) * n]) {
-                        *a += -128 * i32::from(wv) + 127 * i32::from(wv.max(-127));
-                    }
-                }
-                for &(j, t) in &panel.low {
-                    let xv = xr[t as usize];
-                    if xv != i8::MIN {
-                        row[j as usize] -= i32::from(xv);
-                    }
-                }
-            }
+            // SAFETY: AVX2 was detected on this CPU just above; layouts asserted; the sink's
+            // region is the caller's.
+            unsafe { avx2::products(x, panel, blocks, n, sink) }
         }
         _ => {
-            for r in 0..m {
-                dot_rows_scalar(&x[r * k..(r + 1) * k], w, k, &mut acc[r * n..(r + 1) * n]);
+            let mut acc = [0i32; NR];
+            for b in blocks {
+                let (j0, j1) = (b * NR, ((b + 1) * NR).min(n));
+                for r in 0..x.m {
+                    acc.fill(0);
+                    for (a, j) in acc.iter_mut().zip(j0..j1) {
+                        *a = (0..k).map(|t| i32::from(x.at(r, t)) * i32::from(w[j * k + t])).sum();
+                    }
+                    // SAFETY: row r, columns j0..j1 belong to the sink (caller's contract).
+                    unsafe { sink.put(r, j0, &acc[..j1 - j0]) };
+                }
             }
         }
     }
@@ -291,88 +414,153 @@ impl PreparedOp for W8A8Linear {
     }
 }
 
-/// `acc[j] = Σ_t x[t]·w[j·k + t]` for every weight row `j`: the scalar twin of [`gemm`]'s
-/// SIMD paths, one row of `x` at a time.
-pub fn dot_rows_scalar(x: &[i8], w: &[i8], k: usize, acc: &mut [i32]) {
-    for (j, a) in acc.iter_mut().enumerate() {
-        let row = &w[j * k..(j + 1) * k];
-        *a = x.iter().zip(row).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum();
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::Panel;
+    use super::{NR, Panel, Rows, Sink};
 
-    /// 4 rows × 16 columns per step: for each quad of reduction indices, two panel loads;
-    /// per row one broadcast of its four codes and their absolute values; per row and block of
-    /// 8 columns `vpsignb` (the weights take the codes' signs), `vpmaddubsw` (|x|·±w pairs,
-    /// exact as both are within ±127), `vpmaddwd` by ones and an add into i32. Rows past a
-    /// multiple of 4 run one at a time, a last odd block of 8 columns alone.
+    /// Each of `blocks` against every 6-row tile of `x` (the last one smaller): the sums of
+    /// one tile and block stay in twelve registers over the whole reduction and go through
+    /// the sink's epilogue straight from them.
     ///
     /// # Safety
-    /// The CPU must support AVX2; `x.len() == m·k`, `acc.len() == m·n`, `panel` packed from
-    /// `n × k` weights.
+    /// The CPU must support AVX2; `x.pairs == panel.pairs`, `blocks.end ≤ panel.blocks`; the
+    /// sink owns rows `0..x.m` × columns `16·blocks.start .. min(16·blocks.end, n)`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn gemm(x: &[i8], m: usize, k: usize, panel: &Panel, n: usize, acc: &mut [i32]) {
-        assert!(
-            x.len() == m * k && acc.len() == m * n && panel.quads == k.div_ceil(4) && panel.blocks == n.div_ceil(8)
-        );
-        // Row codes as i32 quads (zero-padded, −128 clamped), one broadcast per step.
-        let quads = panel.quads;
-        let xq: Vec<i32> = (0..m)
-            .flat_map(|r| {
-                (0..quads).map(move |q| {
-                    let mut b = [0u8; 4];
-                    for (i, v) in b.iter_mut().enumerate() {
-                        if 4 * q + i < k {
-                            *v = x[r * k + 4 * q + i].max(-127) as u8;
-                        }
+    pub unsafe fn products(x: &Rows, panel: &Panel, blocks: std::ops::Range<usize>, n: usize, sink: &Sink) {
+        let pairs = panel.pairs;
+        assert!(x.pairs == pairs && blocks.end <= panel.blocks && x.data.len() == x.m * pairs * 2);
+        // Reductions longer than KC pairs run in slices, so a block's panel slice (16 KB)
+        // stays in L1 across the row tiles; the partial sums between slices wait in `part`.
+        let slices = pairs.div_ceil(KC).max(1);
+        let cols = (blocks.end - blocks.start) * NR;
+        let mut part = if slices > 1 { vec![0i32; x.m * cols] } else { Vec::new() };
+        for s in 0..slices {
+            let (p0, p1) = (s * KC, ((s + 1) * KC).min(pairs));
+            let last = s + 1 == slices;
+            for b in blocks.clone() {
+                let wb = &panel.data[(b * pairs + p0) * 2 * NR..(b * pairs + p1) * 2 * NR];
+                let pc = (b - blocks.start) * NR;
+                let mut r = 0;
+                while r < x.m {
+                    let mr = (x.m - r).min(6);
+                    let xs = &x.data[(r * pairs + p0 * mr) * 2..(r * pairs + p1 * mr) * 2];
+                    macro_rules! tile {
+                        ($mr:literal) => {{
+                            let init = (s > 0).then(|| load::<$mr>(&part, r, pc, cols));
+                            let a = micro::<$mr>(xs, p1 - p0, wb, init);
+                            if last {
+                                // SAFETY: rows r..r + mr, block b's columns are the sink's
+                                // (caller's contract).
+                                unsafe { store(sink, r, b * NR, n, a) }
+                            } else {
+                                keep::<$mr>(&mut part, r, pc, cols, a)
+                            }
+                        }};
                     }
-                    i32::from_le_bytes(b)
-                })
-            })
-            .collect();
-        let mut tile = [0i32; 64];
-        let mut b = 0;
-        while b < panel.blocks {
-            let nb = (panel.blocks - b).min(2);
-            let wb = &panel.data[b * quads * 32..(b + nb) * quads * 32];
-            let cols = (n - b * 8).min(8 * nb);
-            let mut r = 0;
-            while r < m {
-                let mr = if m - r >= 4 { 4 } else { 1 };
-                let xs = &xq[r * quads..(r + mr) * quads];
-                let a: [[__m256i; 2]; 4] = match (mr, nb) {
-                    (4, 2) => micro::<4, 2>(xs, quads, wb),
-                    (4, _) => pad(micro::<4, 1>(xs, quads, wb)),
-                    (_, 2) => pad(micro::<1, 2>(xs, quads, wb)),
-                    _ => pad(micro::<1, 1>(xs, quads, wb)),
-                };
-                for (i, ai) in a.iter().enumerate().take(mr) {
-                    // SAFETY: tile has 64 = 4 rows × 16 lanes; i < 4.
-                    unsafe {
-                        _mm256_storeu_si256(tile.as_mut_ptr().add(i * 16) as *mut __m256i, ai[0]);
-                        _mm256_storeu_si256(tile.as_mut_ptr().add(i * 16 + 8) as *mut __m256i, ai[1]);
+                    match mr {
+                        6 => tile!(6),
+                        5 => tile!(5),
+                        4 => tile!(4),
+                        3 => tile!(3),
+                        2 => tile!(2),
+                        _ => tile!(1),
                     }
-                    acc[(r + i) * n + b * 8..(r + i) * n + b * 8 + cols].copy_from_slice(&tile[i * 16..i * 16 + cols]);
+                    r += mr;
                 }
-                r += mr;
             }
-            b += nb;
         }
     }
 
-    /// A smaller micro-kernel result widened to 4 rows × 2 blocks (zeros elsewhere).
-    fn pad<const MR: usize, const NB: usize>(a: [[__m256i; NB]; MR]) -> [[__m256i; 2]; 4] {
-        // SAFETY: an all-zero bit pattern is a valid __m256i.
-        let mut out = [[unsafe { std::mem::zeroed::<__m256i>() }; 2]; 4];
-        for (o, ai) in out.iter_mut().zip(a) {
-            o[..NB].copy_from_slice(&ai);
+    /// Reduction pairs per slice of [`products`].
+    const KC: usize = 256;
+
+    /// Partial sums of rows `r..r + MR`, columns `c..c + 16` of `part` (`cols` per row).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn load<const MR: usize>(part: &[i32], r: usize, c: usize, cols: usize) -> [[__m256i; 2]; MR] {
+        assert!((r + MR - 1) * cols + c + NR <= part.len());
+        // SAFETY: every row's 16 lanes lie inside `part` (asserted for the last row).
+        std::array::from_fn(|i| unsafe {
+            let p = part.as_ptr().add((r + i) * cols + c) as *const __m256i;
+            [_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1))]
+        })
+    }
+
+    /// Stores partial sums where [`load`] reads them.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn keep<const MR: usize>(part: &mut [i32], r: usize, c: usize, cols: usize, a: [[__m256i; 2]; MR]) {
+        assert!((r + MR - 1) * cols + c + NR <= part.len());
+        for (i, ai) in a.iter().enumerate() {
+            // SAFETY: as in `load`.
+            unsafe {
+                let p = part.as_mut_ptr().add((r + i) * cols + c) as *mut __m256i;
+                _mm256_storeu_si256(p, ai[0]);
+                _mm256_storeu_si256(p.add(1), ai[1]);
+            }
         }
-        out
+    }
+
+    /// Rows `r0..r0 + MR`, columns `j0..j0 + 16` of the sums, through the sink: whole
+    /// blocks straight from the registers (the F32 epilogue in them), a clipped last block
+    /// through the scalar twin of the sink.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; the sink owns those rows and columns `j0..min(j0 + 16, n)`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn store<const MR: usize>(sink: &Sink, r0: usize, j0: usize, n: usize, a: [[__m256i; 2]; MR]) {
+        if j0 + NR > n {
+            let mut tile = [0i32; NR];
+            for (i, ai) in a.iter().enumerate() {
+                // SAFETY: tile holds 16 lanes.
+                unsafe {
+                    _mm256_storeu_si256(tile.as_mut_ptr() as *mut __m256i, ai[0]);
+                    _mm256_storeu_si256(tile.as_mut_ptr().add(8) as *mut __m256i, ai[1]);
+                    sink.put(r0 + i, j0, &tile[..n - j0]);
+                }
+            }
+            return;
+        }
+        match *sink {
+            Sink::I32 { acc, n } => {
+                for (i, ai) in a.iter().enumerate() {
+                    // SAFETY: row r0 + i, columns j0..j0 + 16 ≤ n are the sink's.
+                    unsafe {
+                        let p = acc.add((r0 + i) * n + j0);
+                        _mm256_storeu_si256(p as *mut __m256i, ai[0]);
+                        _mm256_storeu_si256(p.add(8) as *mut __m256i, ai[1]);
+                    }
+                }
+            }
+            Sink::F32 { out, n, units, w_sum, w_scale, bias } => {
+                assert!(j0 + NR <= w_sum.len().min(w_scale.len()).min(bias.len()) && r0 + MR <= units.len());
+                // SAFETY: j0 + 16 ≤ the length of every per-column slice (asserted).
+                let (ws, sc, bs) = unsafe {
+                    let ld = |p: *const f32| [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
+                    let wsp = w_sum.as_ptr().add(j0) as *const __m256i;
+                    (
+                        [_mm256_loadu_si256(wsp), _mm256_loadu_si256(wsp.add(1))],
+                        ld(w_scale.as_ptr().add(j0)),
+                        ld(bias.as_ptr().add(j0)),
+                    )
+                };
+                for (i, ai) in a.iter().enumerate() {
+                    let (sx, zx) = units[r0 + i];
+                    let (sv, zv) = (_mm256_set1_ps(sx), _mm256_set1_epi32(zx));
+                    for h in 0..2 {
+                        // The scalar twin's operations in its order: the i32 difference, its
+                        // conversion, the product of the scales, a multiply, then an add.
+                        let t = _mm256_cvtepi32_ps(_mm256_sub_epi32(ai[h], _mm256_mullo_epi32(zv, ws[h])));
+                        let o = _mm256_add_ps(_mm256_mul_ps(t, _mm256_mul_ps(sv, sc[h])), bs[h]);
+                        // SAFETY: row r0 + i, columns j0 + 8h .. + 8 ≤ n are the sink's.
+                        unsafe { _mm256_storeu_ps(out.add((r0 + i) * n + j0 + 8 * h), o) };
+                    }
+                }
+            }
+        }
     }
 
     /// Minimum and maximum of `x`, eight lanes at a time.
@@ -406,53 +594,61 @@ mod avx2 {
     /// # Safety
     /// The CPU must support AVX2; `out.len() == x.len()`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn quantize_row(x: &[f32], s: f32, z: i32, (q_min, q_max): (i32, i32), offset: i32, out: &mut [i8]) {
+    pub unsafe fn quantize_row(x: &[f32], s: f32, z: i32, (q_min, q_max): (i32, i32), offset: i32, out: &mut [i16]) {
         assert!(out.len() == x.len());
         let body = x.len() - x.len() % 8;
         let (sv, zv) = (_mm256_set1_ps(s), _mm256_set1_epi32(z));
         let (lo, hi) = (_mm256_set1_epi32(q_min), _mm256_set1_epi32(q_max));
         let (flo, fhi) = (_mm256_set1_ps((q_min - z) as f32), _mm256_set1_ps((q_max - z) as f32));
-        let mut lanes = [0i32; 8];
+        let ov = _mm256_set1_epi32(offset);
         let mut i = 0;
         while i < body {
-            // SAFETY: i + 8 ≤ body ≤ x.len().
-            let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
-            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_div_ps(v, sv));
-            // Clamp in float first, so values past i32's range saturate as the scalar path's
-            // `as i32` + clamp does (the bounds are integers, so in-range results are equal).
-            let r = _mm256_min_ps(_mm256_max_ps(r, flo), fhi);
-            let q = _mm256_min_epi32(_mm256_max_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(r), zv), lo), hi);
-            // SAFETY: lanes holds 8 i32.
-            unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, q) };
-            for (o, l) in out[i..i + 8].iter_mut().zip(lanes) {
-                *o = (l - offset) as i8;
+            // SAFETY: i + 8 ≤ body ≤ x.len() = out.len().
+            unsafe {
+                let v = _mm256_loadu_ps(x.as_ptr().add(i));
+                let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_div_ps(v, sv));
+                // Clamp in float first, so values past i32's range saturate as the scalar
+                // path's `as i32` + clamp does (the bounds are integers, so in-range results
+                // are equal).
+                let r = _mm256_min_ps(_mm256_max_ps(r, flo), fhi);
+                let q = _mm256_min_epi32(_mm256_max_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(r), zv), lo), hi);
+                // Centred codes lie in −128..=127, so the saturating pack is exact.
+                let c = _mm256_sub_epi32(q, ov);
+                let packed = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256::<1>(c));
+                _mm_storeu_si128(out.as_mut_ptr().add(i) as *mut __m128i, packed);
             }
             i += 8;
         }
         for t in body..x.len() {
-            out[t] = (((x[t] / s).round_ties_even() as i32).saturating_add(z).clamp(q_min, q_max) - offset) as i8;
+            out[t] = (((x[t] / s).round_ties_even() as i32).saturating_add(z).clamp(q_min, q_max) - offset) as i16;
         }
     }
 
-    /// `MR` rows (codes as i32 quads, `[MR, quads]`) against `NB` blocks of 8 columns: the
-    /// accumulators are a fixed-size array, unrolled into registers.
+    /// A tile of `MR` rows of i16 codes (pair-interleaved, see [`Rows`]) against one block
+    /// of 16 columns, on top of `init` (zeros when `None`): per pair of reduction indices two panel loads, per row one broadcast of
+    /// its two codes, two `vpmaddwd` and two adds into the i32 sums, which stay in registers
+    /// throughout.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    fn micro<const MR: usize, const NB: usize>(xq: &[i32], quads: usize, wb: &[i8]) -> [[__m256i; NB]; MR] {
-        let mut a = [[_mm256_setzero_si256(); NB]; MR];
-        assert!(xq.len() == MR * quads && wb.len() == NB * quads * 32);
-        let ones = _mm256_set1_epi16(1);
-        for q in 0..quads {
-            // SAFETY: (b·quads + q)·32 + 32 ≤ NB·quads·32 = wb.len() (asserted above).
-            let w: [__m256i; NB] = std::array::from_fn(|b| unsafe {
-                _mm256_loadu_si256(wb.as_ptr().add((b * quads + q) * 32) as *const __m256i)
-            });
-            for (i, ai) in a.iter_mut().enumerate() {
-                let xv = _mm256_set1_epi32(xq[i * quads + q]);
-                let ax = _mm256_sign_epi8(xv, xv);
-                for (acc, wv) in ai.iter_mut().zip(&w) {
-                    let p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(*wv, xv));
-                    *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(p, ones));
+    fn micro<const MR: usize>(
+        x: &[i16],
+        pairs: usize,
+        wb: &[i16],
+        init: Option<[[__m256i; 2]; MR]>,
+    ) -> [[__m256i; 2]; MR] {
+        let mut a = init.unwrap_or([[_mm256_setzero_si256(); 2]; MR]);
+        assert!(x.len() == MR * pairs * 2 && wb.len() == pairs * 32);
+        let (xp, wp) = (x.as_ptr() as *const i32, wb.as_ptr());
+        for p in 0..pairs {
+            // SAFETY: p·32 + 32 ≤ pairs·32 = wb.len(), and row i's pair p is the i32 at
+            // p·MR + i < MR·pairs = x.len() / 2 (asserted above).
+            unsafe {
+                let w0 = _mm256_loadu_si256(wp.add(p * 32) as *const __m256i);
+                let w1 = _mm256_loadu_si256(wp.add(p * 32 + 16) as *const __m256i);
+                for (i, ai) in a.iter_mut().enumerate() {
+                    let xv = _mm256_set1_epi32(xp.add(p * MR + i).read_unaligned());
+                    ai[0] = _mm256_add_epi32(ai[0], _mm256_madd_epi16(xv, w0));
+                    ai[1] = _mm256_add_epi32(ai[1], _mm256_madd_epi16(xv, w1));
                 }
             }
         }
