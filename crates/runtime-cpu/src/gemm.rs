@@ -15,7 +15,7 @@ use std::fmt::Debug;
 
 use rayon::prelude::*;
 
-use crate::simd::SimdLevel;
+use crate::simd::{Aligned, SimdLevel};
 
 /// Rows of `x` per micro-kernel call.
 pub const MR: usize = 6;
@@ -54,16 +54,16 @@ pub trait Panels: Send + Sync + Debug {
 /// Dense f32 weights packed `[panel][k][NR]`.
 #[derive(Debug, Clone)]
 pub struct PackedF32 {
-    data: Vec<f32>,
+    data: Aligned<f32>,
     n: usize,
     k: usize,
 }
 
 /// Row-major `w` (`[n, k]`) rearranged into column panels `[n/NR][k][NR]`, the last panel
 /// padded with `T::default()`.
-pub fn to_panels<T: Copy + Default>(w: &[T], n: usize, k: usize) -> Vec<T> {
+pub fn to_panels<T: Copy + Default>(w: &[T], n: usize, k: usize) -> Aligned<T> {
     assert!(w.len() == n * k);
-    let mut data = vec![T::default(); n.div_ceil(NR) * k * NR];
+    let mut data = Aligned::new(n.div_ceil(NR) * k * NR);
     for j in 0..n {
         let (jb, c) = (j / NR, j % NR);
         for (p, &v) in w[j * k..(j + 1) * k].iter().enumerate() {
@@ -239,7 +239,7 @@ fn blocked_tile(
     let rows = tile.r1 - tile.r0;
     let strips = rows.div_ceil(MR);
     let mut a = vec![0f32; strips * MR * KC.min(k)];
-    let mut buf = vec![0f32; KC * NR];
+    let mut buf = Aligned::<f32>::new(KC * NR);
     let mut acc = [[0f32; NR]; MR];
     for k0 in (0..k).step_by(KC) {
         let k1 = (k0 + KC).min(k);

@@ -6,7 +6,7 @@ use candle_core::DType;
 use half::{bf16, f16};
 
 use crate::gemm::{NR, Panels};
-use crate::simd::SimdLevel;
+use crate::simd::{Aligned, SimdLevel};
 
 /// Half-precision weights `[n, k]` packed `[panel][k][NR]` as raw 16-bit patterns.
 #[derive(Debug, Clone)]
@@ -14,7 +14,7 @@ pub struct HalfPanels {
     n: usize,
     k: usize,
     bf16: bool,
-    data: Vec<u16>,
+    data: Aligned<u16>,
 }
 
 impl HalfPanels {

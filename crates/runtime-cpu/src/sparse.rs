@@ -10,21 +10,39 @@
 use rayon::prelude::*;
 
 use crate::gemm::OutPtr;
-use crate::simd::SimdLevel;
+use crate::simd::{Aligned, SimdLevel};
 
-/// The density (stored nonzeros / elements) above which the dense GEMM is faster than this
-/// kernel: the crossover the `sparse` bench measures at MiniLM's 4096×384×1536 on AVX2 (sparse
-/// 1.1× dense at 30%, 0.76× at 50%), so 2:4 weights (50%) run densified for now.
-pub const SPARSE_MAX_DENSITY: f64 = 0.3;
+/// The density (stored nonzeros / elements) above which the dense GEMM is at least as fast as
+/// this kernel: the crossover the `sparse` bench measures at MiniLM's 4096×384×1536 on AVX2
+/// (sparse 1.5× dense at 30%, 1.0× at 50%, 0.84× at 70%), so 2:4 weights (50%) run densified,
+/// where they are as fast and free of the index stream.
+pub const SPARSE_MAX_DENSITY: f64 = 0.45;
 
-/// Rows of `x` per tile in the wide kernel (two AVX2 registers; a tile of MiniLM's 384 inputs
-/// is 24 KiB, inside L1, where the nonzeros' scattered column reads must hit).
-const WIDE: usize = 16;
-/// Interleaved accumulator sets (consecutive nonzeros go to different sets, so enough FMA
-/// chains are in flight).
-const SETS: usize = 4;
-/// Rows per tile when the batch is small.
-const NARROW: usize = 8;
+/// Reduction indices per slice: a tile's slice of transposed inputs (`KC × lanes` floats, 16
+/// KiB at 64 lanes) stays in L1 while every output of a chunk reads its nonzeros' columns
+/// from it; partial sums carry over between slices.
+const KC: usize = 64;
+/// Outputs per chunk (their transposed sums, `CHUNK × lanes` floats, stay in L1 across the
+/// slices).
+const CHUNK: usize = 64;
+
+/// Rows per tile for `m` input rows: 64 (eight AVX2 registers per nonzero, so the loads of the
+/// index and value are shared by eight FMAs, and the weights stream once per 64 rows) when the
+/// batch allows, else 32, 16 or 8.
+fn lanes_for(m: usize) -> usize {
+    match m {
+        64.. => 64,
+        32.. => 32,
+        16.. => 16,
+        _ => 8,
+    }
+}
+
+/// Interleaved accumulator sets at `lanes` rows: at least eight independent FMA chains (the
+/// FMA latency × throughput), twelve where the registers allow.
+const fn sets_for(lanes: usize) -> usize {
+    if lanes >= 64 { 1 } else { 96 / lanes }
+}
 
 /// `y[r][j] = bias[j] + yt[j − c0][r − r0]` for rows `r0..r1`, outputs `c0..c1`: the
 /// transposed tile back into row-major output, 8 × 8 blocks at a time on AVX2.
@@ -61,15 +79,39 @@ unsafe fn write_back(
     }
 }
 
-/// A weight `[n, k]` as its nonzeros, output by output: output `j`'s values are
-/// `vals[ptr[j]..ptr[j+1]]` at input columns `cols[..]` (ascending).
+/// `xt[c][r] = x[r][c]` for the tile's rows `x` (`[rows, k]`, rows ≤ `lanes`) into `xt`
+/// (`[k][lanes]`, lanes past the rows left as they are): 8 × 8 blocks in registers on AVX2.
+fn transpose_in(level: SimdLevel, x: &[f32], k: usize, lanes: usize, xt: &mut [f32]) {
+    let rows = x.len() / k.max(1);
+    assert!(rows <= lanes && xt.len() == k * lanes);
+    let (mut rb, mut cb) = (0, 0);
+    #[cfg(target_arch = "x86_64")]
+    if level == SimdLevel::Avx2 && SimdLevel::detect() >= SimdLevel::Avx2 {
+        (rb, cb) = (rows / 8 * 8, k / 8 * 8);
+        // SAFETY: AVX2 was detected; rb ≤ rows ≤ lanes, cb ≤ k.
+        unsafe { avx2::transpose_blocks(x, k, rb, cb, lanes, xt) };
+    }
+    for r in 0..rows {
+        for c in 0..k {
+            if r < rb && c < cb {
+                continue;
+            }
+            xt[c * lanes + r] = x[r * k + c];
+        }
+    }
+}
+
+/// A weight `[n, k]` as its nonzeros, output by output (each output's at ascending input
+/// columns `cols`, values `vals`); `split` marks where each output's nonzeros start and
+/// cross into the next slice of [`KC`] columns.
 #[derive(Debug, Clone)]
 pub struct SparseRows {
     n: usize,
     k: usize,
-    ptr: Vec<u32>,
     cols: Vec<u32>,
     vals: Vec<f32>,
+    /// `split[j·(slices + 1) + s]`: output j's first nonzero at column ≥ s·KC.
+    split: Vec<u32>,
 }
 
 impl SparseRows {
@@ -89,7 +131,21 @@ impl SparseRows {
             }
             ptr.push(vals.len() as u32);
         }
-        Self { n, k, ptr, cols, vals }
+        let slices = k.div_ceil(KC);
+        let mut split = Vec::with_capacity(n * (slices + 1));
+        for j in 0..n {
+            let (a, b) = (ptr[j] as usize, ptr[j + 1] as usize);
+            for s in 0..=slices {
+                split.push((a + cols[a..b].partition_point(|&c| (c as usize) < s * KC)) as u32);
+            }
+        }
+        Self { n, k, cols, vals, split }
+    }
+
+    /// Output `j`'s nonzeros in slice `s` (columns `s·KC .. (s+1)·KC`), as a range of `vals`.
+    fn slice(&self, j: usize, s: usize) -> std::ops::Range<usize> {
+        let at = j * (self.k.div_ceil(KC) + 1) + s;
+        self.split[at] as usize..self.split[at + 1] as usize
     }
 
     /// Output features.
@@ -116,7 +172,7 @@ impl SparseRows {
         if m == 0 || n == 0 {
             return;
         }
-        let lanes = if m >= WIDE { WIDE } else { NARROW };
+        let lanes = lanes_for(m);
         let tiles = m.div_ceil(lanes);
         let (splits, per) = crate::gemm::column_split(pool, tiles, n);
         let out = OutPtr(y.as_mut_ptr());
@@ -125,19 +181,15 @@ impl SparseRows {
                 let (ti, s) = (t / splits, t % splits);
                 let (r0, r1) = (ti * lanes, ((ti + 1) * lanes).min(m));
                 let (j0, j1) = ((s * per).min(n), ((s + 1) * per).min(n));
-                let mut xt = vec![0f32; k * lanes];
-                for r in r0..r1 {
-                    for (c, &v) in x[r * k..(r + 1) * k].iter().enumerate() {
-                        xt[c * lanes + (r - r0)] = v;
-                    }
-                }
-                // Outputs in chunks small enough for L1, written back as soon as computed.
-                const CHUNK: usize = 64;
-                let mut yt = vec![0f32; CHUNK * lanes];
+                let mut xt = Aligned::<f32>::new(k * lanes);
+                transpose_in(level, &x[r0 * k..r1 * k], k, lanes, &mut xt);
+                let mut yt = Aligned::<f32>::new(CHUNK * lanes);
                 for c0 in (j0..j1).step_by(CHUNK) {
                     let c1 = (c0 + CHUNK).min(j1);
                     let yt = &mut yt[..(c1 - c0) * lanes];
-                    self.tile(level, &xt, lanes, c0, c1, yt);
+                    for sl in 0..k.div_ceil(KC) {
+                        self.tile(level, &xt, lanes, (c0, c1), sl, yt);
+                    }
                     // SAFETY: task t owns rows r0..r1 × outputs j0..j1 of y; tasks partition
                     // y, which outlives `pool.install`.
                     unsafe { write_back(level, yt, lanes, (r0, r1), (c0, c1), bias, out.get(), n) };
@@ -146,34 +198,44 @@ impl SparseRows {
         });
     }
 
-    /// Outputs `j0..j1` for one transposed tile `xt` (`[k][lanes]`) into `yt` (`[j][lanes]`).
-    fn tile(&self, level: SimdLevel, xt: &[f32], lanes: usize, j0: usize, j1: usize, yt: &mut [f32]) {
+    /// Outputs `j0..j1`'s sums over slice `sl` of the transposed tile `xt` (`[k][lanes]`),
+    /// added to `yt` (`[j][lanes]`; set on the first slice).
+    ///
+    /// Per output and lane the order of operations is fixed: [`sets_for`] accumulators, the
+    /// first starting from the sum so far (zero on the first slice), take the slice's
+    /// nonzeros in turn by fused multiply-add, and are then summed left to right.
+    fn tile(&self, level: SimdLevel, xt: &[f32], lanes: usize, (j0, j1): (usize, usize), sl: usize, yt: &mut [f32]) {
+        assert!(xt.len() == self.k * lanes && yt.len() == (j1 - j0) * lanes && j1 <= self.n);
         match level {
             #[cfg(target_arch = "x86_64")]
             SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
                 // SAFETY: AVX2 and FMA were detected just above; every column index is < k
-                // (built by `from_dense`), xt holds k·lanes and yt (j1 − j0)·lanes floats.
+                // (built by `from_dense`), lengths asserted above.
                 unsafe {
-                    if lanes == WIDE {
-                        avx2::tile::<{ WIDE / 8 }>(self, xt, j0, j1, yt)
-                    } else {
-                        avx2::tile::<{ NARROW / 8 }>(self, xt, j0, j1, yt)
+                    match lanes {
+                        64 => avx2::tile::<8, { sets_for(64) }>(self, xt, (j0, j1), sl, yt),
+                        32 => avx2::tile::<4, { sets_for(32) }>(self, xt, (j0, j1), sl, yt),
+                        16 => avx2::tile::<2, { sets_for(16) }>(self, xt, (j0, j1), sl, yt),
+                        _ => avx2::tile::<1, { sets_for(8) }>(self, xt, (j0, j1), sl, yt),
                     }
                 }
             }
             _ => {
-                // The same interleaved accumulator sets per lane as the AVX2 path, summed in
-                // the same order.
+                let sets = sets_for(lanes);
+                let mut acc = vec![0f32; sets];
                 for j in j0..j1 {
-                    let mut acc = vec![[0f32; SETS]; lanes];
-                    for (i, nz) in (self.ptr[j] as usize..self.ptr[j + 1] as usize).enumerate() {
-                        let (c, v) = (self.cols[nz] as usize, self.vals[nz]);
-                        for (l, a) in acc.iter_mut().enumerate() {
-                            a[i % SETS] = v.mul_add(xt[c * lanes + l], a[i % SETS]);
+                    let nz = self.slice(j, sl);
+                    for l in 0..lanes {
+                        let y = &mut yt[(j - j0) * lanes + l];
+                        acc.fill(0.0);
+                        if sl > 0 {
+                            acc[0] = *y;
                         }
-                    }
-                    for (l, a) in acc.iter().enumerate() {
-                        yt[(j - j0) * lanes + l] = (a[0] + a[1]) + (a[2] + a[3]);
+                        for (i, z) in nz.clone().enumerate() {
+                            let (c, v) = (self.cols[z] as usize, self.vals[z]);
+                            acc[i % sets] = v.mul_add(xt[c * lanes + l], acc[i % sets]);
+                        }
+                        *y = acc.iter().skip(1).fold(acc[0], |s, &a| s + a);
                     }
                 }
             }
@@ -187,7 +249,61 @@ impl SparseRows {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{SETS, SparseRows};
+    use super::SparseRows;
+
+    /// The 8 × 8 transpose of `v` (rows in, columns out), in registers.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn transpose8(v: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(v[0], v[1]);
+        let t1 = _mm256_unpackhi_ps(v[0], v[1]);
+        let t2 = _mm256_unpacklo_ps(v[2], v[3]);
+        let t3 = _mm256_unpackhi_ps(v[2], v[3]);
+        let t4 = _mm256_unpacklo_ps(v[4], v[5]);
+        let t5 = _mm256_unpackhi_ps(v[4], v[5]);
+        let t6 = _mm256_unpacklo_ps(v[6], v[7]);
+        let t7 = _mm256_unpackhi_ps(v[6], v[7]);
+        let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(s0, s4),
+            _mm256_permute2f128_ps::<0x20>(s1, s5),
+            _mm256_permute2f128_ps::<0x20>(s2, s6),
+            _mm256_permute2f128_ps::<0x20>(s3, s7),
+            _mm256_permute2f128_ps::<0x31>(s0, s4),
+            _mm256_permute2f128_ps::<0x31>(s1, s5),
+            _mm256_permute2f128_ps::<0x31>(s2, s6),
+            _mm256_permute2f128_ps::<0x31>(s3, s7),
+        ]
+    }
+
+    /// [`super::transpose_in`] for whole 8 × 8 blocks: rows `0..rb`, columns `0..cb` of the
+    /// tile (both multiples of 8).
+    ///
+    /// # Safety
+    /// AVX2; `x` holds the tile's rows (`rb` ≤ its row count, `k` values each), `cb ≤ k`,
+    /// `xt` is `[k][lanes]` with `rb ≤ lanes`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn transpose_blocks(x: &[f32], k: usize, rb: usize, cb: usize, lanes: usize, xt: &mut [f32]) {
+        assert!(rb * k <= x.len() && cb <= k && rb <= lanes && xt.len() >= k * lanes);
+        for ib in (0..rb).step_by(8) {
+            for cbk in (0..cb).step_by(8) {
+                // SAFETY: row ib + i < rb, columns cbk .. cbk + 8 ≤ cb ≤ k (asserted).
+                let v: [__m256; 8] =
+                    std::array::from_fn(|i| unsafe { _mm256_loadu_ps(x.as_ptr().add((ib + i) * k + cbk)) });
+                for (c, col) in transpose8(v).iter().enumerate() {
+                    // SAFETY: (cbk + c)·lanes + ib + 8 ≤ k·lanes ≤ xt.len() (ib + 8 ≤ rb ≤ lanes).
+                    unsafe { _mm256_storeu_ps(xt.as_mut_ptr().add((cbk + c) * lanes + ib), *col) };
+                }
+            }
+        }
+    }
 
     /// [`super::write_back`] for the whole 8 × 8 blocks: rows `r0 .. r0 + rb`, outputs
     /// `c0 .. c0 + cb` (both multiples of 8), each block transposed in registers.
@@ -219,32 +335,7 @@ mod avx2 {
                 // SAFETY: (jb + i)·lanes + ib + 8 ≤ cb·lanes ≤ yt.len().
                 let v: [__m256; 8] =
                     std::array::from_fn(|i| unsafe { _mm256_loadu_ps(yt.as_ptr().add((jb + i) * lanes + ib)) });
-                let t0 = _mm256_unpacklo_ps(v[0], v[1]);
-                let t1 = _mm256_unpackhi_ps(v[0], v[1]);
-                let t2 = _mm256_unpacklo_ps(v[2], v[3]);
-                let t3 = _mm256_unpackhi_ps(v[2], v[3]);
-                let t4 = _mm256_unpacklo_ps(v[4], v[5]);
-                let t5 = _mm256_unpackhi_ps(v[4], v[5]);
-                let t6 = _mm256_unpacklo_ps(v[6], v[7]);
-                let t7 = _mm256_unpackhi_ps(v[6], v[7]);
-                let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-                let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-                let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-                let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-                let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-                let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-                let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-                let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-                let rows = [
-                    _mm256_permute2f128_ps::<0x20>(s0, s4),
-                    _mm256_permute2f128_ps::<0x20>(s1, s5),
-                    _mm256_permute2f128_ps::<0x20>(s2, s6),
-                    _mm256_permute2f128_ps::<0x20>(s3, s7),
-                    _mm256_permute2f128_ps::<0x31>(s0, s4),
-                    _mm256_permute2f128_ps::<0x31>(s1, s5),
-                    _mm256_permute2f128_ps::<0x31>(s2, s6),
-                    _mm256_permute2f128_ps::<0x31>(s3, s7),
-                ];
+                let rows = transpose8(v);
                 for (i, row) in rows.iter().enumerate() {
                     // SAFETY: row r0 + ib + i < r0 + rb, outputs c0 + jb .. + 8 < c0 + cb: in the
                     // caller's block.
@@ -254,47 +345,58 @@ mod avx2 {
         }
     }
 
-    /// `V` registers (8·V rows) per nonzero; [`SETS`] accumulator sets take consecutive
-    /// nonzeros in turn, so 4·V FMA chains are in flight.
+    /// `V` registers (8·V rows) per nonzero, `S` accumulator sets taking the slice's nonzeros
+    /// in turn (S·V FMA chains in flight), as [`SparseRows::tile`] describes.
     ///
     /// # Safety
     /// AVX2 and FMA; `xt` is `[k][8·V]`, `yt` holds `(j1 − j0)·8·V`, column indices `< k`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile<const V: usize>(w: &SparseRows, xt: &[f32], j0: usize, j1: usize, yt: &mut [f32]) {
+    pub unsafe fn tile<const V: usize, const S: usize>(
+        w: &SparseRows,
+        xt: &[f32],
+        (j0, j1): (usize, usize),
+        sl: usize,
+        yt: &mut [f32],
+    ) {
         let lanes = 8 * V;
         assert!(xt.len() == w.k * lanes && yt.len() == (j1 - j0) * lanes && j1 <= w.n);
         for j in j0..j1 {
-            let (a, b) = (w.ptr[j] as usize, w.ptr[j + 1] as usize);
-            let (cols, vals) = (&w.cols[a..b], &w.vals[a..b]);
-            let mut acc = [[_mm256_setzero_ps(); V]; SETS];
-            let mut i = 0;
-            while i + SETS <= cols.len() {
-                for (set, accs) in acc.iter_mut().enumerate() {
-                    let c = cols[i + set] as usize;
-                    assert!(c < w.k);
-                    let v = _mm256_set1_ps(vals[i + set]);
-                    for (q, a) in accs.iter_mut().enumerate() {
-                        // SAFETY: c < k, so c·lanes + 8q + 8 ≤ k·lanes = xt.len().
-                        let xv = unsafe { _mm256_loadu_ps(xt.as_ptr().add(c * lanes + 8 * q)) };
-                        *a = _mm256_fmadd_ps(v, xv, *a);
-                    }
+            let nz = w.slice(j, sl);
+            let (cols, vals) = (&w.cols[nz.clone()], &w.vals[nz]);
+            let yp = (j - j0) * lanes;
+            let mut acc = [[_mm256_setzero_ps(); V]; S];
+            if sl > 0 {
+                for (q, a) in acc[0].iter_mut().enumerate() {
+                    // SAFETY: yp + 8q + 8 ≤ (j1 − j0)·lanes = yt.len().
+                    *a = unsafe { _mm256_loadu_ps(yt.as_ptr().add(yp + 8 * q)) };
                 }
-                i += SETS;
             }
-            for (set, accs) in acc.iter_mut().enumerate().take(cols.len() - i) {
-                let c = cols[i + set] as usize;
+            let step = |accs: &mut [__m256; V], c: u32, v: f32| {
+                let c = c as usize;
                 assert!(c < w.k);
-                let v = _mm256_set1_ps(vals[i + set]);
+                let v = _mm256_set1_ps(v);
                 for (q, a) in accs.iter_mut().enumerate() {
-                    // SAFETY: as above.
+                    // SAFETY: c < k, so c·lanes + 8q + 8 ≤ k·lanes = xt.len().
                     let xv = unsafe { _mm256_loadu_ps(xt.as_ptr().add(c * lanes + 8 * q)) };
                     *a = _mm256_fmadd_ps(v, xv, *a);
                 }
+            };
+            let whole = cols.len() / S * S;
+            for (cs, vs) in cols[..whole].chunks_exact(S).zip(vals[..whole].chunks_exact(S)) {
+                for (set, accs) in acc.iter_mut().enumerate() {
+                    step(accs, cs[set], vs[set]);
+                }
+            }
+            for (set, accs) in acc.iter_mut().enumerate().take(cols.len() - whole) {
+                step(accs, cols[whole + set], vals[whole + set]);
             }
             for q in 0..V {
-                let s = _mm256_add_ps(_mm256_add_ps(acc[0][q], acc[1][q]), _mm256_add_ps(acc[2][q], acc[3][q]));
-                // SAFETY: (j − j0)·lanes + 8q + 8 ≤ yt.len().
-                unsafe { _mm256_storeu_ps(yt.as_mut_ptr().add((j - j0) * lanes + 8 * q), s) };
+                let mut s = acc[0][q];
+                for a in &acc[1..] {
+                    s = _mm256_add_ps(s, a[q]);
+                }
+                // SAFETY: yp + 8q + 8 ≤ yt.len().
+                unsafe { _mm256_storeu_ps(yt.as_mut_ptr().add(yp + 8 * q), s) };
             }
         }
     }
