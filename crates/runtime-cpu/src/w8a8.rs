@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use pare_core_tensor::{ActQuant, ActRange, Error, Granularity, Mapping, PreparedOp, QuantizedTensor, Result};
 use rayon::prelude::*;
 
-use crate::simd::SimdLevel;
+use crate::simd::{Aligned, SimdLevel};
 
 /// Weights repacked for the kernel: signed codes row-major `[n, k]` (the scalar twin's), the
 /// AVX2 panels, scales, row sums.
@@ -235,7 +235,7 @@ const NR: usize = 16;
 /// pairs.
 #[derive(Debug, Clone)]
 pub struct Panel {
-    data: Vec<i16>,
+    data: Aligned<i16>,
     pairs: usize,
     blocks: usize,
 }
@@ -244,7 +244,7 @@ impl Panel {
     /// Packs row-major `[n, k]` int8 weights.
     pub fn pack(w: &[i8], n: usize, k: usize) -> Self {
         let (pairs, blocks) = (k.div_ceil(2), n.div_ceil(NR));
-        let mut data = vec![0i16; blocks * pairs * 2 * NR];
+        let mut data = Aligned::new(blocks * pairs * 2 * NR);
         for j in 0..n {
             let (b, h, c) = (j / NR, j % NR / 8, j % 8);
             for t in 0..k {
