@@ -120,8 +120,28 @@ pub fn gemm(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
+    assert!(y.len() == m * w.n());
+    // SAFETY: y holds m·n floats (asserted).
+    unsafe { gemm_raw(level, pool, x, m, w, bias, y.as_mut_ptr()) }
+}
+
+/// [`gemm`] into `m·n` floats at `y`, which may be uninitialised: every element is written
+/// (its first K block's value, or the bias when `k = 0`) before it is read.
+///
+/// # Safety
+/// `y` must be valid for reads and writes of `m·n` floats that nothing else touches during the
+/// call.
+pub(crate) unsafe fn gemm_raw(
+    level: SimdLevel,
+    pool: &rayon::ThreadPool,
+    x: &[f32],
+    m: usize,
+    w: &dyn Panels,
+    bias: Option<&[f32]>,
+    y: *mut f32,
+) {
     let (n, k) = (w.n(), w.k());
-    assert!(x.len() == m * k && y.len() == m * n && bias.is_none_or(|b| b.len() == n));
+    assert!(x.len() == m * k && bias.is_none_or(|b| b.len() == n));
     if m == 0 || n == 0 {
         return;
     }
@@ -129,7 +149,7 @@ pub fn gemm(
     let fused = m <= MR;
     let row_tiles = if fused { 1 } else { m.div_ceil(MC) };
     let (col_tiles, per) = column_split(pool, row_tiles, panels);
-    let out = OutPtr(y.as_mut_ptr());
+    let out = OutPtr(y);
     pool.install(|| {
         (0..row_tiles * col_tiles).into_par_iter().for_each(|t| {
             let (ti, tj) = (t / col_tiles, t % col_tiles);

@@ -64,11 +64,20 @@ impl LinearOp {
     /// `y[m, n]` for row-major `x[m, k]`.
     pub fn run(&self, x: &[f32]) -> Vec<f32> {
         let m = x.len() / self.w.k().max(1);
-        let mut y = vec![0f32; m * self.w.n()];
+        // Both kernels write every output element before reading it, so the buffer is not
+        // zeroed first (a pass over the output that cost about 3% of MiniLM's time).
+        let mut y: Vec<f32> = Vec::with_capacity(m * self.w.n());
         let bias = self.bias.as_deref();
-        match &self.w {
-            LinearKernel::Panels(w) => gemm::gemm(self.level, &self.pool, x, m, w.as_ref(), bias, &mut y),
-            LinearKernel::Sparse(w) => w.run(self.level, &self.pool, x, bias, &mut y),
+        // SAFETY: y has capacity for the m·n outputs, which both kernels write in full (see
+        // `gemm_raw` and `run_raw`) before the length is set; nothing else holds the buffer.
+        unsafe {
+            match &self.w {
+                LinearKernel::Panels(w) => {
+                    gemm::gemm_raw(self.level, &self.pool, x, m, w.as_ref(), bias, y.as_mut_ptr())
+                }
+                LinearKernel::Sparse(w) => w.run_raw(self.level, &self.pool, x, bias, y.as_mut_ptr()),
+            }
+            y.set_len(m * self.w.n());
         }
         y
     }

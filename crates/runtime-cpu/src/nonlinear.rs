@@ -184,10 +184,8 @@ fn head(
     let t8 = t.div_ceil(8) * 8;
     let mut kt = vec![0f32; d * t8];
     let mut vp = vec![0f32; t * d];
+    crate::simd::transpose(level, k, stride, t, d, &mut kt, t8);
     for j in 0..t {
-        for c in 0..d {
-            kt[c * t8 + j] = k[j * stride + c];
-        }
         vp[j * d..(j + 1) * d].copy_from_slice(&v[j * stride..j * stride + d]);
     }
     let mut p = vec![0f32; 2 * t8];

@@ -79,28 +79,6 @@ unsafe fn write_back(
     }
 }
 
-/// `xt[c][r] = x[r][c]` for the tile's rows `x` (`[rows, k]`, rows ≤ `lanes`) into `xt`
-/// (`[k][lanes]`, lanes past the rows left as they are): 8 × 8 blocks in registers on AVX2.
-fn transpose_in(level: SimdLevel, x: &[f32], k: usize, lanes: usize, xt: &mut [f32]) {
-    let rows = x.len() / k.max(1);
-    assert!(rows <= lanes && xt.len() == k * lanes);
-    let (mut rb, mut cb) = (0, 0);
-    #[cfg(target_arch = "x86_64")]
-    if level == SimdLevel::Avx2 && SimdLevel::detect() >= SimdLevel::Avx2 {
-        (rb, cb) = (rows / 8 * 8, k / 8 * 8);
-        // SAFETY: AVX2 was detected; rb ≤ rows ≤ lanes, cb ≤ k.
-        unsafe { avx2::transpose_blocks(x, k, rb, cb, lanes, xt) };
-    }
-    for r in 0..rows {
-        for c in 0..k {
-            if r < rb && c < cb {
-                continue;
-            }
-            xt[c * lanes + r] = x[r * k + c];
-        }
-    }
-}
-
 /// A weight `[n, k]` as its nonzeros, output by output (each output's at ascending input
 /// columns `cols`, values `vals`); `split` marks where each output's nonzeros start and
 /// cross into the next slice of [`KC`] columns.
@@ -166,23 +144,41 @@ impl SparseRows {
     /// `y[m, n] = x[m, k]·Wᵀ + bias` on `pool`: row tiles (and output ranges when there are
     /// few tiles) split across tasks, each output element computed whole by one.
     pub fn run(&self, level: SimdLevel, pool: &rayon::ThreadPool, x: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+        assert!(y.len() == x.len() / self.k.max(1) * self.n);
+        // SAFETY: y holds m·n floats (asserted).
+        unsafe { self.run_raw(level, pool, x, bias, y.as_mut_ptr()) }
+    }
+
+    /// [`SparseRows::run`] into `m·n` floats at `y`, which may be uninitialised: each element
+    /// is written once, never read.
+    ///
+    /// # Safety
+    /// `y` must be valid for writes of `m·n` floats that nothing else touches during the call.
+    pub(crate) unsafe fn run_raw(
+        &self,
+        level: SimdLevel,
+        pool: &rayon::ThreadPool,
+        x: &[f32],
+        bias: Option<&[f32]>,
+        y: *mut f32,
+    ) {
         let (n, k) = (self.n, self.k);
         let m = x.len() / k.max(1);
-        assert!(x.len() == m * k && y.len() == m * n);
+        assert!(x.len() == m * k);
         if m == 0 || n == 0 {
             return;
         }
         let lanes = lanes_for(m);
         let tiles = m.div_ceil(lanes);
         let (splits, per) = crate::gemm::column_split(pool, tiles, n);
-        let out = OutPtr(y.as_mut_ptr());
+        let out = OutPtr(y);
         pool.install(|| {
             (0..tiles * splits).into_par_iter().for_each(|t| {
                 let (ti, s) = (t / splits, t % splits);
                 let (r0, r1) = (ti * lanes, ((ti + 1) * lanes).min(m));
                 let (j0, j1) = ((s * per).min(n), ((s + 1) * per).min(n));
                 let mut xt = Aligned::<f32>::new(k * lanes);
-                transpose_in(level, &x[r0 * k..r1 * k], k, lanes, &mut xt);
+                crate::simd::transpose(level, &x[r0 * k..r1 * k], k, r1 - r0, k, &mut xt, lanes);
                 let mut yt = Aligned::<f32>::new(CHUNK * lanes);
                 for c0 in (j0..j1).step_by(CHUNK) {
                     let c1 = (c0 + CHUNK).min(j1);
@@ -250,60 +246,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::SparseRows;
-
-    /// The 8 × 8 transpose of `v` (rows in, columns out), in registers.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    fn transpose8(v: [__m256; 8]) -> [__m256; 8] {
-        let t0 = _mm256_unpacklo_ps(v[0], v[1]);
-        let t1 = _mm256_unpackhi_ps(v[0], v[1]);
-        let t2 = _mm256_unpacklo_ps(v[2], v[3]);
-        let t3 = _mm256_unpackhi_ps(v[2], v[3]);
-        let t4 = _mm256_unpacklo_ps(v[4], v[5]);
-        let t5 = _mm256_unpackhi_ps(v[4], v[5]);
-        let t6 = _mm256_unpacklo_ps(v[6], v[7]);
-        let t7 = _mm256_unpackhi_ps(v[6], v[7]);
-        let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-        let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-        let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-        let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-        let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-        let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-        let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-        let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-        [
-            _mm256_permute2f128_ps::<0x20>(s0, s4),
-            _mm256_permute2f128_ps::<0x20>(s1, s5),
-            _mm256_permute2f128_ps::<0x20>(s2, s6),
-            _mm256_permute2f128_ps::<0x20>(s3, s7),
-            _mm256_permute2f128_ps::<0x31>(s0, s4),
-            _mm256_permute2f128_ps::<0x31>(s1, s5),
-            _mm256_permute2f128_ps::<0x31>(s2, s6),
-            _mm256_permute2f128_ps::<0x31>(s3, s7),
-        ]
-    }
-
-    /// [`super::transpose_in`] for whole 8 × 8 blocks: rows `0..rb`, columns `0..cb` of the
-    /// tile (both multiples of 8).
-    ///
-    /// # Safety
-    /// AVX2; `x` holds the tile's rows (`rb` ≤ its row count, `k` values each), `cb ≤ k`,
-    /// `xt` is `[k][lanes]` with `rb ≤ lanes`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn transpose_blocks(x: &[f32], k: usize, rb: usize, cb: usize, lanes: usize, xt: &mut [f32]) {
-        assert!(rb * k <= x.len() && cb <= k && rb <= lanes && xt.len() >= k * lanes);
-        for ib in (0..rb).step_by(8) {
-            for cbk in (0..cb).step_by(8) {
-                // SAFETY: row ib + i < rb, columns cbk .. cbk + 8 ≤ cb ≤ k (asserted).
-                let v: [__m256; 8] =
-                    std::array::from_fn(|i| unsafe { _mm256_loadu_ps(x.as_ptr().add((ib + i) * k + cbk)) });
-                for (c, col) in transpose8(v).iter().enumerate() {
-                    // SAFETY: (cbk + c)·lanes + ib + 8 ≤ k·lanes ≤ xt.len() (ib + 8 ≤ rb ≤ lanes).
-                    unsafe { _mm256_storeu_ps(xt.as_mut_ptr().add((cbk + c) * lanes + ib), *col) };
-                }
-            }
-        }
-    }
+    use crate::simd::avx2::transpose8;
 
     /// [`super::write_back`] for the whole 8 × 8 blocks: rows `r0 .. r0 + rb`, outputs
     /// `c0 .. c0 + cb` (both multiples of 8), each block transposed in registers.
