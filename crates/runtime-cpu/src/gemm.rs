@@ -271,10 +271,11 @@ fn blocked_tile(
                 let (r, c) = (tile.r0 + s * MR, jb * NR);
                 let strip = &a[s * MR * kc..(s + 1) * MR * kc];
                 let (first, base) = (k0 == 0, bias.map(|b| &b[c..]));
-                if r + MR <= tile.r1 && c + NR <= tile.c1 {
+                if c + NR <= tile.c1 {
                     let base = if first { Base::Bias(base) } else { Base::Output };
-                    // SAFETY: the full MR × NR block at (r, c) lies inside this task's tile.
-                    unsafe { micro_add(level, strip, b, kc, tile.y.add(r * tile.n + c), tile.n, base) };
+                    let rows = (tile.r1 - r).min(MR);
+                    // SAFETY: the rows × NR block at (r, c) lies inside this task's tile.
+                    unsafe { micro_add(level, strip, b, kc, rows, tile.y.add(r * tile.n + c), tile.n, base) };
                 } else {
                     micro(level, strip, b, kc, &mut acc);
                     tile.add(r, c, &acc, first, bias);
@@ -337,23 +338,45 @@ pub enum Base<'a> {
     Bias(Option<&'a [f32]>),
 }
 
-/// [`micro`] written straight into a full `MR × NR` block of the output at `c` (row stride
-/// `ldc`): `c[i][j] = base[i][j] + acc[i][j]`, one rounding per element, as the edge tiles get.
+/// [`micro`]'s first `rows` (1 ..= `MR`) rows written straight into the output at `c` (row
+/// stride `ldc`, `NR` columns): `c[i][j] = base[i][j] + acc[i][j]`, one rounding per element,
+/// as the edge tiles get. Each row's chain is independent of the others, so a strip's last
+/// rows computed alone have the bits they would have in a full strip.
 ///
 /// # Safety
-/// `c` must point at `MR` rows of `NR` writable floats, `ldc` apart, that no other thread
+/// `c` must point at `rows` rows of `NR` writable floats, `ldc` apart, that no other thread
 /// touches during the call.
-pub unsafe fn micro_add(level: SimdLevel, a: &[f32], b: &[f32], kc: usize, c: *mut f32, ldc: usize, base: Base) {
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn micro_add(
+    level: SimdLevel,
+    a: &[f32],
+    b: &[f32],
+    kc: usize,
+    rows: usize,
+    c: *mut f32,
+    ldc: usize,
+    base: Base,
+) {
+    assert!((1..=MR).contains(&rows));
     match level {
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
             // SAFETY: AVX2 and FMA were detected just above; the caller vouches for `c`.
-            unsafe { avx2::micro_add(a, b, kc, c, ldc, base) }
+            unsafe {
+                match rows {
+                    6 => avx2::micro_add::<6>(a, b, kc, c, ldc, base),
+                    5 => avx2::micro_add::<5>(a, b, kc, c, ldc, base),
+                    4 => avx2::micro_add::<4>(a, b, kc, c, ldc, base),
+                    3 => avx2::micro_add::<3>(a, b, kc, c, ldc, base),
+                    2 => avx2::micro_add::<2>(a, b, kc, c, ldc, base),
+                    _ => avx2::micro_add::<1>(a, b, kc, c, ldc, base),
+                }
+            }
         }
         _ => {
             let mut acc = [[0f32; NR]; MR];
             micro(level, a, b, kc, &mut acc);
-            for (i, row) in acc.iter().enumerate() {
+            for (i, row) in acc.iter().enumerate().take(rows) {
                 for (j, v) in row.iter().enumerate() {
                     // SAFETY: i < MR, j < NR: inside the block the caller vouches for.
                     unsafe {
@@ -381,7 +404,7 @@ mod avx2 {
     /// The CPU must support AVX2 and FMA; `a.len() == kc·MR`, `b.len() == kc·NR`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn micro(a: &[f32], b: &[f32], kc: usize, acc: &mut [[f32; NR]; MR]) {
-        let c = chains(a, b, kc);
+        let c = chains::<MR>(a, b, kc);
         for (row, ci) in acc.iter_mut().zip(c) {
             // SAFETY: each row holds NR = 16 floats.
             unsafe {
@@ -391,13 +414,13 @@ mod avx2 {
         }
     }
 
-    /// [`super::micro_add`] on AVX2.
+    /// [`super::micro_add`] on AVX2 for `R` rows.
     ///
     /// # Safety
-    /// As [`super::micro_add`], and the CPU must support AVX2 and FMA.
+    /// As [`super::micro_add`] with `rows = R`, and the CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn micro_add(a: &[f32], b: &[f32], kc: usize, c: *mut f32, ldc: usize, base: Base) {
-        let acc = chains(a, b, kc);
+    pub unsafe fn micro_add<const R: usize>(a: &[f32], b: &[f32], kc: usize, c: *mut f32, ldc: usize, base: Base) {
+        let acc = chains::<R>(a, b, kc);
         let bias = match base {
             Base::Bias(Some(b)) => {
                 assert!(b.len() >= NR);
@@ -418,12 +441,13 @@ mod avx2 {
         }
     }
 
-    /// The twelve accumulator chains of the 6×16 block.
+    /// The accumulator chains of the first `R` rows (≤ 6) of a strip against 16 columns:
+    /// twelve for a full 6×16 block.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    fn chains(a: &[f32], b: &[f32], kc: usize) -> [[__m256; 2]; MR] {
-        assert!(a.len() == kc * MR && b.len() == kc * NR);
-        let mut c = [[_mm256_setzero_ps(); 2]; MR];
+    fn chains<const R: usize>(a: &[f32], b: &[f32], kc: usize) -> [[__m256; 2]; R] {
+        assert!(a.len() == kc * MR && b.len() == kc * NR && R <= MR);
+        let mut c = [[_mm256_setzero_ps(); 2]; R];
         let (ap, bp) = (a.as_ptr(), b.as_ptr());
         for p in 0..kc {
             // SAFETY: p < kc, so p·NR + 16 ≤ b.len() and p·MR + 6 ≤ a.len().
