@@ -1,4 +1,5 @@
-//! Runs MiniLM on `CpuRuntime` at batch 32 × 128 a few times (for `perf record`); `W8A8=1`
+//! Runs MiniLM on `CpuRuntime` at batch `B` × `S` tokens (32 × 128 by default) `ITERS` times
+//! (for `perf record`); `W8A8=1`
 //! quantizes every encoder linear to int8 weights × int8 per-token inputs first.
 use candle_core::{DType, Device, Tensor};
 use pare_core_tensor::{Hooks, Module, Runtime};
@@ -20,14 +21,15 @@ fn main() {
         pare_quant::ptq::apply(&mut enc.bert, &specs).unwrap();
     }
     enc.bert.prepare(&rt).unwrap();
+    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let (b, s) = (env("B", 32), env("S", 128));
     let ids =
-        Tensor::from_vec((0..32 * 128).map(|i| (i * 7 % 20000 + 1000) as u32).collect::<Vec<_>>(), (32, 128), &dev)
-            .unwrap();
-    let mask = Tensor::ones((32, 128), DType::U32, &dev).unwrap();
+        Tensor::from_vec((0..b * s).map(|i| (i * 7 % 20000 + 1000) as u32).collect::<Vec<_>>(), (b, s), &dev).unwrap();
+    let mask = Tensor::ones((b, s), DType::U32, &dev).unwrap();
     let iters: usize = std::env::var("ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
     for _ in 0..iters {
         let t = std::time::Instant::now();
         drop(enc.bert.forward_hooked(&ids, None, &mask, &mut Hooks::none()).unwrap());
-        eprintln!("{:.3} s", t.elapsed().as_secs_f64());
+        eprintln!("{:.3} ms", t.elapsed().as_secs_f64() * 1e3);
     }
 }

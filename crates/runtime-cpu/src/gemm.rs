@@ -149,6 +149,17 @@ pub(crate) unsafe fn gemm_raw(
     let fused = m <= MR;
     let row_tiles = if fused { 1 } else { m.div_ceil(MC) };
     let (col_tiles, per) = column_split(pool, row_tiles, panels);
+    // Per-call work every task would otherwise repeat: the fused kernel's aux data (for at
+    // most MR rows), or, when the columns are split, each row tile's packed strips.
+    let rows: Vec<&[f32]> = if fused { (0..m).map(|r| &x[r * k..(r + 1) * k]).collect() } else { Vec::new() };
+    let aux = if fused { w.fused_aux(&rows) } else { None };
+    let packed: Vec<Vec<f32>> = if aux.is_none() && col_tiles > 1 && k > 0 {
+        pool.install(|| {
+            (0..row_tiles).into_par_iter().map(|ti| pack_tile(x, k, ti * MC, ((ti + 1) * MC).min(m))).collect()
+        })
+    } else {
+        Vec::new()
+    };
     let out = OutPtr(y);
     pool.install(|| {
         (0..row_tiles * col_tiles).into_par_iter().for_each(|t| {
@@ -161,10 +172,10 @@ pub(crate) unsafe fn gemm_raw(
             // SAFETY: tile (ti, tj) owns rows r0..r1 × columns p0·NR..min(p1·NR, n); tiles
             // partition the output, and `y` outlives `pool.install`.
             let mut tile = Tile { y: out.get(), n, r0, r1, c0: p0 * NR, c1: (p1 * NR).min(n) };
-            if fused && fused_tile(level, x, k, w, bias, p0, p1, &mut tile) {
-                return;
+            match &aux {
+                Some(aux) => fused_tile(level, &rows, w, aux, bias, p0, p1, &mut tile),
+                None => blocked_tile(level, x, k, w, bias, p0, p1, packed.get(ti).map(Vec::as_slice), &mut tile),
             }
-            blocked_tile(level, x, k, w, bias, p0, p1, &mut tile);
         });
     });
 }
@@ -215,33 +226,42 @@ impl Tile {
     }
 }
 
-/// The small-M path: the format's fused kernel, panel by panel, when it has one.
+/// The small-M path: the format's fused kernel, panel by panel, for the rows `rows` (the
+/// whole input, at most [`MR`] rows) with their `aux` data.
 #[allow(clippy::too_many_arguments)]
 fn fused_tile(
     level: SimdLevel,
-    x: &[f32],
-    k: usize,
+    rows: &[&[f32]],
     w: &dyn Panels,
+    aux: &[f32],
     bias: Option<&[f32]>,
     p0: usize,
     p1: usize,
     tile: &mut Tile,
-) -> bool {
-    let rows: Vec<&[f32]> = (tile.r0..tile.r1).map(|r| &x[r * k..(r + 1) * k]).collect();
-    let Some(aux) = w.fused_aux(&rows) else {
-        return false;
-    };
+) {
     let mut acc = vec![[0f32; NR]; rows.len()];
     for jb in p0..p1 {
         acc.iter_mut().for_each(|a| *a = [0.0; NR]);
-        w.fused_rows(level, jb, &rows, &aux, &mut acc);
+        w.fused_rows(level, jb, rows, aux, &mut acc);
         tile.add(tile.r0, jb * NR, &acc, true, bias);
     }
-    true
+}
+
+/// Rows `r0..r1` of `x` packed for every K block in turn, as [`blocked_tile`] reads them: the
+/// block at `k0` is `[strip][p][MR]`, starting at `strips·MR·k0`.
+fn pack_tile(x: &[f32], k: usize, r0: usize, r1: usize) -> Vec<f32> {
+    let strips = (r1 - r0).div_ceil(MR);
+    let mut a = vec![0f32; strips * MR * k];
+    for k0 in (0..k).step_by(KC) {
+        let k1 = (k0 + KC).min(k);
+        pack_a(x, k, r0, r1, k0, k1, &mut a[strips * MR * k0..strips * MR * k1]);
+    }
+    a
 }
 
 /// The blocked GEMM over one tile: for each K block, pack the tile's rows into [`MR`]-row
-/// strips, then run every strip against each panel slice.
+/// strips (or take them from `packed`, see [`pack_tile`]), then run every strip against each
+/// panel slice.
 #[allow(clippy::too_many_arguments)]
 fn blocked_tile(
     level: SimdLevel,
@@ -251,6 +271,7 @@ fn blocked_tile(
     bias: Option<&[f32]>,
     p0: usize,
     p1: usize,
+    packed: Option<&[f32]>,
     tile: &mut Tile,
 ) {
     if k == 0 {
@@ -258,13 +279,19 @@ fn blocked_tile(
     }
     let rows = tile.r1 - tile.r0;
     let strips = rows.div_ceil(MR);
-    let mut a = vec![0f32; strips * MR * KC.min(k)];
+    let mut own = if packed.is_none() { vec![0f32; strips * MR * KC.min(k)] } else { Vec::new() };
     let mut buf = Aligned::<f32>::new(KC * NR);
     let mut acc = [[0f32; NR]; MR];
     for k0 in (0..k).step_by(KC) {
         let k1 = (k0 + KC).min(k);
         let kc = k1 - k0;
-        pack_a(x, k, tile.r0, tile.r1, k0, k1, &mut a[..strips * MR * kc]);
+        let a: &[f32] = match packed {
+            Some(p) => &p[strips * MR * k0..strips * MR * k1],
+            None => {
+                pack_a(x, k, tile.r0, tile.r1, k0, k1, &mut own[..strips * MR * kc]);
+                &own[..strips * MR * kc]
+            }
+        };
         for jb in p0..p1 {
             let b = w.panel(level, jb, k0, k1, &mut buf);
             for s in 0..strips {
