@@ -43,6 +43,11 @@ pub trait Panels: Send + Sync + Debug {
     fn fused_aux(&self, _x: &[&[f32]]) -> Option<Vec<f32>> {
         None
     }
+    /// Whether [`Panels::panel`] decodes into `buf` (work repeated for every row tile) rather
+    /// than borrowing stored f32 values.
+    fn decoded(&self) -> bool {
+        false
+    }
     /// For at most [`MR`] rows: `out[r][c] = Σ_p x[r][p]·W[jb·NR + c][p]` computed straight from
     /// the stored format (weight bytes read once for all rows), given `aux` from
     /// [`Panels::fused_aux`]. Only called when `fused_aux` returned `Some`.
@@ -147,7 +152,10 @@ pub(crate) unsafe fn gemm_raw(
     }
     let panels = n.div_ceil(NR);
     let fused = m <= MR;
-    let row_tiles = if fused { 1 } else { m.div_ceil(MC) };
+    // Panels decoded per tile (quantized, half) are decoded once per MC rows: twice the rows
+    // halve that work, and 192 × KC floats of x still sit in L2.
+    let mc = if w.decoded() { 2 * MC } else { MC };
+    let row_tiles = if fused { 1 } else { m.div_ceil(mc) };
     let (col_tiles, per) = column_split(pool, row_tiles, panels);
     // Per-call work every task would otherwise repeat: the fused kernel's aux data (for at
     // most MR rows), or, when the columns are split, each row tile's packed strips.
@@ -155,7 +163,7 @@ pub(crate) unsafe fn gemm_raw(
     let aux = if fused { w.fused_aux(&rows) } else { None };
     let packed: Vec<Vec<f32>> = if aux.is_none() && col_tiles > 1 && k > 0 {
         pool.install(|| {
-            (0..row_tiles).into_par_iter().map(|ti| pack_tile(x, k, ti * MC, ((ti + 1) * MC).min(m))).collect()
+            (0..row_tiles).into_par_iter().map(|ti| pack_tile(x, k, ti * mc, ((ti + 1) * mc).min(m))).collect()
         })
     } else {
         Vec::new()
@@ -164,7 +172,7 @@ pub(crate) unsafe fn gemm_raw(
     pool.install(|| {
         (0..row_tiles * col_tiles).into_par_iter().for_each(|t| {
             let (ti, tj) = (t / col_tiles, t % col_tiles);
-            let (r0, r1) = (ti * MC, ((ti + 1) * MC).min(m));
+            let (r0, r1) = (ti * mc, ((ti + 1) * mc).min(m));
             let (p0, p1) = (tj * per, ((tj + 1) * per).min(panels));
             if p0 >= p1 {
                 return;

@@ -34,6 +34,10 @@ impl Panels for HalfPanels {
         self.n
     }
 
+    fn decoded(&self) -> bool {
+        true
+    }
+
     fn k(&self) -> usize {
         self.k
     }

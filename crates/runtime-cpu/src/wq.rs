@@ -156,6 +156,10 @@ impl Panels for QuantPanels {
         self.n
     }
 
+    fn decoded(&self) -> bool {
+        true
+    }
+
     fn k(&self) -> usize {
         self.k
     }
