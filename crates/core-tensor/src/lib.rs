@@ -27,6 +27,7 @@
 //! ```
 
 pub mod act;
+pub mod calib;
 pub mod data;
 mod error;
 pub mod hooks;
@@ -36,6 +37,7 @@ pub mod metrics;
 mod module;
 mod quant;
 mod runtime;
+pub mod select;
 mod sparse;
 pub mod testing;
 pub mod train;

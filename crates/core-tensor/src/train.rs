@@ -147,6 +147,17 @@ pub trait TrainTask {
     fn loss(&mut self, batch: &[u32]) -> Result<Tensor>;
     /// The held-out metric after an epoch (accuracy, negative loss, cosine, ...).
     fn evaluate(&mut self) -> Result<f64>;
+    /// Called after every optimiser step (`step` 1-based, of `total` in the run): where
+    /// pruning re-applies its masks or grows them on a schedule. Does nothing by default.
+    fn after_step(&mut self, _step: usize, _total: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Whether the weights as they are now may be kept as the run's best (a gradual pruning
+    /// schedule that has not reached its target sparsity says no). Epochs that may not count
+    /// neither win model selection nor use up early-stopping patience.
+    fn selectable(&self) -> bool {
+        true
+    }
 }
 
 /// One epoch's figures.
@@ -373,16 +384,18 @@ pub fn train(
             let grads = loss.backward()?;
             state.step += 1;
             opt.step(&vars, &grads, lr, state.step)?;
+            task.after_step(state.step, total_steps)?;
             loss_sum += value;
             on_event(&TrainEvent::Step { epoch, step, steps: steps_per_epoch, loss: value });
         }
         let metric = task.evaluate()?;
         let stats = EpochStats { epoch, train_loss: loss_sum / steps_per_epoch as f64, metric, lr };
-        if metric > state.best_metric {
+        let eligible = task.selectable();
+        if eligible && metric > state.best_metric {
             state.best_metric = metric;
             state.best_epoch = epoch;
             best = vars.iter().map(|(_, v)| v.as_tensor().detach().copy()).collect::<candle_core::Result<_>>()?;
-        } else if cfg.patience.is_some_and(|p| epoch - state.best_epoch >= p) {
+        } else if eligible && cfg.patience.is_some_and(|p| epoch - state.best_epoch >= p) {
             state.stopped_early = true;
         }
         tracing::debug!(epoch, loss = stats.train_loss, metric, lr, "epoch done");

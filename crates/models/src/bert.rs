@@ -9,12 +9,13 @@ use pare_core_tensor::io::load_weights;
 use pare_core_tensor::{
     Activation, Embedding, Hooks, Init, LayerMut, LayerNorm, LayerRef, Linear, LoadedWeights, Module, WeightSource,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-/// The fields of a Hugging Face `config.json` that a BERT encoder needs.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// The fields of a Hugging Face `config.json` that a BERT encoder needs, plus pare's per-layer
+/// sizes after structured pruning.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct BertConfig {
     /// Vocabulary size.
     pub vocab_size: usize,
@@ -38,8 +39,16 @@ pub struct BertConfig {
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
     /// Head width when it is not `hidden_size / num_attention_heads` (after head pruning).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_head_size: Option<usize>,
+    /// Attention heads of each layer when structured pruning made them differ
+    /// (`pare_heads_per_layer` in config.json); `num_attention_heads` otherwise.
+    #[serde(default, rename = "pare_heads_per_layer", skip_serializing_if = "Option::is_none")]
+    pub heads_per_layer: Option<Vec<usize>>,
+    /// FFN width of each layer when structured pruning made them differ
+    /// (`pare_intermediate_per_layer`); `intermediate_size` otherwise.
+    #[serde(default, rename = "pare_intermediate_per_layer", skip_serializing_if = "Option::is_none")]
+    pub intermediate_per_layer: Option<Vec<usize>>,
 }
 
 fn default_act() -> String {
@@ -67,6 +76,16 @@ impl BertConfig {
         self.attention_head_size.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
+    /// Attention heads of layer `l`.
+    pub fn heads_of(&self, l: usize) -> usize {
+        self.heads_per_layer.as_ref().map_or(self.num_attention_heads, |h| h[l])
+    }
+
+    /// FFN width of layer `l`.
+    pub fn intermediate_of(&self, l: usize) -> usize {
+        self.intermediate_per_layer.as_ref().map_or(self.intermediate_size, |v| v[l])
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |detail: String| Err(Error::Config { what: "BERT", detail });
         if self.hidden_size == 0 || self.num_attention_heads == 0 || self.intermediate_size == 0 || self.vocab_size == 0
@@ -78,6 +97,19 @@ impl BertConfig {
                 "{} attention heads do not divide hidden size {}",
                 self.num_attention_heads, self.hidden_size
             ));
+        }
+        for (what, v) in [
+            ("pare_heads_per_layer", &self.heads_per_layer),
+            ("pare_intermediate_per_layer", &self.intermediate_per_layer),
+        ] {
+            if let Some(v) = v
+                && (v.len() != self.num_hidden_layers || v.contains(&0))
+            {
+                return bad(format!(
+                    "{what} must give each of the {} layers at least 1, found {v:?}",
+                    self.num_hidden_layers
+                ));
+            }
         }
         Activation::from_hf_name(&self.hidden_act)?;
         Ok(())
@@ -128,7 +160,7 @@ impl BertEncoder {
     pub fn build(config: BertConfig, src: &mut dyn WeightSource) -> Result<Self> {
         config.validate()?;
         let (h, eps) = (config.hidden_size, config.layer_norm_eps);
-        let inner = config.num_attention_heads * config.head_size();
+        let d = config.head_size();
         let word = embedding(src, "embeddings.word_embeddings".into(), config.vocab_size, h)?;
         let position = embedding(src, "embeddings.position_embeddings".into(), config.max_position_embeddings, h)?;
         let token_type = embedding(src, "embeddings.token_type_embeddings".into(), config.type_vocab_size, h)?;
@@ -136,14 +168,15 @@ impl BertEncoder {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = |s: &str| format!("encoder.layer.{i}.{s}");
+            let (inner, ffn) = (config.heads_of(i) * d, config.intermediate_of(i));
             layers.push(BertLayer {
                 query: linear(src, p("attention.self.query"), h, inner)?,
                 key: linear(src, p("attention.self.key"), h, inner)?,
                 value: linear(src, p("attention.self.value"), h, inner)?,
                 attn_out: linear(src, p("attention.output.dense"), inner, h)?,
                 attn_norm: norm(src, p("attention.output.LayerNorm"), h, eps)?,
-                intermediate: linear(src, p("intermediate.dense"), h, config.intermediate_size)?,
-                output: linear(src, p("output.dense"), config.intermediate_size, h)?,
+                intermediate: linear(src, p("intermediate.dense"), h, ffn)?,
+                output: linear(src, p("output.dense"), ffn, h)?,
                 out_norm: norm(src, p("output.LayerNorm"), h, eps)?,
             });
         }
@@ -194,7 +227,26 @@ impl BertEncoder {
         let mut meta = metadata.clone();
         meta.extend(pare_core_tensor::act::to_metadata(self));
         pare_core_tensor::io::save_weights(out.join("model.safetensors"), &self.named_weights(), &meta, &[&weights])?;
-        copy_tree(src, out)
+        copy_tree(src, out)?;
+        self.rewrite_config(src, out)
+    }
+
+    /// Writes `out/config.json` from `src`'s with this encoder's sizes when they differ from
+    /// it (after structured pruning): layer count, head width, per-layer heads and FFN widths.
+    fn rewrite_config(&self, src: &Path, out: &Path) -> Result<()> {
+        let cfg_path = src.join("config.json");
+        if BertConfig::from_file(&cfg_path)? == self.config {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| pare_core_tensor::Error::io("read", &cfg_path, e))?;
+        let mut config: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| pare_core_tensor::Error::Json { path: cfg_path.clone(), cause: e })?;
+        let ours = serde_json::to_value(&self.config).expect("the config serialises");
+        for (k, v) in ours.as_object().expect("an object") {
+            config[k] = v.clone();
+        }
+        let json = serde_json::to_vec_pretty(&config).expect("JSON values serialise");
+        Ok(pare_core_tensor::io::write_file_atomic(out.join("config.json"), &json)?)
     }
 
     /// Writes a model folder in the compressed-tensors layout that vLLM and transformers load:
@@ -272,9 +324,9 @@ impl BertEncoder {
         let mut h = self.emb_norm.forward_on(rt.as_ref(), &emb, None, hooks)?;
         // Additive mask: 0 where attended, a large negative number at padding.
         let mask = ((attention_mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?;
-        let heads = self.config.num_attention_heads;
         let scale = 1.0 / (self.config.head_size() as f64).sqrt();
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
+            let heads = self.config.heads_of(i);
             let rt = layer.query.runtime().clone();
             let q = layer.query.forward_hooked(&h, hooks)?;
             let k = layer.key.forward_hooked(&h, hooks)?;

@@ -260,10 +260,17 @@ impl Module for DigitsNet {
 }
 
 /// Supervised training of a digits model: cross-entropy on the training split, accuracy on
-/// the validation split.
-struct Supervised<'a> {
+/// the validation split (the task [`fit`] runs; pruning and distillation wrap it).
+pub struct Supervised<'a> {
     net: &'a DigitsNet,
     data: &'a DigitsSplit,
+}
+
+impl<'a> Supervised<'a> {
+    /// The task of training `net` on `data`.
+    pub fn new(net: &'a DigitsNet, data: &'a DigitsSplit) -> Self {
+        Self { net, data }
+    }
 }
 
 impl TrainTask for Supervised<'_> {

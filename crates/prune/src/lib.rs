@@ -1,7 +1,24 @@
-//! pare-prune: pruning.
+//! pare-prune: pruning that makes models smaller and, on pare's CPU runtime, faster.
 //!
-//! This crate will hold the pruning algorithms: magnitude (layer-wise and global), random,
-//! gradual (Zhu & Gupta's cubic schedule), Wanda and SparseGPT; semi-structured N:M masks
-//! stored in core-tensor's N:M format; and structured surgery (neurons, channels, attention
-//! heads, whole layers) with dependency groups, so the result is a genuinely smaller dense
-//! model. It is filled by issue 5; nothing is implemented yet.
+//! - [`unstructured`]: magnitude (layer-wise, or one global threshold with per-layer
+//!   bounds), random (the baseline), Wanda and SparseGPT, unstructured or N:M (2:4, 4:8);
+//!   the result is stored as CSR or N:M [`pare_core_tensor::SparseTensor`]s, which
+//!   pare-runtime-cpu's sparse kernel runs.
+//! - [`finetune`]: fine-tuning with the masks held fixed, and gradual pruning on Zhu & Gupta's
+//!   cubic [`schedule`], through core-tensor's trainer.
+//! - [`structured`]: neurons, channels, attention heads, FFN neurons and whole layers removed
+//!   with their dependency groups, giving a genuinely smaller dense model.
+//! - [`select`]: the exact selection every method shares (requested and achieved sparsity
+//!   agree per layer and globally).
+
+pub mod finetune;
+pub mod schedule;
+pub mod select;
+pub mod sparsegpt;
+pub mod structured;
+pub mod unstructured;
+
+pub use finetune::MaskedTask;
+pub use schedule::Cubic;
+pub use select::Bounds;
+pub use unstructured::{Calibration, Criterion, LayerStats, Pattern, Pruned, apply, check, plan, prune, store_sparse};

@@ -11,10 +11,8 @@
 //! cheaper, calibration-free companion: per group, the range shrink that minimises the
 //! weight error.
 
-use std::collections::{BTreeMap, BTreeSet};
-
-use candle_core::{DType, Tensor};
-use pare_core_tensor::{Granularity, Observer, QuantizedTensor, Site};
+use candle_core::Tensor;
+use pare_core_tensor::{Granularity, QuantizedTensor};
 
 use crate::error::option;
 use crate::linear::{LinearSpec, quantize_value, quantize_with, scale_zero};
@@ -37,130 +35,9 @@ impl Default for GptqConfig {
     }
 }
 
-/// Accumulates, per linear layer, `XᵀX` over every row of its inputs and the row count.
-#[derive(Debug, Default)]
-pub struct HessianObserver {
-    paths: BTreeSet<String>,
-    /// `path → (XᵀX row-major in×in, rows seen)`.
-    pub sums: BTreeMap<String, (Vec<f64>, usize)>,
-}
+pub use pare_core_tensor::calib::HessianObserver;
 
-impl HessianObserver {
-    /// Watches the linear layers at `paths`.
-    pub fn new(paths: &[String]) -> Self {
-        Self { paths: paths.iter().cloned().collect(), sums: BTreeMap::new() }
-    }
-
-    /// The Hessian `2XᵀX/n` of `path` (row-major `in×in`) and `n`, or an error when the
-    /// calibration set never reached it.
-    pub fn hessian(&self, path: &str) -> Result<(Vec<f64>, usize)> {
-        match self.sums.get(path) {
-            Some((s, n)) if *n > 0 => Ok((s.iter().map(|v| 2.0 * v / *n as f64).collect(), *n)),
-            _ => Err(option(path, "the calibration set never reached this layer (expected ≥ 1 row, found 0)")),
-        }
-    }
-}
-
-impl Observer for HessianObserver {
-    fn observe(&mut self, site: &Site<'_>, input: &Tensor, _output: &Tensor) -> pare_core_tensor::Result<()> {
-        if !self.paths.contains(site.path) {
-            return Ok(());
-        }
-        let cols = input.dims().last().copied().unwrap_or(1);
-        let x = input.to_dtype(DType::F32)?.reshape(((), cols))?;
-        let rows = x.dim(0)?;
-        let xtx = x.t()?.matmul(&x)?.flatten_all()?.to_vec1::<f32>()?;
-        if let Some(first) = xtx.iter().position(|v| !v.is_finite()) {
-            return Err(pare_core_tensor::Error::NonFinite {
-                name: format!("input of `{}` during calibration", site.path),
-                count: xtx.iter().filter(|v| !v.is_finite()).count(),
-                first,
-            });
-        }
-        let e = self.sums.entry(site.path.to_string()).or_insert_with(|| (vec![0.0; cols * cols], 0));
-        if e.0.len() != cols * cols {
-            return Err(pare_core_tensor::Error::Shape {
-                name: format!("input of `{}`", site.path),
-                expected: vec![(e.0.len() as f64).sqrt() as usize],
-                found: vec![cols],
-            });
-        }
-        e.0.iter_mut().zip(&xtx).for_each(|(a, b)| *a += f64::from(*b));
-        e.1 += rows;
-        Ok(())
-    }
-}
-
-/// In-place Cholesky factorisation of a symmetric positive-definite `n×n` matrix into its
-/// lower factor `L` (upper triangle zeroed). Returns `false` when a pivot is not positive.
-fn cholesky(a: &mut [f64], n: usize) -> bool {
-    for j in 0..n {
-        let mut d = a[j * n + j];
-        for k in 0..j {
-            d -= a[j * n + k] * a[j * n + k];
-        }
-        if d <= 0.0 || !d.is_finite() {
-            return false;
-        }
-        let d = d.sqrt();
-        a[j * n + j] = d;
-        for i in j + 1..n {
-            let mut s = a[i * n + j];
-            for k in 0..j {
-                s -= a[i * n + k] * a[j * n + k];
-            }
-            a[i * n + j] = s / d;
-        }
-        for k in j + 1..n {
-            a[j * n + k] = 0.0;
-        }
-    }
-    true
-}
-
-/// The upper Cholesky factor `U` of `H⁻¹` (`H⁻¹ = UᵀU`), as GPTQ uses it, from `H = LLᵀ`:
-/// `H⁻¹ = L⁻ᵀL⁻¹`, whose upper factor is the Cholesky of the reversed problem. Computed as
-/// `chol(inv(H))` with `inv(H) = L⁻ᵀ L⁻¹`.
-fn inverse_upper_factor(h: &[f64], n: usize) -> Option<Vec<f64>> {
-    let mut l = h.to_vec();
-    if !cholesky(&mut l, n) {
-        return None;
-    }
-    // L⁻¹ by forward substitution, column by column.
-    let mut linv = vec![0.0; n * n];
-    for c in 0..n {
-        for i in c..n {
-            let mut s = if i == c { 1.0 } else { 0.0 };
-            for k in c..i {
-                s -= l[i * n + k] * linv[k * n + c];
-            }
-            linv[i * n + c] = s / l[i * n + i];
-        }
-    }
-    // inv(H) = L⁻ᵀ L⁻¹.
-    let mut inv = vec![0.0; n * n];
-    for i in 0..n {
-        for j in i..n {
-            let mut s = 0.0;
-            for k in j..n {
-                s += linv[k * n + i] * linv[k * n + j];
-            }
-            inv[i * n + j] = s;
-            inv[j * n + i] = s;
-        }
-    }
-    // Upper factor: inv = UᵀU with U = chol(inv)ᵀ.
-    if !cholesky(&mut inv, n) {
-        return None;
-    }
-    let mut u = vec![0.0; n * n];
-    for i in 0..n {
-        for j in i..n {
-            u[i * n + j] = inv[j * n + i];
-        }
-    }
-    Some(u)
-}
+use pare_core_tensor::calib::inverse_upper_factor;
 
 /// Scale and zero point of one group, optionally shrinking the range for the least error
 /// `Σ|w − Q(w)|^2.4` (GPTQ's reference norm) over 20 steps of 1 %.

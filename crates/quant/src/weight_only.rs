@@ -5,8 +5,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor};
-use globset::Glob;
-use pare_core_tensor::{Granularity, LayerKind, Module, QuantScheme, Weight};
+use pare_core_tensor::{Granularity, Module, QuantScheme, Weight};
 
 use crate::codebook::{kmeans, nf4, quantile};
 use crate::error::option;
@@ -194,87 +193,7 @@ pub fn quantize_weight(name: &str, t: &Tensor, method: &Method) -> Result<Weight
     })
 }
 
-/// Which layers a transform touches.
-#[derive(Debug, Clone, Default)]
-pub struct Selection {
-    /// Globs over layer paths (`encoder.layer.*.attention.*`), or regexes after `re:`; empty means every linear and
-    /// convolution except the final classifier. A layer named by a glob is taken even if it
-    /// is an embedding or the classifier.
-    pub include: Vec<String>,
-    /// Globs of layers to leave alone, applied after `include`.
-    pub exclude: Vec<String>,
-}
-
-/// A layer-path pattern: a glob (`encoder.layer.*.output.dense`), or a regular expression
-/// after `re:` that must match the whole path (`re:encoder\.layer\.[0-2]\..*`).
-#[derive(Debug, Clone)]
-pub enum PathPattern {
-    /// A glob (`*` also crosses dots).
-    Glob(globset::GlobMatcher),
-    /// An anchored regular expression.
-    Regex(regex::Regex),
-}
-
-impl PathPattern {
-    /// Parses `text`; `flag` names the option in errors.
-    pub fn parse(text: &str, flag: &str) -> Result<Self> {
-        match text.strip_prefix("re:") {
-            Some(re) => regex::Regex::new(&format!("^(?:{re})$"))
-                .map(PathPattern::Regex)
-                .map_err(|e| option(flag, format!("bad regular expression `{re}`: {e}"))),
-            None => Glob::new(text)
-                .map(|g| PathPattern::Glob(g.compile_matcher()))
-                .map_err(|e| option(flag, format!("bad glob `{text}`: {e}"))),
-        }
-    }
-
-    /// Whether `path` matches.
-    pub fn is_match(&self, path: &str) -> bool {
-        match self {
-            PathPattern::Glob(g) => g.is_match(path),
-            PathPattern::Regex(r) => r.is_match(path),
-        }
-    }
-}
-
-impl Selection {
-    /// The selected layer paths of `model`, in forward order. Every pattern (glob, or regex
-    /// after `re:`) must match at least one layer, so a typo is an error before any work starts.
-    pub fn resolve(&self, model: &dyn Module) -> Result<Vec<String>> {
-        let layers = model.layers();
-        let build = |pats: &[String]| -> Result<Vec<PathPattern>> {
-            pats.iter()
-                .map(|p| {
-                    let m = PathPattern::parse(p, "--layers")?;
-                    if !layers.iter().any(|l| m.is_match(l.path())) {
-                        return Err(Error::Core(pare_core_tensor::Error::unknown(
-                            "layer pattern",
-                            p,
-                            layers.iter().map(|l| l.path()),
-                        )));
-                    }
-                    Ok(m)
-                })
-                .collect()
-        };
-        let (inc, exc) = (build(&self.include)?, build(&self.exclude)?);
-        let classifier = model.classifier_path();
-        Ok(layers
-            .iter()
-            .filter(|l| {
-                let p = l.path();
-                let quantizable = matches!(l.kind(), LayerKind::Linear | LayerKind::Conv2d | LayerKind::Embedding);
-                let chosen = if inc.is_empty() {
-                    matches!(l.kind(), LayerKind::Linear | LayerKind::Conv2d) && classifier.as_deref() != Some(p)
-                } else {
-                    inc.iter().any(|m| m.is_match(p))
-                };
-                quantizable && chosen && !exc.iter().any(|m| m.is_match(p))
-            })
-            .map(|l| l.path().to_string())
-            .collect())
-    }
-}
+pub use pare_core_tensor::select::{PathPattern, Selection};
 
 /// One layer's outcome.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -458,7 +377,8 @@ pub fn quantize_model_plan(
 /// The names of the 2-D dense float tensors of `weights` matching `include` globs (all of them
 /// when empty), or an error when none does.
 pub fn select_tensors(weights: &BTreeMap<String, Weight>, include: &[String]) -> Result<Vec<String>> {
-    let set = include.iter().map(|p| PathPattern::parse(p, "--layers")).collect::<Result<Vec<_>>>()?;
+    let set =
+        include.iter().map(|p| PathPattern::parse(p, "--layers")).collect::<pare_core_tensor::Result<Vec<_>>>()?;
     let chosen: Vec<String> = weights
         .iter()
         .filter(|(n, w)| {
