@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod embed;
 mod inspect;
+mod prune;
 mod quantize;
 mod report;
 mod runtime;
@@ -35,6 +36,9 @@ enum Command {
     Embed(embed::Args),
     /// Quantize a model (weights, and activations dynamic or static) and report error and size.
     Quantize(Box<quantize::Args>),
+    /// Prune a model (unstructured, N:M, gradual or structured) and report sparsity, size,
+    /// quality and speed.
+    Prune(Box<prune::Args>),
     /// Gather `quantize --json` runs into a Markdown table, per-layer SQNR, JSON and an SVG plot.
     QuantReport(report::Args),
     /// Run the kernel and MiniLM benchmarks against their peers; write bench-report.md/json.
@@ -53,6 +57,7 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Embed(a) => embed::run(a),
         Command::Quantize(a) => quantize::run(*a),
+        Command::Prune(a) => prune::run(*a),
         Command::QuantReport(a) => report::run(a),
         Command::Bench(a) => bench::run(a),
     };
