@@ -5,6 +5,7 @@ mod demo;
 mod embed;
 mod inspect;
 mod prune;
+mod prune_report;
 mod quantize;
 mod report;
 mod runtime;
@@ -39,6 +40,8 @@ enum Command {
     /// Prune a model (unstructured, N:M, gradual or structured) and report sparsity, size,
     /// quality and speed.
     Prune(Box<prune::Args>),
+    /// Regenerate reports/prune-report.md: every pruning method on the digits and MiniLM.
+    PruneReport(prune_report::Args),
     /// Gather `quantize --json` runs into a Markdown table, per-layer SQNR, JSON and an SVG plot.
     QuantReport(report::Args),
     /// Run the kernel and MiniLM benchmarks against their peers; write bench-report.md/json.
@@ -58,6 +61,7 @@ fn main() -> std::process::ExitCode {
         Command::Embed(a) => embed::run(a),
         Command::Quantize(a) => quantize::run(*a),
         Command::Prune(a) => prune::run(*a),
+        Command::PruneReport(a) => prune_report::run(a),
         Command::QuantReport(a) => report::run(a),
         Command::Bench(a) => bench::run(a),
     };

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use candle_nn::VarMap;
 use pare_core_tensor::calib::InputNormObserver;
 use pare_core_tensor::data::{DigitsSplit, digits, sentences};
@@ -193,7 +193,7 @@ fn median_pair(
 }
 
 /// One table row: a layer (or unit group) before and after.
-struct Row {
+pub struct Row {
     name: String,
     detail: String,
     before: usize,
@@ -201,6 +201,27 @@ struct Row {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let json = args.json.clone();
+    let (rows, quality, mut report) = execute(args)?;
+    print_rows(&rows);
+    for q in &quality {
+        println!("{q}");
+    }
+    if let Some(p) = &json {
+        report.insert("command".into(), serde_json::json!(std::env::args().skip(1).collect::<Vec<_>>()));
+        report.insert("quality".into(), serde_json::json!(quality));
+        let text = serde_json::to_vec_pretty(&serde_json::Value::Object(report))?;
+        pare_core_tensor::io::write_file_atomic(p, &text).with_context(|| format!("write {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// One run's table rows, quality lines and JSON figures.
+pub type Outcome = (Vec<Row>, Vec<String>, serde_json::Map<String, serde_json::Value>);
+
+/// Runs one prune and returns its table rows, its quality lines (the last says where the
+/// model went) and its figures for JSON.
+pub fn execute(args: Args) -> anyhow::Result<Outcome> {
     let plan = plan(&args)?;
     let rt = args.runtime.build()?;
     if args.out.exists() && args.out.canonicalize().ok() == args.model.canonicalize().ok() {
@@ -227,23 +248,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         digits_model(&args, &plan, &selection, &rt, &meta, &mut report)?
     };
-    print_rows(&rows);
-    for q in &quality {
-        println!("{q}");
-    }
-    println!("wrote {}", args.out.display());
-    if let Some(p) = &args.json {
-        report.insert("command".into(), serde_json::json!(std::env::args().skip(1).collect::<Vec<_>>()));
-        report.insert("quality".into(), serde_json::json!(quality));
-        let text = serde_json::to_vec_pretty(&serde_json::Value::Object(report))?;
-        pare_core_tensor::io::write_file_atomic(p, &text).with_context(|| format!("write {}", p.display()))?;
-    }
-    Ok(())
+    let mut quality = quality;
+    quality.push(format!("wrote {}", args.out.display()));
+    Ok((rows, quality, report))
 }
 
 fn print_rows(rows: &[Row]) {
     let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(5).max(5);
-    println!("{:<w$}  {:>10}  {:>10}  {:>8}  {}", "layer", "before", "after", "removed", "");
+    println!("{:<w$}  {:>10}  {:>10}  {:>8}", "layer", "before", "after", "removed");
     for r in rows {
         let removed = 1.0 - r.after as f64 / r.before.max(1) as f64;
         println!("{:<w$}  {:>10}  {:>10}  {:>7.2}%  {}", r.name, r.before, r.after, 100.0 * removed, r.detail);
@@ -396,8 +408,20 @@ fn digits_model(
     orig.prepare(rt)?;
     net.prepare(rt)?;
     let (fa, pa) = (orig.accuracy(&data.test)?, net.accuracy(&data.test)?);
+    let macs = |n: &DigitsNet| -> anyhow::Result<u64> {
+        let mut m = pare_core_tensor::metrics::MacCounter::default();
+        n.forward_hooked(&data.test.x.narrow(0, 0, 1)?, &mut Hooks::with(&mut m))?;
+        Ok(m.total())
+    };
+    let (macs_o, macs_p) = (macs(&orig)?, macs(&net)?);
+    report.insert("macs".into(), macs_p.into());
+    report.insert("original_macs".into(), macs_o.into());
     let x = &data.test.x;
-    let (t_orig, t_pruned) = median_pair(15, || Ok(drop(orig.forward(x)?)), || Ok(drop(net.forward(x)?)))?;
+    let (t_orig, t_pruned) = median_pair(
+        15,
+        || orig.forward(x).map(drop).map_err(Into::into),
+        || net.forward(x).map(drop).map_err(Into::into),
+    )?;
     net.save(&args.out, meta, &[args.model.as_path()])?;
     let (bytes_o, bytes_p) = (std::fs::metadata(&args.model)?.len(), std::fs::metadata(&args.out)?.len());
     for (k, v) in [("accuracy", pa), ("original_accuracy", fa), ("seconds", t_pruned), ("original_seconds", t_orig)] {
@@ -418,15 +442,17 @@ fn digits_model(
                 data.test.len()
             ),
             format!(
-                "parameters {} → {}; file {} → {} bytes ({:.2}× smaller)",
+                "parameters {} → {}; file {} → {} bytes ({:.2}× smaller); MACs per image {} → {}",
                 float.parameter_count(),
                 net.parameter_count(),
                 bytes_o,
                 bytes_p,
-                bytes_o as f64 / bytes_p as f64
+                bytes_o as f64 / bytes_p as f64,
+                macs_o,
+                macs_p
             ),
             format!(
-                "forward of the {} test digits on `{}`: {:.3} ms vs original {:.3} ms ({:.2}× faster)",
+                "forward of the {} test digits on `{}`: {:.3} ms vs original {:.3} ms (speed ratio {:.2}×)",
                 data.test.len(),
                 args.runtime.runtime,
                 t_pruned * 1e3,
@@ -488,7 +514,10 @@ fn digits_grads(
     let out = data
         .iter()
         .map(|(n, v)| -> anyhow::Result<(String, Vec<f32>)> {
-            let g = grads.get(v.as_tensor()).map(Tensor::clone).unwrap_or(v.as_tensor().zeros_like()?);
+            let g = match grads.get(v.as_tensor()) {
+                Some(g) => g.clone(),
+                None => v.as_tensor().zeros_like()?,
+            };
             Ok((n.clone(), g.flatten_all()?.to_vec1::<f32>()?))
         })
         .collect();
@@ -619,12 +648,12 @@ fn folder(
         let batch: Vec<String> = eval.iter().take(32).cloned().collect();
         let (ta, tb) = median_pair(
             5,
-            || Ok(drop(a.embed(&batch, 32, &mut |_| {})?)),
-            || Ok(drop(b.embed(&batch, 32, &mut |_| {})?)),
+            || a.embed(&batch, 32, &mut |_| {}).map(drop).map_err(Into::into),
+            || b.embed(&batch, 32, &mut |_| {}).map(drop).map_err(Into::into),
         )?;
         quality.push(format!("{} sentences: mean cosine to the original embeddings {cos:.5}", eval.len()));
         quality.push(format!(
-            "embedding {} sentences on `{}`: {:.1} ms vs original {:.1} ms ({:.2}× faster)",
+            "embedding {} sentences on `{}`: {:.1} ms vs original {:.1} ms (speed ratio {:.2}×)",
             batch.len(),
             args.runtime.runtime,
             tb * 1e3,
