@@ -6,6 +6,7 @@ mod pare {
     mod cpu_runtime;
     mod digits;
     mod minilm;
+    mod prune;
     mod ptq;
     mod qat;
 

@@ -89,6 +89,11 @@ pub struct Args {
     /// Leave these layers alone.
     #[arg(long = "exclude")]
     exclude: Vec<String>,
+    /// Before pruning, a sensitivity scan: each selected layer alone pruned by magnitude at
+    /// these sparsities (comma-separated, e.g. 0.5,0.7,0.9), with the metric each gives
+    /// (validation accuracy for the digits, mean cosine on the calibration text for a folder).
+    #[arg(long, value_delimiter = ',')]
+    sensitivity: Vec<f64>,
     /// Also write the run's figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -253,6 +258,38 @@ pub fn execute(args: Args) -> anyhow::Result<Outcome> {
     Ok((rows, quality, report))
 }
 
+/// A sensitivity scan's lines (one per layer) and JSON, when `--sensitivity` asks for one.
+fn scan<M: Module + Clone>(
+    args: &Args,
+    model: &M,
+    paths: &[String],
+    metric: &mut dyn FnMut(&M) -> pare_core_tensor::Result<f64>,
+    report: &mut serde_json::Map<String, serde_json::Value>,
+) -> anyhow::Result<Vec<String>> {
+    if args.sensitivity.is_empty() {
+        return Ok(Vec::new());
+    }
+    let bar = crate::progress((paths.len() * args.sensitivity.len()) as u64, "scan");
+    let mut counted = |m: &M| {
+        bar.inc(1);
+        metric(m)
+    };
+    let points = pare_prune::sensitivity(model, paths, &args.sensitivity, Criterion::Magnitude, &mut counted)?;
+    bar.finish_and_clear();
+    report.insert("sensitivity".into(), serde_json::to_value(&points)?);
+    Ok(paths
+        .iter()
+        .map(|p| {
+            let cells: Vec<String> = points
+                .iter()
+                .filter(|s| &s.path == p)
+                .map(|s| format!("{:.0}% → {:.4}", 100.0 * s.sparsity, s.metric))
+                .collect();
+            format!("sensitivity of {p} alone: {}", cells.join(", "))
+        })
+        .collect())
+}
+
 fn print_rows(rows: &[Row]) {
     let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(5).max(5);
     println!("{:<w$}  {:>10}  {:>10}  {:>8}", "layer", "before", "after", "removed");
@@ -351,10 +388,18 @@ fn digits_model(
         }
         Ok(calib.len())
     };
+    let mut scan_lines = Vec::new();
     let (mut net, rows) = match *plan {
         Plan::Unstructured(criterion, pattern) => {
             let paths = selection.resolve(&float)?;
             let cal = Calibration::collect(&paths, criterion, &mut |h| run_calib(&float, h))?;
+            scan_lines = scan(
+                args,
+                &float,
+                &paths,
+                &mut |m: &DigitsNet| m.accuracy(&data.validation).map_err(pare_models::Error::into_core),
+                report,
+            )?;
             let mut net = float.clone();
             let pruned = if let Some(n) = args.gradual {
                 // Masks start empty and grow by magnitude during fine-tuning.
@@ -433,33 +478,36 @@ fn digits_model(
     report.insert("original_file_bytes".into(), bytes_o.into());
     Ok((
         rows,
-        vec![
-            format!(
-                "test accuracy {:.2}% (original {:.2}%, {:+.2} points) on {} digits",
-                100.0 * pa,
-                100.0 * fa,
-                100.0 * (pa - fa),
-                data.test.len()
-            ),
-            format!(
-                "parameters {} → {}; file {} → {} bytes ({:.2}× smaller); MACs per image {} → {}",
-                float.parameter_count(),
-                net.parameter_count(),
-                bytes_o,
-                bytes_p,
-                bytes_o as f64 / bytes_p as f64,
-                macs_o,
-                macs_p
-            ),
-            format!(
-                "forward of the {} test digits on `{}`: {:.3} ms vs original {:.3} ms (speed ratio {:.2}×)",
-                data.test.len(),
-                args.runtime.runtime,
-                t_pruned * 1e3,
-                t_orig * 1e3,
-                t_orig / t_pruned
-            ),
-        ],
+        scan_lines
+            .into_iter()
+            .chain([
+                format!(
+                    "test accuracy {:.2}% (original {:.2}%, {:+.2} points) on {} digits",
+                    100.0 * pa,
+                    100.0 * fa,
+                    100.0 * (pa - fa),
+                    data.test.len()
+                ),
+                format!(
+                    "parameters {} → {}; file {} → {} bytes ({:.2}× smaller); MACs per image {} → {}",
+                    float.parameter_count(),
+                    net.parameter_count(),
+                    bytes_o,
+                    bytes_p,
+                    bytes_o as f64 / bytes_p as f64,
+                    macs_o,
+                    macs_p
+                ),
+                format!(
+                    "forward of the {} test digits on `{}`: {:.3} ms vs original {:.3} ms (speed ratio {:.2}×)",
+                    data.test.len(),
+                    args.runtime.runtime,
+                    t_pruned * 1e3,
+                    t_orig * 1e3,
+                    t_orig / t_pruned
+                ),
+            ])
+            .collect(),
     ))
 }
 
@@ -556,6 +604,10 @@ fn folder(
         bail!("--importance taylor needs labels: it is built for digits models; use l1, l2 or activation");
     }
     let eval = args.eval.as_deref().map(|p| lines(p, usize::MAX, "evaluation file")).transpose()?;
+    if !args.sensitivity.is_empty() && calib.is_empty() {
+        bail!("--sensitivity on a model folder measures the cosine on the calibration text: give --calib FILE");
+    }
+    let mut scan_lines = Vec::new();
     let mut enc = float.clone();
     let rows = match *plan {
         Plan::Unstructured(criterion, pattern) => {
@@ -566,7 +618,25 @@ fn folder(
                 Ok(calib.len())
             })?;
             bar.finish_and_clear();
-            let pruned = pare_prune::prune(&mut enc.bert, &paths, criterion, pattern, Some(&cal))?;
+            let reference = float.embed(&calib, 32, &mut |_| {})?;
+            scan_lines = scan(
+                args,
+                &float.bert,
+                &paths,
+                &mut |m: &pare_models::bert::BertEncoder| {
+                    let mut e = float.clone();
+                    e.bert = m.clone();
+                    mean_cosine(&reference, &e.embed(&calib, 32, &mut |_| {}).map_err(pare_models::Error::into_core)?)
+                },
+                report,
+            )?;
+            let bar = crate::progress(paths.len() as u64, criterion.name());
+            let pruned = pare_prune::plan_with(&enc.bert, &paths, criterion, pattern, Some(&cal), &mut |p| {
+                bar.inc(1);
+                bar.set_message(p.to_string());
+            })?;
+            bar.finish_and_clear();
+            pare_prune::apply(&mut enc.bert, &pruned)?;
             let formats = pare_prune::store_sparse(&mut enc.bert, &pruned, pattern)?;
             report.insert("sparsity".into(), pruned.sparsity().into());
             report.insert("layers".into(), serde_json::to_value(&pruned.stats)?);
@@ -627,14 +697,15 @@ fn folder(
     enc.bert.save_folder(&args.model, &args.out, meta).with_context(|| format!("write {}", args.out.display()))?;
     // Read the folder back as a user would: it must load and give the pruned embeddings.
     let back = SentenceEncoder::load(&args.out, &dev).with_context(|| format!("reload {}", args.out.display()))?;
-    let mut quality = vec![format!(
+    let mut quality = scan_lines;
+    quality.push(format!(
         "parameters {} → {} ({:.2}× fewer); weights {} → {} bytes",
         float.bert.parameter_count(),
         back.bert.parameter_count(),
         float.bert.parameter_count() as f64 / back.bert.parameter_count() as f64,
         float.bert.storage_bytes(),
         back.bert.storage_bytes()
-    )];
+    ));
     report.insert("params".into(), back.bert.parameter_count().into());
     report.insert("original_params".into(), float.bert.parameter_count().into());
     report.insert("bytes".into(), back.bert.storage_bytes().into());

@@ -35,7 +35,8 @@ struct One {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let work = PathBuf::from("target/prune-report");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("xtask has a parent folder")?;
+    let work = root.join("target/prune-report");
     std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
     let dev = Device::Cpu;
     let data = digits(crate::DIGITS_SPLIT_SEED, &dev)?;
@@ -103,8 +104,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         runs.push((label.to_string(), a));
     }
     if let Some(dir) = &args.minilm {
-        let all = sentences(std::path::Path::new("../shared/data/sentences.txt"))
-            .context("read ../shared/data/sentences.txt")?;
+        let text = root.join("data/sentences.txt");
+        let all = sentences(&text).with_context(|| format!("read {}", text.display()))?;
         let (calib, eval) = (work.join("calib.txt"), work.join("eval.txt"));
         std::fs::write(&calib, all[..256.min(all.len())].join("\n"))?;
         std::fs::write(&eval, all[all.len() / 2..].join("\n"))?;
@@ -163,7 +164,7 @@ fn f(v: &serde_json::Value, k: &str) -> Option<f64> {
 fn write(out: &std::path::Path, records: &[serde_json::Value]) -> anyhow::Result<()> {
     std::fs::create_dir_all(out)?;
     let mut md = String::from(
-        "# Pruning on real data\n\nRegenerate: `cargo xtask prune-report` (needs `PARE_MINILM_DIR` for the MiniLM rows; about 15 minutes on 2 cores). Each row is one `cargo xtask prune` run (its arguments are in the JSON); speeds are measured on pare's CPU runtime (2 threads) against the unpruned model in the same run, alternating, medians.\n\n",
+        "# Pruning on real data\n\nRegenerate: `cargo xtask prune-report` (needs `PARE_MINILM_DIR` for the MiniLM rows; about 7 minutes on 2 cores). Each row is one `cargo xtask prune` run (its arguments are in the JSON); speeds are measured on pare's CPU runtime (2 threads) against the unpruned model in the same run, alternating, medians.\n\n",
     );
     md.push_str("## Digits (test split, 269 images)\n\nTeachers trained by the same command (seeded). Accuracy points are against the teacher.\n\n| run | sparsity | parameters | file bytes | test accuracy | Δ points | speed vs teacher |\n|---|---:|---:|---:|---:|---:|---:|\n");
     for r in records.iter().filter(|r| r.get("accuracy").is_some()) {

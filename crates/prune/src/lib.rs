@@ -8,6 +8,7 @@
 //!   cubic [`schedule`], through core-tensor's trainer.
 //! - [`structured`]: neurons, channels, attention heads, FFN neurons and whole layers removed
 //!   with their dependency groups, giving a genuinely smaller dense model.
+//! - [`sensitivity`]: the metric when each layer alone is pruned at several levels.
 //! - [`select`]: the exact selection every method shares (requested and achieved sparsity
 //!   agree per layer and globally).
 
@@ -21,4 +22,7 @@ pub mod unstructured;
 pub use finetune::MaskedTask;
 pub use schedule::Cubic;
 pub use select::Bounds;
-pub use unstructured::{Calibration, Criterion, LayerStats, Pattern, Pruned, apply, check, plan, prune, store_sparse};
+pub use unstructured::{
+    Calibration, Criterion, LayerStats, Pattern, Pruned, Sensitivity, apply, check, plan, plan_with, prune,
+    sensitivity, store_sparse,
+};

@@ -302,6 +302,54 @@ pub fn prune(
     Ok(pruned)
 }
 
+/// One point of a sensitivity scan: the metric with layer `path` alone pruned to `sparsity`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sensitivity {
+    /// The layer pruned.
+    pub path: String,
+    /// Its sparsity.
+    pub sparsity: f64,
+    /// The metric (accuracy, mean cosine, ...) of the model with only that layer pruned.
+    pub metric: f64,
+}
+
+/// Sensitivity scan: for each layer of `paths` alone and each of `levels`, prunes it by
+/// `criterion` (magnitude or random; layer-wise) on a copy of `model` and records
+/// `metric(copy)`. Layers whose metric barely moves can take more sparsity.
+pub fn sensitivity<M: Module + Clone>(
+    model: &M,
+    paths: &[String],
+    levels: &[f64],
+    criterion: Criterion,
+    metric: &mut dyn FnMut(&M) -> Result<f64>,
+) -> Result<Vec<Sensitivity>> {
+    if !matches!(criterion, Criterion::Magnitude | Criterion::Random { .. }) {
+        return Err(Error::invalid(
+            "sensitivity scan",
+            format!("scans use magnitude or random scores, found {}", criterion.name()),
+        ));
+    }
+    for &s in levels {
+        select::check_sparsity("sensitivity level", s)?;
+    }
+    check(model, paths, criterion, Pattern::Unstructured { sparsity: 0.0, global: None }, None)?;
+    let mut out = Vec::new();
+    for p in paths {
+        for &s in levels {
+            let mut m = model.clone();
+            prune(
+                &mut m,
+                std::slice::from_ref(p),
+                criterion,
+                Pattern::Unstructured { sparsity: s, global: None },
+                None,
+            )?;
+            out.push(Sensitivity { path: p.clone(), sparsity: s, metric: metric(&m)? });
+        }
+    }
+    Ok(out)
+}
+
 /// [`prune`]'s decisions without touching the model.
 pub fn plan(
     model: &dyn Module,
@@ -309,6 +357,19 @@ pub fn plan(
     criterion: Criterion,
     pattern: Pattern,
     calib: Option<&Calibration>,
+) -> Result<Pruned> {
+    plan_with(model, paths, criterion, pattern, calib, &mut |_| {})
+}
+
+/// [`plan`], calling `on_layer(path)` as each layer's decision is made (SparseGPT takes
+/// seconds per layer: a progress bar's hook).
+pub fn plan_with(
+    model: &dyn Module,
+    paths: &[String],
+    criterion: Criterion,
+    pattern: Pattern,
+    calib: Option<&Calibration>,
+    on_layer: &mut dyn FnMut(&str),
 ) -> Result<Pruned> {
     check(model, paths, criterion, pattern, calib)?;
     let mut out = Pruned::default();
@@ -340,6 +401,7 @@ pub fn plan(
                 let mut w = v.clone();
                 masks.push(sparsegpt::prune(&format!("layer `{p}`"), &mut w, rows, cols, &h, pat, damp)?);
                 values.push(w);
+                on_layer(p);
             }
         }
         (_, Pattern::Unstructured { sparsity, global: Some(bounds) }) => {
@@ -347,6 +409,7 @@ pub fn plan(
             let refs: Vec<&[f32]> = all.iter().map(Vec::as_slice).collect();
             masks = select::mask_global(&refs, sparsity, bounds)?;
             values = layers.iter().map(|(_, _, v)| v.clone()).collect();
+            paths.iter().for_each(|p| on_layer(p));
         }
         (_, Pattern::Unstructured { sparsity, global: None }) => {
             for (p, s, v) in &layers {
@@ -358,6 +421,7 @@ pub fn plan(
                     _ => select::mask_lowest(&sc, k),
                 });
                 values.push(v.clone());
+                on_layer(p);
             }
         }
         (_, Pattern::Nm { n, m }) => {
@@ -365,6 +429,7 @@ pub fn plan(
                 let (rows, cols) = rows_cols(s);
                 masks.push(select::mask_nm(&scores(p, s, v)?, rows, cols, n, m));
                 values.push(v.clone());
+                on_layer(p);
             }
         }
     }
