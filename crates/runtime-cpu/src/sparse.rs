@@ -81,7 +81,7 @@ unsafe fn write_back(
 
 /// A weight `[n, k]` as its nonzeros, output by output (each output's at ascending input
 /// columns `cols`, values `vals`); `split` marks where each output's nonzeros start and
-/// cross into the next slice of [`KC`] columns.
+/// cross into the next slice of `KC` (64) columns.
 #[derive(Debug, Clone)]
 pub struct SparseRows {
     n: usize,
