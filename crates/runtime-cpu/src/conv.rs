@@ -1,20 +1,21 @@
-//! 2-D convolution as im2col + pare's GEMM: each output position's receptive field becomes a
-//! row, so the weight (`[out, in·kh·kw]`) runs through the same [`Panels`] formats as a linear
-//! layer — f32, FP16/BF16 and weight-only quantized convolutions alike.
+//! 2-D convolution as im2col + pare's linear kernels: each output position's receptive field
+//! becomes a row, so the weight (`[out, in·kh·kw]`) runs through the same kernels as a linear
+//! layer — f32, FP16/BF16 and weight-only quantized panels in the GEMM, pruned filters below the
+//! density crossover in the sparse kernel.
 
 use std::sync::Arc;
 
 use candle_core::Tensor;
 use pare_core_tensor::{Conv2dParams, Error, PreparedOp, Result};
 
-use crate::gemm::{self, Panels};
+use crate::linear::LinearKernel;
 use crate::simd::SimdLevel;
 
 /// A prepared convolution (one group) over packed weights.
 #[derive(Debug)]
 pub struct Conv2dOp {
     layer: String,
-    w: Box<dyn Panels>,
+    w: LinearKernel,
     bias: Option<Vec<f32>>,
     cin: usize,
     kh: usize,
@@ -25,11 +26,11 @@ pub struct Conv2dOp {
 }
 
 impl Conv2dOp {
-    /// Wraps weights packed from `[out, cin·kh·kw]`; `params.groups` must be 1.
+    /// Wraps weights prepared from `[out, cin·kh·kw]`; `params.groups` must be 1.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         layer: &str,
-        w: Box<dyn Panels>,
+        w: LinearKernel,
         bias: Option<&Tensor>,
         (cin, kh, kw): (usize, usize, usize),
         params: Conv2dParams,
@@ -98,16 +99,20 @@ impl PreparedOp for Conv2dOp {
                     }
                 }
             }
-            let mut y = vec![0f32; m * n];
-            gemm::gemm(self.level, &self.pool, &cols, m, self.w.as_ref(), self.bias.as_deref(), &mut y);
+            let y = self.w.run(self.level, &self.pool, &cols, self.bias.as_deref());
             // [b, oh·ow, n] → [b, n, oh·ow]
             let mut out = vec![0f32; m * n];
+            let hw = oh * ow;
             for bi in 0..b {
-                for pos in 0..oh * ow {
-                    for o in 0..n {
-                        out[(bi * n + o) * oh * ow + pos] = y[(bi * oh * ow + pos) * n + o];
-                    }
-                }
+                crate::simd::transpose(
+                    self.level,
+                    &y[bi * hw * n..(bi + 1) * hw * n],
+                    n,
+                    hw,
+                    n,
+                    &mut out[bi * n * hw..(bi + 1) * n * hw],
+                    hw,
+                );
             }
             out
         })?;

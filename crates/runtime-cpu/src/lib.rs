@@ -208,10 +208,11 @@ impl Runtime for CpuRuntime {
                 Ok(q) => Weight::Quantized(q),
                 Err(_) => return self.reference.prepare_conv2d(layer, weight, bias, params),
             },
+            // Sparse filters flattened dense; `kernel` stores them sparse again below the crossover.
             Weight::Sparse(s) => Weight::Dense(s.to_dense(self.device())?.reshape((out, rest))?),
         };
-        match self.kernel(layer, &flat, false)? {
-            Some(LinearKernel::Panels(w)) => Ok(Arc::new(conv::Conv2dOp::new(
+        match self.kernel(layer, &flat, true)? {
+            Some(w) => Ok(Arc::new(conv::Conv2dOp::new(
                 layer,
                 w,
                 bias,
@@ -220,7 +221,7 @@ impl Runtime for CpuRuntime {
                 self.level,
                 self.pool.clone(),
             )?)),
-            _ => self.reference.prepare_conv2d(layer, weight, bias, params),
+            None => self.reference.prepare_conv2d(layer, weight, bias, params),
         }
     }
 

@@ -36,6 +36,43 @@ impl LinearKernel {
             LinearKernel::Sparse(w) => w.k(),
         }
     }
+
+    /// `y[m, n] = x[m, k]·Wᵀ + bias` into `m·n` floats at `y`, which may be uninitialised:
+    /// both kernels write every output element before reading it.
+    ///
+    /// # Safety
+    /// `y` must be valid for reads and writes of `m·n` floats that nothing else touches during
+    /// the call.
+    pub(crate) unsafe fn run_raw(
+        &self,
+        level: SimdLevel,
+        pool: &rayon::ThreadPool,
+        x: &[f32],
+        bias: Option<&[f32]>,
+        y: *mut f32,
+    ) {
+        let m = x.len() / self.k().max(1);
+        // SAFETY: forwarded to the kernels under the caller's contract.
+        unsafe {
+            match self {
+                LinearKernel::Panels(w) => gemm::gemm_raw(level, pool, x, m, w.as_ref(), bias, y),
+                LinearKernel::Sparse(w) => w.run_raw(level, pool, x, bias, y),
+            }
+        }
+    }
+
+    /// [`LinearKernel::run_raw`] into a new vector.
+    pub(crate) fn run(&self, level: SimdLevel, pool: &rayon::ThreadPool, x: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+        let m = x.len() / self.k().max(1);
+        let mut y: Vec<f32> = Vec::with_capacity(m * self.n());
+        // SAFETY: y has capacity for the m·n outputs, which the kernels write in full before
+        // the length is set; nothing else holds the buffer.
+        unsafe {
+            self.run_raw(level, pool, x, bias, y.as_mut_ptr());
+            y.set_len(m * self.n());
+        }
+        y
+    }
 }
 
 /// `y = x·Wᵀ + b` with `W` in a [`LinearKernel`] layout.
@@ -63,23 +100,7 @@ impl LinearOp {
 
     /// `y[m, n]` for row-major `x[m, k]`.
     pub fn run(&self, x: &[f32]) -> Vec<f32> {
-        let m = x.len() / self.w.k().max(1);
-        // Both kernels write every output element before reading it, so the buffer is not
-        // zeroed first (a pass over the output that cost about 3% of MiniLM's time).
-        let mut y: Vec<f32> = Vec::with_capacity(m * self.w.n());
-        let bias = self.bias.as_deref();
-        // SAFETY: y has capacity for the m·n outputs, which both kernels write in full (see
-        // `gemm_raw` and `run_raw`) before the length is set; nothing else holds the buffer.
-        unsafe {
-            match &self.w {
-                LinearKernel::Panels(w) => {
-                    gemm::gemm_raw(self.level, &self.pool, x, m, w.as_ref(), bias, y.as_mut_ptr())
-                }
-                LinearKernel::Sparse(w) => w.run_raw(self.level, &self.pool, x, bias, y.as_mut_ptr()),
-            }
-            y.set_len(m * self.w.n());
-        }
-        y
+        self.w.run(self.level, &self.pool, x, self.bias.as_deref())
     }
 }
 

@@ -9,19 +9,25 @@ use crate::{CpuRuntime, SimdLevel};
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(40))]
-    /// Shapes, padding, stride and dilation at random, f32 and 4-bit per-channel weights: every
-    /// level and thread count against the reference convolution, the same bits across threads.
+    /// Shapes, padding, stride and dilation at random; f32, 4-bit per-channel and pruned (80%
+    /// zeros, stored CSR: the sparse kernel) weights: every level and thread count against the
+    /// reference convolution, the same bits across threads.
     #[test]
     fn convolutions_match_the_reference(
         b in 1usize..3, cin in 1usize..4, out in 1usize..20, h in 1usize..11, w in 1usize..11,
         kh in 1usize..4, kw in 1usize..4, padding in 0usize..3, stride in 1usize..3, dilation in 1usize..3,
-        quantized in any::<bool>(), bias in any::<bool>(), seed in any::<u64>()
+        kind in 0usize..3, bias in any::<bool>(), seed in any::<u64>()
     ) {
         let p = Conv2dParams { padding, stride, dilation, groups: 1 };
         prop_assume!(h + 2 * padding > dilation * (kh - 1) && w + 2 * padding > dilation * (kw - 1));
         let k = cin * kh * kw;
         let dev = Device::Cpu;
-        let weight = if quantized {
+        let weight = if kind == 2 {
+            let v: Vec<f32> = input(out, k, seed).into_iter().enumerate()
+                .map(|(i, x)| if ((i as u64 ^ seed).wrapping_mul(0x9E3779B97F4A7C15) >> 61) < 2 { x } else { 0.0 }).collect();
+            let t = Tensor::from_vec(v, (out, cin, kh, kw), &dev).unwrap();
+            Weight::Sparse(pare_core_tensor::SparseTensor::csr_from_dense(&t, "conv").unwrap())
+        } else if kind == 1 {
             let scheme = QuantScheme { bits: 4, signed: true, symmetric: true, mapping: Mapping::Linear,
                 granularity: Granularity::PerChannel { axis: 0 } };
             let codes: Vec<u8> = (0..out * k).map(|i| ((i as u64 ^ seed).wrapping_mul(0x9E3779B97F4A7C15) >> 60) as u8).collect();
