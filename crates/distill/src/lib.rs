@@ -1,6 +1,9 @@
 //! pare-distill: knowledge distillation.
 //!
-//! This crate will hold the distillation losses (soft targets at temperature T with the T²
-//! factor, hard-label cross-entropy, FitNets hints, attention transfer, cosine/MSE embedding
-//! losses) and the frozen-teacher wiring, training through core-tensor's trainer. It is
-//! filled by issue 6; nothing is implemented yet.
+//! [`losses`] holds the distillation losses — soft targets at temperature T with the T²
+//! factor, hard-label cross-entropy and their weighted sum, FitNets hints with an optional
+//! learned projection, attention transfer, and cosine/MSE embedding losses for encoders — as
+//! differentiable candle expressions that core-tensor's trainer optimises. The teacher wiring
+//! (frozen teacher, cached logits, layer taps) and the command line come next (issue 6).
+
+pub mod losses;
