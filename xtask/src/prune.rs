@@ -584,7 +584,7 @@ fn folder(
     let dev = Device::Cpu;
     if args.finetune > 0 || args.gradual.is_some() {
         bail!(
-            "--finetune and --gradual need a training task: they are built for digits models (a MiniLM repair by distillation is `cargo xtask distill`)"
+            "--finetune and --gradual need a training task: they are built for digits models (a model folder has no labels to fine-tune on; its repair by distillation is issue 6)"
         );
     }
     if args.out.exists() && !args.out.is_dir() {
@@ -618,7 +618,9 @@ fn folder(
                 Ok(calib.len())
             })?;
             bar.finish_and_clear();
-            let reference = float.embed(&calib, 32, &mut |_| {})?;
+            // The full model's calibration embeddings, only when a scan compares against them.
+            let reference =
+                if args.sensitivity.is_empty() { None } else { Some(float.embed(&calib, 32, &mut |_| {})?) };
             scan_lines = scan(
                 args,
                 &float.bert,
@@ -626,7 +628,8 @@ fn folder(
                 &mut |m: &pare_models::bert::BertEncoder| {
                     let mut e = float.clone();
                     e.bert = m.clone();
-                    mean_cosine(&reference, &e.embed(&calib, 32, &mut |_| {}).map_err(pare_models::Error::into_core)?)
+                    let want = reference.as_ref().expect("computed when a scan runs");
+                    mean_cosine(want, &e.embed(&calib, 32, &mut |_| {}).map_err(pare_models::Error::into_core)?)
                 },
                 report,
             )?;
