@@ -5,6 +5,7 @@ mod pare {
     mod atomic_save;
     mod cpu_runtime;
     mod digits;
+    mod distill;
     mod minilm;
     mod prune;
     mod ptq;

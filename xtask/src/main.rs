@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod distill;
 mod embed;
 mod inspect;
 mod prune;
@@ -40,6 +41,9 @@ enum Command {
     /// Prune a model (unstructured, N:M, gradual or structured) and report sparsity, size,
     /// quality and speed.
     Prune(Box<prune::Args>),
+    /// Distil a teacher into a smaller student (digits: soft targets + hard labels; a model
+    /// folder: embedding cosine, the student made of every other layer or a pruned folder).
+    Distill(Box<distill::Args>),
     /// Regenerate reports/prune-report.md: every pruning method on the digits and MiniLM.
     PruneReport(prune_report::Args),
     /// Gather `quantize --json` runs into a Markdown table, per-layer SQNR, JSON and an SVG plot.
@@ -61,6 +65,7 @@ fn main() -> std::process::ExitCode {
         Command::Embed(a) => embed::run(a),
         Command::Quantize(a) => quantize::run(*a),
         Command::Prune(a) => prune::run(*a),
+        Command::Distill(a) => distill::run(*a),
         Command::PruneReport(a) => prune_report::run(a),
         Command::QuantReport(a) => report::run(a),
         Command::Bench(a) => bench::run(a),

@@ -166,7 +166,7 @@ fn plan(a: &Args) -> anyhow::Result<Plan> {
     Ok(Plan::Unstructured(criterion, pattern))
 }
 
-fn lines(path: &Path, limit: usize, what: &str) -> anyhow::Result<Vec<String>> {
+pub(crate) fn lines(path: &Path, limit: usize, what: &str) -> anyhow::Result<Vec<String>> {
     let mut l = sentences(path).with_context(|| format!("read {what} `{}`", path.display()))?;
     l.truncate(limit);
     if l.is_empty() {
@@ -176,7 +176,7 @@ fn lines(path: &Path, limit: usize, what: &str) -> anyhow::Result<Vec<String>> {
 }
 
 /// Median seconds of `a` and `b` over `reps` alternating runs (after one warm-up each).
-fn median_pair(
+pub(crate) fn median_pair(
     reps: usize,
     mut a: impl FnMut() -> anyhow::Result<()>,
     mut b: impl FnMut() -> anyhow::Result<()>,
@@ -584,7 +584,7 @@ fn folder(
     let dev = Device::Cpu;
     if args.finetune > 0 || args.gradual.is_some() {
         bail!(
-            "--finetune and --gradual need a training task: they are built for digits models (a model folder has no labels to fine-tune on; its repair by distillation is issue 6)"
+            "--finetune and --gradual need a training task: they are built for digits models (a model folder has no labels to fine-tune on: repair it by distillation, `cargo xtask distill --teacher ORIGINAL --student PRUNED_FOLDER`)"
         );
     }
     if args.out.exists() && !args.out.is_dir() {

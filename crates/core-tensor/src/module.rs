@@ -230,16 +230,23 @@ pub struct LoadedWeights {
     used: BTreeSet<String>,
     device: Device,
     varmap: Option<VarMap>,
+    frozen: Vec<String>,
 }
 
 impl LoadedWeights {
     /// Serves `weights` for inference.
     pub fn new(weights: BTreeMap<String, Weight>, device: Device) -> Self {
-        Self { weights, used: BTreeSet::new(), device, varmap: None }
+        Self { weights, used: BTreeSet::new(), device, varmap: None, frozen: Vec::new() }
     }
     /// Serves `weights` with dense ones wrapped as `Var`s registered in `varmap`.
     pub fn trainable(weights: BTreeMap<String, Weight>, device: Device, varmap: VarMap) -> Self {
-        Self { weights, used: BTreeSet::new(), device, varmap: Some(varmap) }
+        Self { weights, used: BTreeSet::new(), device, varmap: Some(varmap), frozen: Vec::new() }
+    }
+    /// Keeps the parameters whose names start with one of `prefixes` constant (not `Var`s):
+    /// a trainable source with frozen parts, such as an encoder's embedding tables.
+    pub fn freeze(mut self, prefixes: Vec<String>) -> Self {
+        self.frozen = prefixes;
+        self
     }
     /// Names that no layer asked for (a sign of a config/weights mismatch).
     pub fn unused(&self) -> Vec<&str> {
@@ -258,13 +265,13 @@ impl WeightSource for LoadedWeights {
         }
         self.used.insert(name.to_string());
         Ok(match (w, &self.varmap) {
-            (Weight::Dense(t), Some(vm)) => {
+            (Weight::Dense(t), Some(vm)) if !self.frozen.iter().any(|p| name.starts_with(p.as_str())) => {
                 let var = Var::from_tensor(&t.to_device(&self.device)?.to_dtype(DType::F32)?)?;
                 let t = var.as_tensor().clone();
                 vm.data().lock().expect("varmap lock poisoned").insert(name.to_string(), var);
                 Weight::Dense(t)
             }
-            (Weight::Dense(t), None) => Weight::Dense(t.to_device(&self.device)?),
+            (Weight::Dense(t), _) => Weight::Dense(t.to_device(&self.device)?),
             (other, _) => other.clone(),
         })
     }

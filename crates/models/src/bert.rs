@@ -2,9 +2,11 @@
 //! all-MiniLM-L6-v2, and a sentence encoder (tokenizer + encoder + mean pooling + L2
 //! normalisation) that produces sentence-transformers embeddings.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{D, DType, Device, Tensor};
+use candle_nn::VarMap;
 use pare_core_tensor::io::load_weights;
 use pare_core_tensor::{
     Activation, Embedding, Hooks, Init, LayerMut, LayerNorm, LayerRef, Linear, LoadedWeights, Module, WeightSource,
@@ -283,6 +285,56 @@ impl BertEncoder {
         let json = serde_json::to_vec_pretty(&config).expect("JSON values serialise");
         pare_core_tensor::io::write_file_atomic(out.join("config.json"), &json)?;
         Ok(())
+    }
+
+    /// A shallower encoder made of the layers at `keep` (ascending, distinct, each below
+    /// `num_hidden_layers`), renumbered from 0, with the embeddings unchanged: the student
+    /// DistilBERT initialises from every other teacher layer, and what dropping layers leaves.
+    pub fn keep_layers(&self, keep: &[usize]) -> Result<Self> {
+        let n = self.config.num_hidden_layers;
+        let bad = |detail: String| Error::Config { what: "layers to keep", detail };
+        if keep.is_empty() {
+            return Err(bad(format!("the encoder has layers 0..{n}; at least one must stay, found none")));
+        }
+        if let Some(&l) = keep.iter().find(|&&l| l >= n) {
+            return Err(bad(format!("the encoder has layers 0..{n}, found {l}")));
+        }
+        if keep.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(bad(format!("layer indices must be ascending and distinct, found {keep:?}")));
+        }
+        let mut weights = BTreeMap::new();
+        for (name, w) in self.named_weights() {
+            match name.strip_prefix("encoder.layer.").and_then(|r| r.split_once('.')) {
+                Some((idx, rest)) => {
+                    let idx: usize = idx.parse().map_err(|_| bad(format!("parameter `{name}` has no layer index")))?;
+                    if let Some(new) = keep.iter().position(|&k| k == idx) {
+                        weights.insert(format!("encoder.layer.{new}.{rest}"), w);
+                    }
+                }
+                None => {
+                    weights.insert(name, w);
+                }
+            }
+        }
+        let c = &self.config;
+        let config = BertConfig {
+            num_hidden_layers: keep.len(),
+            heads_per_layer: c.heads_per_layer.as_ref().map(|v| keep.iter().map(|&l| v[l]).collect()),
+            intermediate_per_layer: c.intermediate_per_layer.as_ref().map(|v| keep.iter().map(|&l| v[l]).collect()),
+            ..c.clone()
+        };
+        let device = self.word.runtime().device().clone();
+        Self::build(config, &mut LoadedWeights::new(weights, device))
+    }
+
+    /// The same encoder with its dense parameters as trainable `Var`s registered in `varmap`,
+    /// except those whose names start with one of `frozen` (the embeddings, typically), which
+    /// stay constants. Quantized or sparse weights stay as they are (not trainable).
+    pub fn trainable(&self, varmap: &VarMap, frozen: &[&str]) -> Result<Self> {
+        let device = self.word.runtime().device().clone();
+        let mut src = LoadedWeights::trainable(self.named_weights(), device, varmap.clone())
+            .freeze(frozen.iter().map(|p| p.to_string()).collect());
+        Self::build(self.config.clone(), &mut src)
     }
 
     /// The configuration.

@@ -443,8 +443,7 @@ pub fn prune_units<M: Structured>(
 /// The encoder without the layers `remove` (indices), the rest renumbered in order and the
 /// config's layer count and per-layer sizes updated. At least one layer must stay.
 pub fn drop_layers(model: &BertEncoder, remove: &[usize]) -> Result<BertEncoder> {
-    let cfg = model.config();
-    let n = cfg.num_hidden_layers;
+    let n = model.config().num_hidden_layers;
     if let Some(&bad) = remove.iter().find(|&&l| l >= n) {
         return Err(Error::invalid("layers to remove", format!("the encoder has layers 0..{n}, found {bad}")));
     }
@@ -452,27 +451,7 @@ pub fn drop_layers(model: &BertEncoder, remove: &[usize]) -> Result<BertEncoder>
     if keep.is_empty() {
         return Err(Error::invalid("layers to remove", format!("would remove all {n} layers; at least one stays")));
     }
-    let mut weights = BTreeMap::new();
-    for (name, w) in model.named_weights() {
-        match name.strip_prefix("encoder.layer.").and_then(|r| r.split_once('.')) {
-            Some((idx, rest)) => {
-                let idx: usize =
-                    idx.parse().map_err(|_| Error::invalid(format!("parameter `{name}`"), "expected a layer index"))?;
-                if let Some(new) = keep.iter().position(|&k| k == idx) {
-                    weights.insert(format!("encoder.layer.{new}.{rest}"), w);
-                }
-            }
-            None => {
-                weights.insert(name, w);
-            }
-        }
-    }
-    let mut c = cfg.clone();
-    c.num_hidden_layers = keep.len();
-    c.heads_per_layer = cfg.heads_per_layer.as_ref().map(|v| keep.iter().map(|&l| v[l]).collect());
-    c.intermediate_per_layer = cfg.intermediate_per_layer.as_ref().map(|v| keep.iter().map(|&l| v[l]).collect());
-    let device = device_of(&weights);
-    BertEncoder::build(c, &mut LoadedWeights::new(weights, device)).map_err(pare_models::Error::into_core)
+    model.keep_layers(&keep).map_err(pare_models::Error::into_core)
 }
 
 #[cfg(test)]
