@@ -46,6 +46,14 @@ pub struct Args {
     /// (a learned projection where widths differ), or hidden-state MSE for encoders.
     #[arg(long, default_value = "")]
     pub features: String,
+    /// Digits: train on a transfer set — the training images plus their one-pixel shifts, all
+    /// soft-labelled by the teacher (the shifted copies keep their hard labels too).
+    #[arg(long)]
+    pub transfer: bool,
+    /// How digits feature pairs are compared: `hint` (FitNets MSE, projected) or `attention`
+    /// (attention transfer between convolution maps of equal spatial size).
+    #[arg(long, default_value = "hint")]
+    pub feature_loss: String,
     /// Weight of the summed hint losses.
     #[arg(long, default_value_t = 1.0)]
     pub feature_weight: f64,
@@ -101,9 +109,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The digits distillation settings the options name.
+fn settings(args: &Args) -> anyhow::Result<Settings> {
+    Ok(Settings {
+        temperature: args.temperature,
+        alpha: args.alpha,
+        feature_weight: args.feature_weight,
+        feature_loss: args.feature_loss.parse()?,
+    })
+}
+
 /// Checks the options every kind of teacher shares, before anything is loaded.
 fn check_common(args: &Args) -> anyhow::Result<FeatureMap> {
-    Settings { temperature: args.temperature, alpha: args.alpha, feature_weight: args.feature_weight }.check()?;
+    settings(args)?.check()?;
     if args.epochs == Some(0) {
         bail!("--epochs must be at least 1, found 0");
     }
@@ -198,7 +216,10 @@ fn digits_run(
             args.teacher.display()
         );
     }
-    let data: DigitsSplit = digits(crate::DIGITS_SPLIT_SEED, &dev)?;
+    let mut data: DigitsSplit = digits(crate::DIGITS_SPLIT_SEED, &dev)?;
+    if args.transfer {
+        data.train = pare_distill::digits::shifted_copies(&data.train)?;
+    }
     let mut teacher = DigitsNet::load(&args.teacher, &dev)?;
     teacher.prepare(rt)?;
     let vars = VarMap::new();
@@ -215,7 +236,7 @@ fn digits_run(
     key.str("digits-logits").model(&teacher)?.tensor(&data.train.x)?;
     let (logits, source) =
         teacher_outputs(args.cache.as_deref(), &key, data.train.len(), &dev, || teacher_logits(&teacher, &data.train))?;
-    let settings = Settings { temperature: args.temperature, alpha: args.alpha, feature_weight: args.feature_weight };
+    let settings = settings(args)?;
     let mut task = DigitsDistill::new(&student, &teacher, &data, logits, features, settings, &vars, args.seed)?;
     let cfg = train_config(args, 60, 3e-3, 40, Some(15));
     let report = run_training(&mut task, &vars, data.train.len(), &cfg, "distill", on_epoch)?;
@@ -231,12 +252,14 @@ fn digits_run(
         || fast.forward(x).map(drop).map_err(Into::into),
     )?;
     let recipe = format!(
-        "distill teacher={} student={} T={} alpha={} features={:?} seed={}",
+        "distill teacher={} student={} T={} alpha={} features={:?} feature_loss={} transfer={} seed={}",
         args.teacher.display(),
         args.student,
         args.temperature,
         args.alpha,
         args.features,
+        args.feature_loss,
+        args.transfer,
         args.seed
     );
     student.save(

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod distill;
+mod distill_report;
 mod embed;
 mod inspect;
 mod prune;
@@ -44,6 +45,8 @@ enum Command {
     /// Distil a teacher into a smaller student (digits: soft targets + hard labels; a model
     /// folder: embedding cosine, the student made of every other layer or a pruned folder).
     Distill(Box<distill::Args>),
+    /// Regenerate reports/distill-report.md: the digits temperature study and MiniLM → 3 layers.
+    DistillReport(distill_report::Args),
     /// Regenerate reports/prune-report.md: every pruning method on the digits and MiniLM.
     PruneReport(prune_report::Args),
     /// Gather `quantize --json` runs into a Markdown table, per-layer SQNR, JSON and an SVG plot.
@@ -66,6 +69,7 @@ fn main() -> std::process::ExitCode {
         Command::Quantize(a) => quantize::run(*a),
         Command::Prune(a) => prune::run(*a),
         Command::Distill(a) => distill::run(*a),
+        Command::DistillReport(a) => distill_report::run(a),
         Command::PruneReport(a) => prune_report::run(a),
         Command::QuantReport(a) => report::run(a),
         Command::Bench(a) => bench::run(a),

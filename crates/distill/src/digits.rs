@@ -15,6 +15,28 @@ use pare_models::digits::DigitsNet;
 use crate::losses;
 use crate::taps::{FeatureMap, Taps};
 
+/// How a feature pair is compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FeatureLoss {
+    /// FitNets: mean squared error after a learned projection where widths differ.
+    #[default]
+    Hint,
+    /// Zagoruyko & Komodakis: distance between normalised spatial attention maps of
+    /// `[n, c, h, w]` features of equal spatial size (channel counts may differ; no projection).
+    Attention,
+}
+
+impl std::str::FromStr for FeatureLoss {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "hint" => Ok(Self::Hint),
+            "attention" => Ok(Self::Attention),
+            other => Err(Error::invalid("--feature-loss", format!("expected hint or attention, found `{other}`"))),
+        }
+    }
+}
+
 /// The distillation hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Settings {
@@ -24,11 +46,13 @@ pub struct Settings {
     pub alpha: f64,
     /// Weight (≥ 0) of the summed hint losses, when a feature map is given.
     pub feature_weight: f64,
+    /// How feature pairs are compared.
+    pub feature_loss: FeatureLoss,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { temperature: 4.0, alpha: 0.9, feature_weight: 1.0 }
+        Self { temperature: 4.0, alpha: 0.9, feature_weight: 1.0, feature_loss: FeatureLoss::Hint }
     }
 }
 
@@ -54,6 +78,43 @@ pub fn teacher_logits(teacher: &DigitsNet, examples: &Examples) -> Result<Tensor
         parts.push(teacher.forward(&b.x).map_err(pare_models::Error::into_core)?.detach());
     }
     Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// A transfer set: `examples` followed by copies of every image shifted by one pixel in
+/// each of the four directions (zero fill), each copy keeping its label. Distillation trains on
+/// it with the teacher's soft targets for every image — Hinton's transfer set, where the
+/// teacher's knowledge reaches inputs the labels never covered — and a fair hard-label
+/// baseline trains on the same images.
+pub fn shifted_copies(examples: &Examples) -> Result<Examples> {
+    let n = examples.len();
+    let side = 8usize;
+    let x = examples.x.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let y = examples.y.to_vec1::<u32>()?;
+    if x.first().is_some_and(|r| r.len() != side * side) {
+        return Err(Error::Shape {
+            name: "digits images".into(),
+            expected: vec![n, 64],
+            found: examples.x.dims().to_vec(),
+        });
+    }
+    let (mut xs, mut ys): (Vec<f32>, Vec<u32>) = (x.concat(), y.clone());
+    for (dr, dc) in [(-1i32, 0i32), (1, 0), (0, -1), (0, 1)] {
+        for (img, &label) in x.iter().zip(&y) {
+            for r in 0..side as i32 {
+                for c in 0..side as i32 {
+                    let (sr, sc) = (r - dr, c - dc);
+                    let inside = (0..side as i32).contains(&sr) && (0..side as i32).contains(&sc);
+                    xs.push(if inside { img[(sr * side as i32 + sc) as usize] } else { 0.0 });
+                }
+            }
+            ys.push(label);
+        }
+    }
+    let m = ys.len();
+    Ok(Examples {
+        x: Tensor::from_vec(xs, (m, side * side), examples.x.device())?,
+        y: Tensor::from_vec(ys, m, examples.y.device())?,
+    })
 }
 
 /// One feature pair's hint: student and teacher taps, and the learned projection when their
@@ -140,7 +201,9 @@ impl<'a> DigitsDistill<'a> {
             let mut init = InitWeights::new(seed ^ 0x6869_6e74, Device::Cpu, vars.clone());
             for (i, (sp, tp)) in features.pairs.iter().enumerate() {
                 let (fs, ft) = (ts.take(sp)?, tt.take(tp)?);
-                let comparable = fs.rank() == ft.rank() && (fs.rank() == 2 || fs.dims()[2..] == ft.dims()[2..]);
+                let attention = settings.feature_loss == FeatureLoss::Attention;
+                let comparable = fs.rank() == ft.rank()
+                    && (fs.rank() == 2 && !attention || fs.rank() == 4 && fs.dims()[2..] == ft.dims()[2..]);
                 if !comparable {
                     return Err(Error::Shape {
                         name: format!("hint feature of student layer `{sp}` (to match teacher layer `{tp}`)"),
@@ -149,7 +212,7 @@ impl<'a> DigitsDistill<'a> {
                     });
                 }
                 let (ws, wt) = (fs.dim(1)?, ft.dim(1)?);
-                let projection = if ws == wt {
+                let projection = if ws == wt || attention {
                     None
                 } else {
                     let bound = 1.0 / (ws as f64).sqrt();
@@ -169,7 +232,7 @@ impl TrainTask for DigitsDistill<'_> {
         let b = self.data.train.select(batch)?;
         let idx = Tensor::from_slice(batch, batch.len(), self.teacher_logits.device())?;
         let t_logits = self.teacher_logits.index_select(&idx, 0)?;
-        let Settings { temperature, alpha, feature_weight } = self.settings;
+        let Settings { temperature, alpha, feature_weight, feature_loss } = self.settings;
         if self.hints.is_empty() {
             let logits = self.student.forward(&b.x).map_err(pare_models::Error::into_core)?;
             return losses::combined(&logits, &t_logits, &b.y, temperature, alpha);
@@ -181,8 +244,12 @@ impl TrainTask for DigitsDistill<'_> {
         self.teacher.forward_hooked(&b.x, &mut Hooks::with(&mut tt)).map_err(pare_models::Error::into_core)?;
         let mut loss = losses::combined(&logits, &t_logits, &b.y, temperature, alpha)?;
         for h in &self.hints {
-            let (fs, ft) = (rows(&ts.take(&h.student)?)?, rows(&tt.take(&h.teacher)?)?);
-            loss = (loss + (losses::hint(&fs, &ft, h.projection.as_ref())? * feature_weight)?)?;
+            let (fs, ft) = (ts.take(&h.student)?, tt.take(&h.teacher)?);
+            let term = match feature_loss {
+                FeatureLoss::Hint => losses::hint(&rows(&fs)?, &rows(&ft)?, h.projection.as_ref())?,
+                FeatureLoss::Attention => losses::attention_transfer(&fs, &ft)?,
+            };
+            loss = (loss + (term * feature_weight)?)?;
         }
         Ok(loss)
     }

@@ -23,6 +23,6 @@ pub mod losses;
 pub mod taps;
 
 pub use cache::{Fingerprint, teacher_outputs};
-pub use digits::{DigitsDistill, Settings, teacher_logits};
+pub use digits::{DigitsDistill, FeatureLoss, Settings, teacher_logits};
 pub use encoder::{EncoderDistill, EncoderSettings, every_other_layer, split_sentences};
 pub use taps::{FeatureMap, Taps};

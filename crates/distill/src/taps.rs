@@ -1,5 +1,5 @@
 //! Layer taps: intermediate outputs of named layers, captured during an ordinary forward pass
-//! through core-tensor's [`Hooks`] — no rewritten model, no second forward. A student's taps
+//! through core-tensor's [`Hooks`](pare_core_tensor::Hooks) — no rewritten model, no second forward. A student's taps
 //! keep their autograd graph (the hint loss trains through them); a teacher's are detached.
 //!
 //! A [`FeatureMap`] pairs student layers with teacher layers (`student=teacher,...` on the

@@ -8,7 +8,7 @@ use candle_nn::VarMap;
 use pare_core_tensor::data::{DigitsSplit, digits, sentences};
 use pare_core_tensor::train::{LrSchedule, OptimizerKind, TrainConfig, TrainTask, train};
 use pare_core_tensor::{Error, Module};
-use pare_distill::digits::agreement;
+use pare_distill::digits::{FeatureLoss, agreement};
 use pare_distill::encoder::mean_cosine_to;
 use pare_distill::{
     DigitsDistill, EncoderDistill, EncoderSettings, FeatureMap, Settings, every_other_layer, split_sentences,
@@ -38,8 +38,12 @@ fn teacher(data: &DigitsSplit) -> DigitsNet {
 }
 
 fn student(seed: u64) -> (DigitsNet, VarMap) {
+    student_of("mlp:32", seed)
+}
+
+fn student_of(arch: &str, seed: u64) -> (DigitsNet, VarMap) {
     let vars = VarMap::new();
-    let net = DigitsNet::init("mlp:32".parse().unwrap(), seed, &Device::Cpu, &vars).unwrap();
+    let net = DigitsNet::init(arch.parse().unwrap(), seed, &Device::Cpu, &vars).unwrap();
     (net, vars)
 }
 
@@ -56,22 +60,27 @@ fn a_digits_mlp_with_10x_fewer_parameters_learns_the_cnn_teacher() {
     let t = teacher(&data);
     let logits = teacher_logits(&t, &data.train).unwrap();
     assert_eq!(logits.dims(), &[data.train.len(), 10]);
-    for features in ["", "layers.0=fc1"] {
-        let (s, vars) = student(3);
+    let runs = [
+        ("mlp:32", "", FeatureLoss::Hint, 0),
+        ("mlp:32", "layers.0=fc1", FeatureLoss::Hint, 2),
+        ("cnn:4,8:16", "conv2=conv2", FeatureLoss::Attention, 0),
+    ];
+    for (arch, features, feature_loss, projections_wanted) in runs {
+        let (s, vars) = student_of(arch, 3);
         assert!(t.parameter_count() >= 10 * s.parameter_count(), "{} vs {}", t.parameter_count(), s.parameter_count());
         let map: FeatureMap = features.parse().unwrap();
-        let settings = Settings { temperature: 2.0, alpha: 0.5, feature_weight: 0.1 };
+        let settings = Settings { temperature: 2.0, alpha: 0.5, feature_weight: 0.1, feature_loss };
         let mut task = DigitsDistill::new(&s, &t, &data, logits.clone(), &map, settings, &vars, 3).unwrap();
         let first = f64::from(task.loss(&(0..64).collect::<Vec<u32>>()).unwrap().to_scalar::<f32>().unwrap());
         let report = train(&mut task, &vars, data.train.len(), &cfg(30, 3e-3), &mut |_| {}).unwrap();
         // The hint's projection (student width 32 → the teacher's fc1 width 64) trains with the student.
         let projections = vars.data().lock().unwrap().keys().filter(|k| k.starts_with("distill.hint")).count();
-        assert_eq!(projections, if features.is_empty() { 0 } else { 2 });
+        assert_eq!(projections, projections_wanted, "{arch} `{features}`");
         let last = report.history.last().unwrap().train_loss;
         let (sa, ta) = (s.accuracy(&data.test).unwrap(), t.accuracy(&data.test).unwrap());
         let agree = agreement(&t, &s, &data.test).unwrap();
         eprintln!(
-            "features `{features}`: loss {first:.3} → {last:.3}; student test accuracy {sa:.4} (teacher {ta:.4}), agreement {agree:.4}"
+            "{arch} `{features}` {feature_loss:?}: loss {first:.3} → {last:.3}; student test accuracy {sa:.4} (teacher {ta:.4}), agreement {agree:.4}"
         );
         assert!(last < first / 3.0, "the distillation loss fell only from {first} to {last}");
         assert!(sa >= 0.95, "student test accuracy {sa}");
@@ -105,7 +114,7 @@ fn a_run_interrupted_mid_epoch_and_resumed_ends_with_the_same_weights() {
     let t = teacher(&data);
     let logits = teacher_logits(&t, &data.train).unwrap();
     let map: FeatureMap = "layers.0=fc1".parse().unwrap();
-    let settings = Settings { temperature: 4.0, alpha: 0.9, feature_weight: 0.1 };
+    let settings = Settings { temperature: 4.0, alpha: 0.9, feature_weight: 0.1, ..Default::default() };
     let epochs = 4;
 
     let (s, vars) = student(5);
@@ -140,7 +149,7 @@ fn bad_options_and_mismatched_models_are_refused_before_training() {
     let t = DigitsNet::init(DigitsArch::default_cnn(), 1, &Device::Cpu, &vars).unwrap();
     let (s, vars) = student(1);
     let logits = teacher_logits(&t, &data.train).unwrap();
-    let ok = Settings { temperature: 2.0, alpha: 0.5, feature_weight: 1.0 };
+    let ok = Settings { temperature: 2.0, alpha: 0.5, feature_weight: 1.0, ..Default::default() };
     let none = FeatureMap::default();
     let err = |settings: Settings, map: &FeatureMap, logits: Tensor| {
         DigitsDistill::new(&s, &t, &data, logits, map, settings, &vars, 1).err().expect("refused").to_string()
@@ -160,6 +169,11 @@ fn bad_options_and_mismatched_models_are_refused_before_training() {
     // A convolution's [n, c, h, w] map against a linear layer's [n, d].
     let e = err(ok, &"layers.0=conv2".parse().unwrap(), logits.clone());
     assert!(e.contains("hint feature of student layer `layers.0`"), "{e}");
+    // Attention transfer compares convolution maps only.
+    let attention = Settings { feature_loss: FeatureLoss::Attention, ..ok };
+    let e = err(attention, &"layers.0=fc1".parse().unwrap(), logits.clone());
+    assert!(e.contains("hint feature of student layer `layers.0`"), "{e}");
+    assert!("cosine".parse::<FeatureLoss>().unwrap_err().to_string().contains("hint or attention"));
     assert!("fc1".parse::<FeatureMap>().unwrap_err().to_string().contains("student_layer=teacher_layer"));
     // Encoder loss weights that leave nothing to train on.
     assert!(EncoderSettings { cosine: 0.0, mse: 0.0, feature_weight: 0.0 }.check().is_err());
