@@ -7,6 +7,7 @@ mod pare {
     mod digits;
     mod distill;
     mod minilm;
+    mod nas;
     mod prune;
     mod ptq;
     mod qat;

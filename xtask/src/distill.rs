@@ -365,6 +365,25 @@ fn encoder(
     if args.out.exists() && !args.out.is_dir() {
         bail!("--out `{}` must be a folder for a folder teacher", args.out.display());
     }
+    if args.transfer {
+        bail!("--transfer builds a transfer set of shifted digits: it applies to a digits teacher, not a model folder");
+    }
+    if args.feature_loss != "hint" {
+        bail!(
+            "--feature-loss {}: encoder hints compare hidden states by masked MSE; only `hint` applies to a model folder",
+            args.feature_loss
+        );
+    }
+    let student_dir = Path::new(&args.student);
+    if student_dir.is_dir()
+        && args.out.canonicalize().ok().is_some()
+        && args.out.canonicalize().ok() == student_dir.canonicalize().ok()
+    {
+        bail!(
+            "--out `{}` is the student folder the run starts from: write the distilled student elsewhere",
+            args.out.display()
+        );
+    }
     let settings = EncoderSettings { cosine: 1.0, mse: args.mse_weight, feature_weight: args.feature_weight };
     settings.check()?;
     let teacher =

@@ -1,7 +1,25 @@
-//! pare-nas: neural architecture search.
+//! pare-nas: neural architecture search — find, automatically, a network as accurate as a
+//! hand-designed one but smaller and faster on the target runtime.
 //!
-//! This crate will hold search spaces (global and cell-based, for MLPs, CNNs and transformer
-//! encoders), strategies (random, grid, regularized evolution, Bayesian optimisation,
-//! REINFORCE, DARTS), evaluators (short training, one-shot supernets, measured latency on a
-//! `&dyn Runtime`) and multi-objective Pareto fronts. It is filled by issue 7; nothing is
-//! implemented yet.
+//! - [`space`]: typed, serialisable search spaces (global digits MLP/CNN spaces built in, or
+//!   read from TOML/JSON); sampling, mutation, enumeration and encoding for the strategies;
+//!   each candidate decodes to a `pare-models` architecture.
+//! - [`strategy`]: random, grid and regularized (aging) evolution, each proposal seeded by the
+//!   run's seed and the trial index so a resumed search proposes what an uninterrupted one would.
+//! - [`evaluate`]: short training from scratch through core-tensor's trainer, accuracy,
+//!   parameters, bytes, MACs and latency measured on a `Runtime` (cached per architecture).
+//! - [`search`]: the loop with constraints (latency, bytes), a JSON trial log written after
+//!   every evaluation and resumed from, the Pareto front and its hypervolume.
+//!
+//! Issue 7 continues: Bayesian optimisation, REINFORCE, DARTS, one-shot supernets, cell-based
+//! and transformer spaces, and the `cargo xtask nas` command are still to come.
+
+pub mod evaluate;
+pub mod search;
+pub mod space;
+pub mod strategy;
+
+pub use pare_core_tensor::{Error, Result};
+pub use search::{Metrics, Objective, SearchConfig, SearchLog, Trial, hypervolume_2d, pareto_front, search};
+pub use space::{Candidate, Space};
+pub use strategy::Strategy;

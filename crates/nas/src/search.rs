@@ -1,0 +1,277 @@
+//! The search loop: propose, evaluate, record — with every trial logged to JSON (written
+//! atomically after each evaluation) and a killed run resumed from its log to the same trials.
+//!
+//! Objectives: validation accuracy, optionally under constraints (latency ≤ L ms, bytes ≤ B);
+//! a trial that breaks one scores `-inf` for the strategy but stays in the log. Multi-objective
+//! results are the Pareto front of (accuracy ↑, latency ↓, bytes ↓) with its hypervolume.
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::space::{Candidate, Space};
+use crate::strategy::{Scored, Strategy};
+use crate::{Error, Result};
+
+/// What an evaluation measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Validation accuracy (what the search optimises).
+    pub validation: f64,
+    /// Test accuracy (reported only; never used to choose).
+    pub test: f64,
+    /// Parameters.
+    pub params: usize,
+    /// Bytes of the weights in storage.
+    pub bytes: usize,
+    /// Multiply-accumulates per example.
+    pub macs: u64,
+    /// Measured latency of one example on the evaluator's runtime, milliseconds (median).
+    pub latency_ms: f64,
+}
+
+/// One evaluated candidate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trial {
+    /// 0-based position in the search.
+    pub index: usize,
+    /// The option indices.
+    pub candidate: Candidate,
+    /// The architecture they build, as its spec string.
+    pub arch: String,
+    /// What was measured.
+    pub metrics: Metrics,
+    /// Whether every constraint held.
+    pub feasible: bool,
+    /// Seconds the evaluation took (not compared on resume: wall time varies).
+    pub seconds: f64,
+}
+
+/// What the search optimises.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Objective {
+    /// Maximum latency in milliseconds.
+    pub latency_max_ms: Option<f64>,
+    /// Maximum weight bytes.
+    pub bytes_max: Option<usize>,
+}
+
+impl Objective {
+    /// Checks the limits: finite and > 0.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(l) = self.latency_max_ms
+            && !(l.is_finite() && l > 0.0)
+        {
+            return Err(Error::invalid("--latency-max", format!("must be finite and > 0 ms, found {l}")));
+        }
+        if self.bytes_max == Some(0) {
+            return Err(Error::invalid("--bytes-max", "must be > 0, found 0"));
+        }
+        Ok(())
+    }
+    /// Whether `m` meets every constraint.
+    pub fn feasible(&self, m: &Metrics) -> bool {
+        self.latency_max_ms.is_none_or(|l| m.latency_ms <= l) && self.bytes_max.is_none_or(|b| m.bytes <= b)
+    }
+}
+
+/// Evaluates architectures (trains and measures them).
+pub trait Evaluator {
+    /// Evaluates the architecture `c` of `space` (trial `index`, for seeding).
+    fn evaluate(&mut self, space: &Space, c: &Candidate, index: usize) -> Result<Metrics>;
+}
+
+/// Everything that shapes a search; a log can only be resumed with the same settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchConfig {
+    /// The strategy.
+    pub strategy: Strategy,
+    /// Trials to run.
+    pub budget: usize,
+    /// Seed of the proposals (and, through the evaluator, of the training).
+    pub seed: u64,
+    /// Constraints.
+    pub objective: Objective,
+}
+
+/// A search's log: its space, settings and trials.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchLog {
+    /// The space searched.
+    pub space: Space,
+    /// The settings.
+    pub config: SearchConfig,
+    /// Every trial, in order.
+    pub trials: Vec<Trial>,
+    /// Whether the space ran out of candidates before the budget.
+    pub exhausted: bool,
+}
+
+impl SearchLog {
+    /// The best feasible trial by validation accuracy (ties: fewer bytes, then earlier).
+    pub fn best(&self) -> Option<&Trial> {
+        self.trials.iter().filter(|t| t.feasible).fold(None, |best: Option<&Trial>, t| match best {
+            Some(b)
+                if (b.metrics.validation, -(b.metrics.bytes as f64))
+                    >= (t.metrics.validation, -(t.metrics.bytes as f64)) =>
+            {
+                Some(b)
+            }
+            _ => Some(t),
+        })
+    }
+    /// The best validation accuracy after each trial (feasible trials only; `None` until one).
+    pub fn best_so_far(&self) -> Vec<Option<f64>> {
+        let mut best: Option<f64> = None;
+        self.trials
+            .iter()
+            .map(|t| {
+                if t.feasible {
+                    best = Some(best.map_or(t.metrics.validation, |b| b.max(t.metrics.validation)));
+                }
+                best
+            })
+            .collect()
+    }
+}
+
+fn score(t: &Trial) -> f64 {
+    if t.feasible { t.metrics.validation } else { f64::NEG_INFINITY }
+}
+
+fn load_log(path: &Path) -> Result<SearchLog> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Json { path: path.to_path_buf(), cause: e })
+}
+
+/// Runs (or resumes) a search: `budget` trials proposed by the strategy, each evaluated,
+/// checked against the constraints and appended to the log, which is written atomically to
+/// `log` after every trial. A log that exists is resumed when its space and settings equal
+/// these (the budget may grow) and refused otherwise. `on_trial` sees every new trial.
+pub fn search(
+    space: &Space,
+    config: &SearchConfig,
+    evaluator: &mut dyn Evaluator,
+    log: Option<&Path>,
+    on_trial: &mut dyn FnMut(&Trial),
+) -> Result<SearchLog> {
+    space.validate()?;
+    config.strategy.validate()?;
+    config.objective.validate()?;
+    if config.budget == 0 {
+        return Err(Error::invalid("--budget", "must be at least 1 trial, found 0"));
+    }
+    let mut state = SearchLog { space: space.clone(), config: config.clone(), trials: Vec::new(), exhausted: false };
+    if let Some(p) = log.filter(|p| p.exists()) {
+        let old = load_log(p)?;
+        let same = old.space == *space && SearchConfig { budget: config.budget, ..old.config.clone() } == *config;
+        if !same {
+            return Err(Error::invalid(
+                format!("search log `{}`", p.display()),
+                "was written by a search with another space, strategy, seed or objective; give another --out or the same settings",
+            ));
+        }
+        tracing::info!(log = %p.display(), trials = old.trials.len(), "resuming search");
+        state.trials = old.trials;
+        state.exhausted = old.exhausted;
+    }
+    while state.trials.len() < config.budget && !state.exhausted {
+        let history: Vec<Scored<'_>> =
+            state.trials.iter().map(|t| Scored { candidate: &t.candidate, score: score(t) }).collect();
+        let Some(c) = config.strategy.propose(space, &history, config.seed)? else {
+            state.exhausted = true;
+            break;
+        };
+        let index = state.trials.len();
+        let started = Instant::now();
+        let metrics = evaluator.evaluate(space, &c, index)?;
+        let trial = Trial {
+            index,
+            arch: space.decode(&c)?.to_string(),
+            candidate: c,
+            feasible: config.objective.feasible(&metrics),
+            metrics,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        state.trials.push(trial);
+        if let Some(p) = log {
+            let json = serde_json::to_vec_pretty(&state).expect("the log serialises");
+            pare_core_tensor::io::write_file_atomic(p, &json)?;
+        }
+        on_trial(state.trials.last().expect("just pushed"));
+    }
+    if let Some(p) = log {
+        let json = serde_json::to_vec_pretty(&state).expect("the log serialises");
+        pare_core_tensor::io::write_file_atomic(p, &json)?;
+    }
+    Ok(state)
+}
+
+/// Indices of the trials on the Pareto front of (validation accuracy ↑, latency ↓, bytes ↓):
+/// no other trial is at least as good in all three and better in one. Sorted by latency.
+pub fn pareto_front(trials: &[Trial]) -> Vec<usize> {
+    let key = |t: &Trial| (t.metrics.validation, -t.metrics.latency_ms, -(t.metrics.bytes as f64));
+    let dominates = |a: (f64, f64, f64), b: (f64, f64, f64)| {
+        a.0 >= b.0 && a.1 >= b.1 && a.2 >= b.2 && (a.0 > b.0 || a.1 > b.1 || a.2 > b.2)
+    };
+    let mut front: Vec<usize> =
+        (0..trials.len()).filter(|&i| !trials.iter().any(|o| dominates(key(o), key(&trials[i])))).collect();
+    front.sort_by(|&a, &b| trials[a].metrics.latency_ms.total_cmp(&trials[b].metrics.latency_ms).then(a.cmp(&b)));
+    front
+}
+
+/// The hypervolume of (accuracy ↑, latency ↓) points against the reference point
+/// (`acc_ref`, `latency_ref`): the area they dominate, in accuracy × milliseconds. Points
+/// outside the reference box add nothing.
+pub fn hypervolume_2d(points: &[(f64, f64)], acc_ref: f64, latency_ref: f64) -> f64 {
+    let mut p: Vec<(f64, f64)> = points.iter().copied().filter(|&(a, l)| a > acc_ref && l < latency_ref).collect();
+    // Sweep by latency ascending, keeping the running best accuracy.
+    p.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let mut area = 0.0;
+    let mut best = acc_ref;
+    for (i, &(a, l)) in p.iter().enumerate() {
+        best = best.max(a);
+        let next = p.get(i + 1).map_or(latency_ref, |q| q.1);
+        area += (best - acc_ref) * (next - l);
+    }
+    area
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trial(acc: f64, lat: f64, bytes: usize) -> Trial {
+        Trial {
+            index: 0,
+            candidate: vec![],
+            arch: String::new(),
+            metrics: Metrics { validation: acc, test: acc, params: 0, bytes, macs: 0, latency_ms: lat },
+            feasible: true,
+            seconds: 0.0,
+        }
+    }
+
+    #[test]
+    fn the_pareto_front_keeps_exactly_the_non_dominated_trials() {
+        let t = vec![
+            trial(0.9, 1.0, 10),
+            trial(0.95, 2.0, 10),
+            trial(0.85, 1.5, 10),
+            trial(0.95, 2.0, 5),
+            trial(0.8, 0.5, 10),
+        ];
+        assert_eq!(pareto_front(&t), vec![4, 0, 3]);
+    }
+
+    #[test]
+    fn hypervolume_is_the_dominated_area() {
+        // Two points: (0.9 acc, 1 ms) and (0.95, 2 ms), reference (0.8, 3 ms):
+        // [1,2) × 0.1 + [2,3) × 0.15 = 0.25.
+        let hv = hypervolume_2d(&[(0.9, 1.0), (0.95, 2.0)], 0.8, 3.0);
+        assert!((hv - 0.25).abs() < 1e-12, "{hv}");
+        // A dominated point adds nothing; one outside the box neither.
+        assert!((hypervolume_2d(&[(0.9, 1.0), (0.95, 2.0), (0.85, 1.5), (0.99, 4.0)], 0.8, 3.0) - hv).abs() < 1e-12);
+    }
+}

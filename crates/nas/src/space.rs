@@ -1,0 +1,307 @@
+//! Search spaces: a typed, serialisable list of decisions (each a name and its integer
+//! options), a candidate being one option index per decision. Strategies work on that generic
+//! form — sample, enumerate, mutate, encode — and [`Space::decode`] turns a candidate into a
+//! buildable `pare-models` architecture.
+//!
+//! Built-in global spaces for the digits models:
+//! - `mlp`: depth 1–3, each hidden width in {16, 32, 64, 128};
+//! - `cnn`: 1–3 convolutions of {4, 8, 16, 32} channels, a hidden layer of {16, 32, 64, 128}.
+//!
+//! Decisions a candidate does not use (the widths of layers beyond its depth) are
+//! canonicalised to index 0, so equal architectures have equal candidates.
+
+use pare_core_tensor::{Error, Result};
+use pare_models::digits::{CnnConfig, DigitsArch, MlpConfig};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// One decision and the values it may take.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Choice {
+    /// The decision's name (`depth`, `width.1`, `channels.0`, ...).
+    pub name: String,
+    /// Its options, in order.
+    pub options: Vec<usize>,
+}
+
+/// What a space's candidates build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpaceKind {
+    /// Digits MLPs: choices `depth`, then `width.0 .. width.{D−1}` for the deepest option D.
+    DigitsMlp,
+    /// Digits CNNs: choices `convs`, `channels.0 .. channels.{C−1}`, `hidden`.
+    DigitsCnn,
+}
+
+/// A search space.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Space {
+    /// What the candidates are.
+    pub kind: SpaceKind,
+    /// The decisions, in order.
+    pub choices: Vec<Choice>,
+}
+
+/// One point of a space: an option index per decision.
+pub type Candidate = Vec<usize>;
+
+fn choice(name: impl Into<String>, options: &[usize]) -> Choice {
+    Choice { name: name.into(), options: options.to_vec() }
+}
+
+impl Space {
+    /// A built-in space by name: `mlp` or `cnn`.
+    pub fn builtin(name: &str) -> Result<Self> {
+        let widths = [16, 32, 64, 128];
+        let space = match name {
+            "mlp" => Space {
+                kind: SpaceKind::DigitsMlp,
+                choices: vec![
+                    choice("depth", &[1, 2, 3]),
+                    choice("width.0", &widths),
+                    choice("width.1", &widths),
+                    choice("width.2", &widths),
+                ],
+            },
+            "cnn" => Space {
+                kind: SpaceKind::DigitsCnn,
+                choices: vec![
+                    choice("convs", &[1, 2, 3]),
+                    choice("channels.0", &[4, 8, 16, 32]),
+                    choice("channels.1", &[4, 8, 16, 32]),
+                    choice("channels.2", &[4, 8, 16, 32]),
+                    choice("hidden", &widths),
+                ],
+            },
+            other => {
+                return Err(Error::unknown("search space", other, ["mlp", "cnn"]));
+            }
+        };
+        space.validate()?;
+        Ok(space)
+    }
+
+    /// Reads a space from JSON or TOML text (by `path`'s extension) and validates it.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+        let space: Space = if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&text).map_err(|e| Error::Json { path: path.to_path_buf(), cause: e })?
+        } else {
+            toml::from_str(&text)
+                .map_err(|e| Error::invalid(format!("search space `{}`", path.display()), e.to_string()))?
+        };
+        space.validate()?;
+        Ok(space)
+    }
+
+    fn index_of(&self, name: &str) -> Result<usize> {
+        self.choices
+            .iter()
+            .position(|c| c.name == name)
+            .ok_or_else(|| Error::unknown("search-space choice", name, self.choices.iter().map(|c| c.name.as_str())))
+    }
+
+    /// Checks the space: every decision has options, none is 0, names are distinct, the depth
+    /// decision exists and each layer it can reach has a width decision.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |d: String| Err(Error::invalid("search space", d));
+        for (i, c) in self.choices.iter().enumerate() {
+            if c.options.is_empty() {
+                return bad(format!("choice `{}` has no options", c.name));
+            }
+            if c.options.contains(&0) {
+                return bad(format!("choice `{}` offers 0, found options {:?}; every size is ≥ 1", c.name, c.options));
+            }
+            if self.choices[..i].iter().any(|o| o.name == c.name) {
+                return bad(format!("choice `{}` appears twice", c.name));
+            }
+        }
+        let (depth, per_layer, extra): (&str, &str, &[&str]) = match self.kind {
+            SpaceKind::DigitsMlp => ("depth", "width", &[]),
+            SpaceKind::DigitsCnn => ("convs", "channels", &["hidden"]),
+        };
+        let d = self.index_of(depth)?;
+        let deepest = *self.choices[d].options.iter().max().expect("options are not empty");
+        for l in 0..deepest {
+            self.index_of(&format!("{per_layer}.{l}"))?;
+        }
+        for e in extra {
+            self.index_of(e)?;
+        }
+        Ok(())
+    }
+
+    /// The number of distinct candidates (before canonicalisation), saturating.
+    pub fn size(&self) -> u128 {
+        self.choices.iter().fold(1u128, |n, c| n.saturating_mul(c.options.len() as u128))
+    }
+
+    /// A candidate drawn uniformly, canonicalised.
+    pub fn sample(&self, rng: &mut impl Rng) -> Candidate {
+        let c: Candidate = self.choices.iter().map(|c| rng.random_range(0..c.options.len())).collect();
+        self.canonical(c)
+    }
+
+    /// The candidate with one decision, chosen uniformly among those that matter for it,
+    /// changed to another option (the mutation of regularized evolution), canonicalised.
+    pub fn mutate(&self, c: &Candidate, rng: &mut impl Rng) -> Candidate {
+        let active: Vec<usize> =
+            (0..self.choices.len()).filter(|&i| self.is_active(c, i) && self.choices[i].options.len() > 1).collect();
+        if active.is_empty() {
+            return c.clone();
+        }
+        let i = active[rng.random_range(0..active.len())];
+        let n = self.choices[i].options.len();
+        let mut out = c.clone();
+        out[i] = (c[i] + 1 + rng.random_range(0..n - 1)) % n;
+        self.canonical(out)
+    }
+
+    /// Whether decision `i` affects the architecture of `c` (a width beyond the depth does not).
+    pub fn is_active(&self, c: &Candidate, i: usize) -> bool {
+        let name = &self.choices[i].name;
+        let (depth, per_layer) = match self.kind {
+            SpaceKind::DigitsMlp => ("depth", "width."),
+            SpaceKind::DigitsCnn => ("convs", "channels."),
+        };
+        match name.strip_prefix(per_layer).and_then(|l| l.parse::<usize>().ok()) {
+            Some(l) => {
+                let d = self.index_of(depth).expect("validated");
+                l < self.choices[d].options[c[d]]
+            }
+            None => true,
+        }
+    }
+
+    /// `c` with its inactive decisions set to 0.
+    pub fn canonical(&self, mut c: Candidate) -> Candidate {
+        for i in 0..c.len() {
+            if !self.is_active(&c, i) {
+                c[i] = 0;
+            }
+        }
+        c
+    }
+
+    /// Every distinct candidate, in mixed-radix order (grid search); `None` above `limit`.
+    pub fn enumerate(&self, limit: usize) -> Option<Vec<Candidate>> {
+        if self.size() > limit as u128 * 64 {
+            return None;
+        }
+        let mut out: Vec<Candidate> = Vec::new();
+        let mut c = vec![0; self.choices.len()];
+        loop {
+            let k = self.canonical(c.clone());
+            if !out.contains(&k) {
+                out.push(k);
+                if out.len() > limit {
+                    return None;
+                }
+            }
+            let mut i = c.len();
+            loop {
+                if i == 0 {
+                    return Some(out);
+                }
+                i -= 1;
+                c[i] += 1;
+                if c[i] < self.choices[i].options.len() {
+                    break;
+                }
+                c[i] = 0;
+            }
+        }
+    }
+
+    /// Checks that `c` is a candidate of this space.
+    pub fn check(&self, c: &Candidate) -> Result<()> {
+        if c.len() != self.choices.len() || c.iter().zip(&self.choices).any(|(&i, ch)| i >= ch.options.len()) {
+            return Err(Error::invalid(
+                "candidate",
+                format!(
+                    "{c:?} is not a point of a space with choices {:?}",
+                    self.choices.iter().map(|c| c.options.len()).collect::<Vec<_>>()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The value of decision `name` in `c`.
+    pub fn value(&self, c: &Candidate, name: &str) -> Result<usize> {
+        let i = self.index_of(name)?;
+        Ok(self.choices[i].options[c[i]])
+    }
+
+    /// The architecture `c` builds.
+    pub fn decode(&self, c: &Candidate) -> Result<DigitsArch> {
+        self.check(c)?;
+        Ok(match self.kind {
+            SpaceKind::DigitsMlp => {
+                let depth = self.value(c, "depth")?;
+                DigitsArch::Mlp(MlpConfig {
+                    hidden: (0..depth).map(|l| self.value(c, &format!("width.{l}"))).collect::<Result<_>>()?,
+                })
+            }
+            SpaceKind::DigitsCnn => {
+                let convs = self.value(c, "convs")?;
+                DigitsArch::Cnn(CnnConfig {
+                    channels: (0..convs).map(|l| self.value(c, &format!("channels.{l}"))).collect::<Result<_>>()?,
+                    hidden: self.value(c, "hidden")?,
+                })
+            }
+        })
+    }
+
+    /// `c` as numbers in [0, 1] (option index over the last index), for model-based strategies.
+    pub fn encode(&self, c: &Candidate) -> Vec<f64> {
+        c.iter()
+            .zip(&self.choices)
+            .map(|(&i, ch)| if ch.options.len() > 1 { i as f64 / (ch.options.len() - 1) as f64 } else { 0.0 })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+
+    #[test]
+    fn builtin_spaces_decode_enumerate_and_mutate() {
+        let mlp = Space::builtin("mlp").unwrap();
+        // depth 1: 4, depth 2: 16, depth 3: 64 distinct MLPs.
+        let all = mlp.enumerate(1000).unwrap();
+        assert_eq!(all.len(), 4 + 16 + 64);
+        assert_eq!(mlp.decode(&all[0]).unwrap().to_string(), "mlp:16");
+        let cnn = Space::builtin("cnn").unwrap();
+        assert_eq!(cnn.enumerate(10_000).unwrap().len(), (4 + 16 + 64) * 4);
+        assert!(cnn.enumerate(10).is_none());
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        for _ in 0..200 {
+            let c = cnn.sample(&mut rng);
+            assert_eq!(c, cnn.canonical(c.clone()));
+            let m = cnn.mutate(&c, &mut rng);
+            assert_ne!(cnn.decode(&m).unwrap(), cnn.decode(&c).unwrap(), "a mutation changes the architecture");
+            assert!(cnn.encode(&m).iter().all(|v| (0.0..=1.0).contains(v)));
+        }
+    }
+
+    #[test]
+    fn bad_spaces_are_refused_with_the_choice_named() {
+        assert!(Space::builtin("rnn").unwrap_err().to_string().contains("unknown search space `rnn`"));
+        let mut s = Space::builtin("mlp").unwrap();
+        s.choices[1].options.clear();
+        assert!(s.validate().unwrap_err().to_string().contains("`width.0` has no options"));
+        let mut s = Space::builtin("mlp").unwrap();
+        s.choices[0].options = vec![1, 4];
+        assert!(s.validate().unwrap_err().to_string().contains("width.3"));
+        let mut s = Space::builtin("cnn").unwrap();
+        s.choices[4].options = vec![0, 8];
+        assert!(s.validate().unwrap_err().to_string().contains("offers 0"));
+        let s = Space::builtin("mlp").unwrap();
+        assert!(s.decode(&vec![0, 9, 0, 0]).is_err());
+    }
+}
