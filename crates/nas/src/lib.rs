@@ -8,7 +8,7 @@
 //!   run's seed and the trial index so a resumed search proposes what an uninterrupted one would.
 //! - [`evaluate`]: short training from scratch through core-tensor's trainer, accuracy,
 //!   parameters, bytes, MACs and latency measured on a `Runtime` (cached per architecture).
-//! - [`search`]: the loop with constraints (latency, bytes), a JSON trial log written after
+//! - [`mod@search`]: the loop with constraints (latency, bytes), a JSON trial log written after
 //!   every evaluation and resumed from, the Pareto front and its hypervolume.
 //!
 //! Issue 7 continues: Bayesian optimisation, REINFORCE, DARTS, one-shot supernets, cell-based
