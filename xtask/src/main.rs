@@ -6,6 +6,7 @@ mod distill;
 mod distill_report;
 mod embed;
 mod inspect;
+mod nas;
 mod prune;
 mod prune_report;
 mod quantize;
@@ -51,6 +52,9 @@ enum Command {
     PruneReport(prune_report::Args),
     /// Gather `quantize --json` runs into a Markdown table, per-layer SQNR, JSON and an SVG plot.
     QuantReport(report::Args),
+    /// Search digits architectures (random, grid, evolution) for accuracy and measured latency;
+    /// writes the trial log, a summary and plots.
+    Nas(Box<nas::Args>),
     /// Run the kernel and MiniLM benchmarks against their peers; write bench-report.md/json.
     Bench(bench::Args),
 }
@@ -72,6 +76,7 @@ fn main() -> std::process::ExitCode {
         Command::DistillReport(a) => distill_report::run(a),
         Command::PruneReport(a) => prune_report::run(a),
         Command::QuantReport(a) => report::run(a),
+        Command::Nas(a) => nas::run(*a),
         Command::Bench(a) => bench::run(a),
     };
     match result {
