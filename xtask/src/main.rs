@@ -52,7 +52,7 @@ enum Command {
     PruneReport(prune_report::Args),
     /// Gather `quantize --json` runs into a Markdown table, per-layer SQNR, JSON and an SVG plot.
     QuantReport(report::Args),
-    /// Search digits architectures (random, grid, evolution) for accuracy and measured latency;
+    /// Search digits architectures (random, grid, evolution, bo, rl) for accuracy and measured latency;
     /// writes the trial log, a summary and plots.
     Nas(Box<nas::Args>),
     /// Run the kernel and MiniLM benchmarks against their peers; write bench-report.md/json.

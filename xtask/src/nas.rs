@@ -19,7 +19,7 @@ pub struct Args {
     /// A built-in space (`mlp`, `cnn`) or a TOML/JSON space file.
     #[arg(long, default_value = "cnn")]
     space: String,
-    /// random, grid or evolution.
+    /// random, grid, evolution (regularized), bo (TPE) or rl (REINFORCE).
     #[arg(long, default_value = "evolution")]
     strategy: String,
     /// Candidates to evaluate.

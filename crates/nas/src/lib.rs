@@ -4,15 +4,17 @@
 //! - [`space`]: typed, serialisable search spaces (global digits MLP/CNN spaces built in, or
 //!   read from TOML/JSON); sampling, mutation, enumeration and encoding for the strategies;
 //!   each candidate decodes to a `pare-models` architecture.
-//! - [`strategy`]: random, grid and regularized (aging) evolution, each proposal seeded by the
-//!   run's seed and the trial index so a resumed search proposes what an uninterrupted one would.
+//! - [`strategy`]: random, grid, regularized (aging) evolution, Bayesian optimisation (TPE)
+//!   and a REINFORCE controller, each proposal seeded by the run's seed and the trial index
+//!   (model-based ones replay the history), so a resumed search proposes what an
+//!   uninterrupted one would.
 //! - [`evaluate`]: short training from scratch through core-tensor's trainer, accuracy,
 //!   parameters, bytes, MACs and latency measured on a `Runtime` (cached per architecture).
 //! - [`mod@search`]: the loop with constraints (latency, bytes), a JSON trial log written after
 //!   every evaluation and resumed from, the Pareto front and its hypervolume.
 //!
-//! Issue 7 continues: Bayesian optimisation, REINFORCE, DARTS, one-shot supernets, cell-based
-//! and transformer spaces, and the `cargo xtask nas` command are still to come.
+//! Issue 7 continues: DARTS, one-shot supernets, and cell-based and transformer spaces are
+//! still to come.
 
 pub mod evaluate;
 pub mod search;

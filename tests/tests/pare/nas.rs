@@ -29,7 +29,7 @@ fn stable(t: &Trial) -> (Candidate, String, f64, f64, usize, usize, u64) {
 fn every_strategy_finds_an_accurate_model_and_a_pareto_front() {
     let data = digits(42, &Device::Cpu).unwrap();
     let space = Space::builtin("mlp").unwrap();
-    for strategy in ["random", "grid", "evolution"] {
+    for strategy in ["random", "grid", "evolution", "bo", "rl"] {
         let mut strategy: Strategy = strategy.parse().unwrap();
         if let Strategy::Evolution { population, sample } = &mut strategy {
             (*population, *sample) = (3, 2);
