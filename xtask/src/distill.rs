@@ -192,7 +192,12 @@ fn training_line(r: &TrainReport, metric: &str) -> String {
     format!(
         "trained {} epochs{}: best validation {metric} {:.4} at epoch {}{}",
         r.history.len(),
-        r.resumed_at.map(|e| format!(" (resumed at epoch {})", e + 1)).unwrap_or_default(),
+        match r.resumed_at {
+            Some(e) if e >= r.history.len() =>
+                " (resumed from a finished checkpoint: nothing left to train)".to_string(),
+            Some(e) => format!(" (resumed at epoch {})", e + 1),
+            None => String::new(),
+        },
         r.best_metric,
         r.best_epoch + 1,
         if r.stopped_early { " (stopped early)" } else { "" }
