@@ -290,6 +290,26 @@ mod tests {
     }
 
     #[test]
+    fn spaces_read_from_toml_and_json_and_bad_files_say_where() {
+        let dir = tempfile::tempdir().unwrap();
+        let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../spaces/cnn-wide.toml");
+        let wide = Space::from_file(&shipped).unwrap();
+        assert_eq!(wide.kind, SpaceKind::DigitsCnn);
+        assert_eq!(wide.decode(&vec![1, 5, 0, 0, 3]).unwrap().to_string(), "cnn:32,4:64");
+        let json = dir.path().join("mlp.json");
+        std::fs::write(&json, serde_json::to_string(&Space::builtin("mlp").unwrap()).unwrap()).unwrap();
+        assert_eq!(Space::from_file(&json).unwrap(), Space::builtin("mlp").unwrap());
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "kind = \"digits_cnn\"\n[[choices]]\nname = \"convs\"\noptions = [1, \"two\"]\n").unwrap();
+        let e = Space::from_file(&bad).unwrap_err().to_string();
+        assert!(e.contains("bad.toml") && e.contains("line 4"), "{e}");
+        std::fs::write(&bad, "kind = \"digits_cnn\"\n[[choices]]\nname = \"convs\"\noptions = [2]\n").unwrap();
+        let e = Space::from_file(&bad).unwrap_err().to_string();
+        assert!(e.contains("unknown search-space choice `channels.0`"), "{e}");
+        assert!(Space::from_file(&dir.path().join("missing.toml")).unwrap_err().to_string().contains("missing.toml"));
+    }
+
+    #[test]
     fn bad_spaces_are_refused_with_the_choice_named() {
         assert!(Space::builtin("rnn").unwrap_err().to_string().contains("unknown search space `rnn`"));
         let mut s = Space::builtin("mlp").unwrap();
