@@ -7,6 +7,7 @@ mod distill_report;
 mod embed;
 mod inspect;
 mod nas;
+mod nas_report;
 mod prune;
 mod prune_report;
 mod quantize;
@@ -55,6 +56,8 @@ enum Command {
     /// Search digits architectures (random, grid, evolution, bo, rl) for accuracy and measured latency;
     /// writes the trial log, a summary and plots.
     Nas(Box<nas::Args>),
+    /// Regenerate reports/nas-report.md: every strategy × seeds on a digits space, against the demo CNN.
+    NasReport(nas_report::Args),
     /// Run the kernel and MiniLM benchmarks against their peers; write bench-report.md/json.
     Bench(bench::Args),
 }
@@ -77,6 +80,7 @@ fn main() -> std::process::ExitCode {
         Command::PruneReport(a) => prune_report::run(a),
         Command::QuantReport(a) => report::run(a),
         Command::Nas(a) => nas::run(*a),
+        Command::NasReport(a) => nas_report::run(a),
         Command::Bench(a) => bench::run(a),
     };
     match result {

@@ -65,7 +65,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         other => bail!("--objective: expected acc or acc,latency, found `{other}`"),
     };
     let objective = Objective { latency_max_ms: args.latency_max, bytes_max: args.bytes_max };
-    let config = SearchConfig { strategy, budget: args.budget, seed: args.seed, objective };
     strategy.validate()?;
     objective.validate()?;
     if args.budget == 0 {
@@ -78,6 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let rt = args.runtime.build()?;
     let data = digits(crate::DIGITS_SPLIT_SEED, &Device::Cpu)?;
     let mut eval = DigitsEvaluator::new(&data, rt, args.epochs, args.seed)?;
+    let config = SearchConfig { strategy, budget: args.budget, seed: args.seed, objective, evaluator: eval.describe() };
 
     let bar = crate::progress(args.budget as u64, "nas");
     let log_path = args.out.join("trials.json");

@@ -69,6 +69,16 @@ impl<'a> DigitsEvaluator<'a> {
         Ok(Self { data, runtime, epochs, lr: 3e-3, seed, latency_reps: 31, latencies: BTreeMap::new() })
     }
 
+    /// The settings that shape every trial, for [`crate::SearchConfig::evaluator`].
+    pub fn describe(&self) -> String {
+        format!(
+            "digits: {} epochs, AdamW {} cosine, batch 32, latency on `{}`",
+            self.epochs,
+            self.lr,
+            self.runtime.name()
+        )
+    }
+
     /// Trains `arch` and measures it (the work of one trial).
     pub fn measure(&mut self, arch: &DigitsArch, index: usize) -> Result<Metrics> {
         let seed = self.seed ^ (index as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);

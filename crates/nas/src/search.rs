@@ -93,6 +93,9 @@ pub struct SearchConfig {
     pub seed: u64,
     /// Constraints.
     pub objective: Objective,
+    /// The evaluator's settings as text (epochs, learning rate, runtime, ...): trials are only
+    /// comparable under the same ones, so a log resumes only with the same text.
+    pub evaluator: String,
 }
 
 /// A search's log: its space, settings and trials.
@@ -169,7 +172,7 @@ pub fn search(
         if !same {
             return Err(Error::invalid(
                 format!("search log `{}`", p.display()),
-                "was written by a search with another space, strategy, seed or objective; give another --out or the same settings",
+                "was written by a search with another space, strategy, seed, objective or evaluator; give another --out or the same settings",
             ));
         }
         tracing::info!(log = %p.display(), trials = old.trials.len(), "resuming search");

@@ -34,8 +34,9 @@ fn every_strategy_finds_an_accurate_model_and_a_pareto_front() {
         if let Strategy::Evolution { population, sample } = &mut strategy {
             (*population, *sample) = (3, 2);
         }
-        let config = SearchConfig { strategy, budget: 6, seed: 5, objective: Objective::default() };
         let mut eval = DigitsEvaluator::new(&data, cpu(), 3, 5).unwrap();
+        let config =
+            SearchConfig { strategy, budget: 6, seed: 5, objective: Objective::default(), evaluator: eval.describe() };
         let log = search(&space, &config, &mut eval, None, &mut |_| {}).unwrap();
         assert_eq!(log.trials.len(), 6);
         let best = log.best().unwrap();
@@ -83,6 +84,7 @@ fn a_search_killed_after_k_trials_resumes_to_the_same_log() {
         budget: 7,
         seed: 9,
         objective: Objective { latency_max_ms: None, bytes_max: Some(60_000) },
+        evaluator: evaluator(&data).describe(),
     };
     let dir = tempfile::tempdir().unwrap();
     let whole = search(&space, &config, &mut evaluator(&data), Some(&dir.path().join("a.json")), &mut |_| {}).unwrap();
@@ -104,14 +106,24 @@ fn a_search_killed_after_k_trials_resumes_to_the_same_log() {
     // Another seed against the same log is refused rather than mixed in.
     let other = SearchConfig { seed: 10, ..config.clone() };
     let e = search(&space, &other, &mut evaluator(&data), Some(&log), &mut |_| {}).unwrap_err().to_string();
-    assert!(e.contains("another space, strategy, seed or objective"), "{e}");
+    assert!(e.contains("another space, strategy, seed, objective or evaluator"), "{e}");
+    // So is an evaluator that trains longer: its trials are not comparable.
+    let longer = DigitsEvaluator::new(&data, cpu(), 2, 9).unwrap();
+    let other = SearchConfig { evaluator: longer.describe(), ..config.clone() };
+    assert!(search(&space, &other, &mut evaluator(&data), Some(&log), &mut |_| {}).is_err());
 }
 
 #[test]
 fn bad_settings_are_refused_before_any_training() {
     let data = digits(42, &Device::Cpu).unwrap();
     let space = Space::builtin("mlp").unwrap();
-    let ok = SearchConfig { strategy: Strategy::Random, budget: 3, seed: 1, objective: Objective::default() };
+    let ok = SearchConfig {
+        strategy: Strategy::Random,
+        budget: 3,
+        seed: 1,
+        objective: Objective::default(),
+        evaluator: String::new(),
+    };
     let rt = ReferenceRuntime::shared(Device::Cpu);
     let run = |c: &SearchConfig| {
         let mut e = DigitsEvaluator::new(&data, rt.clone(), 1, 1).unwrap();
