@@ -14,6 +14,8 @@ use pare_core_tensor::data::digits;
 use pare_models::digits::DigitsArch;
 use plotters::prelude::*;
 
+use crate::mean_sd;
+
 /// Arguments of `cargo xtask distill-report`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -45,14 +47,6 @@ const STUDENT: &str = "mlp:32";
 const TEMPERATURES: [f64; 4] = [1.0, 2.0, 4.0, 8.0];
 /// The soft-target weight of every distilled row, fixed before any run (not tuned on test).
 const ALPHA: f64 = 0.5;
-
-/// Mean and sample standard deviation.
-fn mean_sd(v: &[f64]) -> (f64, f64) {
-    let n = v.len().max(1) as f64;
-    let m = v.iter().sum::<f64>() / n;
-    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-    (m, var.sqrt())
-}
 
 /// One table row: a configuration's per-seed figures.
 #[derive(serde::Serialize, serde::Deserialize)]

@@ -14,6 +14,8 @@ use pare_nas::evaluate::DigitsEvaluator;
 use pare_nas::{Objective, SearchConfig, SearchLog, Space, Strategy, Trial, pareto_front, search};
 use plotters::prelude::*;
 
+use crate::mean_sd;
+
 /// Arguments of `cargo xtask nas-report`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -38,12 +40,6 @@ pub struct Args {
 }
 
 const STRATEGIES: [&str; 5] = ["random", "grid", "evolution", "bo", "rl"];
-
-fn mean_sd(v: &[f64]) -> (f64, f64) {
-    let n = v.len().max(1) as f64;
-    let m = v.iter().sum::<f64>() / n;
-    (m, (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt())
-}
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("xtask has a parent folder")?;
