@@ -70,7 +70,14 @@ pub fn train_digits(
     let steps = data.train.len().div_ceil(cfg.batch_size) * cfg.epochs;
     let bar = crate::progress(
         steps as u64,
-        &format!("train {}", if matches!(arch, DigitsArch::Cnn(_)) { "cnn" } else { "mlp" }),
+        &format!(
+            "train {}",
+            match arch {
+                DigitsArch::Mlp(_) => "mlp",
+                DigitsArch::Cnn(_) => "cnn",
+                DigitsArch::Cell(_) => "cell",
+            }
+        ),
     );
     let started = std::time::Instant::now();
     let report = fit(&net, &vars, data, &cfg, &mut show_on(&bar))?;

@@ -9,7 +9,8 @@ use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarMap;
 use pare_core_tensor::io::load_weights;
 use pare_core_tensor::{
-    Activation, Embedding, Hooks, Init, LayerMut, LayerNorm, LayerRef, Linear, LoadedWeights, Module, WeightSource,
+    Activation, Embedding, Hooks, Init, LayerMut, LayerNorm, LayerRef, Linear, LoadedWeights, Module, Weight,
+    WeightSource,
 };
 use serde::{Deserialize, Serialize};
 
@@ -324,6 +325,62 @@ impl BertEncoder {
             ..c.clone()
         };
         let device = self.word.runtime().device().clone();
+        Self::build(config, &mut LoadedWeights::new(weights, device))
+    }
+
+    /// A narrower encoder that keeps, in each layer `l`, only the attention heads `heads[l]` and
+    /// the feed-forward neurons `neurons[l]` (ascending, distinct, in range; at least one of
+    /// each): the query/key/value rows and output columns of dropped heads and the
+    /// intermediate rows and output columns of dropped neurons are cut, everything else is
+    /// unchanged. The sub-network that architecture search and structured pruning inherit.
+    pub fn subnetwork(&self, heads: &[Vec<usize>], neurons: &[Vec<usize>]) -> Result<Self> {
+        let c = &self.config;
+        let n = c.num_hidden_layers;
+        let bad = |detail: String| Error::Config { what: "sub-network", detail };
+        if heads.len() != n || neurons.len() != n {
+            return Err(bad(format!(
+                "one list of heads and one of neurons per layer: expected {n}, found {} and {}",
+                heads.len(),
+                neurons.len()
+            )));
+        }
+        for (l, (h, f)) in heads.iter().zip(neurons).enumerate() {
+            for (what, keep, have) in [("heads", h, c.heads_of(l)), ("neurons", f, c.intermediate_of(l))] {
+                if keep.is_empty() || keep.windows(2).any(|w| w[0] >= w[1]) || keep.iter().any(|&k| k >= have) {
+                    return Err(bad(format!(
+                        "layer {l} has {what} 0..{have}; keep a non-empty ascending list of them, found {keep:?}"
+                    )));
+                }
+            }
+        }
+        let d = c.head_size();
+        let device = self.word.runtime().device().clone();
+        let mut weights = self.named_weights();
+        let mut cut = |name: String, dim: usize, rows: &[u32]| -> Result<()> {
+            let w = weights.remove(&name).ok_or_else(|| bad(format!("no parameter `{name}`")))?;
+            let idx = Tensor::from_slice(rows, rows.len(), &device)?;
+            weights.insert(name, Weight::Dense(w.to_dense(&device)?.index_select(&idx, dim)?));
+            Ok(())
+        };
+        for l in 0..n {
+            let p = |s: &str| format!("encoder.layer.{l}.{s}");
+            let rows: Vec<u32> = heads[l].iter().flat_map(|&h| (h * d..(h + 1) * d).map(|r| r as u32)).collect();
+            for m in ["query", "key", "value"] {
+                cut(p(&format!("attention.self.{m}.weight")), 0, &rows)?;
+                cut(p(&format!("attention.self.{m}.bias")), 0, &rows)?;
+            }
+            cut(p("attention.output.dense.weight"), 1, &rows)?;
+            let cols: Vec<u32> = neurons[l].iter().map(|&k| k as u32).collect();
+            cut(p("intermediate.dense.weight"), 0, &cols)?;
+            cut(p("intermediate.dense.bias"), 0, &cols)?;
+            cut(p("output.dense.weight"), 1, &cols)?;
+        }
+        let config = BertConfig {
+            attention_head_size: Some(d),
+            heads_per_layer: Some(heads.iter().map(Vec::len).collect()),
+            intermediate_per_layer: Some(neurons.iter().map(Vec::len).collect()),
+            ..c.clone()
+        };
         Self::build(config, &mut LoadedWeights::new(weights, device))
     }
 

@@ -37,6 +37,111 @@ pub struct CnnConfig {
     pub hidden: usize,
 }
 
+/// The operation on one edge of a cell (the NAS-Bench-201 operation set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CellOp {
+    /// No connection: the edge contributes zeros.
+    None,
+    /// Identity.
+    Skip,
+    /// ReLU then a 1×1 convolution.
+    Conv1x1,
+    /// ReLU then a 3×3 convolution (padding 1).
+    Conv3x3,
+    /// 3×3 average pooling, stride 1, zero padding 1 (counted in the average).
+    Avg3x3,
+}
+
+impl CellOp {
+    /// Every operation, in the order their indices refer to.
+    pub const ALL: [CellOp; 5] = [CellOp::None, CellOp::Skip, CellOp::Conv1x1, CellOp::Conv3x3, CellOp::Avg3x3];
+
+    /// The spec name (`none`, `skip`, `conv1x1`, `conv3x3`, `avg3x3`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CellOp::None => "none",
+            CellOp::Skip => "skip",
+            CellOp::Conv1x1 => "conv1x1",
+            CellOp::Conv3x3 => "conv3x3",
+            CellOp::Avg3x3 => "avg3x3",
+        }
+    }
+
+    /// The kernel size of a convolution, `None` for the parameter-free operations.
+    pub fn kernel(self) -> Option<usize> {
+        match self {
+            CellOp::Conv1x1 => Some(1),
+            CellOp::Conv3x3 => Some(3),
+            _ => None,
+        }
+    }
+
+    /// Applies a parameter-free operation (`None`: zeros; `Skip`; `Avg3x3`); a convolution is
+    /// `conv.forward(relu(x))` and is the caller's.
+    pub fn apply_fixed(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            CellOp::None => x.zeros_like(),
+            CellOp::Skip => Ok(x.clone()),
+            CellOp::Avg3x3 => {
+                let p = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+                if !p.track_op() {
+                    return p.avg_pool2d_with_stride(3, 1);
+                }
+                // Under autograd: the sum of the nine shifted windows (candle's avg_pool2d has
+                // no gradient when windows overlap, and DARTS trains through this operation).
+                let (h, w) = (x.dim(2)?, x.dim(3)?);
+                let mut sum = p.narrow(2, 0, h)?.narrow(3, 0, w)?;
+                for k in 1..9 {
+                    sum = (sum + p.narrow(2, k / 3, h)?.narrow(3, k % 3, w)?)?;
+                }
+                sum / 9.0
+            }
+            CellOp::Conv1x1 | CellOp::Conv3x3 => {
+                Err(candle_core::Error::Msg(format!("{} has weights: apply it with its convolution", self.name())))
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for CellOp {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        CellOp::ALL.into_iter().find(|o| o.name() == s).ok_or_else(|| Error::Config {
+            what: "cell operation",
+            detail: format!("expected one of {}, found `{s}`", CellOp::ALL.map(CellOp::name).join(", ")),
+        })
+    }
+}
+
+/// A cell-based CNN (the NAS-Bench-201 design, sized for 8×8 digits): a 3×3 stem convolution
+/// to `channels`, then `cells` copies of one cell, ReLU, a 2×2 max-pool and the classifier.
+///
+/// A cell is a DAG on nodes 0..=k: node 0 is the cell's input and node j > 0 sums one
+/// operation applied to each earlier node; node k is the output. `ops` lists the operation of
+/// each edge i→j ordered by j, then i — for k = 3: 0→1, 0→2, 1→2, 0→3, 1→3, 2→3.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellConfig {
+    /// Channels of the stem and of every cell.
+    pub channels: usize,
+    /// How many times the cell is repeated.
+    pub cells: usize,
+    /// One operation per edge (k(k+1)/2 of them for k intermediate nodes).
+    pub ops: Vec<CellOp>,
+}
+
+impl CellConfig {
+    /// Intermediate nodes of a cell with `edges` edges (`None` unless `edges` = k(k+1)/2).
+    pub fn nodes_for(edges: usize) -> Option<usize> {
+        (1..=16).find(|k| k * (k + 1) / 2 == edges)
+    }
+
+    /// The edges `(from, to)` in `ops` order, for a cell with `nodes` intermediate nodes.
+    pub fn edges(nodes: usize) -> Vec<(usize, usize)> {
+        (1..=nodes).flat_map(|j| (0..j).map(move |i| (i, j))).collect()
+    }
+}
+
 /// The architecture of a digits model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "arch")]
@@ -45,17 +150,21 @@ pub enum DigitsArch {
     Mlp(MlpConfig),
     /// See [`CnnConfig`].
     Cnn(CnnConfig),
+    /// See [`CellConfig`].
+    Cell(CellConfig),
 }
 
 impl std::str::FromStr for DigitsArch {
     type Err = Error;
 
-    /// `mlp:H1,H2,...` (hidden widths) or `cnn:C1,C2,...:H` (convolution channels, hidden
-    /// width): `cnn:16,32:64` is the demo's teacher, `mlp:128,64` the default MLP.
+    /// `mlp:H1,H2,...` (hidden widths), `cnn:C1,C2,...:H` (convolution channels, hidden
+    /// width) or `cell:CxN:OP,OP,...` (channels, cell repeats, one operation per edge):
+    /// `cnn:16,32:64` is the demo's teacher, `mlp:128,64` the default MLP,
+    /// `cell:16x2:conv3x3,skip,conv3x3,avg3x3,none,conv1x1` a cell network.
     fn from_str(spec: &str) -> Result<Self> {
         let bad = |why: &str| Error::Config {
             what: "digits architecture",
-            detail: format!("expected mlp:H1,H2,... or cnn:C1,C2,...:H, found `{spec}` ({why})"),
+            detail: format!("expected mlp:H1,H2,..., cnn:C1,C2,...:H or cell:CxN:OP,..., found `{spec}` ({why})"),
         };
         let widths = |list: &str| -> Result<Vec<usize>> {
             list.split(',')
@@ -69,6 +178,15 @@ impl std::str::FromStr for DigitsArch {
                 channels: widths(channels)?,
                 hidden: hidden.trim().parse().map_err(|_| bad("the hidden width is a positive integer"))?,
             }),
+            ["cell", size, ops] => {
+                let (c, n) = size.split_once('x').ok_or_else(|| bad("the cell size is CHANNELSxCELLS"))?;
+                let num = |v: &str| v.trim().parse::<usize>().map_err(|_| bad("the cell size is CHANNELSxCELLS"));
+                DigitsArch::Cell(CellConfig {
+                    channels: num(c)?,
+                    cells: num(n)?,
+                    ops: ops.split(',').map(|o| o.trim().parse()).collect::<Result<_>>()?,
+                })
+            }
             _ => return Err(bad("unknown form")),
         };
         arch.validate()?;
@@ -83,6 +201,13 @@ impl std::fmt::Display for DigitsArch {
             DigitsArch::Mlp(c) if c.hidden.is_empty() => write!(f, "mlp"),
             DigitsArch::Mlp(c) => write!(f, "mlp:{}", join(&c.hidden)),
             DigitsArch::Cnn(c) => write!(f, "cnn:{}:{}", join(&c.channels), c.hidden),
+            DigitsArch::Cell(c) => write!(
+                f,
+                "cell:{}x{}:{}",
+                c.channels,
+                c.cells,
+                c.ops.iter().map(|o| o.name()).collect::<Vec<_>>().join(",")
+            ),
         }
     }
 }
@@ -97,9 +222,21 @@ impl DigitsArch {
         DigitsArch::Mlp(MlpConfig { hidden: vec![128, 64] })
     }
     fn validate(&self) -> Result<()> {
+        if let DigitsArch::Cell(c) = self
+            && CellConfig::nodes_for(c.ops.len()).is_none()
+        {
+            return Err(Error::Config {
+                what: "digits cell",
+                detail: format!(
+                    "a cell with k nodes has k(k+1)/2 edges (1, 3, 6, 10, ...), found {} operations",
+                    c.ops.len()
+                ),
+            });
+        }
         let zero = match self {
             DigitsArch::Mlp(c) => c.hidden.contains(&0),
             DigitsArch::Cnn(c) => c.channels.is_empty() || c.channels.contains(&0) || c.hidden == 0,
+            DigitsArch::Cell(c) => c.channels == 0 || c.cells == 0,
         };
         if zero {
             return Err(Error::Config {
@@ -154,6 +291,25 @@ impl DigitsNet {
                 linears.push(linear(src, "fc1", flat, c.hidden)?);
                 linears.push(linear(src, "fc2", c.hidden, DIGITS_CLASSES)?);
             }
+            DigitsArch::Cell(c) => {
+                let conv = |src: &mut dyn WeightSource, path: String, cin: usize, k: usize| -> Result<Conv2d> {
+                    let fan = cin * k * k;
+                    let w = src.weight(&format!("{path}.weight"), &[c.channels, cin, k, k], uniform(fan))?;
+                    let b = src.tensor(&format!("{path}.bias"), &[c.channels], uniform(fan))?;
+                    let params = Conv2dParams { padding: k / 2, ..Default::default() };
+                    Ok(Conv2d::new(path, w, Some(b), params)?)
+                };
+                convs.push(conv(src, "stem".into(), 1, 3)?);
+                let nodes = CellConfig::nodes_for(c.ops.len()).expect("validated");
+                for cell in 0..c.cells {
+                    for (&(i, j), op) in CellConfig::edges(nodes).iter().zip(&c.ops) {
+                        if let Some(k) = op.kernel() {
+                            convs.push(conv(src, format!("cells.{cell}.e{i}{j}"), c.channels, k)?);
+                        }
+                    }
+                }
+                linears.push(linear(src, "fc", c.channels * 4 * 4, DIGITS_CLASSES)?);
+            }
         }
         Ok(Self { arch, convs, linears })
     }
@@ -172,7 +328,38 @@ impl DigitsNet {
     pub fn forward_hooked(&self, x: &Tensor, hooks: &mut Hooks<'_>) -> Result<Tensor> {
         let n = x.dim(0)?;
         let mut h = x.clone();
-        if !self.convs.is_empty() {
+        if let DigitsArch::Cell(c) = &self.arch {
+            let nodes = CellConfig::nodes_for(c.ops.len()).expect("validated");
+            let edges = CellConfig::edges(nodes);
+            let mut convs = self.convs.iter();
+            h = convs.next().expect("the stem").forward_hooked(&h.reshape((n, 1, 8, 8))?, hooks)?;
+            for _ in 0..c.cells {
+                let mut node: Vec<Tensor> = vec![h];
+                for j in 1..=nodes {
+                    let mut sum: Option<Tensor> = None;
+                    for (&(i, _), &op) in edges.iter().zip(&c.ops).filter(|((_, to), _)| *to == j) {
+                        let y = match op {
+                            CellOp::None => continue,
+                            CellOp::Conv1x1 | CellOp::Conv3x3 => convs
+                                .next()
+                                .expect("one convolution per conv edge")
+                                .forward_hooked(&node[i].relu()?, hooks)?,
+                            fixed => fixed.apply_fixed(&node[i])?,
+                        };
+                        sum = Some(match sum {
+                            Some(s) => (s + y)?,
+                            None => y,
+                        });
+                    }
+                    node.push(match sum {
+                        Some(s) => s,
+                        None => node[0].zeros_like()?,
+                    });
+                }
+                h = node.pop().expect("the output node");
+            }
+            h = h.relu()?.max_pool2d(2)?.flatten_from(1)?;
+        } else if !self.convs.is_empty() {
             h = h.reshape((n, 1, 8, 8))?;
             for conv in &self.convs {
                 h = conv.forward_hooked(&h, hooks)?.relu()?;
@@ -320,14 +507,52 @@ mod tests {
 
     #[test]
     fn architectures_parse_and_print_back() {
-        for spec in ["cnn:16,32:64", "cnn:4,8:32", "mlp:128,64", "mlp"] {
+        for spec in
+            ["cnn:16,32:64", "cnn:4,8:32", "mlp:128,64", "mlp", "cell:8x2:conv3x3,skip,conv1x1,avg3x3,none,conv3x3"]
+        {
             let arch: DigitsArch = spec.parse().unwrap();
             assert_eq!(arch.to_string(), spec);
         }
         assert_eq!("cnn:16,32:64".parse::<DigitsArch>().unwrap(), DigitsArch::default_cnn());
-        for bad in ["cnn:16,32", "rnn:4", "mlp:128,x", "cnn:0,8:32", "cnn:4,8:0", ""] {
+        for bad in ["cnn:16,32", "rnn:4", "mlp:128,x", "cnn:0,8:32", "cnn:4,8:0", "", "cell:8:skip", "cell:8x0:skip"] {
             let e = bad.parse::<DigitsArch>().unwrap_err().to_string();
             assert!(e.contains(&format!("`{bad}`")) || e.contains("widths must be"), "{bad}: {e}");
         }
+        let e = "cell:8x1:skip,conv5x5,none".parse::<DigitsArch>().unwrap_err().to_string();
+        assert!(e.contains("found `conv5x5`") && e.contains("conv3x3"), "{e}");
+        let e = "cell:8x1:skip,skip".parse::<DigitsArch>().unwrap_err().to_string();
+        assert!(e.contains("found 2 operations"), "{e}");
+    }
+
+    #[test]
+    fn a_cell_network_computes_its_dag() {
+        // One cell, one node: node 1 = skip(node 0), so the output is relu(stem(x)) pooled.
+        let vars = VarMap::new();
+        let x = Tensor::rand(0f32, 1.0, (3, 64), &Device::Cpu).unwrap();
+        let skip = DigitsNet::init("cell:4x1:skip".parse().unwrap(), 1, &Device::Cpu, &vars).unwrap();
+        let none = DigitsNet::init("cell:4x1:none".parse().unwrap(), 1, &Device::Cpu, &vars).unwrap();
+        assert_eq!(skip.layers().len(), 2, "stem and classifier");
+        let (ys, yn) = (skip.forward(&x).unwrap(), none.forward(&x).unwrap());
+        // `none` zeroes the features: every image gets the classifier's bias.
+        let bias = none.linears[0].bias().unwrap().unsqueeze(0).unwrap().broadcast_as((3, 10)).unwrap();
+        assert_eq!(yn.to_vec2::<f32>().unwrap(), bias.to_vec2::<f32>().unwrap());
+        assert_ne!(ys.to_vec2::<f32>().unwrap(), yn.to_vec2::<f32>().unwrap());
+        // Two conv edges per cell, two cells: stem + 4 convolutions + classifier, named by edge.
+        let net = DigitsNet::init("cell:4x2:conv3x3,avg3x3,conv1x1".parse().unwrap(), 1, &Device::Cpu, &vars).unwrap();
+        let names: Vec<String> = net.layers().iter().map(|l| l.path().to_string()).collect();
+        assert_eq!(names, ["stem", "cells.0.e01", "cells.0.e12", "cells.1.e01", "cells.1.e12", "fc"]);
+        assert_eq!(net.forward(&x).unwrap().dims(), &[3, 10]);
+        // Average pooling keeps a constant map's interior and counts the zero padding.
+        let ones = Tensor::ones((1, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
+        let avg = CellOp::Avg3x3.apply_fixed(&ones).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!((avg[4] - 1.0).abs() < 1e-6 && (avg[0] - 4.0 / 9.0).abs() < 1e-6, "{avg:?}");
+        // The differentiable form (taken under autograd) computes the same, and has a gradient.
+        let var = candle_core::Var::from_tensor(&ones.affine(2.0, 0.5).unwrap()).unwrap();
+        let fast = CellOp::Avg3x3.apply_fixed(&var.as_tensor().detach()).unwrap();
+        let tracked = CellOp::Avg3x3.apply_fixed(var.as_tensor()).unwrap();
+        let diff = (fast - &tracked).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-6, "{diff}");
+        let grads = tracked.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(var.as_tensor()).is_some());
     }
 }

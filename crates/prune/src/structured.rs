@@ -173,7 +173,7 @@ impl Structured for DigitsNet {
                 return Err(Error::invalid(
                     "structured pruning",
                     format!(
-                        "a digits {} has no {unit:?} to remove (MLP: neurons; CNN: channels, neurons)",
+                        "a digits {} has no {unit:?} to remove (MLP: neurons; CNN: channels, neurons; cell networks: none)",
                         arch_name(arch)
                     ),
                 ));
@@ -202,6 +202,7 @@ fn arch_name(a: &DigitsArch) -> &'static str {
     match a {
         DigitsArch::Mlp(_) => "MLP",
         DigitsArch::Cnn(_) => "CNN",
+        DigitsArch::Cell(_) => "cell network",
     }
 }
 
