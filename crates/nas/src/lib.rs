@@ -10,18 +10,22 @@
 //!   uninterrupted one would.
 //! - [`evaluate`]: short training from scratch through core-tensor's trainer, accuracy,
 //!   parameters, bytes, MACs and latency measured on a `Runtime` (cached per architecture).
-//! - [`mod@search`]: the loop with constraints (latency, bytes), a JSON trial log written after
-//!   every evaluation and resumed from, the Pareto front and its hypervolume.
-//!
-//! Issue 7 continues: DARTS, one-shot supernets, and cell-based and transformer spaces are
-//! still to come.
+//! - [`mod@search`]: the loop with constraints (latency, bytes), multi-objective ParEGO
+//!   scalarisation, a JSON trial log written after every evaluation and resumed from, the
+//!   Pareto front and its hypervolume.
+//! - [`supernet`]: weight-sharing supernets over cell spaces — gradient-based search (DARTS,
+//!   architecture weights on candle autograd) and one-shot training with uniform single paths,
+//!   whose [`supernet::OneShotEvaluator`] scores any cell on inherited weights.
 
 pub mod evaluate;
 pub mod search;
 pub mod space;
 pub mod strategy;
+pub mod supernet;
 
 pub use pare_core_tensor::{Error, Result};
-pub use search::{Metrics, Objective, SearchConfig, SearchLog, Trial, hypervolume_2d, pareto_front, search};
+pub use search::{
+    Metrics, Objective, SearchConfig, SearchLog, Trial, hypervolume_2d, pareto_front, scores, search, search_with,
+};
 pub use space::{Candidate, Space};
 pub use strategy::Strategy;

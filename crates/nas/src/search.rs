@@ -2,8 +2,11 @@
 //! atomically after each evaluation) and a killed run resumed from its log to the same trials.
 //!
 //! Objectives: validation accuracy, optionally under constraints (latency ≤ L ms, bytes ≤ B);
-//! a trial that breaks one scores `-inf` for the strategy but stays in the log. Multi-objective
-//! results are the Pareto front of (accuracy ↑, latency ↓, bytes ↓) with its hypervolume.
+//! a trial that breaks one scores `-inf` for the strategy but stays in the log. A
+//! multi-objective search ([`Objective::pareto`]) scores the history for each proposal with a
+//! fresh random augmented-Chebyshev scalarisation of (accuracy ↑, log latency ↓, log bytes ↓)
+//! — ParEGO (Knowles, 2006) — so any strategy spreads its trials along the front instead of
+//! chasing accuracy alone. Results are the Pareto front of the three with its hypervolume.
 
 use std::path::Path;
 use std::time::Instant;
@@ -55,6 +58,10 @@ pub struct Objective {
     pub latency_max_ms: Option<f64>,
     /// Maximum weight bytes.
     pub bytes_max: Option<usize>,
+    /// Search for the Pareto front of accuracy, latency and bytes (ParEGO scalarisations)
+    /// rather than for accuracy alone.
+    #[serde(default)]
+    pub pareto: bool,
 }
 
 impl Objective {
@@ -139,8 +146,45 @@ impl SearchLog {
     }
 }
 
-fn score(t: &Trial) -> f64 {
-    if t.feasible { t.metrics.validation } else { f64::NEG_INFINITY }
+/// The scores the strategy sees when proposing trial `trials.len()`: validation accuracy, or
+/// under [`Objective::pareto`] the negated augmented Chebyshev distance to the ideal point,
+/// `−(maxₖ λₖ(1 − fₖ) + 0.05 Σₖ λₖ(1 − fₖ))`, of the three objectives normalised to fₖ ∈ [0, 1]
+/// over the feasible history (latency and bytes on a log scale), with weights λ drawn
+/// uniformly from the simplex by the run's seed and the trial index. Infeasible trials score
+/// `-inf`.
+pub fn scores(trials: &[Trial], objective: &Objective, seed: u64) -> Vec<f64> {
+    if !objective.pareto {
+        return trials.iter().map(|t| if t.feasible { t.metrics.validation } else { f64::NEG_INFINITY }).collect();
+    }
+    let goals =
+        |t: &Trial| [t.metrics.validation, -t.metrics.latency_ms.max(1e-9).ln(), -(t.metrics.bytes.max(1) as f64).ln()];
+    let feasible: Vec<[f64; 3]> = trials.iter().filter(|t| t.feasible).map(goals).collect();
+    let (mut lo, mut hi) = ([f64::INFINITY; 3], [f64::NEG_INFINITY; 3]);
+    for g in &feasible {
+        for k in 0..3 {
+            lo[k] = lo[k].min(g[k]);
+            hi[k] = hi[k].max(g[k]);
+        }
+    }
+    // Weights uniform on the simplex: sorted uniforms' spacings.
+    let mut rng = crate::strategy::trial_rng(seed ^ 0x5041_5245_474F, trials.len());
+    let (a, b): (f64, f64) = (rand::Rng::random(&mut rng), rand::Rng::random(&mut rng));
+    let (a, b) = (a.min(b), a.max(b));
+    let w = [a, b - a, 1.0 - b];
+    trials
+        .iter()
+        .map(|t| {
+            if !t.feasible {
+                return f64::NEG_INFINITY;
+            }
+            let g = goals(t);
+            let f: Vec<f64> =
+                (0..3).map(|k| if hi[k] > lo[k] { (g[k] - lo[k]) / (hi[k] - lo[k]) } else { 1.0 }).collect();
+            // Weighted distances to the ideal point, negated so that higher is better.
+            let gap: Vec<f64> = (0..3).map(|k| w[k] * (1.0 - f[k])).collect();
+            -(gap.iter().copied().fold(0.0, f64::max) + 0.05 * gap.iter().sum::<f64>())
+        })
+        .collect()
 }
 
 fn load_log(path: &Path) -> Result<SearchLog> {
@@ -159,8 +203,29 @@ pub fn search(
     log: Option<&Path>,
     on_trial: &mut dyn FnMut(&Trial),
 ) -> Result<SearchLog> {
-    space.validate()?;
     config.strategy.validate()?;
+    let strategy = config.strategy;
+    let mut propose = |trials: &[Trial]| -> Result<Option<Candidate>> {
+        let s = scores(trials, &config.objective, config.seed);
+        let history: Vec<Scored<'_>> =
+            trials.iter().zip(s).map(|(t, score)| Scored { candidate: &t.candidate, score }).collect();
+        strategy.propose(space, &history, config.seed)
+    };
+    search_with(space, config, evaluator, log, &mut propose, on_trial)
+}
+
+/// [`search`] with the proposals made by `propose` (given the trials so far) instead of the
+/// configured strategy's — for strategies such as DARTS that rank candidates from a trained
+/// supernet. `propose` must be a function of the trials alone for a resume to be exact.
+pub fn search_with(
+    space: &Space,
+    config: &SearchConfig,
+    evaluator: &mut dyn Evaluator,
+    log: Option<&Path>,
+    propose: &mut dyn FnMut(&[Trial]) -> Result<Option<Candidate>>,
+    on_trial: &mut dyn FnMut(&Trial),
+) -> Result<SearchLog> {
+    space.validate()?;
     config.objective.validate()?;
     if config.budget == 0 {
         return Err(Error::invalid("--budget", "must be at least 1 trial, found 0"));
@@ -180,9 +245,7 @@ pub fn search(
         state.exhausted = old.exhausted;
     }
     while state.trials.len() < config.budget && !state.exhausted {
-        let history: Vec<Scored<'_>> =
-            state.trials.iter().map(|t| Scored { candidate: &t.candidate, score: score(t) }).collect();
-        let Some(c) = config.strategy.propose(space, &history, config.seed)? else {
+        let Some(c) = propose(&state.trials)? else {
             state.exhausted = true;
             break;
         };
@@ -191,7 +254,7 @@ pub fn search(
         let metrics = evaluator.evaluate(space, &c, index)?;
         let trial = Trial {
             index,
-            arch: space.decode(&c)?.to_string(),
+            arch: space.describe(&c)?,
             candidate: c,
             feasible: config.objective.feasible(&metrics),
             metrics,
@@ -266,6 +329,27 @@ mod tests {
             trial(0.8, 0.5, 10),
         ];
         assert_eq!(pareto_front(&t), vec![4, 0, 3]);
+    }
+
+    #[test]
+    fn pareto_scores_trade_accuracy_for_speed_and_size() {
+        let t = vec![trial(0.99, 2.0, 100_000), trial(0.90, 0.2, 5_000), trial(0.95, 1.0, 50_000)];
+        let plain = Objective::default();
+        assert_eq!(scores(&t, &plain, 1), vec![0.99, 0.90, 0.95]);
+        let multi = Objective { pareto: true, ..plain };
+        // Across proposals the weights vary: each extreme trial is sometimes preferred.
+        let best: Vec<usize> = (0..40)
+            .map(|i| {
+                let mut h = t.clone();
+                h.extend((0..i).map(|_| trial(0.94, 5.0, 200_000)));
+                let s = scores(&h, &multi, 7);
+                (0..3).max_by(|&a, &b| s[a].total_cmp(&s[b])).unwrap()
+            })
+            .collect();
+        assert!(best.contains(&0) && best.contains(&1), "{best:?}");
+        let mut bad = t.clone();
+        bad[0].feasible = false;
+        assert_eq!(scores(&bad, &multi, 1)[0], f64::NEG_INFINITY);
     }
 
     #[test]

@@ -7,11 +7,19 @@
 //! - `mlp`: depth 1–3, each hidden width in {16, 32, 64, 128};
 //! - `cnn`: 1–3 convolutions of {4, 8, 16, 32} channels, a hidden layer of {16, 32, 64, 128}.
 //!
+//! A transformer-encoder space, whose candidates are sub-networks of a pretrained encoder:
+//! - `encoder`: {2, 3, 4, 6} layers, {4, 6, 8, 12} heads and {384, 768, 1152, 1536} FFN
+//!   neurons per layer, hidden width 384 (all-MiniLM-L6-v2's).
+//!
+//! And a cell-based space (NAS-Bench-201's, sized for the digits):
+//! - `cell`: a 16-channel stem, two copies of one cell — a DAG on 4 nodes whose 6 edges each
+//!   take one of none, skip, 1×1 conv, 3×3 conv, 3×3 average pool (5⁶ = 15 625 cells).
+//!
 //! Decisions a candidate does not use (the widths of layers beyond its depth) are
 //! canonicalised to index 0, so equal architectures have equal candidates.
 
 use pare_core_tensor::{Error, Result};
-use pare_models::digits::{CnnConfig, DigitsArch, MlpConfig};
+use pare_models::digits::{CellConfig, CellOp, CnnConfig, DigitsArch, MlpConfig};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +40,33 @@ pub enum SpaceKind {
     DigitsMlp,
     /// Digits CNNs: choices `convs`, `channels.0 .. channels.{C−1}`, `hidden`.
     DigitsCnn,
+    /// Digits cell networks ([`CellConfig`]): choices `channels`, `cells`, then one per edge
+    /// `edge.I-J` (in [`CellConfig::edges`] order), whose options are indices into
+    /// [`CellOp::ALL`] (0 none, 1 skip, 2 conv1x1, 3 conv3x3, 4 avg3x3) — list a subset to
+    /// restrict an edge's operations.
+    DigitsCell,
+    /// Transformer encoders ([`EncoderArch`]): choices `layers`, `heads` (per layer), `ffn`
+    /// (neurons per layer) and `hidden`.
+    Encoder,
+}
+
+/// A transformer encoder's shape: what an `encoder` space's candidates decode to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncoderArch {
+    /// Encoder layers.
+    pub layers: usize,
+    /// Attention heads per layer.
+    pub heads: usize,
+    /// Feed-forward neurons per layer.
+    pub ffn: usize,
+    /// Width of the residual stream.
+    pub hidden: usize,
+}
+
+impl std::fmt::Display for EncoderArch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "encoder:L{},H{},F{},D{}", self.layers, self.heads, self.ffn, self.hidden)
+    }
 }
 
 /// A search space.
@@ -51,7 +86,7 @@ fn choice(name: impl Into<String>, options: &[usize]) -> Choice {
 }
 
 impl Space {
-    /// A built-in space by name: `mlp` or `cnn`.
+    /// A built-in space by name: `mlp`, `cnn`, `cell` or `encoder`.
     pub fn builtin(name: &str) -> Result<Self> {
         let widths = [16, 32, 64, 128];
         let space = match name {
@@ -74,8 +109,28 @@ impl Space {
                     choice("hidden", &widths),
                 ],
             },
+            "encoder" => Space {
+                kind: SpaceKind::Encoder,
+                choices: vec![
+                    choice("layers", &[2, 3, 4, 6]),
+                    choice("heads", &[4, 6, 8, 12]),
+                    choice("ffn", &[384, 768, 1152, 1536]),
+                    choice("hidden", &[384]),
+                ],
+            },
+            "cell" => Space {
+                kind: SpaceKind::DigitsCell,
+                choices: [choice("channels", &[16]), choice("cells", &[2])]
+                    .into_iter()
+                    .chain(
+                        CellConfig::edges(3)
+                            .into_iter()
+                            .map(|(i, j)| choice(format!("edge.{i}-{j}"), &[0, 1, 2, 3, 4])),
+                    )
+                    .collect(),
+            },
             other => {
-                return Err(Error::unknown("search space", other, ["mlp", "cnn"]));
+                return Err(Error::unknown("search space", other, ["mlp", "cnn", "cell", "encoder"]));
             }
         };
         space.validate()?;
@@ -110,7 +165,21 @@ impl Space {
             if c.options.is_empty() {
                 return bad(format!("choice `{}` has no options", c.name));
             }
-            if c.options.contains(&0) {
+            let is_edge = self.kind == SpaceKind::DigitsCell && c.name.starts_with("edge.");
+            if is_edge && c.options.iter().any(|&o| o >= CellOp::ALL.len()) {
+                return bad(format!(
+                    "choice `{}` offers {:?}; edge options index the operations {}",
+                    c.name,
+                    c.options,
+                    CellOp::ALL
+                        .iter()
+                        .enumerate()
+                        .map(|(i, o)| format!("{i} {}", o.name()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            if !is_edge && c.options.contains(&0) {
                 return bad(format!("choice `{}` offers 0, found options {:?}; every size is ≥ 1", c.name, c.options));
             }
             if self.choices[..i].iter().any(|o| o.name == c.name) {
@@ -120,6 +189,36 @@ impl Space {
         let (depth, per_layer, extra): (&str, &str, &[&str]) = match self.kind {
             SpaceKind::DigitsMlp => ("depth", "width", &[]),
             SpaceKind::DigitsCnn => ("convs", "channels", &["hidden"]),
+            SpaceKind::Encoder => {
+                for name in ["layers", "heads", "ffn", "hidden"] {
+                    self.index_of(name)?;
+                }
+                return Ok(());
+            }
+            SpaceKind::DigitsCell => {
+                self.index_of("channels")?;
+                self.index_of("cells")?;
+                let edges: Vec<&str> = self
+                    .choices
+                    .iter()
+                    .filter_map(|c| c.name.starts_with("edge.").then_some(c.name.as_str()))
+                    .collect();
+                let Some(nodes) = CellConfig::nodes_for(edges.len()) else {
+                    return bad(format!(
+                        "a cell of k nodes has k(k+1)/2 edge choices (1, 3, 6, 10, ...), found {}",
+                        edges.len()
+                    ));
+                };
+                let want: Vec<String> = CellConfig::edges(nodes).iter().map(|(i, j)| format!("edge.{i}-{j}")).collect();
+                if edges != want {
+                    return bad(format!(
+                        "the edge choices must be {} in that order, found {}",
+                        want.join(", "),
+                        edges.join(", ")
+                    ));
+                }
+                return Ok(());
+            }
         };
         let d = self.index_of(depth)?;
         let deepest = *self.choices[d].options.iter().max().expect("options are not empty");
@@ -164,6 +263,7 @@ impl Space {
         let (depth, per_layer) = match self.kind {
             SpaceKind::DigitsMlp => ("depth", "width."),
             SpaceKind::DigitsCnn => ("convs", "channels."),
+            SpaceKind::DigitsCell | SpaceKind::Encoder => return true,
         };
         match name.strip_prefix(per_layer).and_then(|l| l.parse::<usize>().ok()) {
             Some(l) => {
@@ -234,10 +334,39 @@ impl Space {
         Ok(self.choices[i].options[c[i]])
     }
 
-    /// The architecture `c` builds.
+    /// The architecture `c` builds, as its spec string (`cnn:16,32:64`, `encoder:L3,H12,F768,D384`).
+    pub fn describe(&self, c: &Candidate) -> Result<String> {
+        match self.kind {
+            SpaceKind::Encoder => Ok(self.decode_encoder(c)?.to_string()),
+            _ => Ok(self.decode(c)?.to_string()),
+        }
+    }
+
+    /// The encoder shape `c` builds (an error unless this is an encoder space).
+    pub fn decode_encoder(&self, c: &Candidate) -> Result<EncoderArch> {
+        self.check(c)?;
+        if self.kind != SpaceKind::Encoder {
+            return Err(Error::invalid("candidate", format!("a {:?} space does not build encoders", self.kind)));
+        }
+        Ok(EncoderArch {
+            layers: self.value(c, "layers")?,
+            heads: self.value(c, "heads")?,
+            ffn: self.value(c, "ffn")?,
+            hidden: self.value(c, "hidden")?,
+        })
+    }
+
+    /// The digits architecture `c` builds (an error for an encoder space: see
+    /// [`Space::decode_encoder`]).
     pub fn decode(&self, c: &Candidate) -> Result<DigitsArch> {
         self.check(c)?;
         Ok(match self.kind {
+            SpaceKind::Encoder => {
+                return Err(Error::invalid(
+                    "candidate",
+                    "an encoder space builds encoders, not digits models: use decode_encoder",
+                ));
+            }
             SpaceKind::DigitsMlp => {
                 let depth = self.value(c, "depth")?;
                 DigitsArch::Mlp(MlpConfig {
@@ -251,6 +380,17 @@ impl Space {
                     hidden: self.value(c, "hidden")?,
                 })
             }
+            SpaceKind::DigitsCell => DigitsArch::Cell(CellConfig {
+                channels: self.value(c, "channels")?,
+                cells: self.value(c, "cells")?,
+                ops: self
+                    .choices
+                    .iter()
+                    .zip(c)
+                    .filter(|(ch, _)| ch.name.starts_with("edge."))
+                    .map(|(ch, &i)| CellOp::ALL[ch.options[i]])
+                    .collect(),
+            }),
         })
     }
 
@@ -287,6 +427,42 @@ mod tests {
             assert_ne!(cnn.decode(&m).unwrap(), cnn.decode(&c).unwrap(), "a mutation changes the architecture");
             assert!(cnn.encode(&m).iter().all(|v| (0.0..=1.0).contains(v)));
         }
+    }
+
+    #[test]
+    fn the_cell_space_decodes_every_edge_and_refuses_bad_edges() {
+        let cell = Space::builtin("cell").unwrap();
+        assert_eq!(cell.size(), 15_625);
+        assert_eq!(
+            cell.decode(&vec![0, 0, 3, 1, 0, 4, 2, 3]).unwrap().to_string(),
+            "cell:16x2:conv3x3,skip,none,avg3x3,conv1x1,conv3x3"
+        );
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+        for _ in 0..50 {
+            let c = cell.sample(&mut rng);
+            assert_ne!(cell.decode(&cell.mutate(&c, &mut rng)).unwrap(), cell.decode(&c).unwrap());
+        }
+        let mut s = cell.clone();
+        s.choices[3].options = vec![1, 5];
+        assert!(s.validate().unwrap_err().to_string().contains("`edge.0-2` offers [1, 5]"));
+        let mut s = cell.clone();
+        s.choices.pop();
+        assert!(s.validate().unwrap_err().to_string().contains("found 5"));
+        let mut s = cell.clone();
+        s.choices.swap(2, 3);
+        assert!(s.validate().unwrap_err().to_string().contains("in that order"));
+    }
+
+    #[test]
+    fn the_encoder_space_decodes_shapes() {
+        let enc = Space::builtin("encoder").unwrap();
+        assert_eq!(enc.size(), 64);
+        assert_eq!(enc.describe(&vec![1, 3, 1, 0]).unwrap(), "encoder:L3,H12,F768,D384");
+        assert!(enc.decode(&vec![1, 3, 1, 0]).is_err());
+        assert!(Space::builtin("cnn").unwrap().decode_encoder(&vec![0; 5]).is_err());
+        let mut s = enc.clone();
+        s.choices.retain(|c| c.name != "ffn");
+        assert!(s.validate().unwrap_err().to_string().contains("`ffn`"));
     }
 
     #[test]

@@ -13,6 +13,9 @@
 //!   over the categorical decisions: after `startup` random trials, the trials are split into
 //!   the best `γ` and the rest, each decision gets smoothed option frequencies `l` (good) and
 //!   `g` (rest), and of `candidates` draws from `l` the one maximising `Π l/g` is proposed.
+//! - `darts`: gradient-based search on a weight-sharing supernet (see
+//!   [`crate::supernet::darts_search`]); it ranks candidates from the trained architecture
+//!   weights rather than proposing from the history, so [`Strategy::propose`] refuses it.
 //! - `rl`: a REINFORCE controller (Williams, 1992; Zoph & Le, 2017): one softmax policy per
 //!   decision, updated after every trial by `lr · (reward − baseline) · ∇log π`, with an
 //!   exponential-moving-average baseline. The policy is replayed from the history, so it needs
@@ -49,6 +52,8 @@ pub enum Strategy {
         /// Draws from the good model scored per proposal.
         candidates: usize,
     },
+    /// DARTS: the supernet's training settings.
+    Darts(crate::supernet::SupernetConfig),
     /// REINFORCE controller.
     Rl {
         /// Policy-gradient step size.
@@ -67,7 +72,16 @@ impl std::str::FromStr for Strategy {
             "evolution" => Ok(Self::Evolution { population: 10, sample: 3 }),
             "bo" => Ok(Self::Bo { startup: 5, gamma: 0.25, candidates: 24 }),
             "rl" => Ok(Self::Rl { lr: 0.5, baseline_decay: 0.2 }),
-            other => Err(Error::unknown("search strategy", other, ["random", "grid", "evolution", "bo", "rl"])),
+            "darts" => Ok(Self::Darts(crate::supernet::SupernetConfig {
+                epochs: 30,
+                batch_size: 64,
+                lr: 3e-3,
+                arch_lr: 1e-2,
+                seed: 0,
+            })),
+            other => {
+                Err(Error::unknown("search strategy", other, ["random", "grid", "evolution", "bo", "rl", "darts"]))
+            }
         }
     }
 }
@@ -80,6 +94,7 @@ impl std::fmt::Display for Strategy {
             Strategy::Evolution { .. } => write!(f, "evolution"),
             Strategy::Bo { .. } => write!(f, "bo"),
             Strategy::Rl { .. } => write!(f, "rl"),
+            Strategy::Darts(_) => write!(f, "darts"),
         }
     }
 }
@@ -102,6 +117,9 @@ pub fn trial_rng(seed: u64, index: usize) -> ChaCha8Rng {
 impl Strategy {
     /// Checks the strategy's own options.
     pub fn validate(&self) -> Result<()> {
+        if let Strategy::Darts(cfg) = self {
+            cfg.validate()?;
+        }
         if let Strategy::Evolution { population, sample } = *self
             && (population < 2 || sample == 0 || sample > population)
         {
@@ -139,6 +157,10 @@ impl Strategy {
         let fresh_sample =
             |rng: &mut ChaCha8Rng| -> Option<Candidate> { (0..1000).map(|_| space.sample(rng)).find(|c| !seen(c)) };
         match *self {
+            Strategy::Darts(_) => Err(Error::invalid(
+                "darts strategy",
+                "ranks candidates from a trained supernet instead of proposing from the history: run it with pare_nas::supernet::darts_search",
+            )),
             Strategy::Grid => {
                 let all = space.enumerate(1_000_000).ok_or_else(|| {
                     Error::invalid(
