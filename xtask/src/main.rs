@@ -7,6 +7,7 @@ mod distill_report;
 mod embed;
 mod inspect;
 mod nas;
+mod nas_cell_report;
 mod nas_report;
 mod prune;
 mod prune_report;
@@ -53,11 +54,13 @@ enum Command {
     PruneReport(prune_report::Args),
     /// Gather `quantize --json` runs into a Markdown table, per-layer SQNR, JSON and an SVG plot.
     QuantReport(report::Args),
-    /// Search digits architectures (random, grid, evolution, bo, rl) for accuracy and measured latency;
-    /// writes the trial log, a summary and plots.
+    /// Search digits architectures (random, grid, evolution, bo, rl, darts; trained or one-shot
+    /// evaluation) for accuracy and measured latency; writes the trial log, a summary and plots.
     Nas(Box<nas::Args>),
     /// Regenerate reports/nas-report.md: every strategy × seeds on a digits space, against the demo CNN.
     NasReport(nas_report::Args),
+    /// Regenerate reports/nas-cell-report.md: DARTS, one-shot supernets and multi-objective search.
+    NasCellReport(Box<nas_cell_report::Args>),
     /// Run the kernel and MiniLM benchmarks against their peers; write bench-report.md/json.
     Bench(bench::Args),
 }
@@ -81,6 +84,7 @@ fn main() -> std::process::ExitCode {
         Command::QuantReport(a) => report::run(a),
         Command::Nas(a) => nas::run(*a),
         Command::NasReport(a) => nas_report::run(a),
+        Command::NasCellReport(a) => nas_cell_report::run(*a),
         Command::Bench(a) => bench::run(a),
     };
     match result {

@@ -2,26 +2,44 @@
 //! each candidate trained briefly and timed on the runtime; the trial log (resumed when it
 //! exists), a Markdown summary and two SVG plots (best validation accuracy against trials, and
 //! the accuracy/latency Pareto front with the hand-designed baseline) go to `--out`.
+//!
+//! On a cell space, `--strategy darts` trains a DARTS supernet and evaluates the most probable
+//! cells (the derived one first), and `--evaluator one-shot` scores every candidate on the
+//! weights it inherits from a supernet trained once with uniformly drawn paths.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use candle_core::Device;
 use pare_core_tensor::data::digits;
+use pare_models::bert::SentenceEncoder;
 use pare_models::digits::DigitsArch;
-use pare_nas::evaluate::DigitsEvaluator;
+use pare_nas::evaluate::{DigitsEvaluator, EncoderEvaluator};
+use pare_nas::search::Evaluator;
+use pare_nas::space::{EncoderArch, SpaceKind};
+use pare_nas::supernet::{EpochLog, OneShotEvaluator, SupernetConfig, darts_search};
 use pare_nas::{Objective, SearchConfig, SearchLog, Space, Strategy, Trial, hypervolume_2d, pareto_front, search};
 use plotters::prelude::*;
 
 /// Arguments of `cargo xtask nas`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// A built-in space (`mlp`, `cnn`) or a TOML/JSON space file.
+    /// A built-in space (`mlp`, `cnn`, `cell`, `encoder`) or a TOML/JSON space file.
     #[arg(long, default_value = "cnn")]
     space: String,
-    /// random, grid, evolution (regularized), bo (TPE) or rl (REINFORCE).
+    /// random, grid, evolution (regularized), bo (TPE), rl (REINFORCE) or darts (cell spaces).
     #[arg(long, default_value = "evolution")]
     strategy: String,
+    /// How candidates are scored: `train` (each trained from scratch for --epochs) or
+    /// `one-shot` (inherited weights of a supernet trained once; cell spaces).
+    #[arg(long, default_value = "train")]
+    evaluator: String,
+    /// Epochs of supernet training (darts, one-shot).
+    #[arg(long, default_value_t = 30)]
+    supernet_epochs: usize,
+    /// Adam learning rate of DARTS' architecture weights.
+    #[arg(long, default_value_t = 1e-2)]
+    arch_lr: f64,
     /// Candidates to evaluate.
     #[arg(long, default_value_t = 20)]
     budget: usize,
@@ -40,7 +58,16 @@ pub struct Args {
     /// Seed of the proposals and the candidates' training.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// The hand-designed model the results are compared with (evaluated the same way).
+    /// Encoder spaces: the pretrained sentence-transformers folder whose sub-networks are
+    /// searched (default: `PARE_MINILM_DIR`).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Encoder spaces: sentences to score on (split 70/15/15 as `distill` does; the validation
+    /// and test parts are used).
+    #[arg(long, default_value = "data/sentences.txt")]
+    sentences: PathBuf,
+    /// The hand-designed model the results are compared with (evaluated the same way; for
+    /// encoder spaces the full pretrained model is the baseline).
     #[arg(long, default_value = "cnn:16,32:64")]
     baseline: DigitsArch,
     /// Folder for trials.json (resumed if present), nas-report.md and the plots.
@@ -64,7 +91,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "acc,latency" => true,
         other => bail!("--objective: expected acc or acc,latency, found `{other}`"),
     };
-    let objective = Objective { latency_max_ms: args.latency_max, bytes_max: args.bytes_max };
+    let objective = Objective { latency_max_ms: args.latency_max, bytes_max: args.bytes_max, pareto: multi };
+    let supernet = SupernetConfig {
+        epochs: args.supernet_epochs,
+        batch_size: 64,
+        lr: 3e-3,
+        arch_lr: args.arch_lr,
+        seed: args.seed,
+    };
+    supernet.validate()?;
+    let strategy = match strategy {
+        Strategy::Darts(_) => Strategy::Darts(supernet),
+        other => other,
+    };
+    let one_shot = match args.evaluator.as_str() {
+        "train" => false,
+        "one-shot" => true,
+        other => bail!("--evaluator: expected train or one-shot, found `{other}`"),
+    };
+    if (one_shot || matches!(strategy, Strategy::Darts(_))) && space.kind != SpaceKind::DigitsCell {
+        bail!(
+            "--strategy darts and --evaluator one-shot need a cell space (`--space cell` or a digits_cell file), found {:?}",
+            space.kind
+        );
+    }
     strategy.validate()?;
     objective.validate()?;
     if args.budget == 0 {
@@ -76,30 +126,119 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     let rt = args.runtime.build()?;
     let data = digits(crate::DIGITS_SPLIT_SEED, &Device::Cpu)?;
-    let mut eval = DigitsEvaluator::new(&data, rt, args.epochs, args.seed)?;
-    let config = SearchConfig { strategy, budget: args.budget, seed: args.seed, objective, evaluator: eval.describe() };
+    let mut eval = DigitsEvaluator::new(&data, rt.clone(), args.epochs, args.seed)?;
+    let mut encoder = if space.kind == SpaceKind::Encoder {
+        let dir = args.model.clone().or_else(|| std::env::var_os("PARE_MINILM_DIR").map(PathBuf::from)).context(
+            "--space encoder searches sub-networks of a pretrained encoder: give --model DIR (a sentence-transformers folder such as all-MiniLM-L6-v2, fetched by ../shared/tools/fetch-minilm.sh) or set PARE_MINILM_DIR",
+        )?;
+        let teacher =
+            SentenceEncoder::load(&dir, &Device::Cpu).with_context(|| format!("--model {}", dir.display()))?;
+        let all = crate::prune::lines(&args.sentences, usize::MAX, "sentences file")?;
+        let split = pare_distill::encoder::split_sentences(&all, crate::DIGITS_SPLIT_SEED)?;
+        Some(EncoderEvaluator::new(teacher, split.validation, split.test, rt.clone())?)
+    } else {
+        None
+    };
+    let mut supernet_log: Vec<EpochLog> = Vec::new();
+    let epoch_bar = |what: &str| crate::progress(args.supernet_epochs as u64, what);
+    let mut shared = if one_shot {
+        let bar = epoch_bar("one-shot supernet");
+        let e = OneShotEvaluator::train(&space, &data, rt.clone(), supernet, &mut |e| {
+            bar.inc(1);
+            bar.set_message(format!("loss {:.3}, sampled paths val {:.3}", e.train_loss, e.validation));
+        })?;
+        bar.finish_and_clear();
+        supernet_log = e.epochs.clone();
+        Some(e)
+    } else {
+        None
+    };
+    let describe = match (&shared, &encoder) {
+        (Some(e), _) => e.describe(),
+        (_, Some(e)) => e.describe(),
+        _ => eval.describe(),
+    };
+    let config = SearchConfig { strategy, budget: args.budget, seed: args.seed, objective, evaluator: describe };
 
-    let bar = crate::progress(args.budget as u64, "nas");
     let log_path = args.out.join("trials.json");
     let mut best = f64::NEG_INFINITY;
-    let log = search(&space, &config, &mut eval, Some(&log_path), &mut |t| {
+    let bar = crate::progress(args.budget as u64, "nas");
+    let mut on_trial = |t: &Trial| {
         bar.inc(1);
         if t.feasible {
             best = best.max(t.metrics.validation);
         }
         bar.set_message(format!("{} val {:.3} (best {best:.3})", t.arch, t.metrics.validation));
-    })?;
+    };
+    let evaluator: &mut dyn Evaluator = match (shared.as_mut(), encoder.as_mut()) {
+        (Some(e), _) => e,
+        (_, Some(e)) => e,
+        _ => &mut eval,
+    };
+    let log = if let Strategy::Darts(_) = strategy {
+        bar.set_message("training the DARTS supernet");
+        let (log, epochs) = darts_search(
+            &space,
+            &config,
+            &data,
+            evaluator,
+            Some(&log_path),
+            &mut |e| {
+                bar.set_message(format!(
+                    "DARTS epoch {}: mixed val {:.3}, derived {}",
+                    e.epoch, e.validation, e.derived
+                ));
+            },
+            &mut on_trial,
+        )?;
+        supernet_log = epochs;
+        log
+    } else {
+        search(&space, &config, evaluator, Some(&log_path), &mut on_trial)?
+    };
     bar.finish_and_clear();
-    let baseline = eval.measure(&args.baseline, usize::MAX)?;
+    if !supernet_log.is_empty() {
+        let json = serde_json::to_vec_pretty(&supernet_log)?;
+        pare_core_tensor::io::write_file_atomic(args.out.join("supernet.json"), &json)?;
+    }
+    let (baseline, baseline_arch) = match encoder.as_mut() {
+        Some(e) => {
+            let c = e.teacher_config().clone();
+            let full = EncoderArch {
+                layers: c.num_hidden_layers,
+                heads: c.num_attention_heads,
+                ffn: c.intermediate_size,
+                hidden: c.hidden_size,
+            };
+            (e.measure(&full)?, full.to_string())
+        }
+        None => (eval.measure(&args.baseline, usize::MAX)?, args.baseline.to_string()),
+    };
     let baseline = Trial {
         index: usize::MAX,
         candidate: Vec::new(),
-        arch: args.baseline.to_string(),
+        arch: baseline_arch,
         feasible: objective.feasible(&baseline),
         metrics: baseline,
         seconds: 0.0,
     };
-    let md = summary(&args, &log, &baseline, multi);
+    let mut md = summary(&args, &log, &baseline, multi, &supernet_log);
+    if let (Some(e), Some(best)) = (encoder.as_ref(), log.best()) {
+        // The chosen sub-network as a model folder, ready for distillation repair.
+        let dir = args.model.clone().or_else(|| std::env::var_os("PARE_MINILM_DIR").map(PathBuf::from));
+        let dir = dir.context("the model folder was given")?;
+        let sub = e.subnetwork(&log.space.decode_encoder(&best.candidate)?)?;
+        let out = args.out.join("best-model");
+        let meta = [("pare.nas".to_string(), best.arch.clone())].into_iter().collect();
+        sub.bert.save_folder(&dir, &out, &meta).with_context(|| format!("write {}", out.display()))?;
+        md.push_str(&format!(
+            "\nThe best feasible sub-network `{}` is saved as a model folder in `{}`; repair it by distillation from the full model with `cargo xtask distill --teacher {} --student {}`.\n",
+            best.arch,
+            out.display(),
+            dir.display(),
+            out.display()
+        ));
+    }
     plot_curve(&log, &args.out.join("best-vs-trials.svg"))?;
     plot_front(&log, &baseline, &args.out.join("pareto.svg"))?;
     pare_core_tensor::io::write_file_atomic(args.out.join("nas-report.md"), md.as_bytes())?;
@@ -124,12 +263,15 @@ fn row(t: &Trial) -> String {
     )
 }
 
-fn summary(args: &Args, log: &SearchLog, baseline: &Trial, multi: bool) -> String {
+fn summary(args: &Args, log: &SearchLog, baseline: &Trial, multi: bool, supernet: &[EpochLog]) -> String {
     let head = "| trial | architecture | validation | test | params | bytes | MACs | latency ms | feasible |\n|---|---|---:|---:|---:|---:|---:|---:|---|\n";
+    let one_shot = args.evaluator == "one-shot";
     let mut md = format!(
-        "# Architecture search on the digits\n\nCommand: `cargo xtask nas --space {} --strategy {} --budget {} --objective {} --epochs {} --seed {}{}{} --out {}` — {} trials{}; each candidate trained {} epochs from scratch; latency = median single-image forward on `{}`.\n\n",
+        "# Architecture search on the digits\n\nCommand: `cargo xtask nas --space {} --strategy {} --evaluator {}{} --budget {} --objective {} --epochs {} --seed {}{}{} --out {}` — {} trials{}; {}; latency = median single-image forward on `{}`.\n\n",
         args.space,
         args.strategy,
+        args.evaluator,
+        if supernet.is_empty() { String::new() } else { format!(" --supernet-epochs {}", args.supernet_epochs) },
         args.budget,
         args.objective,
         args.epochs,
@@ -139,9 +281,52 @@ fn summary(args: &Args, log: &SearchLog, baseline: &Trial, multi: bool) -> Strin
         args.out.display(),
         log.trials.len(),
         if log.exhausted { " (the space is exhausted)" } else { "" },
-        args.epochs,
+        if one_shot {
+            format!(
+                "each candidate scored on the weights it inherits from a one-shot supernet trained {} epochs (the baseline is trained {} epochs from scratch)",
+                args.supernet_epochs, args.epochs
+            )
+        } else {
+            format!("each candidate trained {} epochs from scratch", args.epochs)
+        },
         args.runtime.runtime,
     );
+    if let Some(last) = supernet.last() {
+        if last.derived.is_empty() {
+            md.push_str(&format!(
+                "One-shot supernet: {} epochs; final training loss {:.3}; mean validation accuracy of 8 sampled cells {:.2}%.\n\n",
+                supernet.len(),
+                last.train_loss,
+                100.0 * last.validation
+            ));
+        } else {
+            md.push_str(&format!(
+                "DARTS supernet: {} epochs (first-order; weights and α on alternate halves of the training split). Final mixed-network validation accuracy {:.2}%; derived cell `{}`. Trials below are the most probable cells under α, the derived one first, each trained from scratch.\n\n| epoch | loss | mixed val | derived cell |\n|---:|---:|---:|---|\n",
+                supernet.len(),
+                100.0 * last.validation,
+                last.derived
+            ));
+            for e in supernet.iter().filter(|e| e.epoch == 1 || e.epoch % 5 == 0 || e.epoch == supernet.len()) {
+                md.push_str(&format!(
+                    "| {} | {:.3} | {:.2}% | `{}` |\n",
+                    e.epoch,
+                    e.train_loss,
+                    100.0 * e.validation,
+                    e.derived
+                ));
+            }
+            md.push_str("\nFinal operation probabilities per edge (softmax α):\n\n| edge | none | skip | conv1x1 | conv3x3 | avg3x3 |\n|---|---:|---:|---:|---:|---:|\n");
+            let edges = log.space.choices.iter().filter(|c| c.name.starts_with("edge."));
+            for (c, p) in edges.zip(&last.probabilities) {
+                let mut cells = ["–".to_string(), "–".into(), "–".into(), "–".into(), "–".into()];
+                for (&o, &v) in c.options.iter().zip(p) {
+                    cells[o] = format!("{v:.3}");
+                }
+                md.push_str(&format!("| {} | {} |\n", c.name, cells.join(" | ")));
+            }
+            md.push('\n');
+        }
+    }
     match log.best() {
         Some(b) => md.push_str(&format!(
             "**Best feasible by validation accuracy:** `{}`.\n\n{head}{}\n{}\n",
