@@ -27,14 +27,41 @@ pub struct MlpConfig {
     pub hidden: Vec<usize>,
 }
 
-/// A small CNN: 3×3 convolutions (padding 1) with ReLU, a 2×2 max-pool, then a hidden linear
-/// layer and the classifier.
+/// A small CNN: convolutions (3×3 unless `kernels` says otherwise, "same" padding) each
+/// followed by the activation, a 2×2 max-pool, then a hidden linear layer (activation again)
+/// and the classifier.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CnnConfig {
     /// Output channels of each convolution.
     pub channels: Vec<usize>,
     /// Width of the hidden linear layer.
     pub hidden: usize,
+    /// Odd kernel size of each convolution; empty means 3×3 everywhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernels: Vec<usize>,
+    /// The activation, by its Hugging Face name (`relu`, `gelu`, `silu`, `tanh`, ...).
+    #[serde(default = "relu", skip_serializing_if = "is_relu")]
+    pub activation: String,
+}
+
+fn relu() -> String {
+    "relu".into()
+}
+
+fn is_relu(a: &String) -> bool {
+    a == "relu"
+}
+
+impl CnnConfig {
+    /// The demo CNN's layout with these channels and hidden width: 3×3 kernels, ReLU.
+    pub fn new(channels: Vec<usize>, hidden: usize) -> Self {
+        Self { channels, hidden, kernels: Vec::new(), activation: relu() }
+    }
+
+    /// The kernel size of convolution `k`.
+    pub fn kernel(&self, k: usize) -> usize {
+        self.kernels.get(k).copied().unwrap_or(3)
+    }
 }
 
 /// The operation on one edge of a cell (the NAS-Bench-201 operation set).
@@ -174,10 +201,26 @@ impl std::str::FromStr for DigitsArch {
         let arch = match spec.split(':').collect::<Vec<_>>().as_slice() {
             ["mlp", hidden] => DigitsArch::Mlp(MlpConfig { hidden: widths(hidden)? }),
             ["mlp"] => DigitsArch::Mlp(MlpConfig { hidden: Vec::new() }),
-            ["cnn", channels, hidden] => DigitsArch::Cnn(CnnConfig {
-                channels: widths(channels)?,
-                hidden: hidden.trim().parse().map_err(|_| bad("the hidden width is a positive integer"))?,
-            }),
+            ["cnn", channels, hidden, rest @ ..] if rest.len() <= 1 => {
+                // Each channel count may carry its kernel size: `16k5`.
+                let (mut chans, mut kernels) = (Vec::new(), Vec::new());
+                for c in channels.split(',') {
+                    let (ch, k) = c.trim().split_once('k').unwrap_or((c.trim(), "3"));
+                    chans.push(ch.parse::<usize>().map_err(|_| bad("widths are positive integers"))?);
+                    kernels.push(
+                        k.parse::<usize>().map_err(|_| bad("a kernel size is written CHANNELSkSIZE, e.g. 16k5"))?,
+                    );
+                }
+                if kernels.iter().all(|&k| k == 3) {
+                    kernels.clear();
+                }
+                DigitsArch::Cnn(CnnConfig {
+                    channels: chans,
+                    hidden: hidden.trim().parse().map_err(|_| bad("the hidden width is a positive integer"))?,
+                    kernels,
+                    activation: rest.first().map_or_else(relu, |a| a.trim().to_string()),
+                })
+            }
             ["cell", size, ops] => {
                 let (c, n) = size.split_once('x').ok_or_else(|| bad("the cell size is CHANNELSxCELLS"))?;
                 let num = |v: &str| v.trim().parse::<usize>().map_err(|_| bad("the cell size is CHANNELSxCELLS"));
@@ -200,7 +243,19 @@ impl std::fmt::Display for DigitsArch {
         match self {
             DigitsArch::Mlp(c) if c.hidden.is_empty() => write!(f, "mlp"),
             DigitsArch::Mlp(c) => write!(f, "mlp:{}", join(&c.hidden)),
-            DigitsArch::Cnn(c) => write!(f, "cnn:{}:{}", join(&c.channels), c.hidden),
+            DigitsArch::Cnn(c) => {
+                let chans: Vec<String> = c
+                    .channels
+                    .iter()
+                    .enumerate()
+                    .map(|(k, ch)| if c.kernel(k) == 3 { ch.to_string() } else { format!("{ch}k{}", c.kernel(k)) })
+                    .collect();
+                write!(f, "cnn:{}:{}", chans.join(","), c.hidden)?;
+                if !is_relu(&c.activation) {
+                    write!(f, ":{}", c.activation)?;
+                }
+                Ok(())
+            }
             DigitsArch::Cell(c) => write!(
                 f,
                 "cell:{}x{}:{}",
@@ -215,7 +270,7 @@ impl std::fmt::Display for DigitsArch {
 impl DigitsArch {
     /// The demo's teacher CNN: conv 16, conv 32, max-pool, linear 64, linear 10 (≈38k parameters).
     pub fn default_cnn() -> Self {
-        DigitsArch::Cnn(CnnConfig { channels: vec![16, 32], hidden: 64 })
+        DigitsArch::Cnn(CnnConfig::new(vec![16, 32], 64))
     }
     /// The default MLP: 64 → 128 → 64 → 10 (≈17k parameters).
     pub fn default_mlp() -> Self {
@@ -232,6 +287,22 @@ impl DigitsArch {
                     c.ops.len()
                 ),
             });
+        }
+        if let DigitsArch::Cnn(c) = self {
+            let bad = |detail: String| Err(Error::Config { what: "digits CNN", detail });
+            if !c.kernels.is_empty() && c.kernels.len() != c.channels.len() {
+                return bad(format!(
+                    "one kernel size per convolution: {} convolutions, found {} kernel sizes",
+                    c.channels.len(),
+                    c.kernels.len()
+                ));
+            }
+            if let Some(k) = c.kernels.iter().find(|&&k| k % 2 == 0 || k > 7) {
+                return bad(format!("kernel sizes are odd and at most 7 (the images are 8×8), found {k}"));
+            }
+            if let Err(e) = Activation::from_hf_name(&c.activation) {
+                return bad(e.to_string());
+            }
         }
         let zero = match self {
             DigitsArch::Mlp(c) => c.hidden.contains(&0),
@@ -252,6 +323,7 @@ impl DigitsArch {
 #[derive(Debug, Clone)]
 pub struct DigitsNet {
     arch: DigitsArch,
+    act: Activation,
     convs: Vec<Conv2d>,
     linears: Vec<Linear>,
 }
@@ -281,10 +353,12 @@ impl DigitsNet {
                 let mut cin = 1;
                 for (k, &cout) in c.channels.iter().enumerate() {
                     let path = format!("conv{}", k + 1);
-                    let fan = cin * 9;
-                    let w = src.weight(&format!("{path}.weight"), &[cout, cin, 3, 3], uniform(fan))?;
+                    let ks = c.kernel(k);
+                    let fan = cin * ks * ks;
+                    let w = src.weight(&format!("{path}.weight"), &[cout, cin, ks, ks], uniform(fan))?;
                     let b = src.tensor(&format!("{path}.bias"), &[cout], uniform(fan))?;
-                    convs.push(Conv2d::new(path, w, Some(b), Conv2dParams { padding: 1, ..Default::default() })?);
+                    let params = Conv2dParams { padding: ks / 2, ..Default::default() };
+                    convs.push(Conv2d::new(path, w, Some(b), params)?);
                     cin = cout;
                 }
                 let flat = cin * 4 * 4;
@@ -311,7 +385,11 @@ impl DigitsNet {
                 linears.push(linear(src, "fc", c.channels * 4 * 4, DIGITS_CLASSES)?);
             }
         }
-        Ok(Self { arch, convs, linears })
+        let act = match &arch {
+            DigitsArch::Cnn(c) => Activation::from_hf_name(&c.activation)?,
+            _ => Activation::Relu,
+        };
+        Ok(Self { arch, act, convs, linears })
     }
 
     /// A freshly initialised network whose parameters are `Var`s registered in `varmap`.
@@ -362,7 +440,7 @@ impl DigitsNet {
         } else if !self.convs.is_empty() {
             h = h.reshape((n, 1, 8, 8))?;
             for conv in &self.convs {
-                h = conv.forward_hooked(&h, hooks)?.relu()?;
+                h = self.act.forward(&conv.forward_hooked(&h, hooks)?)?;
             }
             h = h.max_pool2d(2)?.flatten_from(1)?;
         }
@@ -370,7 +448,7 @@ impl DigitsNet {
         for (k, l) in self.linears.iter().enumerate() {
             h = l.forward_hooked(&h, hooks)?;
             if k < last {
-                h = Activation::Relu.forward(&h)?;
+                h = self.act.forward(&h)?;
             }
         }
         Ok(h)
@@ -518,6 +596,14 @@ mod tests {
             let e = bad.parse::<DigitsArch>().unwrap_err().to_string();
             assert!(e.contains(&format!("`{bad}`")) || e.contains("widths must be"), "{bad}: {e}");
         }
+        for (bad, why) in [("cnn:16k4:32", "odd"), ("cnn:16:32:swoosh", "swoosh"), ("cnn:16k9:32", "at most 7")] {
+            let e = bad.parse::<DigitsArch>().unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        // A 5×5 GELU CNN builds, runs and keeps 8×8 maps ("same" padding).
+        let net = DigitsNet::init("cnn:4k5,6:16:gelu".parse().unwrap(), 1, &Device::Cpu, &VarMap::new()).unwrap();
+        assert_eq!(net.convs[0].weight().shape(), vec![4, 1, 5, 5]);
+        assert_eq!(net.forward(&Tensor::zeros((2, 64), DType::F32, &Device::Cpu).unwrap()).unwrap().dims(), &[2, 10]);
         let e = "cell:8x1:skip,conv5x5,none".parse::<DigitsArch>().unwrap_err().to_string();
         assert!(e.contains("found `conv5x5`") && e.contains("conv3x3"), "{e}");
         let e = "cell:8x1:skip,skip".parse::<DigitsArch>().unwrap_err().to_string();

@@ -5,7 +5,8 @@
 //!
 //! Built-in global spaces for the digits models:
 //! - `mlp`: depth 1–3, each hidden width in {16, 32, 64, 128};
-//! - `cnn`: 1–3 convolutions of {4, 8, 16, 32} channels, a hidden layer of {16, 32, 64, 128}.
+//! - `cnn`: 1–3 convolutions of {4, 8, 16, 32} channels, a hidden layer of {16, 32, 64, 128};
+//! - `cnn-ka`: the same with each kernel 3×3 or 5×5 and the activation ReLU, GELU or SiLU.
 //!
 //! A transformer-encoder space, whose candidates are sub-networks of a pretrained encoder:
 //! - `encoder`: {2, 3, 4, 6} layers, {4, 6, 8, 12} heads and {384, 768, 1152, 1536} FFN
@@ -23,6 +24,9 @@ use pare_models::digits::{CellConfig, CellOp, CnnConfig, DigitsArch, MlpConfig};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+/// The activations a CNN space's `activation` choice indexes.
+pub const ACTIVATIONS: [&str; 4] = ["relu", "gelu", "silu", "tanh"];
+
 /// One decision and the values it may take.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Choice {
@@ -38,7 +42,9 @@ pub struct Choice {
 pub enum SpaceKind {
     /// Digits MLPs: choices `depth`, then `width.0 .. width.{D−1}` for the deepest option D.
     DigitsMlp,
-    /// Digits CNNs: choices `convs`, `channels.0 .. channels.{C−1}`, `hidden`.
+    /// Digits CNNs: choices `convs`, `channels.0 .. channels.{C−1}`, `hidden`, and optionally
+    /// `kernel.0 .. kernel.{C−1}` (odd kernel sizes; 3 when absent) and `activation` (indices
+    /// into [`ACTIVATIONS`]; ReLU when absent).
     DigitsCnn,
     /// Digits cell networks ([`CellConfig`]): choices `channels`, `cells`, then one per edge
     /// `edge.I-J` (in [`CellConfig::edges`] order), whose options are indices into
@@ -86,7 +92,7 @@ fn choice(name: impl Into<String>, options: &[usize]) -> Choice {
 }
 
 impl Space {
-    /// A built-in space by name: `mlp`, `cnn`, `cell` or `encoder`.
+    /// A built-in space by name: `mlp`, `cnn`, `cnn-ka`, `cell` or `encoder`.
     pub fn builtin(name: &str) -> Result<Self> {
         let widths = [16, 32, 64, 128];
         let space = match name {
@@ -109,6 +115,12 @@ impl Space {
                     choice("hidden", &widths),
                 ],
             },
+            "cnn-ka" => {
+                let mut s = Space::builtin("cnn")?;
+                s.choices.extend((0..3).map(|l| choice(format!("kernel.{l}"), &[3, 5])));
+                s.choices.push(choice("activation", &[0, 1, 2]));
+                s
+            }
             "encoder" => Space {
                 kind: SpaceKind::Encoder,
                 choices: vec![
@@ -130,7 +142,7 @@ impl Space {
                     .collect(),
             },
             other => {
-                return Err(Error::unknown("search space", other, ["mlp", "cnn", "cell", "encoder"]));
+                return Err(Error::unknown("search space", other, ["mlp", "cnn", "cnn-ka", "cell", "encoder"]));
             }
         };
         space.validate()?;
@@ -166,6 +178,21 @@ impl Space {
                 return bad(format!("choice `{}` has no options", c.name));
             }
             let is_edge = self.kind == SpaceKind::DigitsCell && c.name.starts_with("edge.");
+            if self.kind == SpaceKind::DigitsCnn && c.name == "activation" {
+                if let Some(o) = c.options.iter().find(|&&o| o >= ACTIVATIONS.len()) {
+                    return bad(format!(
+                        "choice `activation` offers {o}; its options index {}",
+                        ACTIVATIONS.iter().enumerate().map(|(i, a)| format!("{i} {a}")).collect::<Vec<_>>().join(", ")
+                    ));
+                }
+                continue;
+            }
+            if self.kind == SpaceKind::DigitsCnn
+                && c.name.starts_with("kernel.")
+                && let Some(k) = c.options.iter().find(|&&k| k % 2 == 0 || k > 7)
+            {
+                return bad(format!("choice `{}` offers kernel size {k}; kernel sizes are odd and at most 7", c.name));
+            }
             if is_edge && c.options.iter().any(|&o| o >= CellOp::ALL.len()) {
                 return bad(format!(
                     "choice `{}` offers {:?}; edge options index the operations {}",
@@ -265,7 +292,8 @@ impl Space {
             SpaceKind::DigitsCnn => ("convs", "channels."),
             SpaceKind::DigitsCell | SpaceKind::Encoder => return true,
         };
-        match name.strip_prefix(per_layer).and_then(|l| l.parse::<usize>().ok()) {
+        let layer = name.strip_prefix(per_layer).or_else(|| name.strip_prefix("kernel."));
+        match layer.and_then(|l| l.parse::<usize>().ok()) {
             Some(l) => {
                 let d = self.index_of(depth).expect("validated");
                 l < self.choices[d].options[c[d]]
@@ -375,9 +403,20 @@ impl Space {
             }
             SpaceKind::DigitsCnn => {
                 let convs = self.value(c, "convs")?;
+                let has = |name: &str| self.choices.iter().any(|ch| ch.name == name);
+                let mut kernels: Vec<usize> = (0..convs)
+                    .map(|l| if has(&format!("kernel.{l}")) { self.value(c, &format!("kernel.{l}")) } else { Ok(3) })
+                    .collect::<Result<_>>()?;
+                if kernels.iter().all(|&k| k == 3) {
+                    kernels.clear();
+                }
+                let activation =
+                    if has("activation") { ACTIVATIONS[self.value(c, "activation")?] } else { "relu" }.to_string();
                 DigitsArch::Cnn(CnnConfig {
                     channels: (0..convs).map(|l| self.value(c, &format!("channels.{l}"))).collect::<Result<_>>()?,
                     hidden: self.value(c, "hidden")?,
+                    kernels,
+                    activation,
                 })
             }
             SpaceKind::DigitsCell => DigitsArch::Cell(CellConfig {
@@ -451,6 +490,26 @@ mod tests {
         let mut s = cell.clone();
         s.choices.swap(2, 3);
         assert!(s.validate().unwrap_err().to_string().contains("in that order"));
+    }
+
+    #[test]
+    fn the_cnn_space_with_kernels_and_activations_decodes_them() {
+        let s = Space::builtin("cnn-ka").unwrap();
+        // convs 2, channels 16, 32, (unused), hidden 64, kernels 5, 3, (unused), gelu.
+        let c = vec![1, 2, 3, 0, 2, 1, 0, 0, 1];
+        assert_eq!(s.decode(&c).unwrap().to_string(), "cnn:16k5,32:64:gelu");
+        assert_eq!(
+            s.canonical(vec![0, 2, 3, 1, 2, 1, 1, 1, 0]),
+            vec![0, 2, 0, 0, 2, 1, 0, 0, 0],
+            "unused layers' kernels are inactive"
+        );
+        assert_eq!(s.decode(&vec![0, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap().to_string(), "cnn:4:16");
+        let mut bad = s.clone();
+        bad.choices[5].options = vec![3, 4];
+        assert!(bad.validate().unwrap_err().to_string().contains("kernel size 4"));
+        let mut bad = s.clone();
+        bad.choices[8].options = vec![0, 7];
+        assert!(bad.validate().unwrap_err().to_string().contains("`activation` offers 7"));
     }
 
     #[test]

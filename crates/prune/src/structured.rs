@@ -185,12 +185,8 @@ impl Structured for DigitsNet {
     fn rebuild(&self, unit: Unit, kept: &[usize], weights: BTreeMap<String, Weight>) -> Result<Self> {
         let arch = match (self.arch(), unit) {
             (DigitsArch::Mlp(_), Unit::Neurons) => DigitsArch::Mlp(MlpConfig { hidden: kept.to_vec() }),
-            (DigitsArch::Cnn(c), Unit::Channels) => {
-                DigitsArch::Cnn(CnnConfig { channels: kept.to_vec(), hidden: c.hidden })
-            }
-            (DigitsArch::Cnn(c), Unit::Neurons) => {
-                DigitsArch::Cnn(CnnConfig { channels: c.channels.clone(), hidden: kept[0] })
-            }
+            (DigitsArch::Cnn(c), Unit::Channels) => DigitsArch::Cnn(CnnConfig { channels: kept.to_vec(), ..c.clone() }),
+            (DigitsArch::Cnn(c), Unit::Neurons) => DigitsArch::Cnn(CnnConfig { hidden: kept[0], ..c.clone() }),
             _ => unreachable!("groups() refused this unit"),
         };
         let device = device_of(&weights);
