@@ -92,6 +92,16 @@ fn choice(name: impl Into<String>, options: &[usize]) -> Choice {
 }
 
 impl Space {
+    /// The space's kind as its built-in name's stem: `mlp`, `cnn`, `cell` or `encoder`.
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            SpaceKind::DigitsMlp => "mlp",
+            SpaceKind::DigitsCnn => "cnn",
+            SpaceKind::DigitsCell => "cell",
+            SpaceKind::Encoder => "encoder",
+        }
+    }
+
     /// A built-in space by name: `mlp`, `cnn`, `cnn-ka`, `cell` or `encoder`.
     pub fn builtin(name: &str) -> Result<Self> {
         let widths = [16, 32, 64, 128];
