@@ -410,7 +410,9 @@ fn plot_curve(log: &SearchLog, path: &Path) -> anyhow::Result<()> {
     svg_done(&tmp, path)
 }
 
-fn plot_front(log: &SearchLog, baseline: &Trial, path: &Path) -> anyhow::Result<()> {
+/// Accuracy against measured latency: every trial, the accuracy/latency front as a staircase,
+/// the 3-objective front's members, and the baseline (shared with `nas-cell-report`).
+pub(crate) fn plot_front(log: &SearchLog, baseline: &Trial, path: &Path) -> anyhow::Result<()> {
     let tmp = path.with_extension("svg.tmp");
     let front = pareto_front(&log.trials);
     let all = log.trials.iter().chain([baseline]);
@@ -439,15 +441,32 @@ fn plot_front(log: &SearchLog, baseline: &Trial, path: &Path) -> anyhow::Result<
             )?
             .label("trials")
             .legend(|(x, y)| Circle::new((x + 8, y), 3, BLUE.mix(0.4).filled()));
+        // The accuracy/latency front as a staircase; the (accuracy, latency, bytes) front as dots
+        // (a smaller model can be on it without being faster or more accurate).
+        let mut by_latency: Vec<(f64, f64)> =
+            log.trials.iter().map(|t| (t.metrics.latency_ms, 100.0 * t.metrics.validation)).collect();
+        by_latency.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut stairs: Vec<(f64, f64)> = Vec::new();
+        for (l, a) in by_latency {
+            if stairs.last().is_none_or(|&(_, best)| a > best) {
+                if let Some(&(_, best)) = stairs.last() {
+                    stairs.push((l, best));
+                }
+                stairs.push((l, a));
+            }
+        }
+        chart
+            .draw_series(LineSeries::new(stairs, RED.stroke_width(2)))?
+            .label("front of accuracy and latency")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED.stroke_width(2)));
         let fp: Vec<(f64, f64)> = front
             .iter()
             .map(|&i| (log.trials[i].metrics.latency_ms, 100.0 * log.trials[i].metrics.validation))
             .collect();
         chart
-            .draw_series(LineSeries::new(fp.iter().copied(), RED.stroke_width(2)))?
-            .label("Pareto front")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED.stroke_width(2)));
-        chart.draw_series(fp.iter().map(|&p| Circle::new(p, 4, RED.filled())))?;
+            .draw_series(fp.iter().map(|&p| Circle::new(p, 4, RED.filled())))?
+            .label("front of accuracy, latency and bytes")
+            .legend(|(x, y)| Circle::new((x + 8, y), 4, RED.filled()));
         let b = (baseline.metrics.latency_ms, 100.0 * baseline.metrics.validation);
         chart
             .draw_series([EmptyElement::at(b)

@@ -351,6 +351,15 @@ The hand-designed demo CNN `cnn:16,32:64`, trained the same way over {} seeds: v
         demo_lat,
         demo_bytes,
     ));
+    // The demo CNN as the plots' baseline: its mean accuracy and latency.
+    let demo_trial = Trial {
+        index: usize::MAX,
+        candidate: Vec::new(),
+        arch: DigitsArch::default_cnn().to_string(),
+        metrics: Metrics { validation: demo_val.0, test: demo_test.0, latency_ms: demo_lat, ..demo[0].clone() },
+        feasible: true,
+        seconds: 0.0,
+    };
     let mut dominating: Vec<&Trial> = Vec::new();
     for (log, svg) in pareto_logs.iter().zip(["nas-pareto.svg", "nas-pareto-cell.svg"]) {
         let front = pareto_front(&log.trials);
@@ -374,7 +383,7 @@ The hand-designed demo CNN `cnn:16,32:64`, trained the same way over {} seeds: v
             },
             log.space.kind_name(),
         ));
-        plot_front(log, demo_val.0, demo_lat, &out.join(svg))?;
+        crate::nas::plot_front(log, &demo_trial, &out.join(svg))?;
         dominating.extend(here);
     }
     plot_ranks(ranked, tau, &out.join("nas-cell-oneshot.svg"))?;
@@ -393,7 +402,10 @@ The hand-designed demo CNN `cnn:16,32:64`, trained the same way over {} seeds: v
     pare_core_tensor::io::write_file_atomic(out.join("nas-cell-report.json"), &json)?;
     pare_core_tensor::io::write_file_atomic(out.join("nas-cell-report.md"), md.as_bytes())?;
     println!("{md}");
-    println!("wrote {}/nas-cell-report.md, .json, nas-cell-oneshot.svg and nas-pareto.svg", out.display());
+    println!(
+        "wrote {}/nas-cell-report.md, .json, nas-cell-oneshot.svg, nas-pareto.svg and nas-pareto-cell.svg",
+        out.display()
+    );
     Ok(())
 }
 
@@ -423,76 +435,6 @@ fn plot_ranks(ranked: &[(String, f64, f64)], tau: f64, path: &Path) -> anyhow::R
             .light_line_style(WHITE)
             .draw()?;
         chart.draw_series(ranked.iter().map(|r| Circle::new((100.0 * r.1, 100.0 * r.2), 4, BLUE.mix(0.6).filled())))?;
-        root.present()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
-fn plot_front(log: &SearchLog, demo_val: f64, demo_lat: f64, path: &Path) -> anyhow::Result<()> {
-    let tmp = path.with_extension("svg.tmp");
-    let front = pareto_front(&log.trials);
-    let xmax = log.trials.iter().map(|t| t.metrics.latency_ms).fold(demo_lat, f64::max) * 1.1;
-    let ymin = log.trials.iter().map(|t| 100.0 * t.metrics.validation).fold(100.0 * demo_val, f64::min) - 1.0;
-    {
-        let root = SVGBackend::new(&tmp, (760, 520)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption("multi-objective search: accuracy against measured latency", ("sans-serif", 20))
-            .margin(20)
-            .x_label_area_size(40)
-            .y_label_area_size(56)
-            .build_cartesian_2d(0.0..xmax, ymin..100.0)?;
-        chart
-            .configure_mesh()
-            .x_desc("latency of one image, ms")
-            .y_desc("validation accuracy, %")
-            .light_line_style(WHITE)
-            .draw()?;
-        chart
-            .draw_series(
-                log.trials.iter().map(|t| {
-                    Circle::new((t.metrics.latency_ms, 100.0 * t.metrics.validation), 3, BLUE.mix(0.4).filled())
-                }),
-            )?
-            .label("trials")
-            .legend(|(x, y)| Circle::new((x + 8, y), 3, BLUE.mix(0.4).filled()));
-        // The accuracy/latency front as a staircase; the (accuracy, latency, bytes) front as dots
-        // (a smaller model can be on it without being faster or more accurate).
-        let mut by_latency: Vec<(f64, f64)> =
-            log.trials.iter().map(|t| (t.metrics.latency_ms, 100.0 * t.metrics.validation)).collect();
-        by_latency.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let mut stairs: Vec<(f64, f64)> = Vec::new();
-        for (l, a) in by_latency {
-            if stairs.last().is_none_or(|&(_, best)| a > best) {
-                if let Some(&(_, best)) = stairs.last() {
-                    stairs.push((l, best));
-                }
-                stairs.push((l, a));
-            }
-        }
-        chart
-            .draw_series(LineSeries::new(stairs, RED.stroke_width(2)))?
-            .label("front of accuracy and latency")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED.stroke_width(2)));
-        let pts: Vec<(f64, f64)> = front
-            .iter()
-            .map(|&i| (log.trials[i].metrics.latency_ms, 100.0 * log.trials[i].metrics.validation))
-            .collect();
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 4, RED.filled())))?
-            .label("front of accuracy, latency and bytes")
-            .legend(|(x, y)| Circle::new((x + 8, y), 4, RED.filled()));
-        chart
-            .draw_series([TriangleMarker::new((demo_lat, 100.0 * demo_val), 8, BLACK.filled())])?
-            .label("demo CNN cnn:16,32:64")
-            .legend(|(x, y)| TriangleMarker::new((x + 8, y), 6, BLACK.filled()));
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .draw()?;
         root.present()?;
     }
     std::fs::rename(&tmp, path)?;
