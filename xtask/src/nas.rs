@@ -127,8 +127,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let rt = args.runtime.build()?;
     let data = digits(crate::DIGITS_SPLIT_SEED, &Device::Cpu)?;
     let mut eval = DigitsEvaluator::new(&data, rt.clone(), args.epochs, args.seed)?;
+    let model_dir = args.model.clone().or_else(|| std::env::var_os("PARE_MINILM_DIR").map(PathBuf::from));
     let mut encoder = if space.kind == SpaceKind::Encoder {
-        let dir = args.model.clone().or_else(|| std::env::var_os("PARE_MINILM_DIR").map(PathBuf::from)).context(
+        let dir = model_dir.clone().context(
             "--space encoder searches sub-networks of a pretrained encoder: give --model DIR (a sentence-transformers folder such as all-MiniLM-L6-v2, fetched by ../shared/tools/fetch-minilm.sh) or set PARE_MINILM_DIR",
         )?;
         let teacher =
@@ -225,12 +226,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut md = summary(&args, &log, &baseline, multi, &supernet_log);
     if let (Some(e), Some(best)) = (encoder.as_ref(), log.best()) {
         // The chosen sub-network as a model folder, ready for distillation repair.
-        let dir = args.model.clone().or_else(|| std::env::var_os("PARE_MINILM_DIR").map(PathBuf::from));
-        let dir = dir.context("the model folder was given")?;
+        let dir = model_dir.as_ref().context("the model folder was given")?;
         let sub = e.subnetwork(&log.space.decode_encoder(&best.candidate)?)?;
         let out = args.out.join("best-model");
         let meta = [("pare.nas".to_string(), best.arch.clone())].into_iter().collect();
-        sub.bert.save_folder(&dir, &out, &meta).with_context(|| format!("write {}", out.display()))?;
+        sub.bert.save_folder(dir, &out, &meta).with_context(|| format!("write {}", out.display()))?;
         md.push_str(&format!(
             "\nThe best feasible sub-network `{}` is saved as a model folder in `{}`; repair it by distillation from the full model with `cargo xtask distill --teacher {} --student {}`.\n",
             best.arch,

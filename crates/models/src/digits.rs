@@ -167,6 +167,34 @@ impl CellConfig {
     pub fn edges(nodes: usize) -> Vec<(usize, usize)> {
         (1..=nodes).flat_map(|j| (0..j).map(move |i| (i, j))).collect()
     }
+
+    /// Runs one cell of `nodes` intermediate nodes on `input` (node 0): node j is the sum, in
+    /// order, of the terms `edge(e, node_i)` returns for its incoming edges e = (i, j) in
+    /// [`CellConfig::edges`] order (none for a `none` edge, one per operation of a mixed edge),
+    /// or zeros when nothing reaches it. Returns the last node. The cell network and the
+    /// search supernets share this walk; they differ only in `edge`.
+    pub fn walk<E: From<candle_core::Error>>(
+        nodes: usize,
+        input: Tensor,
+        mut edge: impl FnMut(usize, &Tensor) -> std::result::Result<Vec<Tensor>, E>,
+    ) -> std::result::Result<Tensor, E> {
+        let edges = Self::edges(nodes);
+        let mut node = vec![input];
+        for j in 1..=nodes {
+            let mut sum: Option<Tensor> = None;
+            for (e, &(i, _)) in edges.iter().enumerate().filter(|(_, (_, to))| *to == j) {
+                for y in edge(e, &node[i])? {
+                    sum = Some(match sum {
+                        Some(s) => (s + y)?,
+                        None => y,
+                    });
+                }
+            }
+            let zeros = node[0].zeros_like()?;
+            node.push(sum.unwrap_or(zeros));
+        }
+        Ok(node.pop().expect("the output node"))
+    }
 }
 
 /// The architecture of a digits model.
@@ -408,33 +436,18 @@ impl DigitsNet {
         let mut h = x.clone();
         if let DigitsArch::Cell(c) = &self.arch {
             let nodes = CellConfig::nodes_for(c.ops.len()).expect("validated");
-            let edges = CellConfig::edges(nodes);
             let mut convs = self.convs.iter();
             h = convs.next().expect("the stem").forward_hooked(&h.reshape((n, 1, 8, 8))?, hooks)?;
             for _ in 0..c.cells {
-                let mut node: Vec<Tensor> = vec![h];
-                for j in 1..=nodes {
-                    let mut sum: Option<Tensor> = None;
-                    for (&(i, _), &op) in edges.iter().zip(&c.ops).filter(|((_, to), _)| *to == j) {
-                        let y = match op {
-                            CellOp::None => continue,
-                            CellOp::Conv1x1 | CellOp::Conv3x3 => convs
-                                .next()
-                                .expect("one convolution per conv edge")
-                                .forward_hooked(&node[i].relu()?, hooks)?,
-                            fixed => fixed.apply_fixed(&node[i])?,
-                        };
-                        sum = Some(match sum {
-                            Some(s) => (s + y)?,
-                            None => y,
-                        });
-                    }
-                    node.push(match sum {
-                        Some(s) => s,
-                        None => node[0].zeros_like()?,
-                    });
-                }
-                h = node.pop().expect("the output node");
+                h = CellConfig::walk(nodes, h, |e, x| -> Result<Vec<Tensor>> {
+                    Ok(match c.ops[e] {
+                        CellOp::None => Vec::new(),
+                        CellOp::Conv1x1 | CellOp::Conv3x3 => vec![
+                            convs.next().expect("one convolution per conv edge").forward_hooked(&x.relu()?, hooks)?,
+                        ],
+                        fixed => vec![fixed.apply_fixed(x)?],
+                    })
+                })?;
             }
             h = h.relu()?.max_pool2d(2)?.flatten_from(1)?;
         } else if !self.convs.is_empty() {

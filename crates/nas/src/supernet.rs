@@ -198,35 +198,18 @@ impl CellSupernet {
         let nodes = CellConfig::nodes_for(self.edges.len()).expect("validated");
         let mut h = self.stem.forward_hooked(&x.reshape((n, 1, 8, 8))?, &mut Hooks::none())?;
         for cell in 0..self.cells {
-            let mut node = vec![h];
-            for j in 1..=nodes {
-                let mut sum: Option<Tensor> = None;
-                for (e, &(i, _)) in self.edges.iter().enumerate().filter(|(_, (_, to))| *to == j) {
-                    let terms: Vec<Tensor> = match route {
-                        Route::Path(ops) if ops[e] == CellOp::None => continue,
-                        Route::Path(ops) => vec![self.apply(cell, e, ops[e], &node[i])?],
-                        Route::Mixed => self.allowed[e]
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, op)| **op != CellOp::None)
-                            .map(|(o, &op)| {
-                                Ok(self.apply(cell, e, op, &node[i])?.broadcast_mul(&mix[e].narrow(0, o, 1)?)?)
-                            })
-                            .collect::<Result<_>>()?,
-                    };
-                    for y in terms {
-                        sum = Some(match sum {
-                            Some(s) => (s + y)?,
-                            None => y,
-                        });
-                    }
+            h = CellConfig::walk(nodes, h, |e, x| -> Result<Vec<Tensor>> {
+                match route {
+                    Route::Path(ops) if ops[e] == CellOp::None => Ok(Vec::new()),
+                    Route::Path(ops) => Ok(vec![self.apply(cell, e, ops[e], x)?]),
+                    Route::Mixed => self.allowed[e]
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, op)| **op != CellOp::None)
+                        .map(|(o, &op)| Ok(self.apply(cell, e, op, x)?.broadcast_mul(&mix[e].narrow(0, o, 1)?)?))
+                        .collect(),
                 }
-                node.push(match sum {
-                    Some(s) => s,
-                    None => node[0].zeros_like()?,
-                });
-            }
-            h = node.pop().expect("the output node");
+            })?;
         }
         self.fc.forward(&h.relu()?.max_pool2d(2)?.flatten_from(1)?)
     }
@@ -234,18 +217,18 @@ impl CellSupernet {
     /// Validation-style accuracy of the cell `ops` on `examples` with the supernet's weights.
     pub fn path_accuracy(&self, ops: &[CellOp], examples: &Examples) -> Result<f64> {
         self.check_ops(ops)?;
-        let mut hits = 0.0;
-        for b in examples.batches(512)? {
-            hits += accuracy(&self.forward(&b.x, &Route::Path(ops))?, &b.y)? * b.len() as f64;
-        }
-        Ok(hits / examples.len() as f64)
+        self.accuracy_on(&Route::Path(ops), examples)
     }
 
     /// Accuracy of the DARTS mixture on `examples`.
     pub fn mixed_accuracy(&self, examples: &Examples) -> Result<f64> {
+        self.accuracy_on(&Route::Mixed, examples)
+    }
+
+    fn accuracy_on(&self, route: &Route<'_>, examples: &Examples) -> Result<f64> {
         let mut hits = 0.0;
         for b in examples.batches(512)? {
-            hits += accuracy(&self.forward(&b.x, &Route::Mixed)?, &b.y)? * b.len() as f64;
+            hits += accuracy(&self.forward(&b.x, route)?, &b.y)? * b.len() as f64;
         }
         Ok(hits / examples.len() as f64)
     }
