@@ -7,7 +7,10 @@ mod pare {
     mod digits;
     mod distill;
     mod minilm;
+    #[cfg(feature = "mpi")]
+    mod mpi;
     mod nas;
+    mod parallel;
     mod prune;
     mod ptq;
     mod qat;

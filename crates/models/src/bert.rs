@@ -408,6 +408,23 @@ impl BertEncoder {
         attention_mask: &Tensor,
         hooks: &mut Hooks<'_>,
     ) -> Result<Tensor> {
+        let mut h = self.embed_hooked(input_ids, token_type_ids, hooks)?;
+        let mask = attention_bias(attention_mask)?;
+        for i in 0..self.layers.len() {
+            h = self.layer_forward(i, &h, &mask, hooks, &mut Ok)?;
+        }
+        Ok(h)
+    }
+
+    /// The embedding stage: word + position + token-type embeddings, then layer norm;
+    /// `[batch, seq, hidden]` for token ids `[batch, seq]`. The first stage of
+    /// [`BertEncoder::forward_hooked`], exposed for pipeline-parallel execution.
+    pub fn embed_hooked(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        hooks: &mut Hooks<'_>,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if t > self.config.max_position_embeddings {
             return Err(Error::Config {
@@ -430,25 +447,95 @@ impl BertEncoder {
             .add(&self.position.forward_hooked(&positions, hooks)?)?
             .add(&self.token_type.forward_hooked(&types, hooks)?)?;
         let rt = self.word.runtime().clone();
-        let mut h = self.emb_norm.forward_on(rt.as_ref(), &emb, None, hooks)?;
-        // Additive mask: 0 where attended, a large negative number at padding.
-        let mask = ((attention_mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?;
-        let scale = 1.0 / (self.config.head_size() as f64).sqrt();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let heads = self.config.heads_of(i);
-            let rt = layer.query.runtime().clone();
-            let q = layer.query.forward_hooked(&h, hooks)?;
-            let k = layer.key.forward_hooked(&h, hooks)?;
-            let v = layer.value.forward_hooked(&h, hooks)?;
-            let ctx = rt.attention(&q, &k, &v, heads, Some(&mask), scale)?;
-            let attn = layer.attn_out.forward_hooked(&ctx, hooks)?;
-            h = layer.attn_norm.forward_on(rt.as_ref(), &attn, Some(&h), hooks)?;
-            let inter = rt.activation(self.act, &layer.intermediate.forward_hooked(&h, hooks)?)?;
-            let out = layer.output.forward_hooked(&inter, hooks)?;
-            h = layer.out_norm.forward_on(rt.as_ref(), &out, Some(&h), hooks)?;
-        }
-        Ok(h)
+        Ok(self.emb_norm.forward_on(rt.as_ref(), &emb, None, hooks)?)
     }
+
+    /// Transformer layer `i` on hidden states `h` with the additive mask from [`attention_bias`].
+    ///
+    /// `reduce` sees the two partial results a tensor-parallel shard computes — the attention
+    /// output projection and the feed-forward output projection, each before its residual
+    /// add and layer norm — and returns the full result (an all-reduce across the shards of
+    /// [`BertEncoder::tensor_shard`]); a whole encoder passes `&mut Ok`.
+    pub fn layer_forward(
+        &self,
+        i: usize,
+        h: &Tensor,
+        mask: &Tensor,
+        hooks: &mut Hooks<'_>,
+        reduce: &mut dyn FnMut(Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let layer = self.layers.get(i).ok_or_else(|| Error::Config {
+            what: "BERT layer",
+            detail: format!("the encoder has layers 0..{}, found {i}", self.layers.len()),
+        })?;
+        let heads = self.config.heads_of(i);
+        let scale = 1.0 / (self.config.head_size() as f64).sqrt();
+        let rt = layer.query.runtime().clone();
+        let q = layer.query.forward_hooked(h, hooks)?;
+        let k = layer.key.forward_hooked(h, hooks)?;
+        let v = layer.value.forward_hooked(h, hooks)?;
+        let ctx = rt.attention(&q, &k, &v, heads, Some(mask), scale)?;
+        let attn = reduce(layer.attn_out.forward_hooked(&ctx, hooks)?)?;
+        let h = layer.attn_norm.forward_on(rt.as_ref(), &attn, Some(h), hooks)?;
+        let inter = rt.activation(self.act, &layer.intermediate.forward_hooked(&h, hooks)?)?;
+        let out = reduce(layer.output.forward_hooked(&inter, hooks)?)?;
+        Ok(layer.out_norm.forward_on(rt.as_ref(), &out, Some(&h), hooks)?)
+    }
+
+    /// The number of transformer layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Shard `rank` of `world` for Megatron-style tensor parallelism: in every layer the
+    /// query/key/value projections keep a contiguous `1/world` of the heads (column parallel),
+    /// the attention output projection the matching input columns (row parallel), the
+    /// intermediate projection `1/world` of the neurons and the output projection the matching
+    /// columns. The two row-parallel biases stay on rank 0 only (zeros elsewhere), so summing
+    /// the shards' partial outputs — one all-reduce each, see [`BertEncoder::layer_forward`] —
+    /// gives the whole layer's. Embeddings and layer norms are replicated. Every layer's heads
+    /// and neurons must divide by `world`.
+    pub fn tensor_shard(&self, rank: usize, world: usize) -> Result<Self> {
+        let c = &self.config;
+        let bad = |detail: String| Error::Config { what: "tensor-parallel split", detail };
+        if world == 0 || rank >= world {
+            return Err(bad(format!("rank must be below the world size, found rank {rank} of {world}")));
+        }
+        let mut heads = Vec::new();
+        let mut neurons = Vec::new();
+        for l in 0..c.num_hidden_layers {
+            for (what, have, list) in
+                [("attention heads", c.heads_of(l), &mut heads), ("FFN neurons", c.intermediate_of(l), &mut neurons)]
+            {
+                if !have.is_multiple_of(world) {
+                    return Err(bad(format!(
+                        "layer {l} has {have} {what}, which {world} workers cannot share evenly (expected a multiple of {world})"
+                    )));
+                }
+                let per = have / world;
+                list.push((rank * per..(rank + 1) * per).collect::<Vec<_>>());
+            }
+        }
+        let mut shard = self.subnetwork(&heads, &neurons)?;
+        if rank > 0 {
+            for layer in &mut shard.layers {
+                for lin in [&mut layer.attn_out, &mut layer.output] {
+                    let rt = lin.runtime().clone();
+                    let bias = lin.bias().map(Tensor::zeros_like).transpose()?;
+                    let mut zeroed = Linear::new(lin.path(), lin.weight().clone(), bias)?;
+                    zeroed.prepare(&rt)?;
+                    *lin = zeroed;
+                }
+            }
+        }
+        Ok(shard)
+    }
+}
+
+/// The additive attention mask for a 1 (attend) / 0 (padding) mask `[batch, seq]`: 0 where
+/// attended, a large negative number at padding.
+pub fn attention_bias(attention_mask: &Tensor) -> Result<Tensor> {
+    Ok(((attention_mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?)
 }
 
 impl Module for BertEncoder {

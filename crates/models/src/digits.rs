@@ -11,7 +11,7 @@ use pare_core_tensor::io::{load_weights, save_weights};
 use pare_core_tensor::train::{TrainConfig, TrainEvent, TrainReport, TrainTask, train};
 use pare_core_tensor::{
     Activation, Conv2d, Conv2dParams, Hooks, Init, InitWeights, LayerMut, LayerRef, Linear, LoadedWeights, Module,
-    WeightSource, metrics,
+    Weight, WeightSource, metrics,
 };
 use serde::{Deserialize, Serialize};
 
@@ -460,6 +460,115 @@ impl DigitsNet {
         let last = self.linears.len() - 1;
         for (k, l) in self.linears.iter().enumerate() {
             h = l.forward_hooked(&h, hooks)?;
+            if k < last {
+                h = self.act.forward(&h)?;
+            }
+        }
+        Ok(h)
+    }
+
+    /// How many units [`DigitsNet::unit_forward`] chains: one per convolution and one per
+    /// linear layer (a cell network is one unit). Pipeline parallelism cuts between units.
+    pub fn units(&self) -> usize {
+        match self.arch {
+            DigitsArch::Cell(_) => 1,
+            _ => self.convs.len() + self.linears.len(),
+        }
+    }
+
+    /// Unit `k` of the forward (see [`DigitsNet::units`]): a convolution and its activation (the
+    /// first reshapes the pixels, the last pools and flattens), or a linear layer and its
+    /// activation (none after the classifier). Chaining units `0..units()` computes exactly the
+    /// operations of [`DigitsNet::forward`], so the logits are bit-identical.
+    pub fn unit_forward(&self, k: usize, x: &Tensor) -> Result<Tensor> {
+        let units = self.units();
+        if k >= units {
+            return Err(Error::Config {
+                what: "digits unit",
+                detail: format!("the network has units 0..{units}, found {k}"),
+            });
+        }
+        if matches!(self.arch, DigitsArch::Cell(_)) {
+            return self.forward(x);
+        }
+        let nc = self.convs.len();
+        if k < nc {
+            let mut h = if k == 0 { x.reshape((x.dim(0)?, 1, 8, 8))? } else { x.clone() };
+            h = self.act.forward(&self.convs[k].forward_hooked(&h, &mut Hooks::none())?)?;
+            if k + 1 == nc {
+                h = h.max_pool2d(2)?.flatten_from(1)?;
+            }
+            return Ok(h);
+        }
+        let j = k - nc;
+        let h = self.linears[j].forward(x)?;
+        Ok(if j + 1 < self.linears.len() { self.act.forward(&h)? } else { h })
+    }
+
+    /// Shard `rank` of `world` of an MLP for Megatron-style tensor parallelism. Linear layers
+    /// pair up: the first of each pair keeps a contiguous `1/world` of its output neurons
+    /// (column parallel), the second the matching input columns (row parallel, its bias on
+    /// rank 0 only), so one all-reduce per pair — see [`DigitsNet::forward_reduced`] — gives
+    /// the pair's output. With an odd number of layers the classifier is replicated. The first
+    /// layer of each pair must have a width divisible by `world`. A shard must be run with
+    /// [`DigitsNet::forward_reduced`], not [`DigitsNet::forward`].
+    pub fn tensor_shard(&self, rank: usize, world: usize) -> Result<Self> {
+        let bad = |detail: String| Error::Config { what: "tensor-parallel split", detail };
+        let DigitsArch::Mlp(c) = &self.arch else {
+            return Err(bad(format!("tensor parallelism splits MLPs (mlp:...), found `{}`", self.arch)));
+        };
+        if world == 0 || rank >= world {
+            return Err(bad(format!("rank must be below the world size, found rank {rank} of {world}")));
+        }
+        let device = self.linears[0].runtime().device().clone();
+        let mut weights = BTreeMap::new();
+        let mut hidden = c.hidden.clone();
+        let pairs = self.linears.len() / 2;
+        for (k, l) in self.linears.iter().enumerate() {
+            let w = l.weight().to_dense(&device)?;
+            let b = l.bias().cloned();
+            let (w, b) = if k < 2 * pairs && k % 2 == 0 {
+                let out = w.dim(0)?;
+                if !out.is_multiple_of(world) {
+                    return Err(bad(format!(
+                        "layer `{}` has {out} outputs, which {world} workers cannot share evenly (expected a multiple of {world})",
+                        l.path()
+                    )));
+                }
+                let per = out / world;
+                hidden[k] = per;
+                (w.narrow(0, rank * per, per)?, b.map(|b| b.narrow(0, rank * per, per)).transpose()?)
+            } else if k < 2 * pairs {
+                let per = w.dim(1)? / world;
+                let b = if rank == 0 { b } else { b.map(|b| b.zeros_like()).transpose()? };
+                (w.narrow(1, rank * per, per)?.contiguous()?, b)
+            } else {
+                (w, b)
+            };
+            weights.insert(format!("{}.weight", l.path()), Weight::Dense(w));
+            if let Some(b) = b {
+                weights.insert(format!("{}.bias", l.path()), Weight::Dense(b));
+            }
+        }
+        let arch = DigitsArch::Mlp(MlpConfig { hidden });
+        Self::build(arch, &mut LoadedWeights::new(weights, device))
+    }
+
+    /// Logits of a tensor-parallel shard (see [`DigitsNet::tensor_shard`]): after the second
+    /// layer of each pair, `reduce` (an all-reduce over the shards) turns the partial output
+    /// into the whole one. On a whole network with `&mut Ok` this is [`DigitsNet::forward`].
+    pub fn forward_reduced(&self, x: &Tensor, reduce: &mut dyn FnMut(Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        if !matches!(self.arch, DigitsArch::Mlp(_)) {
+            return self.forward(x);
+        }
+        let pairs = self.linears.len() / 2;
+        let last = self.linears.len() - 1;
+        let mut h = x.clone();
+        for (k, l) in self.linears.iter().enumerate() {
+            h = l.forward(&h)?;
+            if k < 2 * pairs && k % 2 == 1 {
+                h = reduce(h)?;
+            }
             if k < last {
                 h = self.act.forward(&h)?;
             }
