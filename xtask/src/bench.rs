@@ -243,7 +243,7 @@ fn run_ort(root: &Path, model: &Path, quick: bool) -> anyhow::Result<Option<Path
     Ok(path.filter(|p| p.is_file()))
 }
 
-fn cpu_model() -> String {
+pub(crate) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {

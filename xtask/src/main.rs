@@ -14,6 +14,7 @@ mod prune_report;
 mod quantize;
 mod report;
 mod runtime;
+mod serve_bench;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -63,6 +64,9 @@ enum Command {
     NasCellReport(Box<nas_cell_report::Args>),
     /// Run the kernel and MiniLM benchmarks against their peers; write bench-report.md/json.
     Bench(bench::Args),
+    /// Serve MiniLM embeddings under each parallel mode (data, pipeline, tensor, dynamic
+    /// batching) and report throughput, latency percentiles and scaling against one worker.
+    ServeBench(serve_bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -86,6 +90,7 @@ fn main() -> std::process::ExitCode {
         Command::NasReport(a) => nas_report::run(a),
         Command::NasCellReport(a) => nas_cell_report::run(*a),
         Command::Bench(a) => bench::run(a),
+        Command::ServeBench(a) => serve_bench::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -28,6 +28,10 @@ pub enum Error {
         /// Expected vs found.
         detail: String,
     },
+    /// An error raised by a caller's callback inside a forward pass (a tensor-parallel
+    /// all-reduce in pare-parallel), carried through unchanged so the caller can take it back.
+    #[error(transparent)]
+    External(Box<dyn std::error::Error + Send + Sync>),
     /// The tokenizer failed.
     #[error("tokenizer `{path}`: {detail}")]
     Tokenizer {

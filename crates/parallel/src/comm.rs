@@ -132,6 +132,26 @@ pub trait Communicator {
         }
     }
 
+    /// Checks that every rank passes the same `values` (model shapes, a stage plan, the world
+    /// size it was set up for) before work starts; the error names the first rank that
+    /// differs from rank 0 and both values.
+    fn check_agreement(&self, what: &'static str, values: &[u32]) -> Result<()> {
+        let mine = Tensor::new(values, &Device::Cpu)?;
+        let all = self.all_gather(&mine)?;
+        let root = all[0].to_vec1::<u32>()?;
+        for (r, t) in all.iter().enumerate().skip(1) {
+            let theirs = t.to_vec1::<u32>()?;
+            if theirs != root {
+                return Err(Error::Config {
+                    what,
+                    expected: format!("the same on every rank, {root:?} at rank 0"),
+                    found: format!("{theirs:?} at rank {r}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Every rank's `t`, in rank order, on every rank.
     fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>> {
         let gathered = self.gather(0, std::slice::from_ref(t))?;

@@ -14,7 +14,7 @@ pub enum Error {
     Core(#[from] pare_core_tensor::Error),
     /// An error from pare-models (a model that cannot be split, a bad input).
     #[error(transparent)]
-    Model(#[from] pare_models::Error),
+    Model(pare_models::Error),
     /// A peer did not answer within the communicator's timeout: it hangs or has died.
     #[error("rank {rank}: {op} with rank {peer} timed out after {after:?} (is rank {peer} hung or dead?)")]
     Timeout {
@@ -87,6 +87,19 @@ pub enum Error {
     /// MPI could not start or failed.
     #[error("MPI: {0}")]
     Mpi(String),
+}
+
+impl From<pare_models::Error> for Error {
+    /// Unwraps pare-parallel's own errors that travelled through a model's callback.
+    fn from(e: pare_models::Error) -> Self {
+        match e {
+            pare_models::Error::External(inner) => match inner.downcast::<Error>() {
+                Ok(ours) => *ours,
+                Err(other) => Error::Model(pare_models::Error::External(other)),
+            },
+            other => Error::Model(other),
+        }
+    }
 }
 
 impl Error {

@@ -229,6 +229,9 @@ pub fn pipeline_forward(
     micro_batches: Vec<Vec<Tensor>>,
 ) -> Result<Option<(Vec<Vec<Tensor>>, PipelineStats)>> {
     check_plan(plan, stages.units(), comm.size())?;
+    let mut agreed = vec![stages.units() as u32];
+    agreed.extend(plan.iter().flat_map(|r| [r.start as u32, r.end as u32]));
+    comm.check_agreement("pipeline units and stage plan across workers", &agreed)?;
     let (rank, p) = (comm.rank(), comm.size());
     let mine = plan[rank].clone();
     let dev = Device::Cpu;

@@ -30,8 +30,28 @@ fn traffic(comm: &dyn Communicator, before: CommStats, all_reduces: usize, reduc
     TpTraffic { all_reduces, bytes_sent: comm.stats().bytes - before.bytes, reduced_bytes }
 }
 
+/// This worker's shard of a digits MLP, after checking that every worker holds the same
+/// architecture: `net.tensor_shard(comm.rank(), comm.size())`, so shards always match the
+/// world they run in.
+pub fn shard_digits(comm: &dyn Communicator, net: &DigitsNet) -> Result<DigitsNet> {
+    let shape: Vec<u32> = net.arch().to_string().bytes().map(u32::from).collect();
+    comm.check_agreement("digits architecture across workers", &shape)?;
+    Ok(net.tensor_shard(comm.rank(), comm.size())?)
+}
+
+/// This worker's shard of a BERT encoder, after checking that every worker loaded the same
+/// configuration: `bert.tensor_shard(comm.rank(), comm.size())`. A split the model does not
+/// allow (heads or neurons not divisible by the world) fails on every rank before any work.
+pub fn shard_bert(comm: &dyn Communicator, bert: &BertEncoder) -> Result<BertEncoder> {
+    let c = bert.config();
+    let mut shape = vec![c.hidden_size as u32, c.num_hidden_layers as u32, c.vocab_size as u32];
+    shape.extend((0..c.num_hidden_layers).flat_map(|l| [c.heads_of(l) as u32, c.intermediate_of(l) as u32]));
+    comm.check_agreement("BERT configuration across workers", &shape)?;
+    Ok(bert.tensor_shard(comm.rank(), comm.size())?)
+}
+
 /// Logits of a digits MLP run tensor-parallel: every worker passes its shard
-/// (`net.tensor_shard(comm.rank(), comm.size())`); `x` (pixels `[n, 64]`) is broadcast from
+/// ([`shard_digits`]); `x` (pixels `[n, 64]`) is broadcast from
 /// rank 0 (other ranks pass anything, e.g. `None`). Every rank returns the logits.
 pub fn tp_digits_forward(
     comm: &dyn Communicator,
@@ -52,7 +72,7 @@ pub fn tp_digits_forward(
 }
 
 /// Sentence embeddings (mean-pooled, L2-normalised) of a BERT encoder run tensor-parallel:
-/// every worker passes its shard (`bert.tensor_shard(comm.rank(), comm.size())`); the batch
+/// every worker passes its shard ([`shard_bert`]); the batch
 /// `[input_ids, token_type_ids, attention_mask]` is broadcast from rank 0. Every rank returns
 /// the embeddings.
 pub fn tp_bert_embed(comm: &dyn Communicator, shard: &BertEncoder, batch: Vec<Tensor>) -> Result<(Tensor, TpTraffic)> {
@@ -87,10 +107,8 @@ fn broadcast_inputs(comm: &dyn Communicator, inputs: Vec<Tensor>) -> Result<Vec<
 }
 
 /// Carries a communication error through a model's `reduce` callback (which speaks
-/// pare-models' error type); the message keeps the rank and peer.
+/// pare-models' error type); [`Error::from`] unwraps it again, so a peer's failure stays a
+/// [`Error::PeerFailed`] and a hang an [`Error::Timeout`].
 fn to_model_error(e: Error) -> pare_models::Error {
-    match e {
-        Error::Candle(c) => pare_models::Error::Candle(c),
-        other => pare_models::Error::Config { what: "tensor-parallel all-reduce", detail: other.to_string() },
-    }
+    pare_models::Error::External(Box::new(e))
 }

@@ -24,7 +24,7 @@ use pare_models::bert::{SentenceEncoder, mean_pool_normalize};
 use pare_models::digits::{DigitsArch, DigitsNet, fit};
 use pare_parallel::data::data_parallel;
 use pare_parallel::pipeline::{BertStages, DigitsStages, Schedule, Stages, pipeline_forward};
-use pare_parallel::tensor::{tp_bert_embed, tp_digits_forward};
+use pare_parallel::tensor::{shard_bert, shard_digits, tp_bert_embed, tp_digits_forward};
 use pare_parallel::{Communicator, MpiComm};
 use pare_runtime_cpu::CpuRuntime;
 
@@ -117,13 +117,14 @@ fn run(comm: &MpiComm, mode: &str) -> anyhow::Result<()> {
             let got = Tensor::cat(&outs.into_iter().map(|mut o| o.remove(0)).collect::<Vec<_>>(), 0)?;
             anyhow::ensure!(bits(&got)? == bits(&want)?, "pipeline ({schedule}) digits MLP differs from one process");
             println!(
-                "  bubble {:.3} (ideal {:.3}), peak in flight {}",
+                "  {schedule}: bubble {:.3} (equal-stage formula {:.3}), peak {} micro-batches in flight \
+                 (64-row micro-batches of a 17k-parameter MLP: mostly messaging)",
                 stats.bubble, stats.ideal_bubble, stats.peak_in_flight
             );
         }
         pass(comm, &format!("pipeline {schedule}, digits MLP: bit-identical"));
     }
-    let shard = prepared(&mlp.tensor_shard(comm.rank(), comm.size())?)?;
+    let shard = prepared(&shard_digits(comm, &mlp)?)?;
     let (got, traffic) = tp_digits_forward(comm, &shard, root.then_some(&x))?;
     let diff = max_abs_diff(&got, &want)?;
     anyhow::ensure!(diff <= 1e-5, "tensor parallel digits MLP differs by {diff}");
@@ -160,7 +161,7 @@ fn run(comm: &MpiComm, mode: &str) -> anyhow::Result<()> {
         }
     }
     pass(comm, "pipeline 1f1b, MiniLM: bit-identical");
-    let shard = prepared(&enc.bert.tensor_shard(comm.rank(), comm.size())?)?;
+    let shard = prepared(&shard_bert(comm, &enc.bert)?)?;
     let (got, traffic) = tp_bert_embed(comm, &shard, if root { inputs.clone() } else { vec![] })?;
     let diff = max_abs_diff(&got, &want)?;
     anyhow::ensure!(diff <= 1e-5, "tensor parallel MiniLM differs by {diff}");

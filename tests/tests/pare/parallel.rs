@@ -15,7 +15,7 @@ use pare_models::bert::{SentenceEncoder, mean_pool_normalize};
 use pare_models::digits::{DigitsArch, DigitsNet, fit};
 use pare_parallel::data::data_parallel;
 use pare_parallel::pipeline::{BertStages, DigitsStages, Schedule, Stages, measure_costs, partition, pipeline_forward};
-use pare_parallel::tensor::{tp_bert_embed, tp_digits_forward};
+use pare_parallel::tensor::{shard_bert, shard_digits, tp_bert_embed, tp_digits_forward};
 use pare_parallel::{Communicator, Error, first_error, run_threads};
 use pare_runtime_cpu::CpuRuntime;
 use pare_tests::{minilm_dir, workspace_root};
@@ -103,7 +103,7 @@ fn the_digits_mlp_gives_the_same_logits_in_every_mode() {
     }
 
     let out = run_threads(2, TIMEOUT, |c| {
-        let shard = prepared(&net.tensor_shard(c.rank(), c.size())?);
+        let shard = prepared(&shard_digits(c, &net)?);
         tp_digits_forward(c, &shard, (c.rank() == 0).then_some(&x))
     })
     .unwrap();
@@ -176,7 +176,7 @@ fn minilm_gives_the_same_embeddings_in_every_mode() -> anyhow::Result<()> {
     // Tensor parallel: heads and FFN neurons split over 2 and 3 workers.
     for world in [2, 3] {
         let out = run_threads(world, TIMEOUT, |c| {
-            let shard = prepared(&enc.bert.tensor_shard(c.rank(), c.size())?);
+            let shard = prepared(&shard_bert(c, &enc.bert)?);
             tp_bert_embed(c, &shard, if c.rank() == 0 { inputs.clone() } else { vec![] })
         })
         .unwrap();
@@ -245,6 +245,23 @@ fn a_failing_panicking_or_hung_stage_fails_every_worker_within_the_timeout() {
 }
 
 #[test]
+fn a_tensor_parallel_peer_failure_stays_a_typed_peer_failure() {
+    let (net, x) = trained_mlp();
+    let out = run_threads(2, TIMEOUT, |c| {
+        if c.rank() == 1 {
+            return Err(Error::config("shard", "a loaded shard", "a deliberate failure"));
+        }
+        let shard = prepared(&shard_digits(c, &net)?);
+        tp_digits_forward(c, &shard, Some(&x))
+    })
+    .unwrap();
+    match &out[0] {
+        Err(Error::PeerFailed { peer: 1, reason, .. }) => assert!(reason.contains("deliberate"), "{reason}"),
+        other => panic!("rank 0: expected PeerFailed from rank 1, got {other:?}"),
+    }
+}
+
+#[test]
 fn impossible_splits_are_refused_before_any_work() {
     let dev = Device::Cpu;
     let cnn = DigitsNet::init(DigitsArch::default_cnn(), 1, &dev, &candle_nn::VarMap::new()).unwrap();
@@ -262,6 +279,22 @@ fn impossible_splits_are_refused_before_any_work() {
     let e = first_error(out).unwrap_err().to_string();
     assert!(e.contains("one stage per worker (3)") && e.contains("2 stages"), "{e}");
     assert!(partition(&[1.0, 1.0, 1.0], 4).is_err());
+
+    // Workers that loaded different models, or were given different plans, find out before work.
+    let wide = DigitsNet::init("mlp:128,64".parse().unwrap(), 1, &dev, &candle_nn::VarMap::new()).unwrap();
+    let out =
+        run_threads(2, TIMEOUT, |c| shard_digits(c, if c.rank() == 0 { &mlp } else { &wide }).map(|_| ())).unwrap();
+    let e = first_error(out).unwrap_err().to_string();
+    assert!(e.contains("digits architecture across workers") && e.contains("at rank 1"), "{e}");
+    let out = run_threads(2, TIMEOUT, |c| {
+        let plan = if c.rank() == 0 { vec![0..1, 1..3] } else { vec![0..2, 2..3] };
+        let inputs =
+            if c.rank() == 0 { vec![vec![Tensor::zeros((1, 64), candle_core::DType::F32, &dev)?]] } else { vec![] };
+        pipeline_forward(c, &DigitsStages(&mlp), &plan, Schedule::GPipe, inputs).map(|_| ())
+    })
+    .unwrap();
+    let e = first_error(out).unwrap_err().to_string();
+    assert!(e.contains("stage plan across workers") && e.contains("[3, 0, 2, 2, 3] at rank 1"), "{e}");
     assert!("zigzag".parse::<Schedule>().unwrap_err().to_string().contains("gpipe or 1f1b"));
 }
 
