@@ -32,3 +32,26 @@ pub fn minilm_dir(test: &str) -> anyhow::Result<Option<PathBuf>> {
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()
 }
+
+/// A digits network of architecture `arch` (`mlp:128,64`, `cnn:16,32:64`, ...) trained for
+/// `epochs` on the embedded digits from seed 7 (AdamW 3e-3, batches of 32): a quick, real,
+/// deterministic model for tests that need trained weights but not the best accuracy.
+pub fn trained_digits(arch: &str, epochs: usize) -> anyhow::Result<pare_models::digits::DigitsNet> {
+    use pare_core_tensor::train::{LrSchedule, OptimizerKind, TrainConfig};
+    use pare_models::digits::{DigitsArch, DigitsNet, fit};
+    let dev = candle_core::Device::Cpu;
+    let data = pare_core_tensor::data::digits(42, &dev)?;
+    let vars = candle_nn::VarMap::new();
+    let net = DigitsNet::init(arch.parse::<DigitsArch>()?, 7, &dev, &vars)?;
+    let cfg = TrainConfig {
+        epochs,
+        batch_size: 32,
+        optimizer: OptimizerKind::adamw(3e-3),
+        schedule: LrSchedule::Constant,
+        seed: 7,
+        patience: None,
+        checkpoint: None,
+    };
+    fit(&net, &vars, &data, &cfg, &mut |_| {})?;
+    Ok(net)
+}

@@ -57,6 +57,16 @@ pub trait Communicator {
         Ok(())
     }
 
+    /// Fails unless `peer` names a worker other than this one (point-to-point messages go to
+    /// others).
+    fn check_other(&self, peer: usize) -> Result<()> {
+        self.check_peer(peer)?;
+        if peer == self.rank() {
+            return Err(Error::config("peer", "a rank other than this worker's own", peer));
+        }
+        Ok(())
+    }
+
     /// Waits until every worker has reached the barrier.
     fn barrier(&self) -> Result<()> {
         self.gather(0, &[])?;

@@ -129,14 +129,6 @@ impl MpiComm {
             reason: String::from_utf8_lossy(&bytes).into_owned(),
         })
     }
-
-    fn check_other(&self, peer: usize) -> Result<()> {
-        self.check_peer(peer)?;
-        if peer == self.rank {
-            return Err(Error::config("peer", "a rank other than this process's own", peer));
-        }
-        Ok(())
-    }
 }
 
 impl Communicator for MpiComm {

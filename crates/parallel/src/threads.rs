@@ -90,14 +90,6 @@ impl ThreadComm {
             _ => None,
         }
     }
-
-    fn check_other(&self, peer: usize) -> Result<()> {
-        self.check_peer(peer)?;
-        if peer == self.rank {
-            return Err(Error::config("peer", "a rank other than this worker's own", peer));
-        }
-        Ok(())
-    }
 }
 
 impl Communicator for ThreadComm {

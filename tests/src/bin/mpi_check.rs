@@ -18,10 +18,9 @@ use anyhow::{Context, bail};
 use candle_core::{Device, Tensor};
 use pare_core_tensor::data::{digits, sentences};
 use pare_core_tensor::testing::max_abs_diff;
-use pare_core_tensor::train::{LrSchedule, OptimizerKind, TrainConfig};
 use pare_core_tensor::{Hooks, Module, Runtime};
 use pare_models::bert::{SentenceEncoder, mean_pool_normalize};
-use pare_models::digits::{DigitsArch, DigitsNet, fit};
+use pare_models::digits::DigitsNet;
 use pare_parallel::data::data_parallel;
 use pare_parallel::pipeline::{BertStages, DigitsStages, Schedule, Stages, pipeline_forward};
 use pare_parallel::tensor::{shard_bert, shard_digits, tp_bert_embed, tp_digits_forward};
@@ -81,18 +80,7 @@ fn run(comm: &MpiComm, mode: &str) -> anyhow::Result<()> {
     let dev = Device::Cpu;
     // Every process trains the same MLP from the same seed: training is deterministic.
     let data = digits(42, &dev)?;
-    let vars = candle_nn::VarMap::new();
-    let mlp = DigitsNet::init(DigitsArch::default_mlp(), 7, &dev, &vars)?;
-    let cfg = TrainConfig {
-        epochs: 8,
-        batch_size: 32,
-        optimizer: OptimizerKind::adamw(3e-3),
-        schedule: LrSchedule::Constant,
-        seed: 7,
-        patience: None,
-        checkpoint: None,
-    };
-    fit(&mlp, &vars, &data, &cfg, &mut |_| {})?;
+    let mlp = pare_tests::trained_digits("mlp:128,64", 8)?;
     let mlp = prepared(&mlp)?;
     let x = data.test.x.clone();
     let rows = x.dim(0)?;

@@ -7,9 +7,8 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use pare_core_tensor::data::digits;
 use pare_core_tensor::metrics::mean_cosine;
-use pare_core_tensor::train::{LrSchedule, OptimizerKind, TrainConfig};
 use pare_core_tensor::{Module, ReferenceRuntime, Runtime, SparseTensor, Weight};
-use pare_models::digits::{DigitsArch, DigitsNet, fit};
+use pare_models::digits::DigitsNet;
 use pare_quant::ptq::{ActSpec, apply, dynamic_specs};
 use pare_quant::weight_only::{Method, Override, Selection, quantize_model_plan};
 use pare_runtime_cpu::CpuRuntime;
@@ -42,20 +41,7 @@ fn sparsify(model: &mut dyn Module, pattern: &str, keep: f64) {
 }
 
 fn trained(arch: &str) -> DigitsNet {
-    let data = digits(42, &Device::Cpu).unwrap();
-    let vars = candle_nn::VarMap::new();
-    let net = DigitsNet::init(arch.parse::<DigitsArch>().unwrap(), 7, &Device::Cpu, &vars).unwrap();
-    let cfg = TrainConfig {
-        epochs: 4,
-        batch_size: 32,
-        optimizer: OptimizerKind::adamw(3e-3),
-        schedule: LrSchedule::Constant,
-        seed: 7,
-        patience: None,
-        checkpoint: None,
-    };
-    fit(&net, &vars, &data, &cfg, &mut |_| {}).unwrap();
-    net
+    pare_tests::trained_digits(arch, 4).unwrap()
 }
 
 /// Logits of `net` on the test digits on both runtimes: close, and the same predictions.

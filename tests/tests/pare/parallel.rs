@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use pare_core_tensor::data::{digits, sentences};
 use pare_core_tensor::testing::max_abs_diff;
-use pare_core_tensor::train::{LrSchedule, OptimizerKind, TrainConfig};
 use pare_core_tensor::{Hooks, Module, Runtime};
 use pare_models::bert::{SentenceEncoder, mean_pool_normalize};
-use pare_models::digits::{DigitsArch, DigitsNet, fit};
+use pare_models::digits::{DigitsArch, DigitsNet};
 use pare_parallel::data::data_parallel;
 use pare_parallel::pipeline::{BertStages, DigitsStages, Schedule, Stages, measure_costs, partition, pipeline_forward};
 use pare_parallel::tensor::{shard_bert, shard_digits, tp_bert_embed, tp_digits_forward};
@@ -34,22 +33,10 @@ fn prepared<M: Module + Clone>(m: &M) -> M {
 }
 
 fn trained_mlp() -> (DigitsNet, Tensor) {
-    let dev = Device::Cpu;
-    let data = digits(42, &dev).unwrap();
-    let vars = candle_nn::VarMap::new();
-    let net = DigitsNet::init(DigitsArch::default_mlp(), 7, &dev, &vars).unwrap();
-    let cfg = TrainConfig {
-        epochs: 8,
-        batch_size: 32,
-        optimizer: OptimizerKind::adamw(3e-3),
-        schedule: LrSchedule::Constant,
-        seed: 7,
-        patience: None,
-        checkpoint: None,
-    };
-    fit(&net, &vars, &data, &cfg, &mut |_| {}).unwrap();
-    assert!(net.accuracy(&data.test).unwrap() > 0.9);
-    (net, data.test.x.clone())
+    let net = pare_tests::trained_digits("mlp:128,64", 8).unwrap();
+    let test = digits(42, &Device::Cpu).unwrap().test;
+    assert!(net.accuracy(&test).unwrap() > 0.9);
+    (net, test.x)
 }
 
 fn bits(t: &Tensor) -> Vec<u32> {
