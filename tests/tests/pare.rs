@@ -7,8 +7,6 @@ mod pare {
     mod digits;
     mod distill;
     mod minilm;
-    #[cfg(feature = "mpi")]
-    mod mpi;
     mod nas;
     mod parallel;
     mod prune;

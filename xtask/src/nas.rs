@@ -379,7 +379,7 @@ fn summary(args: &Args, log: &SearchLog, baseline: &Trial, multi: bool, supernet
     md
 }
 
-fn svg_done(tmp: &Path, path: &Path) -> anyhow::Result<()> {
+pub(crate) fn svg_done(tmp: &Path, path: &Path) -> anyhow::Result<()> {
     std::fs::rename(tmp, path).with_context(|| format!("write {}", path.display()))
 }
 

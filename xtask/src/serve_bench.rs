@@ -226,7 +226,12 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     pare_core_tensor::io::write_file_atomic(args.out.join("serve-bench.md"), md.as_bytes())?;
-    println!("\nwrote {}/serve-bench.md and serve-bench.json", args.out.display());
+    plot_scaling(&report.modes, &args.out.join("serve-bench.svg"))?;
+    plot_timeline(&report.pipeline, &args.out.join("serve-bench-pipeline.svg"))?;
+    println!(
+        "\nwrote {0}/serve-bench.md, serve-bench.json, serve-bench.svg and serve-bench-pipeline.svg",
+        args.out.display()
+    );
     Ok(())
 }
 
@@ -490,7 +495,7 @@ fn markdown(r: &Report) -> String {
          {} sentences of data/sentences.txt in batches of {} padded to at least {} tokens (a longer sentence sets its batch's length), on {} ({} cores). Every worker is an \
          in-process thread with a single-threaded `CpuRuntime`; scaling is throughput against one such worker. \
          Outputs are checked in the same run: data and pipeline parallel bit-identical to one worker, tensor \
-         parallel within 1e-5.\n\n\
+         parallel within 1e-5.\n\n![throughput against one worker](serve-bench.svg)\n\n\
          | mode | workers | sentences/s | scaling | p50 ms | p95 ms | p99 ms | notes |\n|---|---|---|---|---|---|---|---|\n",
         r.command,
         r.batch * r.batches,
@@ -530,6 +535,7 @@ fn markdown(r: &Report) -> String {
             .join("; ")
     );
     s += "\nPipeline latencies are the run's time per micro-batch (a micro-batch's own latency spans the stages).\n\n## Pipeline bubble\n\n\
+          ![when each stage computed each micro-batch](serve-bench-pipeline.svg)\n\n\
           | schedule | stages | micro-batches | busy s per stage | wall s | measured bubble | (p−1)/(m+p−1) | balance-corrected | peak in flight |\n|---|---|---|---|---|---|---|---|---|\n";
     for p in &r.pipeline {
         let busy: Vec<String> = p.busy_s.iter().map(|b| format!("{b:.3}")).collect();
@@ -557,6 +563,102 @@ fn markdown(r: &Report) -> String {
         r.tp_bytes_per_layer_per_worker / 1e6
     );
     s
+}
+
+/// Throughput of every mode against one worker, as horizontal bars.
+fn plot_scaling(modes: &[ModeResult], path: &std::path::Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let tmp = path.with_extension("svg.tmp");
+    let n = modes.len();
+    let xmax = modes.iter().map(|m| m.scaling).fold(2.0, f64::max) * 1.1;
+    {
+        let root = SVGBackend::new(&tmp, (800, 60 + 40 * n as u32)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("MiniLM throughput against one single-threaded worker", ("sans-serif", 20))
+            .margin(15)
+            .x_label_area_size(35)
+            .y_label_area_size(250)
+            .build_cartesian_2d(0.0..xmax, 0.0..n as f64)?;
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .y_labels(n * 2 + 1)
+            .y_label_formatter(&|y| {
+                let k = (*y - 0.5).round();
+                if (y - 0.5 - k).abs() < 1e-6 && k >= 0.0 && (k as usize) < n {
+                    modes[n - 1 - k as usize].mode.clone()
+                } else {
+                    String::new()
+                }
+            })
+            .x_desc("throughput / one worker's")
+            .draw()?;
+        chart.draw_series(modes.iter().enumerate().map(|(i, m)| {
+            let y = (n - 1 - i) as f64;
+            Rectangle::new([(0.0, y + 0.2), (m.scaling, y + 0.8)], BLUE.mix(0.6).filled())
+        }))?;
+        chart.draw_series(modes.iter().enumerate().map(|(i, m)| {
+            let y = (n - 1 - i) as f64 + 0.5;
+            Text::new(format!(" {:.2}×", m.scaling), (m.scaling, y), ("sans-serif", 14))
+        }))?;
+        chart
+            .draw_series(LineSeries::new([(1.8, 0.0), (1.8, n as f64)], RED.stroke_width(1)))?
+            .label("data-parallel goal, 1.8×")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED.stroke_width(1)));
+        chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.9)).draw()?;
+        root.present()?;
+    }
+    crate::nas::svg_done(&tmp, path)
+}
+
+/// When each pipeline stage computed each micro-batch, one panel per schedule: the gaps are
+/// the bubble.
+fn plot_timeline(runs: &[PipelineStats], path: &std::path::Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let tmp = path.with_extension("svg.tmp");
+    {
+        let root = SVGBackend::new(&tmp, (900, 170 * runs.len().max(1) as u32)).into_drawing_area();
+        root.fill(&WHITE)?;
+        for (area, run) in root.split_evenly((runs.len().max(1), 1)).iter().zip(runs) {
+            let end = run.timeline.iter().flatten().map(|e| e.1).fold(0.0, f64::max) * 1.02;
+            let p = run.stages;
+            let mut chart = ChartBuilder::on(area)
+                .caption(
+                    format!(
+                        "{}: {} stages, {} micro-batches, bubble {:.3} (equal-stage formula {:.3})",
+                        run.schedule, p, run.micro_batches, run.bubble, run.ideal_bubble
+                    ),
+                    ("sans-serif", 16),
+                )
+                .margin(10)
+                .x_label_area_size(30)
+                .y_label_area_size(70)
+                .build_cartesian_2d(0.0..end.max(1e-3), 0.0..p as f64)?;
+            chart
+                .configure_mesh()
+                .disable_y_mesh()
+                .y_labels(2 * p + 1)
+                .y_label_formatter(&|y| {
+                    let k = (*y - 0.5).round();
+                    if (y - 0.5 - k).abs() < 1e-6 && k >= 0.0 && (k as usize) < p {
+                        format!("stage {}", p - 1 - k as usize)
+                    } else {
+                        String::new()
+                    }
+                })
+                .x_desc("seconds")
+                .draw()?;
+            for (s, events) in run.timeline.iter().enumerate() {
+                let y = (p - 1 - s) as f64;
+                chart.draw_series(events.iter().enumerate().map(|(mb, &(a, b))| {
+                    Rectangle::new([(a, y + 0.15), (b, y + 0.85)], Palette99::pick(mb).mix(0.8).filled())
+                }))?;
+            }
+        }
+        root.present()?;
+    }
+    crate::nas::svg_done(&tmp, path)
 }
 
 /// The bubble of the schedule given the measured per-stage busy times (per micro-batch).

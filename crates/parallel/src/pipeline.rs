@@ -215,6 +215,10 @@ pub struct PipelineStats {
     pub ideal_bubble: f64,
     /// Most micro-batches in flight at once.
     pub peak_in_flight: usize,
+    /// Per stage, when it computed each micro-batch: `(start, end)` in seconds since the
+    /// stage's clock started (rank 0: its first injection; the others: when they learned the
+    /// micro-batch count, a message later).
+    pub timeline: Vec<Vec<(f64, f64)>>,
 }
 
 /// One pipelined forward, called by every worker with the same `plan` (one range of units per
@@ -252,10 +256,13 @@ pub fn pipeline_forward(
             })? as usize
         };
     let mut busy = Duration::ZERO;
+    let mut events: Vec<(f64, f64)> = Vec::with_capacity(m);
+    let clock = Instant::now();
     let mut run = |acts: Vec<Tensor>| -> Result<Vec<Tensor>> {
         let t = Instant::now();
         let out = stages.forward_range(mine.clone(), acts)?;
         busy += t.elapsed();
+        events.push(((t - clock).as_secs_f64(), clock.elapsed().as_secs_f64()));
         Ok(out)
     };
     if p == 1 {
@@ -271,6 +278,7 @@ pub fn pipeline_forward(
             bubble: 1.0 - busy.as_secs_f64() / wall.max(f64::MIN_POSITIVE),
             ideal_bubble: 0.0,
             peak_in_flight: 1,
+            timeline: vec![events],
         };
         return Ok(Some((outs, stats)));
     }
@@ -282,7 +290,12 @@ pub fn pipeline_forward(
             let out = run(acts)?;
             comm.send(next, tag, &out)?;
         }
-        comm.send(0, TAG_BUSY, &[Tensor::new(&[busy.as_secs_f64()], &dev)?.to_dtype(DType::F32)?])?;
+        let flat: Vec<f64> = events.iter().flat_map(|&(a, b)| [a, b]).collect();
+        let report = [
+            Tensor::new(&[busy.as_secs_f64()], &dev)?.to_dtype(DType::F32)?,
+            Tensor::from_vec(flat, (m, 2), &dev)?.to_dtype(DType::F32)?,
+        ];
+        comm.send(0, TAG_BUSY, &report)?;
         return Ok(None);
     }
     let start = Instant::now();
@@ -303,14 +316,19 @@ pub fn pipeline_forward(
     }
     let wall = start.elapsed().as_secs_f64();
     let mut busy_s = vec![busy.as_secs_f64()];
+    let mut timeline = vec![std::mem::take(&mut events)];
     for r in 1..p {
         let b = comm.recv(r, TAG_BUSY)?;
-        let v = b
-            .first()
-            .and_then(|t| t.to_vec1::<f32>().ok())
-            .and_then(|v| v.first().copied())
-            .ok_or_else(|| Error::Protocol { rank, peer: r, detail: "the busy time is not one f32".into() })?;
+        let bad =
+            || Error::Protocol { rank, peer: r, detail: format!("expected the busy time and a [{m}, 2] timeline") };
+        let [busy_t, times]: [Tensor; 2] = b.try_into().map_err(|_| bad())?;
+        let v = busy_t.to_vec1::<f32>().ok().and_then(|v| v.first().copied()).ok_or_else(bad)?;
+        let times = times.to_vec2::<f32>().map_err(|_| bad())?;
+        if times.len() != m || times.iter().any(|t| t.len() != 2) {
+            return Err(bad());
+        }
         busy_s.push(v as f64);
+        timeline.push(times.iter().map(|t| (t[0] as f64, t[1] as f64)).collect());
     }
     let total: f64 = busy_s.iter().sum();
     let stats = PipelineStats {
@@ -322,6 +340,7 @@ pub fn pipeline_forward(
         bubble: 1.0 - total / (p as f64 * wall.max(f64::MIN_POSITIVE)),
         ideal_bubble: (p - 1) as f64 / (m + p - 1) as f64,
         peak_in_flight: peak,
+        timeline,
     };
     Ok(Some((outs, stats)))
 }

@@ -1,7 +1,8 @@
-//! pare-parallel across MPI processes: `mpirun -np 2 pare-mpi-check MODE` (built with the
-//! `mpi` feature; .ci/run installs Open MPI and runs these). Parity of every mode with one
-//! process on the digits MLP and MiniLM, and a failing, hung or crashed rank ending the job
-//! with an error within the timeout — never a hang, never `ALL PASS`.
+//! pare-parallel across MPI processes: `mpirun -np 2 pare-mpi-check MODE`, in its own test
+//! binary (`cargo test -p pare-tests --features mpi --test mpi`; .ci/run installs Open MPI and
+//! runs it). Parity of every mode with one process on the digits MLP and MiniLM, and a
+//! failing, hung or crashed rank ending the job with an error within the timeout — never a
+//! hang, never `ALL PASS`.
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
