@@ -33,6 +33,8 @@ pub struct MpiComm {
     timeout: Duration,
     device: Device,
     in_flight: RefCell<Vec<InFlight>>,
+    /// The first failure notice received: (rank, reason).
+    failed: RefCell<Option<(usize, String)>>,
     messages: AtomicU64,
     bytes: AtomicU64,
     // Declared last: dropped (MPI_Finalize) after everything above.
@@ -61,6 +63,7 @@ impl MpiComm {
             timeout,
             device,
             in_flight: RefCell::new(Vec::new()),
+            failed: RefCell::new(None),
             messages: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             _universe: universe,
@@ -119,15 +122,19 @@ impl MpiComm {
         }
     }
 
-    /// A failure notice from any rank, if one has arrived.
+    /// A failure notice from any rank, if one has arrived (or arrived before: a failed group
+    /// stays failed, so every later operation reports it too).
     fn poll_abort(&self) -> Option<Error> {
-        let (msg, status) = self.world.any_process().immediate_matched_probe_with_tag(TAG_ABORT as i32)?;
-        let (bytes, _) = (msg, status).matched_receive_vec::<u8>();
-        Some(Error::PeerFailed {
-            rank: self.rank,
-            peer: status.source_rank() as usize,
-            reason: String::from_utf8_lossy(&bytes).into_owned(),
-        })
+        if self.failed.borrow().is_none()
+            && let Some((msg, status)) = self.world.any_process().immediate_matched_probe_with_tag(TAG_ABORT as i32)
+        {
+            let (bytes, _) = (msg, status).matched_receive_vec::<u8>();
+            *self.failed.borrow_mut() =
+                Some((status.source_rank() as usize, String::from_utf8_lossy(&bytes).into_owned()));
+        }
+        let failed = self.failed.borrow();
+        let (peer, reason) = failed.as_ref()?;
+        Some(Error::PeerFailed { rank: self.rank, peer: *peer, reason: reason.clone() })
     }
 }
 
