@@ -101,9 +101,7 @@ fn runtime() -> anyhow::Result<Arc<dyn Runtime>> {
 }
 
 fn prepared(bert: &BertEncoder, rt: &Arc<dyn Runtime>) -> anyhow::Result<BertEncoder> {
-    let mut b = bert.clone();
-    b.prepare(rt)?;
-    Ok(b)
+    Ok(prepared_on(bert, rt)?)
 }
 
 /// [`prepared`] inside a worker, whose errors are pare-parallel's.
