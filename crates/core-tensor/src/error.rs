@@ -101,6 +101,17 @@ pub enum Error {
         detail: String,
     },
 
+    /// A runtime's device failed or refused the work (a GPU that is absent, a shader that does
+    /// not compile, a buffer over the adapter's limits). `cause` is the runtime's own typed
+    /// error (for example `pare_runtime_gpu::GpuError`), to downcast where the kind matters.
+    #[error("{runtime} runtime: {cause}")]
+    Runtime {
+        /// The runtime's name (`wgpu`, `cuda`).
+        runtime: &'static str,
+        /// The runtime's typed error.
+        cause: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     /// A JSON document (config, checkpoint state) could not be parsed.
     #[error("cannot parse `{path}` as JSON: {cause}")]
     Json {
