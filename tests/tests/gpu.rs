@@ -324,3 +324,32 @@ fn minilm_float_and_quantized_agree_with_the_reference() {
         assert!(cos >= 0.99999 && diff <= 1e-4, "MiniLM {name} on wgpu: mean cosine {cos}, max |Δ| {diff}");
     }
 }
+
+/// A model too big for the device's buffers is refused at `prepare`, naming the device, the
+/// limit and both sizes; a shader the driver rejects is a typed error with its message.
+#[test]
+fn device_limits_and_shader_failures_are_typed_errors() {
+    let small =
+        WgpuRuntime::with_options(WgpuOptions { max_buffer_bytes: Some(1 << 20), ..Default::default() }).unwrap();
+    let w = weight(&[512, 1024], 0, (8, 0, 0), 1); // 2 MiB of f32
+    let e = small.prepare_linear("enc.big", &w, None).unwrap_err();
+    match gpu_error(&e) {
+        Some(GpuError::Limit { device, limit, needed, max, .. }) => {
+            assert_eq!((*needed, *max), (2 << 20, 1 << 20));
+            assert!(device.contains(small.adapter()) && limit.contains("max_"), "{e}");
+        }
+        other => panic!("expected a limit error, found {other:?}"),
+    }
+    assert!(e.to_string().contains("`enc.big` weight"), "{e}");
+    // The same layer stored as int4 codes fits (256 KiB plus scales).
+    let q = weight(&[512, 1024], 3, (4, 0, 3), 1);
+    small.prepare_linear("enc.big", &q, None).unwrap();
+    // An activation over the cap is refused before any upload.
+    let x = Tensor::zeros((600, 1024), DType::F32, &Device::Cpu).unwrap();
+    let e = small.prepare_linear("enc.big", &q, None).unwrap().forward(&x).unwrap_err();
+    assert!(matches!(gpu_error(&e), Some(GpuError::Limit { .. })), "{e}");
+    let e = gpu().compile("broken", "@compute @workgroup_size(1) fn main() { let x: f32 = 1u; }").unwrap_err();
+    assert!(matches!(e, GpuError::Shader { .. }), "{e}");
+    assert!(e.to_string().contains("shader `user:broken` failed to compile"), "{e}");
+    gpu().compile("fine", "@compute @workgroup_size(1) fn main() { }").unwrap();
+}

@@ -119,6 +119,11 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
     })
 }
 
+/// Checks the options without loading anything (for recipes, before any stage runs).
+pub fn check(args: &Args) -> anyhow::Result<()> {
+    check_common(args).map(|_| ())
+}
+
 /// Checks the options every kind of teacher shares, before anything is loaded.
 fn check_common(args: &Args) -> anyhow::Result<FeatureMap> {
     settings(args)?.check()?;

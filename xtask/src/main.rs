@@ -1,6 +1,7 @@
 //! `cargo xtask`: pare's command line — a thin layer of clap over the library crates.
 
 mod bench;
+mod compress;
 mod demo;
 mod distill;
 mod distill_report;
@@ -12,6 +13,7 @@ mod nas_report;
 mod prune;
 mod prune_report;
 mod quantize;
+mod recipe;
 mod report;
 mod runtime;
 mod serve_bench;
@@ -62,6 +64,11 @@ enum Command {
     NasReport(nas_report::Args),
     /// Regenerate reports/nas-cell-report.md: DARTS, one-shot supernets and multi-objective search.
     NasCellReport(Box<nas_cell_report::Args>),
+    /// Run a TOML recipe's stages (distill, prune, quantize, evaluate) on a model, checkpointed
+    /// and resumable, and report each stage's size, quality and speed.
+    Compress(compress::Args),
+    /// Re-render a `compress` folder's report.md from its report.json.
+    Report(compress::ReportArgs),
     /// Run the kernel and MiniLM benchmarks against their peers; write bench-report.md/json.
     Bench(bench::Args),
     /// Serve MiniLM embeddings under each parallel mode (data, pipeline, tensor, dynamic
@@ -77,6 +84,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
+        Command::Compress(a) => compress::run(a),
+        Command::Report(a) => compress::report(a),
         Command::Train(a) => train::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Embed(a) => embed::run(a),
@@ -102,6 +111,11 @@ fn main() -> std::process::ExitCode {
 }
 
 /// A progress bar in pare's style, hidden when stderr is not a terminal.
+/// The workspace's root folder (where data/ and recipes/ are).
+pub(crate) fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(std::path::Path::to_path_buf).unwrap_or_default()
+}
+
 pub(crate) fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len);
     bar.set_style(

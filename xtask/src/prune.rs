@@ -102,6 +102,11 @@ pub struct Args {
     runtime: crate::runtime::RuntimeOpts,
 }
 
+/// Checks the options without loading anything (for recipes, before any stage runs).
+pub fn check(args: &Args) -> anyhow::Result<()> {
+    plan(args).map(|_| ())
+}
+
 /// What the command line asked for, parsed and checked.
 enum Plan {
     Unstructured(Criterion, Pattern),

@@ -110,6 +110,9 @@ pub struct Args {
     /// QAT: seed of the per-epoch shuffles (the data split is fixed, as in `train`).
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Stop after checking the options (recipes check every stage before running any).
+    #[arg(skip)]
+    pub check_only: bool,
     /// The runtime the float and quantized models are evaluated on.
     #[command(flatten)]
     runtime: crate::runtime::RuntimeOpts,
@@ -131,6 +134,15 @@ fn text_lines(path: &Path, limit: usize, what: &str) -> anyhow::Result<Vec<Strin
         bail!("{what} `{}` is empty: expected at least one line", path.display());
     }
     Ok(lines)
+}
+
+/// Checks the options without loading anything (for recipes, before any stage runs).
+pub fn check(mut args: Args) -> anyhow::Result<()> {
+    if args.format != "pare" {
+        bail!("format `{}`: exports are not a recipe stage yet; quantize with the default format", args.format);
+    }
+    args.check_only = true;
+    run(args)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -235,6 +247,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.lr,
         args.seed
     );
+    if args.check_only {
+        return Ok(());
+    }
     let meta = BTreeMap::from([(META_RECIPE.to_string(), recipe)]);
     let dev = Device::Cpu;
     let bar = crate::progress(0, "quantize");

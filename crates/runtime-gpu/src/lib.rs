@@ -49,6 +49,8 @@ mod stub {
         pub adapter: Option<String>,
         /// Run sparse embedding tables as dense ones.
         pub sparse_as_dense: bool,
+        /// Caps the largest buffer below the adapter's own limit.
+        pub max_buffer_bytes: Option<u64>,
     }
 
     /// The wgpu runtime; without the `wgpu` feature it cannot be built.

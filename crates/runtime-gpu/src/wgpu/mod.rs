@@ -32,6 +32,9 @@ pub struct WgpuOptions {
     /// Run sparse embedding tables as dense ones (exact, but their memory saving is lost).
     /// Sparse linear and convolution weights run as CSR on the device without it.
     pub sparse_as_dense: bool,
+    /// Caps the largest buffer below the adapter's own limit, to check that a model fits a
+    /// smaller device (a phone's GPU) before shipping it there.
+    pub max_buffer_bytes: Option<u64>,
 }
 
 /// What a binding slot holds.
@@ -123,7 +126,7 @@ impl WgpuRuntime {
             let desc =
                 wgpu::DeviceDescriptor { label: Some("pare"), required_limits: adapter.limits(), ..Default::default() };
             match pollster::block_on(adapter.request_device(&desc)) {
-                Ok((device, queue)) => return Ok(Self::from_device(device, queue, &info, options.sparse_as_dense)),
+                Ok((device, queue)) => return Ok(Self::from_device(device, queue, &info, &options)),
                 Err(e) => found.push(format!("{name}: {e}")),
             }
         }
@@ -134,7 +137,7 @@ impl WgpuRuntime {
         Err(GpuError::NoDevice { backend, found })
     }
 
-    fn from_device(device: wgpu::Device, queue: wgpu::Queue, info: &wgpu::AdapterInfo, sparse_as_dense: bool) -> Self {
+    fn from_device(device: wgpu::Device, queue: wgpu::Queue, info: &wgpu::AdapterInfo, options: &WgpuOptions) -> Self {
         let name = describe(info);
         let software = info.device_type == wgpu::DeviceType::Cpu;
         if software {
@@ -146,7 +149,11 @@ impl WgpuRuntime {
         // logged rather than aborting the process (wgpu's default handler panics).
         let label = name.clone();
         device.on_uncaptured_error(Arc::new(move |e| tracing::error!(adapter = %label, "uncaptured wgpu error: {e}")));
-        let limits = device.limits();
+        let mut limits = device.limits();
+        if let Some(cap) = options.max_buffer_bytes {
+            limits.max_buffer_size = limits.max_buffer_size.min(cap);
+            limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
+        }
         let dummy = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("pare.dummy"),
             size: 16,
@@ -163,7 +170,7 @@ impl WgpuRuntime {
             pool: Mutex::new(HashMap::new()),
             dummy,
         };
-        WgpuRuntime { ctx: Arc::new(ctx), cpu: Device::Cpu, sparse_as_dense }
+        WgpuRuntime { ctx: Arc::new(ctx), cpu: Device::Cpu, sparse_as_dense: options.sparse_as_dense }
     }
 
     /// The adapter's name, backend and type, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan, Cpu)`.
@@ -176,9 +183,16 @@ impl WgpuRuntime {
         self.ctx.software
     }
 
-    /// The device's limits.
+    /// The device's limits (with [`WgpuOptions::max_buffer_bytes`] applied).
     pub fn limits(&self) -> &wgpu::Limits {
         &self.ctx.limits
+    }
+
+    /// Compiles a WGSL compute shader (entry point `main`, bindings as pare's weight ops use
+    /// them) on this adapter, as pare does for each of its kernels: a [`GpuError::Shader`] with
+    /// the compiler's message when the driver refuses it.
+    pub fn compile(&self, name: &str, wgsl: &str) -> std::result::Result<(), GpuError> {
+        self.ctx.kernel(&format!("user:{name}"), &WEIGHT_SLOTS, || wgsl.to_string()).map(|_| ())
     }
 }
 

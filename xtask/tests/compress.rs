@@ -1,0 +1,153 @@
+//! `cargo xtask compress` as a user runs it: recipe errors (file, line, stage, key; nothing
+//! written), and a resumed run and a run on another thread count writing the same bytes as an
+//! uninterrupted one.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn xtask(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask")).args(args).output().expect("run xtask")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = xtask(args);
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "xtask {args:?} failed:\n{text}");
+    text
+}
+
+/// A small digits teacher trained once for the tests of this file.
+fn teacher(dir: &Path) -> PathBuf {
+    let p = dir.join("teacher.safetensors");
+    ok(&["train", "--arch", "mlp:24", "--epochs", "4", "--out", p.to_str().unwrap()]);
+    p
+}
+
+#[test]
+fn recipe_errors_name_the_file_line_stage_and_key_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = teacher(dir.path());
+    let cases = [
+        (
+            "[recipe]\nname = \"x\"\n\n[[stage]]\nkind = \"prune\"\nsparsty = 0.5\n",
+            "line 6: stage 1 (prune): unknown key `sparsty` (did you mean `sparsity`?)",
+        ),
+        (
+            "[[stage]]\nkind = \"prune\"\nsparsity = 1.5\n",
+            "line 3: stage 1 (prune): invalid --sparsity: sparsity must be in [0, 1), found 1.5",
+        ),
+        (
+            "[[stage]]\nkind = \"prune\"\nsparsity = \"half\"\n",
+            "line 3: stage 1 (prune): invalid value `half` for `sparsity`: invalid float literal",
+        ),
+        (
+            "[[stage]]\nkind = \"nas\"\n",
+            "line 2: stage 1: unknown kind `nas`: expected one of distill, prune, quantize, evaluate",
+        ),
+        (
+            "[[stage]]\nkind = \"quantize\"\n\n[[stage]]\nkind = \"prune\"\nsparsity = 0.5\n",
+            "line 4: stage 2 (prune): prune needs float weights but stage 1 (quantize) comes first: put prune before quantize",
+        ),
+        (
+            "[[stage]]\nkind = \"prune\"\nsparsity = 0.5\nlayers = [\"fc9*\"]\n",
+            "line 4: stage 1 (prune): `fc9*`: unknown layer pattern `fc9*`",
+        ),
+        (
+            "[[stage]]\nkind = \"distill\"\nout = \"x\"\n",
+            "line 3: stage 1 (distill): `out` is set by the pipeline: remove it",
+        ),
+        ("[[stage]]\nkind = \"distill\"\n", "line 1: stage 1 (distill): missing key `student`"),
+        (
+            "[[stage]]\nkind = \"evaluate\"\nreps = 3\n",
+            "line 3: stage 1 (evaluate): unknown key `reps`: evaluate takes no options",
+        ),
+        ("[stage]\nkind = \"prune\"\n", "line 1: `stage` must be an array of tables: write [[stage]]"),
+        (
+            "[recipe]\nseed = -1\n[[stage]]\nkind = \"evaluate\"\n",
+            "line 2: [recipe] seed must be an integer ≥ 0, found -1",
+        ),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let recipe = dir.path().join(format!("r{i}.toml"));
+        std::fs::write(&recipe, text).unwrap();
+        let out = dir.path().join(format!("out{i}"));
+        let o = xtask(&[
+            "compress",
+            "--model",
+            model.to_str().unwrap(),
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "recipe {i} was accepted");
+        assert!(err.contains(&format!("recipe `{}` {want}", recipe.display())), "recipe {i}:\n{err}\nexpected: {want}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!out.exists(), "recipe {i}: the run wrote {}", out.display());
+    }
+    // The output folder may not be the input.
+    let r = dir.path().join("ok.toml");
+    std::fs::write(&r, "[[stage]]\nkind = \"evaluate\"\n").unwrap();
+    let o = xtask(&[
+        "compress",
+        "--model",
+        model.to_str().unwrap(),
+        "--recipe",
+        r.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("holds the input model"));
+}
+
+#[test]
+fn a_resumed_run_on_another_thread_count_writes_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = teacher(dir.path());
+    let stages = [
+        "[[stage]]\nkind = \"distill\"\nstudent = \"mlp:12\"\nepochs = 3\n",
+        "[[stage]]\nkind = \"prune\"\nsparsity = 0.5\nfinetune = 1\n",
+        "[[stage]]\nkind = \"quantize\"\nscheme = \"int4\"\ngranularity = \"group:16\"\n",
+    ];
+    let full = dir.path().join("full.toml");
+    std::fs::write(&full, format!("[recipe]\nseed = 7\n\n{}", stages.join("\n"))).unwrap();
+    let first = dir.path().join("first.toml");
+    std::fs::write(&first, format!("[recipe]\nseed = 7\n\n{}", stages[..2].join("\n"))).unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let run = |recipe: &Path, out: &Path, threads: &str| {
+        ok(&[
+            "compress",
+            "--model",
+            model.to_str().unwrap(),
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--threads",
+            threads,
+        ])
+    };
+    run(&full, &a, "1");
+    // B: the first two stages, then (as after a kill) the whole recipe again, on 2 threads.
+    run(&first, &b, "2");
+    let resumed = run(&full, &b, "2");
+    assert!(
+        resumed.contains("stage 1 distill: done in an earlier run")
+            && resumed.contains("stage 2 prune: done in an earlier run"),
+        "{resumed}"
+    );
+    assert!(resumed.contains("stage 3 quantize: running"), "{resumed}");
+    for f in ["01-distill.safetensors", "02-prune.safetensors", "03-quantize.safetensors"] {
+        let (x, y) =
+            (std::fs::read(a.join("stages").join(f)).unwrap(), std::fs::read(b.join("stages").join(f)).unwrap());
+        assert!(x == y, "{f} differs between the uninterrupted 1-thread run and the resumed 2-thread run");
+    }
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(a.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["rows"].as_array().unwrap().len(), 4);
+    assert_eq!(report["metric"], "test accuracy");
+    // `report` re-renders the Markdown from the JSON.
+    std::fs::remove_file(a.join("report.md")).unwrap();
+    let md = ok(&["report", a.to_str().unwrap()]);
+    assert!(md.contains("| 3 quantize |") && a.join("report.md").exists(), "{md}");
+}
