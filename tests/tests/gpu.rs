@@ -9,10 +9,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{DType, Device, Tensor};
 use pare_core_tensor::data::digits;
 use pare_core_tensor::metrics::mean_cosine;
-use pare_core_tensor::{
-    Activation, Conv2dParams, Granularity, Mapping, Module, QuantScheme, QuantizedTensor, ReferenceRuntime, Runtime,
-    SparseTensor, Weight,
-};
+use pare_core_tensor::{Activation, Conv2dParams, Module, ReferenceRuntime, Runtime, SparseTensor, Weight};
 use pare_quant::weight_only::{Method, Override, Selection, quantize_model_plan};
 use pare_runtime_gpu::{GpuError, WgpuOptions, WgpuRuntime, gpu_error};
 use proptest::prelude::*;
@@ -46,37 +43,6 @@ fn hash(i: usize, salt: u64, seed: u64) -> u64 {
     (i as u64 ^ salt).wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(seed) >> 17
 }
 
-/// A random quantized weight of `shape` (rows first) under the scheme the arguments pick:
-/// runtime-cpu's weight-only problem generator.
-fn quantized(shape: &[usize], bits: u8, kind: usize, gran: usize, seed: u64) -> QuantizedTensor {
-    let (signed, symmetric, mapping) = match kind {
-        0 => (true, true, Mapping::Linear),
-        1 => (false, false, Mapping::Linear),
-        2 => (true, false, Mapping::Linear),
-        _ => (false, true, Mapping::Codebook),
-    };
-    let bits = if mapping == Mapping::Codebook { bits.min(4) } else { bits };
-    let row: usize = shape[1..].iter().product();
-    let group = [32, 64, 8, 2].into_iter().find(|g| row.is_multiple_of(*g)).unwrap_or(row);
-    let granularity = match gran {
-        0 => Granularity::PerTensor,
-        1 => Granularity::PerChannel { axis: 0 },
-        2 => Granularity::PerToken,
-        _ => Granularity::PerGroup { size: group },
-    };
-    let scheme = QuantScheme { bits, signed, symmetric, mapping, granularity };
-    let levels = 1u64 << bits;
-    let numel: usize = shape.iter().product();
-    let codes: Vec<u8> = (0..numel).map(|i| (hash(i, 1, seed) % levels) as u8).collect();
-    let ns = scheme.num_scales(shape).unwrap();
-    let scales: Vec<f32> = (0..ns).map(|i| (hash(i, 2, seed) % 1000) as f32 * 1e-4 - 0.02).collect();
-    let zeros = (!symmetric && mapping == Mapping::Linear)
-        .then(|| (0..ns).map(|i| scheme.q_min() + (hash(i, 3, seed) % levels) as i32).collect::<Vec<i32>>());
-    let codebook = (mapping == Mapping::Codebook)
-        .then(|| (0..levels as usize).map(|i| (i as f32 - 7.5) / 7.5 + (hash(i, 4, seed) % 7) as f32 * 0.01).collect());
-    QuantizedTensor::from_codes(&codes, scheme, scales, zeros, codebook, shape.to_vec(), DType::F32).unwrap()
-}
-
 /// A weight of `shape` in format `format`: 0 f32, 1 f16, 2 bf16, 3 quantized, 4 CSR,
 /// 5 2:4, 6 block 1×4 (sparse formats need the row length to be a multiple of 4).
 fn weight(shape: &[usize], format: usize, q: (u8, usize, usize), seed: u64) -> Weight {
@@ -96,7 +62,7 @@ fn weight(shape: &[usize], format: usize, q: (u8, usize, usize), seed: u64) -> W
         0 => Weight::Dense(dense),
         1 => Weight::Dense(dense.to_dtype(DType::F16).unwrap()),
         2 => Weight::Dense(dense.to_dtype(DType::BF16).unwrap()),
-        3 => Weight::Quantized(quantized(shape, q.0, q.1, q.2, seed)),
+        3 => Weight::Quantized(pare_core_tensor::testing::random_quantized(shape, q.0, q.1, q.2, seed)),
         4 => back(SparseTensor::csr_from_dense(&sparse(3), "w").unwrap()),
         5 => {
             // Keep the two largest magnitudes of every four.

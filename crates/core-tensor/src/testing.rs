@@ -29,3 +29,40 @@ pub fn assert_close(a: &Tensor, b: &Tensor, tol: f32) -> Result<()> {
     }
     Ok(())
 }
+
+/// A deterministic random quantized weight of `shape` (rows first) for kernel tests: every
+/// runtime's test suite draws its weight-only problems from here, so they test the same ones.
+/// `kind` picks the mapping (0 signed symmetric, 1 unsigned asymmetric, 2 signed asymmetric,
+/// 3 a 4-bit-at-most codebook), `gran` the granularity (0 tensor, 1 channel, 2 token, 3 the
+/// largest of 32, 64, 8, 2 elements that divides a row).
+pub fn random_quantized(shape: &[usize], bits: u8, kind: usize, gran: usize, seed: u64) -> crate::QuantizedTensor {
+    use crate::{Granularity, Mapping, QuantScheme, QuantizedTensor};
+    let (signed, symmetric, mapping) = match kind {
+        0 => (true, true, Mapping::Linear),
+        1 => (false, false, Mapping::Linear),
+        2 => (true, false, Mapping::Linear),
+        _ => (false, true, Mapping::Codebook),
+    };
+    let bits = if mapping == Mapping::Codebook { bits.min(4) } else { bits };
+    let row: usize = shape[1..].iter().product();
+    let group = [32, 64, 8, 2].into_iter().find(|g| row.is_multiple_of(*g)).unwrap_or(row);
+    let granularity = match gran {
+        0 => Granularity::PerTensor,
+        1 => Granularity::PerChannel { axis: 0 },
+        2 => Granularity::PerToken,
+        _ => Granularity::PerGroup { size: group },
+    };
+    let scheme = QuantScheme { bits, signed, symmetric, mapping, granularity };
+    let levels = 1u64 << bits;
+    let hash = |i: usize, salt: u64| (i as u64 ^ salt).wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(seed) >> 17;
+    let numel: usize = shape.iter().product();
+    let codes: Vec<u8> = (0..numel).map(|i| (hash(i, 1) % levels) as u8).collect();
+    let ns = scheme.num_scales(shape).expect("a valid test shape");
+    let scales: Vec<f32> = (0..ns).map(|i| (hash(i, 2) % 1000) as f32 * 1e-4 - 0.02).collect();
+    let zeros = (!symmetric && mapping == Mapping::Linear)
+        .then(|| (0..ns).map(|i| scheme.q_min() + (hash(i, 3) % levels) as i32).collect::<Vec<i32>>());
+    let codebook = (mapping == Mapping::Codebook)
+        .then(|| (0..levels as usize).map(|i| (i as f32 - 7.5) / 7.5 + (hash(i, 4) % 7) as f32 * 0.01).collect());
+    QuantizedTensor::from_codes(&codes, scheme, scales, zeros, codebook, shape.to_vec(), DType::F32)
+        .expect("a valid test weight")
+}

@@ -6,33 +6,10 @@ use super::*;
 use crate::gemm::KC;
 use crate::testkit::{check_linear, input};
 
-/// A random quantized `[n, k]` weight under the scheme picked by the arguments.
+/// A random quantized `[n, k]` weight under the scheme picked by the arguments (the problem
+/// generator every runtime's suite shares).
 fn weight(n: usize, k: usize, bits: u8, kind: usize, gran: usize, seed: u64) -> QuantizedTensor {
-    let (signed, symmetric, mapping) = match kind {
-        0 => (true, true, Mapping::Linear),
-        1 => (false, false, Mapping::Linear),
-        2 => (true, false, Mapping::Linear),
-        _ => (false, true, Mapping::Codebook),
-    };
-    let bits = if mapping == Mapping::Codebook { bits.min(4) } else { bits };
-    let group = [32, 64, 8, 2].into_iter().find(|g| k.is_multiple_of(*g)).unwrap_or(k);
-    let granularity = match gran {
-        0 => Granularity::PerTensor,
-        1 => Granularity::PerChannel { axis: 0 },
-        2 => Granularity::PerToken,
-        _ => Granularity::PerGroup { size: group },
-    };
-    let scheme = QuantScheme { bits, signed, symmetric, mapping, granularity };
-    let levels = 1u64 << bits;
-    let hash = |i: usize, salt: u64| (i as u64 ^ salt).wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(seed) >> 17;
-    let codes: Vec<u8> = (0..n * k).map(|i| (hash(i, 1) % levels) as u8).collect();
-    let ns = scheme.num_scales(&[n, k]).unwrap();
-    let scales: Vec<f32> = (0..ns).map(|i| (hash(i, 2) % 1000) as f32 * 1e-4 - 0.02).collect();
-    let zeros = (!symmetric && mapping == Mapping::Linear)
-        .then(|| (0..ns).map(|i| scheme.q_min() + (hash(i, 3) % levels) as i32).collect::<Vec<i32>>());
-    let codebook = (mapping == Mapping::Codebook)
-        .then(|| (0..levels as usize).map(|i| (i as f32 - 7.5) / 7.5 + (hash(i, 4) % 7) as f32 * 0.01).collect());
-    QuantizedTensor::from_codes(&codes, scheme, scales, zeros, codebook, vec![n, k], DType::F32).unwrap()
+    pare_core_tensor::testing::random_quantized(&[n, k], bits, kind, gran, seed)
 }
 
 /// `|S|·(|value| + |e|)`: the size of the terms the fused kernel sums for each weight.

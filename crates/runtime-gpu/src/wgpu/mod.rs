@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use pare_core_tensor::{
-    Activation, Conv2dParams, Error, Granularity, Mapping, PreparedOp, Result, Runtime, SparseLayout, Weight,
-    check_attention,
+    Activation, Conv2dParams, Error, Granularity, Mapping, PreparedOp, Result, Runtime, SparseLayout, SparseTensor,
+    Weight, check_attention,
 };
 use wgpu::util::DeviceExt;
 
@@ -612,7 +612,7 @@ impl WgpuRuntime {
                     SparseLayout::Csr { row_ptr, col_idx, values } if row_ptr.len() == rows + 1 => {
                         (row_ptr.clone(), col_idx.clone(), values.clone())
                     }
-                    _ => csr_of(&s.to_dense_f32(), rows, cols),
+                    _ => csr_of(s.to_dense_f32(), rows, cols, layer)?,
                 };
                 (
                     WFormat::Csr,
@@ -662,21 +662,12 @@ impl WgpuRuntime {
 }
 
 /// CSR arrays of a dense row-major `[rows, cols]` matrix, keeping its nonzeros.
-fn csr_of(dense: &[f32], rows: usize, cols: usize) -> (Vec<u32>, Vec<u32>, Vec<f32>) {
-    let mut row_ptr = Vec::with_capacity(rows + 1);
-    let (mut col_idx, mut values) = (Vec::new(), Vec::new());
-    row_ptr.push(0u32);
-    for r in 0..rows {
-        for c in 0..cols {
-            let v = dense[r * cols + c];
-            if v != 0.0 {
-                col_idx.push(c as u32);
-                values.push(v);
-            }
-        }
-        row_ptr.push(col_idx.len() as u32);
+fn csr_of(dense: Vec<f32>, rows: usize, cols: usize, layer: &str) -> Result<(Vec<u32>, Vec<u32>, Vec<f32>)> {
+    let t = Tensor::from_vec(dense, (rows, cols), &Device::Cpu)?;
+    match SparseTensor::csr_from_dense(&t, layer)?.layout() {
+        SparseLayout::Csr { row_ptr, col_idx, values } => Ok((row_ptr.clone(), col_idx.clone(), values.clone())),
+        _ => unreachable!("csr_from_dense builds CSR"),
     }
-    (row_ptr, col_idx, values)
 }
 
 fn f32_input(x: &Tensor) -> Result<Vec<u32>> {
