@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{DType, Device, Tensor};
 use pare_core_tensor::data::digits;
 use pare_core_tensor::metrics::mean_cosine;
+use pare_core_tensor::testing::input;
 use pare_core_tensor::{Activation, Conv2dParams, Module, ReferenceRuntime, Runtime, SparseTensor, Weight};
 use pare_quant::weight_only::{Method, Override, Selection, quantize_model_plan};
 use pare_runtime_gpu::{GpuError, WgpuOptions, WgpuRuntime, gpu_error};
@@ -28,15 +29,6 @@ fn gpu() -> Arc<WgpuRuntime> {
 
 fn reference() -> ReferenceRuntime {
     ReferenceRuntime::cpu()
-}
-
-fn input(m: usize, k: usize, seed: u64) -> Vec<f32> {
-    (0..m * k)
-        .map(|i| {
-            let h = (i as u64).wrapping_mul(6364136223846793005).wrapping_add(seed.wrapping_mul(1442695040888963407));
-            ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0
-        })
-        .collect()
 }
 
 fn hash(i: usize, salt: u64, seed: u64) -> u64 {

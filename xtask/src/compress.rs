@@ -133,6 +133,8 @@ fn held_out() -> anyhow::Result<Vec<String>> {
 struct Meter {
     rt: Arc<dyn Runtime>,
     folder: bool,
+    /// The held-out sentences (folders), read once.
+    text: Vec<String>,
     /// The original's embeddings of the held-out sentences (folders).
     reference: Option<Tensor>,
 }
@@ -143,8 +145,8 @@ impl Meter {
         if self.folder {
             let mut enc = SentenceEncoder::load(path, &dev).with_context(|| format!("load {}", path.display()))?;
             enc.bert.prepare(&self.rt)?;
-            let text = held_out()?;
-            let e = enc.embed(&text, 16, &mut |_| {})?;
+            let text = &self.text;
+            let e = enc.embed(text, 16, &mut |_| {})?;
             let reference = self.reference.get_or_insert_with(|| e.clone());
             let quality = mean_cosine(reference, &e)?;
             let batch: Vec<String> = text.iter().take(8).cloned().collect();
@@ -328,7 +330,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.model.display(),
         rt.name()
     );
-    let mut meter = Meter { rt: rt.clone(), folder, reference: None };
+    let text = if folder { held_out()? } else { Vec::new() };
+    let mut meter = Meter { rt: rt.clone(), folder, text, reference: None };
     let mut rows = vec![meter.measure("original", &args.model)?];
     let mut key = Fingerprint::default();
     key.str(&model_hash).str(pare_core_tensor::VERSION).str(rt.name());

@@ -52,8 +52,8 @@ pub use quant::{
     Granularity, Mapping, QuantScheme, QuantizedTensor, affine_scale_zero, pack_codes, packed_len, unpack_codes,
 };
 pub use runtime::{
-    Conv2dParams, PreparedOp, ReferenceRuntime, Runtime, attention_reference, check_attention, conv2d_forward,
-    layer_norm_reference, linear_forward,
+    Conv2dParams, PreparedOp, ReferenceRuntime, Runtime, attention_reference, check_attention, check_bias,
+    conv2d_forward, layer_norm_reference, linear_forward,
 };
 pub use sparse::{SparseLayout, SparseTensor};
 pub use weight::Weight;

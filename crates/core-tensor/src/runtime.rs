@@ -292,7 +292,9 @@ fn check_rank(kind: &str, layer: &str, weight: &Weight, rank: usize) -> Result<V
     Ok(shape)
 }
 
-fn check_bias(layer: &str, bias: Option<&Tensor>, out: usize) -> Result<()> {
+/// Checks that a layer's bias holds one value per output (`out`), with a shape error naming
+/// `LAYER.bias` otherwise. Every runtime calls it at `prepare`.
+pub fn check_bias(layer: &str, bias: Option<&Tensor>, out: usize) -> Result<()> {
     match bias {
         Some(b) if b.dims() != [out] => {
             Err(Error::Shape { name: format!("{layer}.bias"), expected: vec![out], found: b.dims().to_vec() })

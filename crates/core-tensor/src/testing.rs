@@ -30,6 +30,17 @@ pub fn assert_close(a: &Tensor, b: &Tensor, tol: f32) -> Result<()> {
     Ok(())
 }
 
+/// Deterministic pseudo-random values in [−3, 3): `m·k` of them, the same for the same `seed`
+/// in every runtime's test suite.
+pub fn input(m: usize, k: usize, seed: u64) -> Vec<f32> {
+    (0..m * k)
+        .map(|i| {
+            let h = (i as u64).wrapping_mul(6364136223846793005).wrapping_add(seed.wrapping_mul(1442695040888963407));
+            ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0
+        })
+        .collect()
+}
+
 /// A deterministic random quantized weight of `shape` (rows first) for kernel tests: every
 /// runtime's test suite draws its weight-only problems from here, so they test the same ones.
 /// `kind` picks the mapping (0 signed symmetric, 1 unsigned asymmetric, 2 signed asymmetric,

@@ -106,13 +106,8 @@ impl LinearOp {
 
 /// A layer's bias as f32 values, checked to hold one value per output (`n`).
 pub(crate) fn bias_values(layer: &str, bias: Option<&Tensor>, n: usize) -> Result<Option<Vec<f32>>> {
-    let bias = bias.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
-    match &bias {
-        Some(b) if b.len() != n => {
-            Err(Error::Shape { name: format!("{layer}.bias"), expected: vec![n], found: vec![b.len()] })
-        }
-        _ => Ok(bias),
-    }
+    pare_core_tensor::check_bias(layer, bias, n)?;
+    Ok(bias.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?)
 }
 
 /// Calls `f` with the input of `layer` as f32 values (borrowed from the tensor's storage when

@@ -8,15 +8,7 @@ use proptest::prelude::*;
 
 use crate::{CpuRuntime, SimdLevel};
 
-/// Deterministic pseudo-random values in [−3, 3).
-pub fn input(m: usize, k: usize, seed: u64) -> Vec<f32> {
-    (0..m * k)
-        .map(|i| {
-            let h = (i as u64).wrapping_mul(6364136223846793005).wrapping_add(seed.wrapping_mul(1442695040888963407));
-            ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0
-        })
-        .collect()
-}
+pub use pare_core_tensor::testing::input;
 
 /// Runs `w` (dense values `dense`, `[n, k]`) on `m` random rows at every level and thread
 /// count. Each result must be within the float-summation bound `8·k·ε·Σ|x|·mag` of the

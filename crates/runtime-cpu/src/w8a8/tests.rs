@@ -1,6 +1,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use pare_core_tensor::testing::input;
 use pare_core_tensor::{ActRange, QuantScheme, ReferenceRuntime, Runtime, Weight};
 use proptest::prelude::*;
 
@@ -19,15 +20,6 @@ fn int8_weight(n: usize, k: usize, seed: u64) -> QuantizedTensor {
         (0..n * k).map(|i| ((i as u64).wrapping_mul(2654435761).wrapping_add(seed) >> 7) as u8).collect();
     let scales = (0..n).map(|j| 0.001 + 0.0007 * j as f32).collect();
     QuantizedTensor::from_codes(&codes, scheme, scales, None, None, vec![n, k], DType::F32).unwrap()
-}
-
-fn input(m: usize, k: usize, seed: u64) -> Vec<f32> {
-    (0..m * k)
-        .map(|i| {
-            let h = (i as u64).wrapping_mul(6364136223846793005).wrapping_add(seed.wrapping_mul(1442695040888963407));
-            ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0
-        })
-        .collect()
 }
 
 fn specs() -> Vec<ActQuant> {

@@ -638,10 +638,8 @@ impl WgpuRuntime {
     }
 
     fn bias(&self, layer: &str, bias: Option<&Tensor>, out: usize) -> Result<Option<wgpu::Buffer>> {
+        pare_core_tensor::check_bias(layer, bias, out)?;
         let Some(b) = bias else { return Ok(None) };
-        if b.dims() != [out] {
-            return Err(Error::Shape { name: format!("{layer}.bias"), expected: vec![out], found: b.dims().to_vec() });
-        }
         let v = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         Ok(Some(self.ctx.resident(&format!("`{layer}` bias"), &f32_words(&v))?))
     }
