@@ -7,20 +7,16 @@
 //! DIR` re-renders the Markdown).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use candle_core::{Device, Tensor};
-use pare_core_tensor::data::{digits, sentences};
-use pare_core_tensor::metrics::mean_cosine;
+use pare_core_tensor::Module;
 use pare_core_tensor::select::Selection;
-use pare_core_tensor::{Module, Runtime};
 use pare_distill::cache::Fingerprint;
-use pare_models::bert::SentenceEncoder;
-use pare_models::digits::{DigitsNet, time_forward};
 use serde::{Deserialize, Serialize};
 
+use crate::compress_measure::{Loaded, Meter};
+use crate::compress_report::Report;
 use crate::recipe::{Kind, Recipe, Stage};
 
 /// Arguments of `cargo xtask compress`.
@@ -66,42 +62,6 @@ struct Manifest {
     stages: Vec<StageRecord>,
 }
 
-/// One row of the report: the original or a stage's output, measured.
-#[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct Row {
-    /// `original`, or `N kind`.
-    pub stage: String,
-    /// Where the model is.
-    pub path: PathBuf,
-    /// Bytes of the weights as stored (codes, scales, sparse indices).
-    pub bytes: usize,
-    /// Logical parameters.
-    pub params: usize,
-    /// The quality metric's value.
-    pub quality: f64,
-    /// Milliseconds per batch on the runtime.
-    pub latency_ms: f64,
-    /// Examples (images or sentences) per second on the runtime.
-    pub throughput: f64,
-}
-
-/// `report.json`.
-#[derive(Serialize, Deserialize, Debug)]
-pub struct Report {
-    /// The recipe's name.
-    pub recipe: String,
-    /// The input model.
-    pub model: PathBuf,
-    /// The runtime every row was measured on.
-    pub runtime: String,
-    /// `test accuracy` (digits) or `mean cosine to the original` (sentence encoders).
-    pub metric: String,
-    /// What one latency measurement runs.
-    pub batch: String,
-    /// The original, then every stage.
-    pub rows: Vec<Row>,
-}
-
 /// A stable hash of a file, or of a folder's files (names and bytes, sorted).
 fn hash_path(p: &Path) -> anyhow::Result<String> {
     let mut fp = Fingerprint::default();
@@ -120,75 +80,6 @@ fn hash_path(p: &Path) -> anyhow::Result<String> {
         fp.bytes(&std::fs::read(p).with_context(|| format!("read {}", p.display()))?);
     }
     Ok(fp.hex())
-}
-
-/// Held-out sentences for folder models: every fifth line of data/sentences.txt (the other
-/// lines are what recipes calibrate and distil on), at most 64.
-fn held_out() -> anyhow::Result<Vec<String>> {
-    let all = sentences(crate::workspace_root().join("data/sentences.txt"))?;
-    Ok(all.into_iter().enumerate().filter(|(i, _)| i % 5 == 4).map(|(_, s)| s).take(64).collect())
-}
-
-/// Measures models on one runtime against the original.
-struct Meter {
-    rt: Arc<dyn Runtime>,
-    folder: bool,
-    /// The held-out sentences (folders), read once.
-    text: Vec<String>,
-    /// The original's embeddings of the held-out sentences (folders).
-    reference: Option<Tensor>,
-}
-
-impl Meter {
-    fn measure(&mut self, stage: &str, path: &Path) -> anyhow::Result<Row> {
-        let dev = Device::Cpu;
-        if self.folder {
-            let mut enc = SentenceEncoder::load(path, &dev).with_context(|| format!("load {}", path.display()))?;
-            enc.bert.prepare(&self.rt)?;
-            let text = &self.text;
-            let e = enc.embed(text, 16, &mut |_| {})?;
-            let reference = self.reference.get_or_insert_with(|| e.clone());
-            let quality = mean_cosine(reference, &e)?;
-            let batch: Vec<String> = text.iter().take(8).cloned().collect();
-            let mut times = Vec::new();
-            for _ in 0..3 {
-                let t = Instant::now();
-                enc.embed(&batch, 8, &mut |_| {})?;
-                times.push(t.elapsed().as_secs_f64());
-            }
-            times.sort_by(f64::total_cmp);
-            let s = times[1];
-            Ok(Row {
-                stage: stage.into(),
-                path: path.into(),
-                bytes: enc.bert.storage_bytes(),
-                params: enc.bert.parameter_count(),
-                quality,
-                latency_ms: s * 1e3,
-                throughput: batch.len() as f64 / s,
-            })
-        } else {
-            let data = digits(crate::DIGITS_SPLIT_SEED, &dev)?;
-            let mut net = DigitsNet::load(path, &dev).with_context(|| format!("load {}", path.display()))?;
-            net.prepare(&self.rt)?;
-            let quality = net.accuracy(&data.test)?;
-            let batch = data.test.x.narrow(0, 0, 64.min(data.test.len()))?;
-            // Median of 5 timings of 30 forwards: a small net's batch takes microseconds.
-            let mut times =
-                (0..5).map(|_| time_forward(&net, &batch, 30)).collect::<pare_models::Result<Vec<f64>>>()?;
-            times.sort_by(f64::total_cmp);
-            let s = times[2];
-            Ok(Row {
-                stage: stage.into(),
-                path: path.into(),
-                bytes: net.storage_bytes(),
-                params: net.parameter_count(),
-                quality,
-                latency_ms: s * 1e3,
-                throughput: 64.0 / s,
-            })
-        }
-    }
 }
 
 /// A stage's command arguments, parsed and checked without running it.
@@ -246,13 +137,7 @@ fn plan_stage(
 
 /// Layer selectors (`layers`, `exclude`) of the stages before any distillation (which changes
 /// the architecture) must match layers of the input model.
-fn check_selectors(recipe: &Recipe, model: &Path) -> anyhow::Result<()> {
-    let dev = Device::Cpu;
-    let loaded: Box<dyn Module> = if model.is_dir() {
-        Box::new(SentenceEncoder::load(model, &dev)?.bert)
-    } else {
-        Box::new(DigitsNet::load(model, &dev)?)
-    };
+fn check_selectors(recipe: &Recipe, loaded: &dyn Module) -> anyhow::Result<()> {
     for stage in &recipe.stages {
         if stage.kind == Kind::Distill {
             break;
@@ -266,7 +151,7 @@ fn check_selectors(recipe: &Recipe, model: &Path) -> anyhow::Result<()> {
             };
             for g in &globs {
                 let sel = Selection { include: vec![g.clone()], exclude: Vec::new() };
-                if let Err(e) = sel.resolve(loaded.as_ref()) {
+                if let Err(e) = sel.resolve(loaded) {
                     return Err(recipe.error(stage, Some(key), format!("`{g}`: {e}")));
                 }
             }
@@ -275,7 +160,25 @@ fn check_selectors(recipe: &Recipe, model: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl Args {
+    /// A run of `recipe` on `model` into `out`, on `runtime`.
+    pub fn new(model: PathBuf, recipe: PathBuf, out: PathBuf, runtime: crate::runtime::RuntimeOpts) -> Self {
+        Args { model, recipe, out, runtime }
+    }
+}
+
+/// `cargo xtask compress`: runs the recipe and prints the report.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let out = args.out.clone();
+    let report = execute(args)?;
+    println!("\n{}", report.render());
+    println!("wrote {}/report.md, report.json, tradeoff.svg, sensitivity.svg, manifest.json", out.display());
+    Ok(())
+}
+
+/// Runs a recipe: checks it whole, runs (or resumes) its stages, measures every model and
+/// writes the report, which it returns.
+pub fn execute(args: Args) -> anyhow::Result<Report> {
     // Everything is checked before anything is written.
     let recipe = Recipe::load(&args.recipe)?;
     if !args.model.exists() {
@@ -307,7 +210,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         outputs.push(output.clone());
         input = output;
     }
-    check_selectors(&recipe, &args.model)?;
+    let original = Loaded::load(&args.model)?;
+    check_selectors(&recipe, original.module())?;
 
     std::fs::create_dir_all(&stage_dir).with_context(|| format!("create {}", stage_dir.display()))?;
     let model_hash = hash_path(&args.model)?;
@@ -330,9 +234,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.model.display(),
         rt.name()
     );
-    let text = if folder { held_out()? } else { Vec::new() };
-    let mut meter = Meter { rt: rt.clone(), folder, text, reference: None };
-    let mut rows = vec![meter.measure("original", &args.model)?];
+    let mut meter = Meter::new(rt.clone(), &original)?;
+    let original = meter.prepared(original)?;
+    let mut models = vec![("original".to_string(), args.model.clone(), original, None)];
+    let mut qualities = vec![meter.quality(&models[0].2)?];
+    println!("original: {} {:.4}", meter.metric(), qualities[0]);
     let mut key = Fingerprint::default();
     key.str(&model_hash).str(pare_core_tensor::VERSION).str(rt.name());
     for ((stage, plan), output) in recipe.stages.iter().zip(planned).zip(&outputs) {
@@ -342,10 +248,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let label = format!("{} {}", stage.index, stage.kind.name());
         let done =
             previous.as_ref().and_then(|m| m.stages.iter().find(|s| s.index == stage.index && s.key == stage_key));
-        let record = match done {
+        let (record, ran) = match done {
             Some(d) if output.exists() && hash_path(output).ok().as_deref() == Some(d.output_hash.as_str()) => {
                 println!("stage {label}: done in an earlier run (key {stage_key}), skipped");
-                d.clone()
+                (d.clone(), false)
             }
             _ => {
                 println!("stage {label}: running");
@@ -362,7 +268,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     }
                     Planned::Evaluate => {}
                 }
-                StageRecord {
+                let record = StageRecord {
                     index: stage.index,
                     kind: stage.kind.name().into(),
                     options,
@@ -370,77 +276,53 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     output: output.clone(),
                     output_hash: hash_path(output)?,
                     seconds: t.elapsed().as_secs_f64(),
-                }
+                };
+                (record, true)
             }
         };
+        let record_secs = record.seconds;
         manifest.stages.push(record);
         // The manifest is written after every stage, so a killed run resumes after the last
         // finished one.
         pare_core_tensor::io::write_file_atomic(&manifest_path, &serde_json::to_vec_pretty(&manifest)?)?;
-        rows.push(meter.measure(&label, output)?);
+        let m = meter.prepared(Loaded::load(output)?)?;
+        let q = meter.quality(&m)?;
+        println!("  {label}: {} {q:.4} ({} weight bytes)", meter.metric(), m.module().storage_bytes());
+        qualities.push(q);
+        models.push((label, output.clone(), m, ran.then_some(record_secs)));
     }
+    finish(&recipe, &args, &mut meter, &models, &qualities)
+}
+
+/// Times every model against the others and candle f32, analyses the final model layer by
+/// layer, and writes the report.
+fn finish(
+    recipe: &Recipe,
+    args: &Args,
+    meter: &mut Meter,
+    models: &[(String, PathBuf, Loaded, Option<f64>)],
+    qualities: &[f64],
+) -> anyhow::Result<Report> {
+    let rounds = if meter.batch_name().starts_with("32") { 3 } else { 7 };
+    let bar = crate::progress(rounds as u64, "timing");
+    let (rows, baseline) = meter.rows(models, qualities, &mut || bar.inc(1), rounds)?;
+    bar.finish_and_clear();
+    let bar = crate::progress(0, "layers");
+    let layers = meter.layers(models, qualities, &mut |k, n| {
+        bar.set_length(n as u64);
+        bar.set_position(k as u64);
+    })?;
+    bar.finish_and_clear();
     let report = Report {
         recipe: recipe.name.clone(),
         model: args.model.clone(),
-        runtime: rt.name().into(),
-        metric: if folder { "mean cosine to the original".into() } else { "test accuracy".into() },
-        batch: if folder { "8 held-out sentences".into() } else { "64 test images".into() },
+        runtime: meter.runtime().name().into(),
+        metric: meter.metric().into(),
+        batch: meter.batch_name().into(),
+        baseline,
         rows,
+        layers,
     };
-    pare_core_tensor::io::write_file_atomic(args.out.join("report.json"), &serde_json::to_vec_pretty(&report)?)?;
-    let md = render(&report);
-    pare_core_tensor::io::write_file_atomic(args.out.join("report.md"), md.as_bytes())?;
-    println!("\n{md}");
-    println!("wrote {}/report.md, report.json, manifest.json", args.out.display());
-    Ok(())
-}
-
-/// `report.md` from `report.json`'s contents.
-pub fn render(r: &Report) -> String {
-    let first = &r.rows[0];
-    let mut s = format!(
-        "# Compression report: {}\n\nRegenerate: `cargo xtask report DIR` (from report.json); rerun: `cargo xtask compress` with the recipe in manifest.json.\n\nModel `{}`, measured on the `{}` runtime; latency per batch of {}; quality is {}.\n\n",
-        r.recipe,
-        r.model.display(),
-        r.runtime,
-        r.batch,
-        r.metric
-    );
-    s.push_str("| stage | weight bytes | smaller | parameters | quality | Δ quality | latency (ms) | faster |\n");
-    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
-    for row in &r.rows {
-        s.push_str(&format!(
-            "| {} | {} | {:.2}× | {} | {:.4} | {:+.4} | {:.3} | {:.2}× |\n",
-            row.stage,
-            row.bytes,
-            first.bytes as f64 / row.bytes.max(1) as f64,
-            row.params,
-            row.quality,
-            row.quality - first.quality,
-            row.latency_ms,
-            first.latency_ms / row.latency_ms.max(1e-9)
-        ));
-    }
-    s
-}
-
-/// Arguments of `cargo xtask report`.
-#[derive(clap::Args)]
-pub struct ReportArgs {
-    /// A `compress` output folder (holding report.json).
-    dir: PathBuf,
-}
-
-/// Re-renders DIR/report.md from DIR/report.json.
-pub fn report(args: ReportArgs) -> anyhow::Result<()> {
-    let path = args.dir.join("report.json");
-    let bytes = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
-    let r: Report = serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))?;
-    if r.rows.is_empty() {
-        bail!("{}: no rows", path.display());
-    }
-    let md = render(&r);
-    pare_core_tensor::io::write_file_atomic(args.dir.join("report.md"), md.as_bytes())?;
-    print!("{md}");
-    Ok(())
+    report.write(&args.out)?;
+    Ok(report)
 }

@@ -1,26 +1,48 @@
-//! `cargo xtask demo`: trains the digits CNN teacher and prints its size, accuracy and speed.
+//! `cargo xtask demo`: the whole pipeline on the embedded digits, with no download — train the
+//! CNN teacher, then run `recipes/digits.toml` on it (distil a 32-unit MLP student on the
+//! teacher's soft targets, prune half of its first layer with masked fine-tuning, quantize to
+//! int8, evaluate) on pare's CPU runtime, and print the before/after table against the goals.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use candle_core::Device;
+use pare_core_tensor::Module;
 use pare_core_tensor::data::digits;
-use pare_core_tensor::metrics::MacCounter;
-use pare_core_tensor::{Hooks, Module};
-use pare_models::digits::{DigitsArch, time_forward};
+use pare_models::digits::DigitsArch;
 
 /// Arguments of `cargo xtask demo`.
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
     opts: crate::train::TrainOpts,
-    /// Folder for the trained teacher.
+    /// Folder for the trained teacher (`teacher.safetensors`) and the pipeline's output
+    /// (`compressed/`: every stage's model, manifest, report and plots).
     #[arg(long, default_value = "target/demo")]
     out: PathBuf,
+    /// The recipe run on the teacher.
+    #[arg(long, default_value = "recipes/digits.toml")]
+    recipe: PathBuf,
+    /// The runtime the pipeline measures every model on.
+    #[command(flatten)]
+    runtime: crate::runtime::RuntimeOpts,
 }
 
+/// The goals the demo is held to (issue 10): at least this much smaller than the teacher,
+/// at most this many test-accuracy points lost, at least this much faster on the runtime.
+const GOALS: (f64, f64, f64) = (10.0, 1.0, 3.0);
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let recipe = if args.recipe.is_relative() && !args.recipe.exists() {
+        crate::workspace_root().join(&args.recipe)
+    } else {
+        args.recipe.clone()
+    };
+    // Check the recipe and the runtime before the teacher trains.
+    crate::recipe::Recipe::load(&recipe)?;
+    args.runtime.build()?;
     let dev = Device::Cpu;
     let data = digits(crate::DIGITS_SPLIT_SEED, &dev)?;
     println!(
@@ -30,35 +52,38 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         data.test.len()
     );
     let (net, _) = crate::train::train_digits(DigitsArch::default_cnn(), &data, &args.opts)?;
-
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
-    let path = args.out.join("teacher.safetensors");
-    net.save(&path, &BTreeMap::new(), &[])?;
-
-    let test_acc = net.accuracy(&data.test)?;
-    let mut macs = MacCounter::default();
-    let one = data.test.x.narrow(0, 0, 1)?;
-    net.forward_hooked(&one, &mut Hooks::with(&mut macs))?;
-    let batch = data.test.x.narrow(0, 0, 64.min(data.test.len()))?;
-    let latency = time_forward(&net, &batch, 50)?;
-    let bytes = std::fs::metadata(&path)?.len();
-
-    println!();
+    let teacher = args.out.join("teacher.safetensors");
+    net.save(&teacher, &BTreeMap::new(), &[])?;
     println!(
-        "| model       | parameters | weight bytes | file bytes | MACs/image | test accuracy | latency / batch of 64 |"
-    );
-    println!(
-        "|-------------|-----------:|-------------:|-----------:|-----------:|--------------:|----------------------:|"
-    );
-    println!(
-        "| teacher CNN | {:>10} | {:>12} | {:>10} | {:>10} | {:>12.2}% | {:>18.3} ms |",
+        "teacher {}: {} parameters, test accuracy {:.2}%, saved {}\n",
+        net.arch(),
         net.parameter_count(),
-        net.storage_bytes(),
-        bytes,
-        macs.total(),
-        100.0 * test_acc,
-        latency * 1e3
+        100.0 * net.accuracy(&data.test)?,
+        teacher.display()
     );
-    println!("\nsaved {}", path.display());
+
+    let out = args.out.join("compressed");
+    let report = crate::compress::execute(crate::compress::Args::new(teacher, recipe, out.clone(), args.runtime))?;
+    let (first, last) = (&report.rows[0], report.rows.last().expect("rows"));
+    let smaller = first.bytes as f64 / last.bytes.max(1) as f64;
+    let lost = 100.0 * (first.quality - last.quality);
+    let faster = first.latency_ms / last.latency_ms.max(1e-12);
+    println!("\n{}", report.table());
+    println!("{}\n", report.summary());
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    println!("goal ≥ {:.0}× smaller than the teacher: {smaller:.1}× ({})", GOALS.0, verdict(smaller >= GOALS.0));
+    println!("goal ≤ {:.0} accuracy point lost: {lost:.2} ({})", GOALS.1, verdict(lost <= GOALS.1));
+    println!(
+        "goal ≥ {:.0}× faster on `{}` (same run): {faster:.1}× ({})",
+        GOALS.2,
+        report.runtime,
+        verdict(faster >= GOALS.2)
+    );
+    println!(
+        "\nreport: {}/report.md (per-layer table, tradeoff.svg, sensitivity.svg); demo took {:.1} s",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -2,6 +2,8 @@
 
 mod bench;
 mod compress;
+mod compress_measure;
+mod compress_report;
 mod demo;
 mod distill;
 mod distill_report;
@@ -68,7 +70,7 @@ enum Command {
     /// and resumable, and report each stage's size, quality and speed.
     Compress(compress::Args),
     /// Re-render a `compress` folder's report.md from its report.json.
-    Report(compress::ReportArgs),
+    Report(compress_report::ReportArgs),
     /// Run the kernel and MiniLM benchmarks against their peers; write bench-report.md/json.
     Bench(bench::Args),
     /// Serve MiniLM embeddings under each parallel mode (data, pipeline, tensor, dynamic
@@ -85,7 +87,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Compress(a) => compress::run(a),
-        Command::Report(a) => compress::report(a),
+        Command::Report(a) => compress_report::report(a),
         Command::Train(a) => train::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Embed(a) => embed::run(a),
@@ -110,12 +112,12 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// A progress bar in pare's style, hidden when stderr is not a terminal.
 /// The workspace's root folder (where data/ and recipes/ are).
 pub(crate) fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(std::path::Path::to_path_buf).unwrap_or_default()
 }
 
+/// A progress bar in pare's style, hidden when stderr is not a terminal.
 pub(crate) fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len);
     bar.set_style(

@@ -151,3 +151,44 @@ fn a_resumed_run_on_another_thread_count_writes_the_same_bytes() {
     let md = ok(&["report", a.to_str().unwrap()]);
     assert!(md.contains("| 3 quantize |") && a.join("report.md").exists(), "{md}");
 }
+
+/// `cargo xtask demo` is the whole pipeline on the embedded digits: the final model must be
+/// at least 10× smaller than the CNN teacher and lose at most one test-accuracy point (its
+/// speed goal, ≥ 3× on the CPU runtime, is a timing: the demo prints it, no test asserts it).
+/// The report holds every stage, the candle f32 baseline, the final model layer by layer and
+/// both plots.
+#[test]
+fn the_demo_pipeline_meets_its_size_and_accuracy_goals() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = ok(&["demo", "--out", dir.path().to_str().unwrap()]);
+    assert!(text.contains("goal ≥ 10× smaller than the teacher") && text.contains("(met)"), "{text}");
+    let out = dir.path().join("compressed");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 5, "original + 4 stages");
+    let (first, last) = (&rows[0], &rows[4]);
+    let smaller = first["bytes"].as_f64().unwrap() / last["bytes"].as_f64().unwrap();
+    let lost = first["quality"].as_f64().unwrap() - last["quality"].as_f64().unwrap();
+    assert!(smaller >= 10.0, "only {smaller:.2}× smaller");
+    assert!(lost <= 0.01, "lost {:.2} accuracy points", 100.0 * lost);
+    for row in rows {
+        for key in ["bits_per_weight", "latency_ms", "throughput", "quality"] {
+            assert!(row[key].as_f64().is_some_and(|v| v.is_finite() && v > 0.0), "{key} in {row}");
+        }
+        assert!(row["macs"].as_u64().unwrap() > 0, "{row}");
+    }
+    assert!(report["baseline"]["latency_ms"].as_f64().unwrap() > 0.0);
+    // The final model's layers: the pruned and quantized first layer is measured against the
+    // distilled student it came from.
+    let layers = report["layers"].as_array().unwrap();
+    let l0 = layers.iter().find(|l| l["path"] == "layers.0").unwrap();
+    assert_eq!(l0["against"], "1 distill");
+    assert!((l0["sparsity"].as_f64().unwrap() - 0.5).abs() < 1e-9, "{l0}");
+    assert!(l0["rel_error"].as_f64().unwrap() > 0.0 && l0["quality_delta"].as_f64().is_some(), "{l0}");
+    for f in ["report.md", "tradeoff.svg", "sensitivity.svg", "manifest.json"] {
+        let bytes = std::fs::read(out.join(f)).unwrap();
+        assert!(bytes.len() > 500, "{f} is {} bytes", bytes.len());
+    }
+    let svg = std::fs::read_to_string(out.join("tradeoff.svg")).unwrap();
+    assert!(svg.contains("3 quantize") && svg.contains("original"), "the trade-off plot labels every stage");
+}

@@ -1,0 +1,360 @@
+//! The report of a `cargo xtask compress` run: `report.json` (for other tools), `report.md`
+//! (the summary, every stage against the original and against candle f32, the final model
+//! layer by layer) and two plots, `tradeoff.svg` (quality against size, stage by stage) and
+//! `sensitivity.svg` (what each layer's compression costs on its own). `cargo xtask report DIR`
+//! re-renders the Markdown and the plots from the JSON.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// One row of the report: the original or a stage's output, measured.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Row {
+    /// `original`, or `N kind`.
+    pub stage: String,
+    /// Where the model is.
+    pub path: PathBuf,
+    /// Bytes of the weights as stored (codes, scales, sparse indices).
+    pub bytes: usize,
+    /// Logical parameters.
+    pub params: usize,
+    /// Stored bits per logical parameter.
+    pub bits_per_weight: f64,
+    /// Fraction of zero weights in the linear, convolution and embedding layers.
+    pub sparsity: f64,
+    /// Multiply-accumulates of the linear and convolution layers per example (one image, or
+    /// one sequence of the timed length), counted dense.
+    pub macs: u64,
+    /// The quality metric's value.
+    pub quality: f64,
+    /// Milliseconds per timed batch on the runtime (median).
+    pub latency_ms: f64,
+    /// Examples (images or sequences) per second on the runtime.
+    pub throughput: f64,
+    /// Seconds the stage took (absent for the original and for stages resumed from an earlier
+    /// run).
+    pub seconds: Option<f64>,
+}
+
+/// The peer every row is also compared with: the original model in f32 on candle's ops.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Baseline {
+    /// What ran.
+    pub name: String,
+    /// Milliseconds per timed batch (median, timed in the same rounds as the rows).
+    pub latency_ms: f64,
+    /// Examples per second.
+    pub throughput: f64,
+}
+
+/// One weighted layer of the final model.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct LayerRow {
+    /// Parameter path.
+    pub path: String,
+    /// The weight's format, as `Weight::describe` says it.
+    pub format: String,
+    /// The weight's logical shape.
+    pub shape: Vec<usize>,
+    /// Stored bytes of the weight.
+    pub bytes: usize,
+    /// Stored bits per weight.
+    pub bits: f64,
+    /// Fraction of zero weights.
+    pub sparsity: f64,
+    /// The row (stage) whose same-shaped layer the error and sensitivity are measured against:
+    /// the earliest model since this layer last changed shape. Absent when the layer first
+    /// took its shape in the final model.
+    pub against: Option<String>,
+    /// ‖W − W_against‖ / ‖W_against‖ (Frobenius).
+    pub rel_error: Option<f64>,
+    /// The quality of `against` with only this layer replaced by the final one, minus the
+    /// quality of `against`: what this layer's compression costs on its own.
+    pub quality_delta: Option<f64>,
+}
+
+/// `report.json`.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Report {
+    /// The recipe's name.
+    pub recipe: String,
+    /// The input model.
+    pub model: PathBuf,
+    /// The runtime every row was measured on.
+    pub runtime: String,
+    /// `test accuracy` (digits) or `mean cosine to the original` (sentence encoders).
+    pub metric: String,
+    /// What one latency measurement runs.
+    pub batch: String,
+    /// The original in f32 on candle.
+    pub baseline: Baseline,
+    /// The original, then every stage.
+    pub rows: Vec<Row>,
+    /// The final model, layer by layer.
+    pub layers: Vec<LayerRow>,
+}
+
+impl Report {
+    /// Reads `DIR/report.json`.
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join("report.json");
+        let bytes = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+        let r: Report = serde_json::from_slice(&bytes)
+            .with_context(|| format!("parse {} (written by `cargo xtask compress`?)", path.display()))?;
+        if r.rows.is_empty() {
+            bail!("{}: no rows", path.display());
+        }
+        Ok(r)
+    }
+
+    /// Writes report.json, report.md, tradeoff.svg and sensitivity.svg into `dir`.
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        pare_core_tensor::io::write_file_atomic(dir.join("report.json"), &serde_json::to_vec_pretty(self)?)?;
+        self.render_files(dir).map(|_| ())
+    }
+
+    /// Writes report.md and the plots from this report.
+    fn render_files(&self, dir: &Path) -> anyhow::Result<String> {
+        plot_tradeoff(self, &dir.join("tradeoff.svg")).context("plot tradeoff.svg")?;
+        if self.layers.iter().any(|l| l.quality_delta.is_some()) {
+            plot_sensitivity(self, &dir.join("sensitivity.svg")).context("plot sensitivity.svg")?;
+        }
+        let md = self.render();
+        pare_core_tensor::io::write_file_atomic(dir.join("report.md"), md.as_bytes())?;
+        Ok(md)
+    }
+
+    /// The first row (the original) and the last (the final model).
+    fn ends(&self) -> (&Row, &Row) {
+        (&self.rows[0], self.rows.last().expect("a report has rows"))
+    }
+
+    /// The before/after summary: size, quality and speed of the final model against the
+    /// original on the same runtime and against candle f32.
+    pub fn summary(&self) -> String {
+        let (first, last) = self.ends();
+        format!(
+            "{}: {} → {} weight bytes ({:.2}× smaller, {:.2} → {:.2} bits per weight); {} {:.4} → {:.4} ({:+.2} points); \
+             {:.3} → {:.3} ms per batch of {} on `{}` ({:.2}× faster; {:.2}× candle f32's {:.3} ms)",
+            self.recipe,
+            first.bytes,
+            last.bytes,
+            ratio(first.bytes as f64, last.bytes as f64),
+            first.bits_per_weight,
+            last.bits_per_weight,
+            self.metric,
+            first.quality,
+            last.quality,
+            100.0 * (last.quality - first.quality),
+            first.latency_ms,
+            last.latency_ms,
+            self.batch,
+            self.runtime,
+            ratio(first.latency_ms, last.latency_ms),
+            ratio(self.baseline.latency_ms, last.latency_ms),
+            self.baseline.latency_ms,
+        )
+    }
+
+    /// The stage table alone (what the demo prints).
+    pub fn table(&self) -> String {
+        let first = &self.rows[0];
+        let mut s = String::from(
+            "| stage | weight bytes | bits/w | smaller | parameters | sparsity | MACs/example | quality | Δ quality | latency (ms) | per second | vs original | vs candle f32 |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for row in &self.rows {
+            s.push_str(&format!(
+                "| {} | {} | {:.2} | {:.2}× | {} | {:.1}% | {} | {:.4} | {:+.4} | {:.3} | {:.0} | {:.2}× | {:.2}× |\n",
+                row.stage,
+                row.bytes,
+                row.bits_per_weight,
+                ratio(first.bytes as f64, row.bytes as f64),
+                row.params,
+                100.0 * row.sparsity,
+                row.macs,
+                row.quality,
+                row.quality - first.quality,
+                row.latency_ms,
+                row.throughput,
+                ratio(first.latency_ms, row.latency_ms),
+                ratio(self.baseline.latency_ms, row.latency_ms),
+            ));
+        }
+        s
+    }
+
+    /// `report.md`.
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "# Compression report: {}\n\nRegenerate: `cargo xtask report DIR` (from report.json); rerun: `cargo xtask compress` with the recipe in manifest.json.\n\n\
+             Model `{}`. Every row measured on the `{}` runtime, in the same process and in alternating rounds (median), \
+             latency per batch of {}; quality is {}. *vs candle f32*: against {}, \
+             {:.3} ms per batch, {:.0} per second.\n\n**{}**\n\n",
+            self.recipe,
+            self.model.display(),
+            self.runtime,
+            self.batch,
+            self.metric,
+            self.baseline.name,
+            self.baseline.latency_ms,
+            self.baseline.throughput,
+            self.summary(),
+        );
+        s.push_str(&self.table());
+        let stage_secs: Vec<String> = self
+            .rows
+            .iter()
+            .skip(1)
+            .map(|r| match r.seconds {
+                Some(t) => format!("{} {t:.1} s", r.stage),
+                None => format!("{} (resumed)", r.stage),
+            })
+            .collect();
+        s.push_str(&format!("\nStage times: {}.\n", stage_secs.join(", ")));
+        s.push_str("\n![quality against weight bytes, stage by stage](tradeoff.svg)\n");
+        if !self.layers.is_empty() {
+            s.push_str(&format!(
+                "\n## The final model, layer by layer\n\n*error*: relative Frobenius error of the weight against the same layer in *against* \
+                 (the earliest model since the layer last changed shape); *Δ quality alone*: {} of *against* with only this layer \
+                 replaced by the final one, minus that of *against*.\n\n",
+                self.metric
+            ));
+            s.push_str("| layer | format | shape | bytes | bits/w | sparsity | against | error | Δ quality alone |\n");
+            s.push_str("|---|---|---|---:|---:|---:|---|---:|---:|\n");
+            for l in &self.layers {
+                s.push_str(&format!(
+                    "| {} | {} | {:?} | {} | {:.2} | {:.1}% | {} | {} | {} |\n",
+                    l.path,
+                    l.format,
+                    l.shape,
+                    l.bytes,
+                    l.bits,
+                    100.0 * l.sparsity,
+                    l.against.as_deref().unwrap_or("—"),
+                    l.rel_error.map_or("—".into(), |e| format!("{e:.4}")),
+                    l.quality_delta.map_or("—".into(), |d| format!("{d:+.4}")),
+                ));
+            }
+            if self.layers.iter().any(|l| l.quality_delta.is_some()) {
+                s.push_str("\n![quality lost per layer when only that layer is compressed](sensitivity.svg)\n");
+            }
+        }
+        s
+    }
+}
+
+/// `a / b`, with b floored away from zero.
+fn ratio(a: f64, b: f64) -> f64 {
+    a / b.max(1e-12)
+}
+
+/// Quality against weight bytes (log), one labelled point per stage, joined in order.
+fn plot_tradeoff(r: &Report, path: &Path) -> anyhow::Result<()> {
+    let pts: Vec<(f64, f64)> = r.rows.iter().map(|row| (row.bytes.max(1) as f64, row.quality)).collect();
+    let (xmin, xmax) = pts.iter().fold((f64::INFINITY, 0f64), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (ymin, ymax) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let pad = ((ymax - ymin) * 0.25).max(0.002);
+    let tmp = path.with_extension("svg.tmp");
+    {
+        let root = SVGBackend::new(&tmp, (900, 560)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(format!("{}: {} against size", r.recipe, r.metric), ("sans-serif", 20))
+            .margin(24)
+            .x_label_area_size(48)
+            .y_label_area_size(72)
+            .build_cartesian_2d(((xmin / 1.8)..(xmax * 1.8)).log_scale(), (ymin - pad)..(ymax + pad))?;
+        chart
+            .configure_mesh()
+            .x_desc("weight bytes (log)")
+            .y_desc(r.metric.clone())
+            .x_label_formatter(&|v| human_bytes(*v))
+            .light_line_style(WHITE)
+            .draw()?;
+        chart.draw_series(LineSeries::new(pts.iter().copied(), BLUE.mix(0.4)))?;
+        chart.draw_series(r.rows.iter().zip(&pts).enumerate().map(|(i, (row, p))| {
+            // Alternate labels above and below so neighbouring stages do not overprint.
+            let dy = if i % 2 == 0 { -18 } else { 8 };
+            EmptyElement::at(*p)
+                + Circle::new((0, 0), 5, BLUE.filled())
+                + Text::new(row.stage.clone(), (8, dy), ("sans-serif", 13).into_font())
+        }))?;
+        root.present()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Quality lost per layer when only that layer takes its final form: one bar per layer.
+fn plot_sensitivity(r: &Report, path: &Path) -> anyhow::Result<()> {
+    let rows: Vec<(&str, f64)> =
+        r.layers.iter().filter_map(|l| l.quality_delta.map(|d| (l.path.as_str(), (-d).max(0.0)))).collect();
+    let n = rows.len();
+    let xmax = rows.iter().map(|r| r.1).fold(0f64, f64::max).max(1e-4) * 1.15;
+    let tmp = path.with_extension("svg.tmp");
+    {
+        let height = (120 + 18 * n as u32).max(260);
+        let root = SVGBackend::new(&tmp, (900, height)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let names: Vec<String> = rows.iter().map(|r| r.0.to_string()).collect();
+        let mut chart = ChartBuilder::on(&root)
+            .caption(format!("{} lost when only this layer is compressed", r.metric), ("sans-serif", 18))
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(260)
+            // Integer ranges are inclusive: n segments.
+            .build_cartesian_2d(0f64..xmax, (0..n.saturating_sub(1)).into_segmented())?;
+        // The first layer on top.
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .y_labels(n.max(1))
+            .y_label_formatter(&|v| match v {
+                SegmentValue::CenterOf(i) if *i < n => names[n - 1 - *i].clone(),
+                _ => String::new(),
+            })
+            .x_desc(format!("loss in {}", r.metric))
+            .light_line_style(WHITE)
+            .draw()?;
+        chart.draw_series(rows.iter().enumerate().map(|(i, (_, v))| {
+            let y = n - 1 - i;
+            let mut bar = Rectangle::new(
+                [(0.0, SegmentValue::Exact(y)), (*v, SegmentValue::Exact(y + 1))],
+                RED.mix(0.6).filled(),
+            );
+            bar.set_margin(3, 3, 0, 0);
+            bar
+        }))?;
+        root.present()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn human_bytes(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.1} MB", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1} kB", v / 1e3)
+    } else {
+        format!("{v:.0} B")
+    }
+}
+
+/// Arguments of `cargo xtask report`.
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    /// A `compress` output folder (holding report.json).
+    dir: PathBuf,
+}
+
+/// Re-renders DIR/report.md and the plots from DIR/report.json.
+pub fn report(args: ReportArgs) -> anyhow::Result<()> {
+    let r = Report::load(&args.dir)?;
+    print!("{}", r.render_files(&args.dir)?);
+    Ok(())
+}
