@@ -16,7 +16,7 @@ use pare_distill::cache::Fingerprint;
 use serde::{Deserialize, Serialize};
 
 use crate::compress_measure::{Loaded, Meter};
-use crate::compress_report::Report;
+use crate::compress_report::{BenchRow, Report};
 use crate::recipe::{Kind, Recipe, Stage};
 
 /// Arguments of `cargo xtask compress`.
@@ -34,6 +34,11 @@ pub struct Args {
     /// The runtime every stage evaluates on and every measurement runs on.
     #[command(flatten)]
     runtime: crate::runtime::RuntimeOpts,
+    /// Sentence encoders: ONNX Runtime's timings of the same model (`ort-bench.json`, written
+    /// by `../shared/tools/ort-peer/run.sh MODEL_DIR WORKDIR` in the same sitting), compared
+    /// with the final model at 32 × 128 tokens, 2 threads.
+    #[arg(long)]
+    ort_json: Option<PathBuf>,
 }
 
 /// One stage as run, in the manifest.
@@ -87,19 +92,54 @@ enum Planned {
     Prune(Box<crate::prune::Args>),
     Quantize(Box<crate::quantize::Args>),
     Distill(Box<crate::distill::Args>),
+    Nas(Box<crate::nas::Args>),
     Evaluate,
+    Bench(BenchArgs),
+}
+
+/// The keys of a `bench` stage.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct BenchArgs {
+    /// Examples per batch (default 64 images, or 32 sentences).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Tokens per sentence (encoders; default 128).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Alternating timing rounds; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+}
+
+/// Where a stage reads and writes.
+struct StageIo<'a> {
+    /// The recipe's input model (the teacher of `finetune`).
+    original: &'a Path,
+    /// The previous stage's output.
+    input: &'a Path,
+    /// This stage's output.
+    output: &'a Path,
+    /// For sentence encoders: the training sentences (data/sentences.txt less the held-out
+    /// lines), the default calibration and distillation text.
+    train_text: Option<&'a Path>,
 }
 
 fn plan_stage(
     recipe: &Recipe,
     stage: &Stage,
-    input: &Path,
-    output: &Path,
+    io: &StageIo<'_>,
     rt: &crate::runtime::RuntimeOpts,
 ) -> anyhow::Result<Planned> {
+    let (input, output) = (io.input, io.output);
     let mut fixed = vec![("out", output.display().to_string()), ("runtime", rt.runtime.clone())];
     if let Some(t) = rt.threads {
         fixed.push(("threads", t.to_string()));
+    }
+    if let Some(text) = io.train_text {
+        let key = if matches!(stage.kind, Kind::Distill | Kind::Finetune) { "?sentences" } else { "?calib" };
+        if !matches!(stage.kind, Kind::Evaluate | Kind::Bench) {
+            fixed.push((key, text.display().to_string()));
+        }
     }
     // The command's checks name its flags (`--sparsity`): point at that key's line.
     let wrap = |e: anyhow::Error| {
@@ -126,11 +166,60 @@ fn plan_stage(
             crate::distill::check(&a).map_err(wrap)?;
             Planned::Distill(Box::new(a))
         }
+        Kind::Nas => {
+            // The search writes its trials and report beside the winner.
+            let dir = output.parent().context("the winner lies in the search's folder")?;
+            let mut fixed: Vec<(&str, String)> = fixed
+                .into_iter()
+                .map(|(k, v)| if k == "out" { (k, dir.display().to_string()) } else { (k, v) })
+                .collect();
+            let folder = io.train_text.is_some();
+            if folder {
+                fixed.push(("model", input.display().to_string()));
+            }
+            let a: crate::nas::Args = recipe.stage_args(stage, &fixed, true)?;
+            let encoder = crate::nas::check(&a).map_err(wrap)?;
+            if encoder != folder {
+                let what = if folder {
+                    "a sentence encoder: use `space = \"encoder\"`"
+                } else {
+                    "a digits model: use a digits space (mlp, cnn, cell or a file)"
+                };
+                return Err(recipe.error(stage, Some("space"), format!("the model here is {what}")));
+            }
+            Planned::Nas(Box::new(a))
+        }
+        Kind::Finetune => {
+            fixed.push(("teacher", io.original.display().to_string()));
+            fixed.push(("student", input.display().to_string()));
+            let a: crate::distill::Args = recipe.stage_args(stage, &fixed, true)?;
+            crate::distill::check(&a).map_err(wrap)?;
+            Planned::Distill(Box::new(a))
+        }
         Kind::Evaluate => {
             if let Some(k) = stage.options.keys().next() {
                 return Err(recipe.error(stage, Some(k), format!("unknown key `{k}`: evaluate takes no options")));
             }
             Planned::Evaluate
+        }
+        Kind::Bench => {
+            let a: BenchArgs = recipe.stage_args(stage, &[], false)?;
+            let encoder = io.train_text.is_some();
+            let bad = |key: &str, msg: String| Err(recipe.error(stage, Some(key), msg));
+            if a.batch == Some(0) {
+                return bad("batch", "`batch` must be at least 1, found 0".into());
+            }
+            if a.rounds == 0 {
+                return bad("rounds", "`rounds` must be at least 1, found 0".into());
+            }
+            match (a.seq_len, encoder) {
+                (Some(_), false) => return bad("seq_len", "`seq_len` applies to sentence encoders, not digits".into()),
+                (Some(l), true) if !(2..=512).contains(&l) => {
+                    return bad("seq_len", format!("`seq_len` must be in 2..=512 (BERT's positions), found {l}"));
+                }
+                _ => {}
+            }
+            Planned::Bench(a)
         }
     })
 }
@@ -139,7 +228,7 @@ fn plan_stage(
 /// the architecture) must match layers of the input model.
 fn check_selectors(recipe: &Recipe, loaded: &dyn Module) -> anyhow::Result<()> {
     for stage in &recipe.stages {
-        if stage.kind == Kind::Distill {
+        if matches!(stage.kind, Kind::Distill | Kind::Nas) {
             break;
         }
         for key in ["layers", "exclude"] {
@@ -163,7 +252,7 @@ fn check_selectors(recipe: &Recipe, loaded: &dyn Module) -> anyhow::Result<()> {
 impl Args {
     /// A run of `recipe` on `model` into `out`, on `runtime`.
     pub fn new(model: PathBuf, recipe: PathBuf, out: PathBuf, runtime: crate::runtime::RuntimeOpts) -> Self {
-        Args { model, recipe, out, runtime }
+        Args { model, recipe, out, runtime, ort_json: None }
     }
 }
 
@@ -194,19 +283,28 @@ pub fn execute(args: Args) -> anyhow::Result<Report> {
     if args.out.exists() && !args.out.is_dir() {
         bail!("--out `{}` is a file: expected a folder", args.out.display());
     }
+    let peers = match &args.ort_json {
+        Some(p) if folder => ort_peers(p)?,
+        Some(_) => bail!("--ort-json compares sentence encoders: the model here is a digits file"),
+        None => Vec::new(),
+    };
     let rt = args.runtime.build()?;
     let ext = if folder { "" } else { ".safetensors" };
     let stage_dir = args.out.join("stages");
+    let train_text = folder.then(|| args.out.join("sentences-train.txt"));
     let mut outputs = Vec::new();
     let mut planned = Vec::new();
     let mut input = args.model.clone();
     for stage in &recipe.stages {
-        let output = if stage.kind == Kind::Evaluate {
+        let output = if matches!(stage.kind, Kind::Evaluate | Kind::Bench) {
             input.clone()
+        } else if stage.kind == Kind::Nas {
+            stage_dir.join(format!("{:02}-nas", stage.index)).join(format!("best-model{ext}"))
         } else {
             stage_dir.join(format!("{:02}-{}{ext}", stage.index, stage.kind.name()))
         };
-        planned.push(plan_stage(&recipe, stage, &input, &output, &args.runtime)?);
+        let io = StageIo { original: &args.model, input: &input, output: &output, train_text: train_text.as_deref() };
+        planned.push(plan_stage(&recipe, stage, &io, &args.runtime)?);
         outputs.push(output.clone());
         input = output;
     }
@@ -214,7 +312,13 @@ pub fn execute(args: Args) -> anyhow::Result<Report> {
     check_selectors(&recipe, original.module())?;
 
     std::fs::create_dir_all(&stage_dir).with_context(|| format!("create {}", stage_dir.display()))?;
-    let model_hash = hash_path(&args.model)?;
+    let mut model_hash = hash_path(&args.model)?;
+    if let Some(p) = &train_text {
+        let (train, _) = crate::compress_measure::sentence_split()?;
+        pare_core_tensor::io::write_file_atomic(p, (train.join("\n") + "\n").as_bytes())?;
+        // The stages' data is an input too: a changed sentences file reruns them.
+        model_hash = format!("{model_hash}+{}", hash_path(p)?);
+    }
     let manifest_path = args.out.join("manifest.json");
     let previous: Option<Manifest> = std::fs::read(&manifest_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
     let mut manifest = Manifest {
@@ -239,6 +343,7 @@ pub fn execute(args: Args) -> anyhow::Result<Report> {
     let mut models = vec![("original".to_string(), args.model.clone(), original, None)];
     let mut qualities = vec![meter.quality(&models[0].2)?];
     println!("original: {} {:.4}", meter.metric(), qualities[0]);
+    let mut benches = Vec::new();
     let mut key = Fingerprint::default();
     key.str(&model_hash).str(pare_core_tensor::VERSION).str(rt.name());
     for ((stage, plan), output) in recipe.stages.iter().zip(planned).zip(&outputs) {
@@ -248,6 +353,10 @@ pub fn execute(args: Args) -> anyhow::Result<Report> {
         let label = format!("{} {}", stage.index, stage.kind.name());
         let done =
             previous.as_ref().and_then(|m| m.stages.iter().find(|s| s.index == stage.index && s.key == stage_key));
+        // A bench stage times its model at the end, resumed or not.
+        if let Planned::Bench(b) = &plan {
+            benches.push((label.clone(), models.len(), *b));
+        }
         let (record, ran) = match done {
             Some(d) if output.exists() && hash_path(output).ok().as_deref() == Some(d.output_hash.as_str()) => {
                 println!("stage {label}: done in an earlier run (key {stage_key}), skipped");
@@ -266,7 +375,9 @@ pub fn execute(args: Args) -> anyhow::Result<Report> {
                         let (lines, _) = crate::distill::execute(&a, &mut |_| {})?;
                         lines.iter().for_each(|l| println!("  {l}"));
                     }
+                    Planned::Nas(a) => crate::nas::run(*a)?,
                     Planned::Evaluate => {}
+                    Planned::Bench(_) => {}
                 }
                 let record = StageRecord {
                     index: stage.index,
@@ -291,7 +402,41 @@ pub fn execute(args: Args) -> anyhow::Result<Report> {
         qualities.push(q);
         models.push((label, output.clone(), m, ran.then_some(record_secs)));
     }
-    finish(&recipe, &args, &mut meter, &models, &qualities)
+    let mut report = finish(&recipe, &args, &mut meter, &models, &qualities, &benches)?;
+    if !peers.is_empty() {
+        report.peers = peers;
+        report.write(&args.out)?;
+    }
+    Ok(report)
+}
+
+/// ONNX Runtime's 2-thread medians at 32 × 128 from `ort-bench.json`: the fused f32 graph and
+/// the dynamic int8 per-channel graph.
+fn ort_peers(path: &Path) -> anyhow::Result<Vec<crate::compress_report::Peer>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("--ort-json: read {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("--ort-json: {} is not JSON", path.display()))?;
+    let mut out = Vec::new();
+    for want in ["f32-fused", "int8-dyn-perchannel"] {
+        let r = v["results"].as_array().into_iter().flatten().find(|r| {
+            r["threads"].as_u64() == Some(2)
+                && r["shape"].as_str() == Some("32x128")
+                && r["model"].as_str().is_some_and(|m| m.split('(').next() == Some(want))
+        });
+        let Some(secs) = r.and_then(|r| r["median_s"].as_f64()) else {
+            bail!(
+                "--ort-json {}: no 2-thread 32x128 result for `{want}` (expected run.sh's ort-bench.json)",
+                path.display()
+            );
+        };
+        out.push(crate::compress_report::Peer {
+            name: format!("onnxruntime {want}, 2 threads"),
+            latency_ms: secs * 1e3,
+            throughput: 32.0 / secs,
+            source: path.to_path_buf(),
+        });
+    }
+    Ok(out)
 }
 
 /// Times every model against the others and candle f32, analyses the final model layer by
@@ -302,8 +447,9 @@ fn finish(
     meter: &mut Meter,
     models: &[(String, PathBuf, Loaded, Option<f64>)],
     qualities: &[f64],
+    benches: &[(String, usize, BenchArgs)],
 ) -> anyhow::Result<Report> {
-    let rounds = if meter.batch_name().starts_with("32") { 3 } else { 7 };
+    let rounds = if meter.encoder() { 3 } else { 7 };
     let bar = crate::progress(rounds as u64, "timing");
     let (rows, baseline) = meter.rows(models, qualities, &mut || bar.inc(1), rounds)?;
     bar.finish_and_clear();
@@ -313,15 +459,57 @@ fn finish(
         bar.set_position(k as u64);
     })?;
     bar.finish_and_clear();
+    let mut bench_rows = Vec::new();
+    for (stage, i, b) in benches {
+        let (n, len) = if meter.encoder() {
+            (b.batch.unwrap_or(32), b.seq_len.unwrap_or(128))
+        } else {
+            (b.batch.unwrap_or(64), 0)
+        };
+        let bar = crate::progress(b.rounds as u64, "bench");
+        let (t, shape) = meter.bench(&models[0].2, &models[*i].2, (n, len, b.rounds), &mut || bar.inc(1))?;
+        bar.finish_and_clear();
+        println!(
+            "  {stage}: {shape}: {:.3} ms (original {:.3} ms, candle f32 {:.3} ms)",
+            t[1] * 1e3,
+            t[0] * 1e3,
+            t[2] * 1e3
+        );
+        bench_rows.push(BenchRow {
+            stage: stage.clone(),
+            batch: shape,
+            examples: n,
+            latency_ms: t[1] * 1e3,
+            throughput: n as f64 / t[1],
+            original_ms: t[0] * 1e3,
+            candle_f32_ms: t[2] * 1e3,
+        });
+    }
+    let mut command = format!(
+        "cargo xtask compress --model {} --recipe {} --out {} --runtime {}",
+        args.model.display(),
+        args.recipe.display(),
+        args.out.display(),
+        args.runtime.runtime
+    );
+    if let Some(t) = args.runtime.threads {
+        command.push_str(&format!(" --threads {t}"));
+    }
+    if let Some(p) = &args.ort_json {
+        command.push_str(&format!(" --ort-json {}", p.display()));
+    }
     let report = Report {
         recipe: recipe.name.clone(),
+        command,
         model: args.model.clone(),
         runtime: meter.runtime().name().into(),
         metric: meter.metric().into(),
-        batch: meter.batch_name().into(),
+        batch: meter.batch_name(),
         baseline,
         rows,
         layers,
+        benches: bench_rows,
+        peers: Vec::new(),
     };
     report.write(&args.out)?;
     Ok(report)

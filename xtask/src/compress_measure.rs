@@ -55,6 +55,14 @@ impl Loaded {
     }
 }
 
+/// data/sentences.txt split for encoder pipelines: every fifth line is held out (quality is
+/// measured on those), the others are what stages calibrate and distil on by default.
+pub fn sentence_split() -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let all = sentences(crate::workspace_root().join("data/sentences.txt"))?;
+    let (held, train): (Vec<_>, Vec<_>) = all.into_iter().enumerate().partition(|(i, _)| i % 5 == 4);
+    Ok((train.into_iter().map(|p| p.1).collect(), held.into_iter().map(|p| p.1).collect()))
+}
+
 /// The batch every latency measurement runs.
 enum Batch {
     /// 64 test images.
@@ -65,50 +73,137 @@ enum Batch {
     Tokens { ids: Tensor, types: Tensor, mask: Tensor },
 }
 
+impl Batch {
+    /// Examples per batch.
+    fn len(&self) -> usize {
+        match self {
+            Batch::Images(x) => x.dim(0).unwrap_or(1),
+            Batch::Tokens { ids, .. } => ids.dim(0).unwrap_or(1),
+        }
+    }
+
+    /// What the batch is, for reports.
+    fn name(&self) -> String {
+        match self {
+            Batch::Images(x) => match x.dim(0).unwrap_or(0) {
+                1 => "1 test image".into(),
+                n => format!("{n} test images"),
+            },
+            Batch::Tokens { ids, .. } => {
+                let (n, len) = ids.dims2().unwrap_or((0, 0));
+                format!("{n} × {len} tokens")
+            }
+        }
+    }
+
+    /// One forward of `m` on this batch.
+    fn forward(&self, m: &Loaded) -> anyhow::Result<()> {
+        match (m, self) {
+            (Loaded::Digits(net), Batch::Images(x)) => {
+                net.forward(x)?.sum_all()?.to_scalar::<f32>()?;
+            }
+            (Loaded::Encoder(e), Batch::Tokens { ids, types, mask }) => {
+                let h = e.bert.forward_hooked(ids, Some(types), mask, &mut Hooks::none())?;
+                mean_pool_normalize(&h, mask)?.sum_all()?.to_scalar::<f32>()?;
+            }
+            _ => anyhow::bail!("the models of one pipeline must be of one kind"),
+        }
+        Ok(())
+    }
+
+    /// Median seconds per batch of every model, timed in `rounds` alternating rounds (each
+    /// model runs about [`ROUND_SECS`] per round), so that a noisy machine slows all alike.
+    fn time(&self, models: &[&Loaded], rounds: usize, on_round: &mut dyn FnMut()) -> anyhow::Result<Vec<f64>> {
+        // Warm up, and size each model's block of forwards.
+        let mut reps = Vec::with_capacity(models.len());
+        for m in models {
+            self.forward(m)?;
+            let t = Instant::now();
+            self.forward(m)?;
+            let one = t.elapsed().as_secs_f64().max(1e-7);
+            reps.push(((ROUND_SECS / one).ceil() as usize).clamp(1, 10_000));
+        }
+        let mut times = vec![Vec::with_capacity(rounds); models.len()];
+        for _ in 0..rounds.max(1) {
+            for (i, m) in models.iter().enumerate() {
+                let t = Instant::now();
+                for _ in 0..reps[i] {
+                    self.forward(m)?;
+                }
+                times[i].push(t.elapsed().as_secs_f64() / reps[i] as f64);
+            }
+            on_round();
+        }
+        Ok(times
+            .into_iter()
+            .map(|mut v| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            })
+            .collect())
+    }
+}
+
 /// Measures models on one runtime against the original.
 pub struct Meter {
     rt: Arc<dyn Runtime>,
     /// The digits split (digits models).
     data: Option<DigitsSplit>,
-    /// Held-out sentences (encoders): every fifth line of data/sentences.txt (the other lines
-    /// are what recipes calibrate and distil on), at most 64.
+    /// Held-out sentences (encoders): see [`sentence_split`].
     text: Vec<String>,
     /// The original's embeddings of `text`.
     reference: Option<Tensor>,
     batch: Option<Batch>,
 }
 
-/// What [`Meter::time`] runs per round: enough forwards to take about 50 ms.
+/// How long each model runs per timing round: enough forwards to take about 50 ms.
 const ROUND_SECS: f64 = 0.05;
 
 impl Meter {
     /// A meter for models like `original` on `rt`.
     pub fn new(rt: Arc<dyn Runtime>, original: &Loaded) -> anyhow::Result<Self> {
+        Ok(match original {
+            Loaded::Digits(_) => {
+                let data = digits(crate::DIGITS_SPLIT_SEED, &Device::Cpu)?;
+                let mut m = Meter { rt, data: Some(data), text: Vec::new(), reference: None, batch: None };
+                m.batch = Some(m.make_batch(original, 64, 0)?);
+                m
+            }
+            Loaded::Encoder(_) => {
+                let (_, text) = sentence_split()?;
+                let mut m = Meter { rt, data: None, text, reference: None, batch: None };
+                m.batch = Some(m.make_batch(original, 32, 128)?);
+                m
+            }
+        })
+    }
+
+    /// A timed batch of `n` examples: test images (the first `n`, repeated when `n` exceeds
+    /// the test split), or `n` held-out sentences as `len` real token ids each, right-padded
+    /// with `[PAD]` (or cut) and an all-ones mask (dense work), as the benches and the ONNX
+    /// Runtime peer build them.
+    fn make_batch(&self, original: &Loaded, n: usize, len: usize) -> anyhow::Result<Batch> {
         let dev = Device::Cpu;
         Ok(match original {
             Loaded::Digits(_) => {
-                let data = digits(crate::DIGITS_SPLIT_SEED, &dev)?;
-                let batch = Batch::Images(data.test.x.narrow(0, 0, 64.min(data.test.len()))?);
-                Meter { rt, data: Some(data), text: Vec::new(), reference: None, batch: Some(batch) }
+                let x = &self.data.as_ref().context("digits data")?.test.x;
+                let have = x.dim(0)?;
+                let rows: Vec<u32> = (0..n).map(|i| (i % have) as u32).collect();
+                Batch::Images(x.index_select(&Tensor::from_vec(rows, n, &dev)?, 0)?)
             }
             Loaded::Encoder(e) => {
-                let all = sentences(crate::workspace_root().join("data/sentences.txt"))?;
-                let text: Vec<String> =
-                    all.into_iter().enumerate().filter(|(i, _)| i % 5 == 4).map(|(_, s)| s).take(64).collect();
-                let (n, len) = (32, 128);
                 let mut ids = vec![0u32; n * len];
-                for (i, s) in text.iter().cycle().take(n).enumerate() {
+                for (i, s) in self.text.iter().cycle().take(n).enumerate() {
                     let b = e.encode_batch(&[s.as_str()], &dev)?;
                     for (j, id) in b.input_ids.flatten_all()?.to_vec1::<u32>()?.into_iter().take(len).enumerate() {
                         ids[i * len + j] = id;
                     }
                 }
-                let batch = Batch::Tokens {
+                Batch::Tokens {
                     ids: Tensor::from_vec(ids, (n, len), &dev)?,
                     types: Tensor::zeros((n, len), DType::U32, &dev)?,
                     mask: Tensor::ones((n, len), DType::U32, &dev)?,
-                };
-                Meter { rt, data: None, text, reference: None, batch: Some(batch) }
+                }
             }
         })
     }
@@ -119,20 +214,13 @@ impl Meter {
     }
 
     /// What one timed batch is.
-    pub fn batch_name(&self) -> &'static str {
-        match self.batch {
-            Some(Batch::Images(_)) => "64 test images",
-            _ => "32 × 128 tokens",
-        }
+    pub fn batch_name(&self) -> String {
+        self.batch.as_ref().map_or_else(String::new, Batch::name)
     }
 
-    /// Examples per timed batch.
-    fn batch_len(&self) -> usize {
-        match &self.batch {
-            Some(Batch::Images(x)) => x.dim(0).unwrap_or(1),
-            Some(Batch::Tokens { ids, .. }) => ids.dim(0).unwrap_or(1),
-            None => 1,
-        }
+    /// Whether the models are sentence encoders.
+    pub fn encoder(&self) -> bool {
+        self.data.is_none()
     }
 
     /// The metric's name.
@@ -162,21 +250,6 @@ impl Meter {
         }
     }
 
-    /// One forward of the timed batch.
-    fn forward(&self, m: &Loaded) -> anyhow::Result<()> {
-        match (m, &self.batch) {
-            (Loaded::Digits(net), Some(Batch::Images(x))) => {
-                net.forward(x)?.sum_all()?.to_scalar::<f32>()?;
-            }
-            (Loaded::Encoder(e), Some(Batch::Tokens { ids, types, mask })) => {
-                let h = e.bert.forward_hooked(ids, Some(types), mask, &mut Hooks::none())?;
-                mean_pool_normalize(&h, mask)?.sum_all()?.to_scalar::<f32>()?;
-            }
-            _ => anyhow::bail!("the models of one pipeline must be of one kind"),
-        }
-        Ok(())
-    }
-
     /// Dense multiply-accumulates of the linear and convolution layers for one example.
     pub fn macs(&self, m: &Loaded) -> anyhow::Result<u64> {
         let mut macs = MacCounter::default();
@@ -193,36 +266,22 @@ impl Meter {
         Ok(macs.total())
     }
 
-    /// Median seconds per batch of every model, timed in `rounds` alternating rounds (each
-    /// model runs about [`ROUND_SECS`] per round), so that a noisy machine slows all alike.
-    pub fn time(&self, models: &[&Loaded], rounds: usize, on_round: &mut dyn FnMut()) -> anyhow::Result<Vec<f64>> {
-        // Warm up, and size each model's block of forwards.
-        let mut reps = Vec::with_capacity(models.len());
-        for m in models {
-            self.forward(m)?;
-            let t = Instant::now();
-            self.forward(m)?;
-            let one = t.elapsed().as_secs_f64().max(1e-7);
-            reps.push(((ROUND_SECS / one).ceil() as usize).clamp(1, 10_000));
-        }
-        let mut times = vec![Vec::with_capacity(rounds); models.len()];
-        for _ in 0..rounds {
-            for (i, m) in models.iter().enumerate() {
-                let t = Instant::now();
-                for _ in 0..reps[i] {
-                    self.forward(m)?;
-                }
-                times[i].push(t.elapsed().as_secs_f64() / reps[i] as f64);
-            }
-            on_round();
-        }
-        Ok(times
-            .into_iter()
-            .map(|mut v| {
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            })
-            .collect())
+    /// Times `model` (prepared) against the original (`original`, prepared on the runtime)
+    /// and the original on candle f32 on a batch of `n` examples (`len` tokens each for
+    /// encoders), in `rounds` alternating rounds: seconds per batch of each, and the batch's name.
+    pub fn bench(
+        &self,
+        original: &Loaded,
+        model: &Loaded,
+        (n, len, rounds): (usize, usize, usize),
+        on_round: &mut dyn FnMut(),
+    ) -> anyhow::Result<([f64; 3], String)> {
+        let batch = self.make_batch(original, n, len)?;
+        let mut base = original.clone();
+        let reference: Arc<dyn Runtime> = ReferenceRuntime::shared(Device::Cpu);
+        base.module_mut().prepare(&reference)?;
+        let t = batch.time(&[original, model, &base], rounds, on_round)?;
+        Ok(([t[0], t[1], t[2]], batch.name()))
     }
 
     /// Rows for `models` (labels and paths beside them) and the candle f32 baseline of the
@@ -239,8 +298,9 @@ impl Meter {
         base.module_mut().prepare(&reference)?;
         let mut all: Vec<&Loaded> = models.iter().map(|m| &m.2).collect();
         all.push(&base);
-        let secs = self.time(&all, rounds, on_round)?;
-        let n = self.batch_len() as f64;
+        let batch = self.batch.as_ref().context("a timed batch")?;
+        let secs = batch.time(&all, rounds, on_round)?;
+        let n = batch.len() as f64;
         let mut rows = Vec::new();
         for (i, (stage, path, m, seconds)) in models.iter().enumerate() {
             let module = m.module();
@@ -271,8 +331,9 @@ impl Meter {
     }
 
     /// The final model (`models.last()`) layer by layer: each weighted layer's format, size,
-    /// sparsity, its error against the earliest model since it last changed shape, and the
-    /// quality that model loses with only this layer replaced by the final one.
+    /// sparsity, the stage that gave it its final form, its error against the layer just
+    /// before that stage, and the quality that earlier model changes by with only this layer
+    /// replaced by the final one.
     pub fn layers(
         &mut self,
         models: &[(String, PathBuf, Loaded, Option<f64>)],
@@ -290,44 +351,50 @@ impl Meter {
             let shape = w.shape();
             let dense = w.to_dense(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let zeros = dense.iter().filter(|v| **v == 0.0).count();
-            // The earliest model from which on this layer keeps its shape.
-            let mut from = last;
-            while from > 0 {
-                let prev = models[from - 1].2.module();
-                match prev.layer(&path).ok().and_then(|p| weight_of(&p).map(Weight::shape)) {
-                    Some(s) if s == shape => from -= 1,
-                    _ => break,
+            // The first model in which this layer has its final form (walking back while the
+            // previous model holds the same weight and input quantization), and the model
+            // before it, if the layer existed there with the same shape.
+            let same_as_final = |k: usize| -> anyhow::Result<bool> {
+                let Ok(p) = models[k].2.module().layer(&path) else { return Ok(false) };
+                let Some(pw) = weight_of(&p) else { return Ok(false) };
+                if pw.shape() != shape || pw.describe() != w.describe() || p.input_quant() != l.input_quant() {
+                    return Ok(false);
                 }
+                let v = pw.to_dense(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok(v == dense)
+            };
+            let mut first = last;
+            while first > 0 && same_as_final(first - 1)? {
+                first -= 1;
             }
-            let (against, rel_error, quality_delta) = if from == last {
-                (None, None, None)
-            } else {
-                let reference = models[from].2.module().layer(&path)?;
-                let rw = weight_of(&reference).expect("same layer kind");
-                let rv = rw.to_dense(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let (num, den) = dense
-                    .iter()
-                    .zip(&rv)
-                    .fold((0f64, 0f64), |(n, d), (a, b)| (n + f64::from(a - b).powi(2), d + f64::from(*b).powi(2)));
-                let err = (num / den.max(1e-30)).sqrt();
-                let same = num == 0.0 && reference.input_quant() == l.input_quant();
-                let delta = if same {
-                    0.0
-                } else {
+            let before = (first > 0)
+                .then(|| models[first - 1].2.module().layer(&path).ok())
+                .flatten()
+                .filter(|p| weight_of(p).is_some_and(|pw| pw.shape() == shape));
+            let (against, rel_error, quality_delta) = match before {
+                None => (None, None, None),
+                Some(reference) => {
+                    let from = first - 1;
+                    let rw = weight_of(&reference).expect("checked above");
+                    let rv = rw.to_dense(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    let (num, den) = dense
+                        .iter()
+                        .zip(&rv)
+                        .fold((0f64, 0f64), |(n, d), (a, b)| (n + f64::from(a - b).powi(2), d + f64::from(*b).powi(2)));
                     let mut m = models[from].2.clone();
                     {
-                        let module = m.module_mut();
-                        let mut target = module.layer_mut(&path)?;
+                        let mut target = m.module_mut().layer_mut(&path)?;
                         target.set_weight(w.clone())?;
                         target.set_input_quant(l.input_quant())?;
                         target.prepare(&self.rt)?;
                     }
-                    self.quality(&m)? - qualities[from]
-                };
-                (Some(models[from].0.clone()), Some(err), Some(delta))
+                    let delta = self.quality(&m)? - qualities[from];
+                    (Some(models[from].0.clone()), Some((num / den.max(1e-30)).sqrt()), Some(delta))
+                }
             };
             out.push(LayerRow {
                 path,
+                changed_in: models[first].0.clone(),
                 format: w.describe(),
                 shape: shape.clone(),
                 bytes: w.storage_bytes(),

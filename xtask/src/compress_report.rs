@@ -65,15 +65,50 @@ pub struct LayerRow {
     pub bits: f64,
     /// Fraction of zero weights.
     pub sparsity: f64,
-    /// The row (stage) whose same-shaped layer the error and sensitivity are measured against:
-    /// the earliest model since this layer last changed shape. Absent when the layer first
-    /// took its shape in the final model.
+    /// The row (`original` or a stage) in which the layer took its final form.
+    pub changed_in: String,
+    /// The row before `changed_in`, whose same-shaped layer the error and sensitivity are
+    /// measured against. Absent when the layer never changed, or took a new shape there.
     pub against: Option<String>,
     /// ‖W − W_against‖ / ‖W_against‖ (Frobenius).
     pub rel_error: Option<f64>,
     /// The quality of `against` with only this layer replaced by the final one, minus the
-    /// quality of `against`: what this layer's compression costs on its own.
+    /// quality of `against`: what the last change to this layer costs (or gains) on its own.
     pub quality_delta: Option<f64>,
+}
+
+/// A `bench` stage's timing: the model at that point against the original on the same
+/// runtime and on candle f32, at the stage's batch shape.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct BenchRow {
+    /// The bench stage.
+    pub stage: String,
+    /// The batch timed.
+    pub batch: String,
+    /// Examples per batch.
+    pub examples: usize,
+    /// Milliseconds per batch (median of alternating rounds).
+    pub latency_ms: f64,
+    /// Examples per second.
+    pub throughput: f64,
+    /// The original on the same runtime, milliseconds per batch.
+    pub original_ms: f64,
+    /// The original on candle f32, milliseconds per batch.
+    pub candle_f32_ms: f64,
+}
+
+/// An outside engine timed on the same model and batch shape in the same sitting (ONNX
+/// Runtime's graphs from `../shared/tools/ort-peer`), compared with the final model.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Peer {
+    /// What ran (`onnxruntime f32-fused, 2 threads`).
+    pub name: String,
+    /// Milliseconds per timed batch (the peer's median).
+    pub latency_ms: f64,
+    /// Examples per second.
+    pub throughput: f64,
+    /// Where the figure comes from.
+    pub source: PathBuf,
 }
 
 /// `report.json`.
@@ -81,6 +116,9 @@ pub struct LayerRow {
 pub struct Report {
     /// The recipe's name.
     pub recipe: String,
+    /// The `cargo xtask compress` command that made this report.
+    #[serde(default)]
+    pub command: String,
     /// The input model.
     pub model: PathBuf,
     /// The runtime every row was measured on.
@@ -95,6 +133,12 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// The final model, layer by layer.
     pub layers: Vec<LayerRow>,
+    /// The `bench` stages' timings.
+    #[serde(default)]
+    pub benches: Vec<BenchRow>,
+    /// Outside engines on the same batch (`--ort-json`).
+    #[serde(default)]
+    pub peers: Vec<Peer>,
 }
 
 impl Report {
@@ -190,11 +234,12 @@ impl Report {
     /// `report.md`.
     pub fn render(&self) -> String {
         let mut s = format!(
-            "# Compression report: {}\n\nRegenerate: `cargo xtask report DIR` (from report.json); rerun: `cargo xtask compress` with the recipe in manifest.json.\n\n\
+            "# Compression report: {}\n\nRegenerate: `{}` (stages already done in DIR are skipped; `cargo xtask report DIR` re-renders this file and the plots from report.json).\n\n\
              Model `{}`. Every row measured on the `{}` runtime, in the same process and in alternating rounds (median), \
              latency per batch of {}; quality is {}. *vs candle f32*: against {}, \
              {:.3} ms per batch, {:.0} per second.\n\n**{}**\n\n",
             self.recipe,
+            self.command,
             self.model.display(),
             self.runtime,
             self.batch,
@@ -215,32 +260,75 @@ impl Report {
             })
             .collect();
         s.push_str(&format!("\nStage times: {}.\n", stage_secs.join(", ")));
+        if !self.peers.is_empty() {
+            let last = self.ends().1;
+            s.push_str(&format!(
+                "\n## Against ONNX Runtime\n\nThe same original weights as ONNX Runtime graphs (`../shared/tools/ort-peer`), timed by it on the same \
+                 batch of {} in the same sitting (read from `{}`); *final model's speed*: its throughput over the peer's.\n\n\
+                 | peer | latency (ms) | per second | final model's speed |\n|---|---:|---:|---:|\n",
+                self.batch,
+                self.peers[0].source.display()
+            ));
+            for p in &self.peers {
+                s.push_str(&format!(
+                    "| {} | {:.3} | {:.1} | {:.2}× |\n",
+                    p.name,
+                    p.latency_ms,
+                    p.throughput,
+                    ratio(last.throughput, p.throughput)
+                ));
+            }
+        }
+        if !self.benches.is_empty() {
+            s.push_str(&format!(
+                "\n## Benchmarks\n\nOn the `{}` runtime, each model timed against the original on the same runtime and on candle f32 in alternating rounds (median).\n\n\
+                 | stage | batch | latency (ms) | per second | original (ms) | vs original | candle f32 (ms) | vs candle f32 |\n|---|---|---:|---:|---:|---:|---:|---:|\n",
+                self.runtime
+            ));
+            for b in &self.benches {
+                s.push_str(&format!(
+                    "| {} | {} | {:.3} | {:.1} | {:.3} | {:.2}× | {:.3} | {:.2}× |\n",
+                    b.stage,
+                    b.batch,
+                    b.latency_ms,
+                    b.throughput,
+                    b.original_ms,
+                    ratio(b.original_ms, b.latency_ms),
+                    b.candle_f32_ms,
+                    ratio(b.candle_f32_ms, b.latency_ms)
+                ));
+            }
+        }
         s.push_str("\n![quality against weight bytes, stage by stage](tradeoff.svg)\n");
         if !self.layers.is_empty() {
             s.push_str(&format!(
-                "\n## The final model, layer by layer\n\n*error*: relative Frobenius error of the weight against the same layer in *against* \
-                 (the earliest model since the layer last changed shape); *Δ quality alone*: {} of *against* with only this layer \
-                 replaced by the final one, minus that of *against*.\n\n",
+                "\n## The final model, layer by layer\n\n*changed in*: the stage that gave the layer its final form; *against*: the model \
+                 before it (— where the layer never changed, or took a new shape there); *error*: relative Frobenius error of the weight \
+                 against the same layer in *against*; *Δ quality alone*: {} of *against* with only this layer replaced by the final one, \
+                 minus that of *against* — what that last change costs on its own.\n\n",
                 self.metric
             ));
-            s.push_str("| layer | format | shape | bytes | bits/w | sparsity | against | error | Δ quality alone |\n");
-            s.push_str("|---|---|---|---:|---:|---:|---|---:|---:|\n");
+            s.push_str(
+                "| layer | format | shape | bytes | bits/w | sparsity | changed in | against | error | Δ quality alone |\n",
+            );
+            s.push_str("|---|---|---|---:|---:|---:|---|---|---:|---:|\n");
             for l in &self.layers {
                 s.push_str(&format!(
-                    "| {} | {} | {:?} | {} | {:.2} | {:.1}% | {} | {} | {} |\n",
+                    "| {} | {} | {:?} | {} | {:.2} | {:.1}% | {} | {} | {} | {} |\n",
                     l.path,
                     l.format,
                     l.shape,
                     l.bytes,
                     l.bits,
                     100.0 * l.sparsity,
+                    l.changed_in,
                     l.against.as_deref().unwrap_or("—"),
                     l.rel_error.map_or("—".into(), |e| format!("{e:.4}")),
                     l.quality_delta.map_or("—".into(), |d| format!("{d:+.4}")),
                 ));
             }
             if self.layers.iter().any(|l| l.quality_delta.is_some()) {
-                s.push_str("\n![quality lost per layer when only that layer is compressed](sensitivity.svg)\n");
+                s.push_str("\n![quality lost or gained by each layer's last change alone](sensitivity.svg)\n");
             }
         }
         s
@@ -254,7 +342,8 @@ fn ratio(a: f64, b: f64) -> f64 {
 
 /// Quality against weight bytes (log), one labelled point per stage, joined in order.
 fn plot_tradeoff(r: &Report, path: &Path) -> anyhow::Result<()> {
-    let pts: Vec<(f64, f64)> = r.rows.iter().map(|row| (row.bytes.max(1) as f64, row.quality)).collect();
+    // x is log10(bytes) on a linear axis, so that labels fall at even steps whatever the range.
+    let pts: Vec<(f64, f64)> = r.rows.iter().map(|row| ((row.bytes.max(1) as f64).log10(), row.quality)).collect();
     let (xmin, xmax) = pts.iter().fold((f64::INFINITY, 0f64), |(a, b), p| (a.min(p.0), b.max(p.0)));
     let (ymin, ymax) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
     let pad = ((ymax - ymin) * 0.25).max(0.002);
@@ -267,12 +356,13 @@ fn plot_tradeoff(r: &Report, path: &Path) -> anyhow::Result<()> {
             .margin(24)
             .x_label_area_size(48)
             .y_label_area_size(72)
-            .build_cartesian_2d(((xmin / 1.8)..(xmax * 1.8)).log_scale(), (ymin - pad)..(ymax + pad))?;
+            .build_cartesian_2d((xmin - 0.12)..(xmax + 0.12), (ymin - pad)..(ymax + pad))?;
         chart
             .configure_mesh()
             .x_desc("weight bytes (log)")
+            .x_labels(8)
             .y_desc(r.metric.clone())
-            .x_label_formatter(&|v| human_bytes(*v))
+            .x_label_formatter(&|v| human_bytes(10f64.powf(*v)))
             .light_line_style(WHITE)
             .draw()?;
         chart.draw_series(LineSeries::new(pts.iter().copied(), BLUE.mix(0.4)))?;
@@ -289,12 +379,14 @@ fn plot_tradeoff(r: &Report, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Quality lost per layer when only that layer takes its final form: one bar per layer.
+/// Quality lost (red) or gained (green) per layer when only that layer takes its last change:
+/// one bar per layer.
 fn plot_sensitivity(r: &Report, path: &Path) -> anyhow::Result<()> {
     let rows: Vec<(&str, f64)> =
-        r.layers.iter().filter_map(|l| l.quality_delta.map(|d| (l.path.as_str(), (-d).max(0.0)))).collect();
+        r.layers.iter().filter_map(|l| l.quality_delta.map(|d| (l.path.as_str(), -d))).collect();
     let n = rows.len();
     let xmax = rows.iter().map(|r| r.1).fold(0f64, f64::max).max(1e-4) * 1.15;
+    let xmin = rows.iter().map(|r| r.1).fold(0f64, f64::min) * 1.15;
     let tmp = path.with_extension("svg.tmp");
     {
         let height = (120 + 18 * n as u32).max(260);
@@ -302,12 +394,15 @@ fn plot_sensitivity(r: &Report, path: &Path) -> anyhow::Result<()> {
         root.fill(&WHITE)?;
         let names: Vec<String> = rows.iter().map(|r| r.0.to_string()).collect();
         let mut chart = ChartBuilder::on(&root)
-            .caption(format!("{} lost when only this layer is compressed", r.metric), ("sans-serif", 18))
+            .caption(
+                format!("{} lost (red) or gained (green) by each layer's last change alone", r.metric),
+                ("sans-serif", 18),
+            )
             .margin(16)
             .x_label_area_size(40)
             .y_label_area_size(260)
             // Integer ranges are inclusive: n segments.
-            .build_cartesian_2d(0f64..xmax, (0..n.saturating_sub(1)).into_segmented())?;
+            .build_cartesian_2d(xmin..xmax, (0..n.saturating_sub(1)).into_segmented())?;
         // The first layer on top.
         chart
             .configure_mesh()
@@ -317,14 +412,14 @@ fn plot_sensitivity(r: &Report, path: &Path) -> anyhow::Result<()> {
                 SegmentValue::CenterOf(i) if *i < n => names[n - 1 - *i].clone(),
                 _ => String::new(),
             })
-            .x_desc(format!("loss in {}", r.metric))
+            .x_desc(format!("loss in {} (negative: a gain)", r.metric))
             .light_line_style(WHITE)
             .draw()?;
         chart.draw_series(rows.iter().enumerate().map(|(i, (_, v))| {
             let y = n - 1 - i;
             let mut bar = Rectangle::new(
                 [(0.0, SegmentValue::Exact(y)), (*v, SegmentValue::Exact(y + 1))],
-                RED.mix(0.6).filled(),
+                if *v >= 0.0 { RED.mix(0.6).filled() } else { GREEN.mix(0.6).filled() },
             );
             bar.set_margin(3, 3, 0, 0);
             bar

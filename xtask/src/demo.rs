@@ -70,7 +70,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let lost = 100.0 * (first.quality - last.quality);
     let faster = first.latency_ms / last.latency_ms.max(1e-12);
     println!("\n{}", report.table());
-    println!("{}\n", report.summary());
+    println!("{}", report.summary());
+    for b in &report.benches {
+        println!(
+            "{}: {} in {:.3} ms, {:.2}× the teacher on `{}` ({:.3} ms), {:.2}× candle f32 ({:.3} ms)",
+            b.stage,
+            b.batch,
+            b.latency_ms,
+            b.original_ms / b.latency_ms.max(1e-12),
+            report.runtime,
+            b.original_ms,
+            b.candle_f32_ms / b.latency_ms.max(1e-12),
+            b.candle_f32_ms
+        );
+    }
+    println!();
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
     println!("goal ≥ {:.0}× smaller than the teacher: {smaller:.1}× ({})", GOALS.0, verdict(smaller >= GOALS.0));
     println!("goal ≤ {:.0} accuracy point lost: {lost:.2} ({})", GOALS.1, verdict(lost <= GOALS.1));

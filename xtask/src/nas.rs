@@ -78,8 +78,23 @@ pub struct Args {
     runtime: crate::runtime::RuntimeOpts,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    // Everything is checked before the first candidate trains.
+/// What the command line asked for, checked.
+struct Plan {
+    space: Space,
+    strategy: Strategy,
+    multi: bool,
+    objective: Objective,
+    supernet: SupernetConfig,
+    one_shot: bool,
+}
+
+/// Checks the options (and reads a space file) without training anything; returns whether the
+/// space searches sub-networks of a sentence encoder (for recipes, before any stage runs).
+pub fn check(args: &Args) -> anyhow::Result<bool> {
+    Ok(plan(args)?.space.kind == SpaceKind::Encoder)
+}
+
+fn plan(args: &Args) -> anyhow::Result<Plan> {
     let space = if Path::new(&args.space).is_file() {
         Space::from_file(Path::new(&args.space))?
     } else {
@@ -123,6 +138,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.out.exists() && !args.out.is_dir() {
         bail!("--out `{}` must be a folder", args.out.display());
     }
+    Ok(Plan { space, strategy, multi, objective, supernet, one_shot })
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    // Everything is checked before the first candidate trains.
+    let Plan { space, strategy, multi, objective, supernet, one_shot } = plan(&args)?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     let rt = args.runtime.build()?;
     let data = digits(crate::DIGITS_SPLIT_SEED, &Device::Cpu)?;
@@ -236,6 +257,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             best.arch,
             out.display(),
             dir.display(),
+            out.display()
+        ));
+    }
+    if let (None, Some(best)) = (encoder.as_ref(), log.best()) {
+        // The winner as a model file: trained again as its trial trained it (same seed, same
+        // weights for a trained-from-scratch search; one-shot and DARTS winners get their
+        // first training from scratch here).
+        let arch: DigitsArch = best.arch.parse()?;
+        let net = eval.train(&arch, best.index)?;
+        let out = args.out.join("best-model.safetensors");
+        let meta = [("pare.nas".to_string(), best.arch.clone())].into_iter().collect();
+        net.save(&out, &meta, &[])?;
+        md.push_str(&format!(
+            "\nThe best feasible architecture `{}` (test accuracy {:.2}% after {} epochs) is saved in `{}`; distil the teacher into it with `cargo xtask distill --student {}`.\n",
+            best.arch,
+            100.0 * net.accuracy(&data.test)?,
+            args.epochs,
+            out.display(),
             out.display()
         ));
     }

@@ -13,7 +13,7 @@ use pare_core_tensor::io::{META_RECIPE, load_weights, save_weights};
 use pare_core_tensor::metrics::{mean_cosine, retrieval_agreement};
 use pare_core_tensor::train::{LrSchedule, OptimizerKind, TrainConfig};
 use pare_core_tensor::{Granularity, ReferenceRuntime};
-use pare_core_tensor::{Hooks, Module};
+use pare_core_tensor::{Hooks, LayerRef, Module};
 use pare_models::bert::SentenceEncoder;
 use pare_models::digits::fit;
 use pare_models::digits::{DigitsNet, META_MODEL};
@@ -286,11 +286,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             e.embed_hooked(&calib, 32, hooks, &mut |_| {})?;
             Ok(calib.len())
         };
-        let hessians = gptq_hessians(any_gptq, &paths, &mut |h| run_calib(&float, h))?;
+        let hessians = gptq_hessians(any_gptq, &float.bert, &paths, &mut |h| run_calib(&float, h))?;
+        // Activation quantization (and smoothing) applies to the inputs of linear layers; a
+        // selected embedding table gets its weights quantized only (its inputs are token ids).
+        let act_paths: Vec<String> = paths
+            .iter()
+            .filter(|p| enc.bert.layer(p).is_ok_and(|l| l.kind() == pare_core_tensor::LayerKind::Linear))
+            .cloned()
+            .collect();
         let factors = match args.smooth {
             Some(alpha) => {
-                let amax = collect_channel_max(&paths, &mut |h| run_calib(&float, h))?;
-                smooth_model(&mut enc.bert, &paths, &amax, alpha)?
+                let amax = collect_channel_max(&act_paths, &mut |h| run_calib(&float, h))?;
+                smooth_model(&mut enc.bert, &act_paths, &amax, alpha)?
             }
             None => BTreeMap::new(),
         };
@@ -298,14 +305,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             quantize_model_plan(&mut enc.bert, &method, &selection, &overrides, hessians.as_ref(), &mut on_layer)?;
         let specs = match mode {
             Mode::WeightOnly => BTreeMap::new(),
-            Mode::Dynamic => with_factors(dynamic_specs(&enc.bert, &paths, act, true)?, &factors),
+            Mode::Dynamic => with_factors(dynamic_specs(&enc.bert, &act_paths, act, true)?, &factors),
             // A smoothed model is only right once its specs divide the inputs: calibrate the
             // smoothed ranges on the float model.
             Mode::Static if !factors.is_empty() => {
-                calibrate_smoothed(&paths, observer, act, &factors, &mut |h| run_calib(&float, h))?
+                calibrate_smoothed(&act_paths, observer, act, &factors, &mut |h| run_calib(&float, h))?
             }
             Mode::Static | Mode::Qat => {
-                calibrate_smoothed(&paths, observer, act, &factors, &mut |h| run_calib(&enc, h))?
+                calibrate_smoothed(&act_paths, observer, act, &factors, &mut |h| run_calib(&enc, h))?
             }
         };
         apply(&mut enc.bert, &specs)?;
@@ -377,7 +384,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 }
                 Ok(calib.len())
             };
-            let hessians = gptq_hessians(any_gptq, &paths, &mut |h| run_calib(&float, h))?;
+            let hessians = gptq_hessians(any_gptq, &float, &paths, &mut |h| run_calib(&float, h))?;
             let factors = match args.smooth {
                 Some(alpha) => {
                     let linear: Vec<String> = paths
@@ -675,12 +682,20 @@ fn with_factors(
 }
 
 /// Calibration Hessians when the method is GPTQ.
+/// Input Hessians of the selected linear and convolution layers (an embedding's input is
+/// token ids: it has none, and GPTQ does not apply to it).
 fn gptq_hessians(
     needed: bool,
+    model: &dyn Module,
     paths: &[String],
     run: &mut dyn FnMut(&mut Hooks<'_>) -> pare_quant::Result<usize>,
 ) -> anyhow::Result<Option<HessianObserver>> {
-    Ok(if needed { Some(collect_hessians(paths, run)?) } else { None })
+    let weighted: Vec<String> = paths
+        .iter()
+        .filter(|p| model.layer(p).is_ok_and(|l| matches!(l, LayerRef::Linear(_) | LayerRef::Conv2d(_))))
+        .cloned()
+        .collect();
+    Ok(if needed { Some(collect_hessians(&weighted, run)?) } else { None })
 }
 
 fn print_table(reports: &[LayerReport]) {

@@ -25,7 +25,10 @@ use anyhow::Context;
 use clap::Parser;
 
 /// The stages a recipe may hold.
-pub const KINDS: &[&str] = &["distill", "prune", "quantize", "evaluate"];
+pub const KINDS: &[&str] = &["nas", "distill", "prune", "finetune", "quantize", "evaluate", "bench"];
+
+/// Structured pruning methods: they remove units, so later training keeps the model small.
+const STRUCTURED: &[&str] = &["neurons", "channels", "heads", "layers"];
 
 /// Keys the pipeline sets itself.
 const RESERVED: &[&str] = &["model", "out", "teacher", "json", "runtime", "threads"];
@@ -33,24 +36,37 @@ const RESERVED: &[&str] = &["model", "out", "teacher", "json", "runtime", "threa
 /// What a stage does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// Search an architecture (`cargo xtask nas`); the winner, trained, becomes the model (a
+    /// digits architecture trained on the labels, or a sub-network of the input encoder).
+    Nas,
     /// Distil the current model (the teacher) into a student (`cargo xtask distill`).
     Distill,
+    /// Train the current model to reproduce the recipe's original model (`cargo xtask
+    /// distill` with the original as teacher and the current model as the student to start
+    /// from): the repair after structured pruning.
+    Finetune,
     /// Prune the current model (`cargo xtask prune`).
     Prune,
     /// Quantize the current model (`cargo xtask quantize`).
     Quantize,
     /// Measure the current model (every stage's output is measured anyway; this adds a row).
     Evaluate,
+    /// Time the current model at a batch shape of the recipe's choosing against the original
+    /// on the same runtime and on candle f32.
+    Bench,
 }
 
 impl Kind {
     /// The recipe's name for it.
     pub fn name(self) -> &'static str {
         match self {
+            Kind::Nas => "nas",
             Kind::Distill => "distill",
+            Kind::Finetune => "finetune",
             Kind::Prune => "prune",
             Kind::Quantize => "quantize",
             Kind::Evaluate => "evaluate",
+            Kind::Bench => "bench",
         }
     }
 }
@@ -167,10 +183,13 @@ impl Recipe {
             let mut options = table.clone();
             let kind = match options.remove("kind") {
                 Some(toml::Value::String(k)) => match k.as_str() {
+                    "nas" => Kind::Nas,
                     "distill" => Kind::Distill,
+                    "finetune" => Kind::Finetune,
                     "prune" => Kind::Prune,
                     "quantize" => Kind::Quantize,
                     "evaluate" => Kind::Evaluate,
+                    "bench" => Kind::Bench,
                     other => {
                         return Err(at(
                             line_of(text, index, Some("kind")),
@@ -201,10 +220,31 @@ impl Recipe {
         )
     }
 
-    /// Stages that need float weights must come before the first quantize stage.
+    /// Stages that need float weights must come before the first quantize stage, and a
+    /// finetune stage would fill in the zeros of an unstructured prune before it.
     fn check_order(&self) -> anyhow::Result<()> {
         let mut quantized: Option<&Stage> = None;
+        let mut sparse: Option<&Stage> = None;
         for s in &self.stages {
+            match s.kind {
+                Kind::Prune => {
+                    let method = s.options.get("method").and_then(|m| m.as_str()).unwrap_or("magnitude");
+                    if !STRUCTURED.contains(&method) {
+                        sparse = Some(s);
+                    }
+                }
+                Kind::Distill | Kind::Nas => sparse = None,
+                Kind::Finetune => {
+                    if let Some(p) = sparse {
+                        return Err(self.error(s, None, format!(
+                            "finetune trains every weight, so it would fill in the zeros stage {} (prune, unstructured) made: \
+                             give that stage `finetune = EPOCHS` (masked fine-tuning) instead, or prune structurally",
+                            p.index
+                        )));
+                    }
+                }
+                _ => {}
+            }
             match (s.kind, quantized) {
                 (Kind::Quantize, None) => quantized = Some(s),
                 (Kind::Quantize, Some(q)) => {
@@ -213,7 +253,7 @@ impl Recipe {
                         q.index
                     )));
                 }
-                (Kind::Prune | Kind::Distill, Some(q)) => {
+                (Kind::Prune | Kind::Distill | Kind::Finetune | Kind::Nas, Some(q)) => {
                     return Err(self.error(
                         s,
                         None,
@@ -232,17 +272,26 @@ impl Recipe {
     }
 
     /// The command-line arguments `stage`'s options stand for, after `fixed` (the pipeline's
-    /// own: `--model`, `--out`, ...), with the recipe's seed unless the stage sets one.
+    /// own: `--model`, `--out`, ...; a `?key` there is a default the stage may set itself),
+    /// with the recipe's seed unless the stage sets one.
     fn cli(&self, stage: &Stage, fixed: &[(&str, String)], takes_seed: bool) -> anyhow::Result<Vec<String>> {
         let mut args = Vec::new();
         for (k, v) in fixed {
-            args.push(format!("--{k}"));
+            // `?key` is a default: the stage's own value wins.
+            if let Some(k) = k.strip_prefix('?') {
+                if stage.options.keys().any(|o| o.replace('-', "_") == k.replace('-', "_")) {
+                    continue;
+                }
+                args.push(format!("--{}", k.replace('_', "-")));
+            } else {
+                args.push(format!("--{k}"));
+            }
             args.push(v.clone());
         }
         let mut seeded = false;
         for (key, v) in &stage.options {
             let flag = key.replace('_', "-");
-            if RESERVED.contains(&flag.as_str()) {
+            if RESERVED.contains(&flag.as_str()) || (stage.kind == Kind::Finetune && flag == "student") {
                 return Err(self.error(stage, Some(key), format!("`{key}` is set by the pipeline: remove it")));
             }
             seeded |= flag == "seed";

@@ -41,8 +41,25 @@ fn recipe_errors_name_the_file_line_stage_and_key_and_write_nothing() {
             "line 3: stage 1 (prune): invalid value `half` for `sparsity`: invalid float literal",
         ),
         (
-            "[[stage]]\nkind = \"nas\"\n",
-            "line 2: stage 1: unknown kind `nas`: expected one of distill, prune, quantize, evaluate",
+            "[[stage]]\nkind = \"sparsify\"\n",
+            "line 2: stage 1: unknown kind `sparsify`: expected one of nas, distill, prune, finetune, quantize, evaluate, bench",
+        ),
+        (
+            "[[stage]]\nkind = \"prune\"\nsparsity = 0.5\n\n[[stage]]\nkind = \"finetune\"\n",
+            "line 5: stage 2 (finetune): finetune trains every weight, so it would fill in the zeros stage 1 (prune, unstructured) made: give that stage `finetune = EPOCHS` (masked fine-tuning) instead, or prune structurally",
+        ),
+        (
+            "[[stage]]\nkind = \"finetune\"\nstudent = \"mlp:8\"\n",
+            "line 3: stage 1 (finetune): `student` is set by the pipeline: remove it",
+        ),
+        (
+            "[[stage]]\nkind = \"bench\"\nseq_len = 64\n",
+            "line 3: stage 1 (bench): `seq_len` applies to sentence encoders, not digits",
+        ),
+        ("[[stage]]\nkind = \"bench\"\nbatch = 0\n", "line 3: stage 1 (bench): `batch` must be at least 1, found 0"),
+        (
+            "[[stage]]\nkind = \"bench\"\nbatches = 4\n",
+            "line 3: stage 1 (bench): unknown key `batches` (did you mean `batch`?)",
         ),
         (
             "[[stage]]\nkind = \"quantize\"\n\n[[stage]]\nkind = \"prune\"\nsparsity = 0.5\n",
@@ -178,11 +195,14 @@ fn the_demo_pipeline_meets_its_size_and_accuracy_goals() {
         assert!(row["macs"].as_u64().unwrap() > 0, "{row}");
     }
     assert!(report["baseline"]["latency_ms"].as_f64().unwrap() > 0.0);
-    // The final model's layers: the pruned and quantized first layer is measured against the
-    // distilled student it came from.
+    // The final model's layers: the first layer took its final form in the quantize stage and
+    // is measured against the pruned model before it; the classifier, left float, last
+    // changed in the prune stage's fine-tuning.
     let layers = report["layers"].as_array().unwrap();
     let l0 = layers.iter().find(|l| l["path"] == "layers.0").unwrap();
-    assert_eq!(l0["against"], "1 distill");
+    assert_eq!((&l0["changed_in"], &l0["against"]), (&"3 quantize".into(), &"2 prune".into()), "{l0}");
+    let l1 = layers.iter().find(|l| l["path"] == "layers.1").unwrap();
+    assert_eq!((&l1["changed_in"], &l1["against"]), (&"2 prune".into(), &"1 distill".into()), "{l1}");
     assert!((l0["sparsity"].as_f64().unwrap() - 0.5).abs() < 1e-9, "{l0}");
     assert!(l0["rel_error"].as_f64().unwrap() > 0.0 && l0["quality_delta"].as_f64().is_some(), "{l0}");
     for f in ["report.md", "tradeoff.svg", "sensitivity.svg", "manifest.json"] {
@@ -191,4 +211,43 @@ fn the_demo_pipeline_meets_its_size_and_accuracy_goals() {
     }
     let svg = std::fs::read_to_string(out.join("tradeoff.svg")).unwrap();
     assert!(svg.contains("3 quantize") && svg.contains("original"), "the trade-off plot labels every stage");
+}
+
+/// A `nas` stage makes the search's winner the model (trained as its trial was), `finetune`
+/// distils the recipe's original model into it, and a `bench` stage times the result at its
+/// own batch shape against the original and candle f32.
+#[test]
+fn nas_then_finetune_then_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = teacher(dir.path());
+    let recipe = dir.path().join("nas.toml");
+    std::fs::write(
+        &recipe,
+        "[[stage]]\nkind = \"nas\"\nspace = \"mlp\"\nstrategy = \"random\"\nbudget = 2\nepochs = 1\n\n\
+         [[stage]]\nkind = \"finetune\"\nepochs = 2\n\n[[stage]]\nkind = \"bench\"\nbatch = 8\nrounds = 2\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let text = ok(&[
+        "compress",
+        "--model",
+        model.to_str().unwrap(),
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(out.join("stages/01-nas/best-model.safetensors").is_file(), "{text}");
+    assert!(out.join("stages/01-nas/trials.json").is_file());
+    assert!(out.join("stages/02-finetune.safetensors").is_file());
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "original, nas, finetune, bench");
+    // The winner is an MLP, not the teacher.
+    assert_ne!(rows[1]["params"], rows[0]["params"]);
+    let bench = &report["benches"][0];
+    assert_eq!(bench["batch"], "8 test images");
+    assert!(bench["latency_ms"].as_f64().unwrap() > 0.0 && bench["candle_f32_ms"].as_f64().unwrap() > 0.0);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("## Benchmarks") && md.contains("| 3 bench | 8 test images |"), "{md}");
 }

@@ -87,8 +87,9 @@ impl<'a> DigitsEvaluator<'a> {
         )
     }
 
-    /// Trains `arch` and measures it (the work of one trial).
-    pub fn measure(&mut self, arch: &DigitsArch, index: usize) -> Result<Metrics> {
+    /// Trains `arch` as trial `index` trains it (the same seed, so the same weights as in the
+    /// search): how a search's winner becomes a model.
+    pub fn train(&self, arch: &DigitsArch, index: usize) -> Result<DigitsNet> {
         let seed = self.seed ^ (index as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
         let vars = VarMap::new();
         let net = DigitsNet::init(arch.clone(), seed, &Device::Cpu, &vars).map_err(pare_models::Error::into_core)?;
@@ -102,6 +103,12 @@ impl<'a> DigitsEvaluator<'a> {
             checkpoint: None,
         };
         fit(&net, &vars, self.data, &cfg, &mut |_| {}).map_err(pare_models::Error::into_core)?;
+        Ok(net)
+    }
+
+    /// Trains `arch` and measures it (the work of one trial).
+    pub fn measure(&mut self, arch: &DigitsArch, index: usize) -> Result<Metrics> {
+        let net = self.train(arch, index)?;
         let mut fast = net.clone();
         fast.prepare(&self.runtime)?;
         let acc = |e: &pare_core_tensor::data::Examples| -> Result<f64> {

@@ -343,7 +343,16 @@ pub fn quantize_model_plan(
     let mut plan: Vec<(String, Tensor, &Method)> = Vec::with_capacity(paths.len());
     for p in &paths {
         let method = matchers.iter().rev().find(|(m, _)| m.is_match(p)).map_or(default, |(_, method)| *method);
-        let (name, w) = model.layer(p)?.parameters().swap_remove(0);
+        let layer = model.layer(p)?;
+        if method.needs_hessians() && layer.kind() == pare_core_tensor::LayerKind::Embedding {
+            return Err(option(
+                p,
+                "GPTQ works from a layer's input activations, and an embedding's inputs are token ids: \
+                 quantize it round-to-nearest (an override with algo rtn)"
+                    .to_string(),
+            ));
+        }
+        let (name, w) = layer.parameters().swap_remove(0);
         let Weight::Dense(t) = w else {
             return Err(option(&name, format!("expected a dense float weight, found {}", w.describe())));
         };

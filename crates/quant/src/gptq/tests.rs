@@ -124,3 +124,50 @@ fn gptq_over_the_nf4_codebook_beats_nearest_rounding() {
     let e = gptq_nf4("w", &w, &h, 48, GptqConfig::default()).unwrap_err().to_string();
     assert!(e.contains("group size 48 must divide the row length 128"), "{e}");
 }
+
+/// GPTQ on an embedding table is refused by name before anything is quantized (its inputs are
+/// token ids, so it has no input Hessian); with an rtn override for the table, the same run
+/// quantizes the table round-to-nearest and the linear layers with GPTQ.
+#[test]
+fn gptq_names_an_embedding_and_an_rtn_override_lets_the_table_through() {
+    use pare_core_tensor::{Hooks, InitWeights, Module};
+    use pare_models::bert::{BertConfig, BertEncoder};
+
+    use crate::weight_only::{Method, Override, Selection, quantize_model_plan};
+    let cfg = BertConfig {
+        vocab_size: 40,
+        hidden_size: 64,
+        num_hidden_layers: 1,
+        num_attention_heads: 2,
+        intermediate_size: 64,
+        hidden_act: "gelu".into(),
+        max_position_embeddings: 16,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        attention_head_size: None,
+        heads_per_layer: None,
+        intermediate_per_layer: None,
+    };
+    let bert = BertEncoder::build(cfg, &mut InitWeights::new(3, Device::Cpu, candle_nn::VarMap::new())).unwrap();
+    let selection =
+        Selection { include: vec!["embeddings.word_embeddings".into(), "encoder.*".into()], exclude: vec![] };
+    let paths = selection.resolve(&bert).unwrap();
+    let linear: Vec<String> = paths.iter().filter(|p| p.starts_with("encoder.")).cloned().collect();
+    let ids =
+        Tensor::from_vec((0..24).map(|i| (i * 7 % 40) as u32).collect::<Vec<_>>(), (2, 12), &Device::Cpu).unwrap();
+    let mask = Tensor::ones((2, 12), candle_core::DType::U32, &Device::Cpu).unwrap();
+    let hess = collect_hessians(&linear, &mut |h: &mut Hooks<'_>| {
+        bert.forward_hooked(&ids, None, &mask, h).map_err(pare_models::Error::into_core)?;
+        Ok(2)
+    })
+    .unwrap();
+    let gptq = Method::parse("int4", "group:32", true).unwrap().with_algo("gptq").unwrap();
+    let mut m = bert.clone();
+    let e = quantize_model_plan(&mut m, &gptq, &selection, &[], Some(&hess), &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("embeddings.word_embeddings") && e.contains("token ids"), "{e}");
+    assert_eq!(m.storage_bytes(), bert.storage_bytes(), "nothing was quantized before the error");
+    let rtn = Override::parse("embeddings.word_embeddings=int4,group:32,rtn", true).unwrap();
+    let reports = quantize_model_plan(&mut m, &gptq, &selection, &[rtn], Some(&hess), &mut |_| {}).unwrap();
+    assert_eq!(reports.len(), paths.len());
+    assert!(m.storage_bytes() < bert.storage_bytes() / 3);
+}
