@@ -93,8 +93,26 @@ enum Planned {
     Quantize(Box<crate::quantize::Args>),
     Distill(Box<crate::distill::Args>),
     Nas(Box<crate::nas::Args>),
+    Export(ExportFormat),
     Evaluate,
     Bench(BenchArgs),
+}
+
+/// The keys of an `export` stage.
+#[derive(clap::Args, Debug, Clone)]
+struct ExportArgs {
+    /// `gguf` (llama.cpp's file: float tensors, and Q8_0/Q4_0 blocks for codes quantized with
+    /// scheme q8_0 or q4_0) or `compressed-tensors` (sentence encoders with integer codes: the
+    /// layout vLLM and transformers load).
+    #[arg(long)]
+    format: String,
+}
+
+/// What an export stage writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExportFormat {
+    Gguf,
+    CompressedTensors,
 }
 
 /// The keys of a `bench` stage.
@@ -202,6 +220,30 @@ fn plan_stage(
             }
             Planned::Evaluate
         }
+        Kind::Export => {
+            let a: ExportArgs = recipe.stage_args(stage, &[], false)?;
+            let folder = io.train_text.is_some();
+            let format = match a.format.as_str() {
+                "gguf" => ExportFormat::Gguf,
+                "compressed-tensors" if folder => ExportFormat::CompressedTensors,
+                "compressed-tensors" => {
+                    return Err(recipe.error(
+                        stage,
+                        Some("format"),
+                        "compressed-tensors is a Hugging Face model folder: the model here is a digits file (use gguf)",
+                    ));
+                }
+                other => {
+                    return Err(recipe.error(
+                        stage,
+                        Some("format"),
+                        format!("unknown format `{other}`: expected gguf or compressed-tensors"),
+                    ));
+                }
+            };
+            check_export(recipe, stage, format)?;
+            Planned::Export(format)
+        }
         Kind::Bench => {
             let a: BenchArgs = recipe.stage_args(stage, &[], false)?;
             let encoder = io.train_text.is_some();
@@ -298,6 +340,12 @@ pub fn execute(args: Args) -> anyhow::Result<Report> {
     for stage in &recipe.stages {
         let output = if matches!(stage.kind, Kind::Evaluate | Kind::Bench) {
             input.clone()
+        } else if stage.kind == Kind::Export {
+            let ext = match (folder, stage.options.get("format").and_then(|f| f.as_str())) {
+                (false, _) => ".gguf",
+                _ => "",
+            };
+            stage_dir.join(format!("{:02}-export{ext}", stage.index))
         } else if stage.kind == Kind::Nas {
             stage_dir.join(format!("{:02}-nas", stage.index)).join(format!("best-model{ext}"))
         } else {
@@ -376,6 +424,7 @@ pub fn execute(args: Args) -> anyhow::Result<Report> {
                         lines.iter().for_each(|l| println!("  {l}"));
                     }
                     Planned::Nas(a) => crate::nas::run(*a)?,
+                    Planned::Export(format) => export(format, &input_of(&models), output)?,
                     Planned::Evaluate => {}
                     Planned::Bench(_) => {}
                 }
@@ -408,6 +457,107 @@ pub fn execute(args: Args) -> anyhow::Result<Report> {
         report.write(&args.out)?;
     }
     Ok(report)
+}
+
+/// The path of the last model in the chain (a stage's input).
+fn input_of(models: &[(String, PathBuf, Loaded, Option<f64>)]) -> PathBuf {
+    models.last().map(|m| m.1.clone()).unwrap_or_default()
+}
+
+/// Export stages take what the last quantize stage made: GGUF holds float weights and
+/// Q8_0/Q4_0 codes (weights only); compressed-tensors holds integer codes.
+fn check_export(recipe: &Recipe, stage: &Stage, format: ExportFormat) -> anyhow::Result<()> {
+    let Some(q) =
+        recipe.stages.iter().take_while(|s| s.index < stage.index).filter(|s| s.kind == Kind::Quantize).last()
+    else {
+        return Ok(());
+    };
+    let get = |k: &str| q.options.get(k).and_then(|v| v.as_str()).map(String::from);
+    let scheme = get("scheme").unwrap_or_else(|| "int8".into());
+    let mode = get("mode").unwrap_or_else(|| "weight-only".into());
+    let overrides: Vec<String> = match q.options.get("override") {
+        Some(toml::Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+        Some(toml::Value::String(s)) => vec![s.clone()],
+        _ => Vec::new(),
+    };
+    let schemes = std::iter::once(scheme).chain(
+        overrides
+            .iter()
+            .filter_map(|o| o.split_once('='))
+            .map(|(_, m)| m.split(',').next().unwrap_or_default().to_string()),
+    );
+    for s in schemes {
+        let ok = match format {
+            ExportFormat::Gguf => matches!(s.as_str(), "q8_0" | "q4_0" | "fp16" | "f16"),
+            ExportFormat::CompressedTensors => s.starts_with("int"),
+        };
+        if !ok {
+            let what = match format {
+                ExportFormat::Gguf => {
+                    "GGUF holds float weights and Q8_0/Q4_0 blocks exactly: quantize with scheme q8_0 or q4_0"
+                }
+                ExportFormat::CompressedTensors => {
+                    "compressed-tensors holds integer codes: quantize with scheme int2..int8"
+                }
+            };
+            return Err(recipe.error(stage, Some("format"), format!("stage {} quantizes to `{s}`; {what}", q.index)));
+        }
+    }
+    if format == ExportFormat::Gguf && mode != "weight-only" {
+        return Err(recipe.error(
+            stage,
+            Some("format"),
+            format!(
+                "stage {} quantizes activations (mode {mode}); GGUF holds weights only: use compressed-tensors",
+                q.index
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes the model at `input` as `format` at `output`, holding it exactly.
+fn export(format: ExportFormat, input: &Path, output: &Path) -> anyhow::Result<()> {
+    let model = Loaded::load(input)?;
+    let mut meta = std::collections::BTreeMap::from([
+        (pare_core_tensor::io::META_VERSION.to_string(), pare_core_tensor::VERSION.to_string()),
+        (pare_core_tensor::io::META_RECIPE.to_string(), format!("export {format:?} of {}", input.display())),
+    ]);
+    match (format, &model) {
+        (ExportFormat::Gguf, _) => {
+            if let Some(l) = model.module().layers().iter().find(|l| l.input_quant().is_some()) {
+                bail!("`{}` quantizes its input at run time; GGUF holds weights only", l.path());
+            }
+            // Every tensor is converted before anything is written.
+            let tensors = model
+                .module()
+                .named_weights()
+                .iter()
+                .map(|(name, w)| Ok((name.clone(), pare_quant::gguf::from_weight(name, w)?)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let dest = match &model {
+                Loaded::Digits(net) => {
+                    meta.insert(pare_models::digits::META_MODEL.into(), serde_json::to_string(net.arch())?);
+                    output.to_path_buf()
+                }
+                Loaded::Encoder(_) => {
+                    std::fs::create_dir_all(output).with_context(|| format!("create {}", output.display()))?;
+                    pare_models::bert::copy_model_files(input, output)?;
+                    output.join("model.gguf")
+                }
+            };
+            pare_quant::gguf::write(&dest, &tensors, &meta, &[input])?;
+            println!("  wrote {} ({} tensors)", dest.display(), tensors.len());
+        }
+        (ExportFormat::CompressedTensors, Loaded::Encoder(e)) => {
+            e.bert.save_folder_compressed_tensors(input, output, &meta)?;
+            println!("  wrote {} (compressed-tensors)", output.display());
+        }
+        (ExportFormat::CompressedTensors, Loaded::Digits(_)) => {
+            bail!("compressed-tensors is a Hugging Face model folder; a digits model exports as gguf")
+        }
+    }
+    Ok(())
 }
 
 /// ONNX Runtime's 2-thread medians at 32 × 128 from `ort-bench.json`: the fused f32 graph and

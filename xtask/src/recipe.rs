@@ -25,7 +25,7 @@ use anyhow::Context;
 use clap::Parser;
 
 /// The stages a recipe may hold.
-pub const KINDS: &[&str] = &["nas", "distill", "prune", "finetune", "quantize", "evaluate", "bench"];
+pub const KINDS: &[&str] = &["nas", "distill", "prune", "finetune", "quantize", "export", "evaluate", "bench"];
 
 /// Structured pruning methods: they remove units, so later training keeps the model small.
 const STRUCTURED: &[&str] = &["neurons", "channels", "heads", "layers"];
@@ -49,6 +49,9 @@ pub enum Kind {
     Prune,
     /// Quantize the current model (`cargo xtask quantize`).
     Quantize,
+    /// Write the current model in a deployment format (GGUF, compressed-tensors) that holds
+    /// it exactly; the written file is loaded back and measured like any stage's output.
+    Export,
     /// Measure the current model (every stage's output is measured anyway; this adds a row).
     Evaluate,
     /// Time the current model at a batch shape of the recipe's choosing against the original
@@ -65,6 +68,7 @@ impl Kind {
             Kind::Finetune => "finetune",
             Kind::Prune => "prune",
             Kind::Quantize => "quantize",
+            Kind::Export => "export",
             Kind::Evaluate => "evaluate",
             Kind::Bench => "bench",
         }
@@ -188,6 +192,7 @@ impl Recipe {
                     "finetune" => Kind::Finetune,
                     "prune" => Kind::Prune,
                     "quantize" => Kind::Quantize,
+                    "export" => Kind::Export,
                     "evaluate" => Kind::Evaluate,
                     "bench" => Kind::Bench,
                     other => {

@@ -42,7 +42,7 @@ fn recipe_errors_name_the_file_line_stage_and_key_and_write_nothing() {
         ),
         (
             "[[stage]]\nkind = \"sparsify\"\n",
-            "line 2: stage 1: unknown kind `sparsify`: expected one of nas, distill, prune, finetune, quantize, evaluate, bench",
+            "line 2: stage 1: unknown kind `sparsify`: expected one of nas, distill, prune, finetune, quantize, export, evaluate, bench",
         ),
         (
             "[[stage]]\nkind = \"prune\"\nsparsity = 0.5\n\n[[stage]]\nkind = \"finetune\"\n",
@@ -214,17 +214,19 @@ fn the_demo_pipeline_meets_its_size_and_accuracy_goals() {
 }
 
 /// A `nas` stage makes the search's winner the model (trained as its trial was), `finetune`
-/// distils the recipe's original model into it, and a `bench` stage times the result at its
-/// own batch shape against the original and candle f32.
+/// distils the recipe's original model into it, `export` writes the Q8_0 result as GGUF that
+/// loads back to the same bytes and accuracy, and a `bench` stage times it at its own batch
+/// shape against the original and candle f32.
 #[test]
-fn nas_then_finetune_then_bench() {
+fn nas_then_finetune_export_and_bench() {
     let dir = tempfile::tempdir().unwrap();
     let model = teacher(dir.path());
     let recipe = dir.path().join("nas.toml");
     std::fs::write(
         &recipe,
         "[[stage]]\nkind = \"nas\"\nspace = \"mlp\"\nstrategy = \"random\"\nbudget = 2\nepochs = 1\n\n\
-         [[stage]]\nkind = \"finetune\"\nepochs = 2\n\n[[stage]]\nkind = \"bench\"\nbatch = 8\nrounds = 2\n",
+         [[stage]]\nkind = \"finetune\"\nepochs = 2\n\n[[stage]]\nkind = \"quantize\"\nscheme = \"q8_0\"\n\n\
+         [[stage]]\nkind = \"export\"\nformat = \"gguf\"\n\n[[stage]]\nkind = \"bench\"\nbatch = 8\nrounds = 2\n",
     )
     .unwrap();
     let out = dir.path().join("out");
@@ -242,12 +244,16 @@ fn nas_then_finetune_then_bench() {
     assert!(out.join("stages/02-finetune.safetensors").is_file());
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     let rows = report["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 4, "original, nas, finetune, bench");
+    assert_eq!(rows.len(), 6, "original, nas, finetune, quantize, export, bench");
     // The winner is an MLP, not the teacher.
     assert_ne!(rows[1]["params"], rows[0]["params"]);
+    // The GGUF file holds the Q8_0 codes exactly: same bytes, same accuracy once loaded back.
+    assert!(out.join("stages/04-export.gguf").is_file());
+    assert_eq!(rows[4]["bytes"], rows[3]["bytes"]);
+    assert_eq!(rows[4]["quality"], rows[3]["quality"]);
     let bench = &report["benches"][0];
     assert_eq!(bench["batch"], "8 test images");
     assert!(bench["latency_ms"].as_f64().unwrap() > 0.0 && bench["candle_f32_ms"].as_f64().unwrap() > 0.0);
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
-    assert!(md.contains("## Benchmarks") && md.contains("| 3 bench | 8 test images |"), "{md}");
+    assert!(md.contains("## Benchmarks") && md.contains("| 5 bench | 8 test images |"), "{md}");
 }

@@ -675,8 +675,10 @@ pub fn is_gguf(path: impl AsRef<Path>) -> bool {
         && &head == GGUF_MAGIC
 }
 
-/// Loads a GGUF file (llama.cpp's format, as pare's GGUF export writes it): every tensor
-/// dequantized by candle to a dense f32 weight, and the string-valued metadata. A malformed
+/// Loads a GGUF file (llama.cpp's format, as pare's GGUF export writes it) and its
+/// string-valued metadata: 2-D Q8_0 and Q4_0 tensors become pare's signed int8/int4 codes in
+/// groups of 32 exactly (their f16 scales as f32), every other tensor is dequantized by candle
+/// to a dense f32 weight. A malformed
 /// file is an [`Error::Malformed`] naming it.
 pub fn load_gguf(
     path: impl AsRef<Path>,
@@ -690,7 +692,22 @@ pub fn load_gguf(
     let mut weights = BTreeMap::new();
     for name in content.tensor_infos.keys() {
         let q = content.tensor(&mut f, name, device).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
-        weights.insert(name.clone(), Weight::Dense(q.dequantize(device)?));
+        // Q8_0 and Q4_0 blocks are pare's signed int8/int4 in groups of 32: kept as codes.
+        use candle_core::quantized::GgmlDType;
+        let w = match (q.dtype(), q.shape().dims()) {
+            (GgmlDType::Q8_0 | GgmlDType::Q4_0, &[rows, cols]) => {
+                let data = q.data().map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+                Weight::Quantized(crate::QuantizedTensor::from_ggml_blocks(
+                    name,
+                    q.dtype(),
+                    &data,
+                    &[rows, cols],
+                    candle_core::DType::F32,
+                )?)
+            }
+            _ => Weight::Dense(q.dequantize(device)?),
+        };
+        weights.insert(name.clone(), w);
     }
     let meta =
         content.metadata.iter().filter_map(|(k, v)| v.to_string().ok().map(|s| (k.clone(), s.clone()))).collect();

@@ -212,6 +212,92 @@ pub struct QuantizedTensor {
 }
 
 impl QuantizedTensor {
+    /// The GGML block type that holds this tensor exactly (up to the f16 rounding of its
+    /// scales, none for scales that are already f16 values), if any: signed symmetric linear
+    /// int8 or int4 in groups of 32 along the rows of a 2-D tensor (llama.cpp's Q8_0 and Q4_0).
+    pub fn ggml_type(&self) -> Option<candle_core::quantized::GgmlDType> {
+        use candle_core::quantized::GgmlDType;
+        let s = &self.scheme;
+        let fits = s.signed
+            && s.symmetric
+            && s.mapping == Mapping::Linear
+            && s.granularity == Granularity::PerGroup { size: 32 }
+            && self.shape.len() == 2
+            && self.shape[1].is_multiple_of(32);
+        match s.bits {
+            8 if fits => Some(GgmlDType::Q8_0),
+            4 if fits => Some(GgmlDType::Q4_0),
+            _ => None,
+        }
+    }
+
+    /// The codes and scales as GGML blocks of [`QuantizedTensor::ggml_type`] (Q8_0: an f16
+    /// scale and 32 i8; Q4_0: an f16 scale and 16 bytes, element `j` in the low nibble of byte
+    /// `j`, element `j + 16` in the high one), or `None` when no block type holds them.
+    pub fn ggml_blocks(&self) -> Option<(candle_core::quantized::GgmlDType, Vec<u8>)> {
+        use candle_core::quantized::GgmlDType;
+        let ty = self.ggml_type()?;
+        let codes = self.codes();
+        let mut out = Vec::with_capacity(codes.len() / 32 * 34);
+        for (b, block) in codes.chunks(32).enumerate() {
+            out.extend_from_slice(&half::f16::from_f32(self.scales[b]).to_le_bytes());
+            match ty {
+                // Codes are stored offset by q_min (−128): the signed value is `c − 128`.
+                GgmlDType::Q8_0 => out.extend(block.iter().map(|&c| c.wrapping_sub(128))),
+                // Q4_0 reads `nibble − 8`, and 4-bit codes are already `value + 8`.
+                _ => out.extend((0..16).map(|j| block[j] | (block[j + 16] << 4))),
+            }
+        }
+        Some((ty, out))
+    }
+
+    /// A `[rows, cols]` tensor from GGML Q8_0 or Q4_0 blocks (the inverse of
+    /// [`QuantizedTensor::ggml_blocks`]: the same codes, the f16 scales as f32) whose
+    /// `dequantize()` returns `dtype`. `name` names the tensor in errors.
+    pub fn from_ggml_blocks(
+        name: &str,
+        ty: candle_core::quantized::GgmlDType,
+        data: &[u8],
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Self> {
+        use candle_core::quantized::GgmlDType;
+        let bad = |detail: String| Error::invalid(format!("GGUF tensor `{name}`"), detail);
+        let (bits, block_bytes) = match ty {
+            GgmlDType::Q8_0 => (8u8, 34usize),
+            GgmlDType::Q4_0 => (4, 18),
+            other => return Err(bad(format!("expected Q8_0 or Q4_0 blocks, found {other:?}"))),
+        };
+        let [rows, cols] = shape[..] else { return Err(bad(format!("expected 2 dimensions, found {shape:?}"))) };
+        if !cols.is_multiple_of(32) {
+            return Err(bad(format!("rows of {cols} elements do not split into blocks of 32")));
+        }
+        let blocks = rows * cols / 32;
+        if data.len() != blocks * block_bytes {
+            return Err(bad(format!("expected {} bytes of blocks, found {}", blocks * block_bytes, data.len())));
+        }
+        let mut codes = Vec::with_capacity(rows * cols);
+        let mut scales = Vec::with_capacity(blocks);
+        for block in data.chunks(block_bytes) {
+            scales.push(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
+            match ty {
+                GgmlDType::Q8_0 => codes.extend(block[2..].iter().map(|&c| c.wrapping_add(128))),
+                _ => {
+                    codes.extend(block[2..].iter().map(|&b| b & 0x0F));
+                    codes.extend(block[2..].iter().map(|&b| b >> 4));
+                }
+            }
+        }
+        let scheme = QuantScheme {
+            bits,
+            signed: true,
+            symmetric: true,
+            mapping: Mapping::Linear,
+            granularity: Granularity::PerGroup { size: 32 },
+        };
+        Self::from_codes(&codes, scheme, scales, None, None, shape.to_vec(), dtype)
+    }
+
     /// Builds a quantized tensor from unpacked codes (one `u8` per element, each `< 2^bits`),
     /// packing them. `dtype` is the logical dtype `dequantize()` returns.
     pub fn from_codes(

@@ -7,8 +7,10 @@
 //!   exactly as pare `QuantizedTensor`s (symmetric, per group of 32, the block's f16 scale), so
 //!   pare's own kernels run llama.cpp's formats bit for bit.
 //! - [`write()`] saves tensors atomically (temp file, fsync, rename), refusing to overwrite an
-//!   input; [`read()`] loads any GGUF file back as dense weights plus its string metadata, so a
-//!   GGUF model pare wrote runs wherever a float one does.
+//!   input; [`read()`] loads any GGUF file back (Q8_0/Q4_0 as pare codes, exactly; other block
+//!   types dequantized) plus its string metadata, so a GGUF model pare wrote runs wherever a
+//!   float one does; [`from_weight`] writes a pare weight that a GGUF type holds exactly
+//!   (float, or Q8_0/Q4_0-shaped codes) without quantizing it again.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -17,7 +19,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use pare_core_tensor::{Granularity, Mapping, QuantScheme, QuantizedTensor, Weight};
+use pare_core_tensor::{QuantizedTensor, Weight};
 
 use crate::error::option;
 use crate::{Result, finite_values};
@@ -105,15 +107,14 @@ pub fn quantize(name: &str, t: &Tensor, ty: GgufType) -> Result<QTensor> {
 /// it is. Q4_1 and the K-quants have float block minimums or nested scales with no pare
 /// equivalent yet: write them with [`write()`].
 pub fn to_pare(name: &str, t: &Tensor, ty: GgufType) -> Result<Weight> {
-    let (bits, block_bytes) = match ty {
+    match ty {
         GgufType::F32 => return Ok(Weight::Dense(t.to_dtype(DType::F32)?)),
         GgufType::F16 => {
             ty.check(name, t.dims())?;
             finite_values(name, t)?;
             return Ok(Weight::Dense(t.to_dtype(DType::F16)?));
         }
-        GgufType::Q8_0 => (8u8, 34usize),
-        GgufType::Q4_0 => (4u8, 18usize),
+        GgufType::Q8_0 | GgufType::Q4_0 => {}
         other => {
             return Err(option(
                 name,
@@ -122,39 +123,45 @@ pub fn to_pare(name: &str, t: &Tensor, ty: GgufType) -> Result<Weight> {
                 ),
             ));
         }
-    };
+    }
     let q = quantize(name, t, ty)?;
-    let data = q.data()?;
-    let n = t.elem_count();
-    if data.len() != n / 32 * block_bytes {
-        return Err(option(name, format!("expected {} block bytes, found {}", n / 32 * block_bytes, data.len())));
-    }
-    let mut codes = vec![0u8; n];
-    let mut scales = Vec::with_capacity(n / 32);
-    for (b, block) in data.chunks_exact(block_bytes).enumerate() {
-        scales.push(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
-        let out = &mut codes[b * 32..(b + 1) * 32];
-        if bits == 8 {
-            // i8 code q ↦ offset-binary q + 128, so r = d·(c − 128).
-            out.iter_mut().zip(&block[2..]).for_each(|(c, &q)| *c = (q as i8 as i16 + 128) as u8);
-        } else {
-            // Nibble j holds elements j (low) and j + 16 (high), each stored as q + 8 — already
-            // pare's offset-binary code for a signed 4-bit value.
-            for (j, &byte) in block[2..].iter().enumerate() {
-                out[j] = byte & 0x0F;
-                out[j + 16] = byte >> 4;
-            }
-        }
-    }
-    let scheme = QuantScheme {
-        bits,
-        signed: true,
-        symmetric: true,
-        mapping: Mapping::Linear,
-        granularity: Granularity::PerGroup { size: 32 },
-    };
     let dtype = if t.dtype() == DType::F16 || t.dtype() == DType::BF16 { t.dtype() } else { DType::F32 };
-    Ok(Weight::Quantized(QuantizedTensor::from_codes(&codes, scheme, scales, None, None, t.dims().to_vec(), dtype)?))
+    Ok(Weight::Quantized(QuantizedTensor::from_ggml_blocks(name, ty.ggml(), &q.data()?, t.dims(), dtype)?))
+}
+
+/// `w` as a GGUF tensor that holds it exactly: dense weights as F32 (F16 when they are f16),
+/// Q8_0/Q4_0-shaped codes (signed, symmetric, groups of 32, f16-valued scales) as those blocks.
+/// Any other format is refused by name: it has no exact GGML block type.
+pub fn from_weight(name: &str, w: &Weight) -> Result<QTensor> {
+    match w {
+        Weight::Dense(t) => {
+            let ty = if t.dtype() == DType::F16 { GgmlDType::F16 } else { GgmlDType::F32 };
+            let t = if ty == GgmlDType::F16 { t.clone() } else { t.to_dtype(DType::F32)? };
+            Ok(QTensor::quantize(&t, ty)?)
+        }
+        Weight::Quantized(q) => {
+            let Some((ty, blocks)) = q.ggml_blocks() else {
+                return Err(option(
+                    name,
+                    format!(
+                        "{} has no exact GGUF block type: GGUF holds signed symmetric int8/int4 in groups of 32 \
+                         (quantize with scheme q8_0 or q4_0) or float weights",
+                        w.describe()
+                    ),
+                ));
+            };
+            if q.scales().iter().any(|s| half::f16::from_f32(*s).to_f32() != *s) {
+                return Err(option(name, "its scales are not f16 values, so GGUF's f16 block scales would change them: quantize with scheme q8_0 or q4_0".to_string()));
+            }
+            let storage =
+                candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(blocks), &Device::Cpu, ty)?;
+            Ok(QTensor::new(storage, q.shape().to_vec())?)
+        }
+        Weight::Sparse(_) => Err(option(
+            name,
+            format!("{} has no GGUF type: store it dense (or quantized with q8_0/q4_0) first", w.describe()),
+        )),
+    }
 }
 
 /// Writes `tensors` and string `metadata` as a GGUF file at `dest` atomically (temp file in

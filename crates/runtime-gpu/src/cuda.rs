@@ -14,11 +14,9 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
-use pare_core_tensor::{
-    Conv2dParams, Error, Granularity, Mapping, PreparedOp, QuantizedTensor, ReferenceRuntime, Result, Runtime, Weight,
-};
+use pare_core_tensor::{Conv2dParams, Error, PreparedOp, ReferenceRuntime, Result, Runtime, Weight};
 
 use crate::GpuError;
 
@@ -54,40 +52,6 @@ impl CudaRuntime {
     pub fn on_device(device: Device) -> Self {
         Self { reference: ReferenceRuntime::new(device.clone()), device }
     }
-}
-
-/// The GGML block type that holds `q` exactly (up to the f16 rounding of its scales), if any.
-pub fn ggml_type_of(q: &QuantizedTensor) -> Option<GgmlDType> {
-    let s = q.scheme();
-    let shape = q.shape();
-    let fits = s.signed
-        && s.symmetric
-        && s.mapping == Mapping::Linear
-        && s.granularity == Granularity::PerGroup { size: 32 }
-        && shape.len() == 2
-        && shape[1].is_multiple_of(32);
-    match s.bits {
-        8 if fits => Some(GgmlDType::Q8_0),
-        4 if fits => Some(GgmlDType::Q4_0),
-        _ => None,
-    }
-}
-
-/// `q`'s codes and scales as GGML blocks of `ty` (Q8_0: f16 scale + 32 i8; Q4_0: f16 scale +
-/// 16 bytes, element `j` in the low nibble of byte `j`, element `j + 16` in the high one).
-pub(crate) fn ggml_blocks(q: &QuantizedTensor, ty: GgmlDType) -> Vec<u8> {
-    let codes = q.codes();
-    let mut out = Vec::with_capacity(codes.len() / 32 * 34);
-    for (b, block) in codes.chunks(32).enumerate() {
-        out.extend_from_slice(&half::f16::from_f32(q.scales()[b]).to_le_bytes());
-        match ty {
-            // Codes are stored offset by q_min (−128): the signed value is `c − 128`.
-            GgmlDType::Q8_0 => out.extend(block.iter().map(|&c| c.wrapping_sub(128))),
-            // Q4_0 reads `nibble − 8`, and our 4-bit codes are already `value + 8`.
-            _ => out.extend((0..16).map(|j| block[j] | (block[j + 16] << 4))),
-        }
-    }
-    out
 }
 
 #[derive(Debug)]
@@ -128,9 +92,9 @@ impl Runtime for CudaRuntime {
 
     fn prepare_linear(&self, layer: &str, weight: &Weight, bias: Option<&Tensor>) -> Result<Arc<dyn PreparedOp>> {
         if let Weight::Quantized(q) = weight
-            && let Some(ty) = ggml_type_of(q)
+            && let Some((ty, blocks)) = q.ggml_blocks()
         {
-            let [n, k] = q.shape()[..] else { unreachable!("ggml_type_of checks the rank") };
+            let [n, k] = q.shape()[..] else { unreachable!("ggml_type checks the rank") };
             if let Some(b) = bias
                 && b.dims() != [n]
             {
@@ -140,7 +104,7 @@ impl Runtime for CudaRuntime {
                     found: b.dims().to_vec(),
                 });
             }
-            let storage = QStorage::from_data(Cow::Owned(ggml_blocks(q, ty)), &self.device, ty)?;
+            let storage = QStorage::from_data(Cow::Owned(blocks), &self.device, ty)?;
             let mm = QMatMul::from_qtensor(QTensor::new(storage, (n, k))?)?;
             let bias = bias.map(|b| b.to_dtype(DType::F32)?.to_device(&self.device)).transpose()?;
             return Ok(Arc::new(QLinear { layer: layer.to_string(), mm, bias, k }));

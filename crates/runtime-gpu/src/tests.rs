@@ -4,7 +4,6 @@ use pare_core_tensor::testing::input;
 use pare_core_tensor::{Granularity, Mapping, QuantScheme, QuantizedTensor, ReferenceRuntime, Runtime, Weight};
 use proptest::prelude::*;
 
-use crate::cuda::ggml_type_of;
 use crate::{CudaRuntime, GpuError, gpu_error};
 
 #[test]
@@ -60,7 +59,7 @@ proptest! {
     ) {
         let (k, bits) = (blocks * 32, if four { 4 } else { 8 });
         let q = ggml_like(n, k, bits, seed);
-        let ty = ggml_type_of(&q).unwrap();
+        let ty = q.ggml_type().unwrap();
         prop_assert_eq!(ty, if four { GgmlDType::Q4_0 } else { GgmlDType::Q8_0 });
         let dev = Device::Cpu;
         // Exact block contents: dequantizing candle's tensor gives our values at f16 scales.
@@ -72,7 +71,7 @@ proptest! {
                 .collect()
         };
         let storage = candle_core::quantized::QStorage::from_data(
-            std::borrow::Cow::Owned(crate::cuda::ggml_blocks(&q, ty)), &dev, ty).unwrap();
+            std::borrow::Cow::Owned(q.ggml_blocks().unwrap().1), &dev, ty).unwrap();
         let qt = candle_core::quantized::QTensor::new(storage, (n, k)).unwrap();
         let got_w = qt.dequantize(&dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         prop_assert_eq!(&got_w, &want_w);
@@ -113,7 +112,7 @@ fn formats_without_ggml_blocks_run_as_the_reference() {
     let mut q = ggml_like(5, 64, 4, 3);
     let scheme = QuantScheme { granularity: Granularity::PerChannel { axis: 0 }, ..*q.scheme() };
     q = QuantizedTensor::from_codes(&q.codes(), scheme, vec![0.01; 5], None, None, vec![5, 64], DType::F32).unwrap();
-    assert!(ggml_type_of(&q).is_none());
+    assert!(q.ggml_type().is_none());
     let w = Weight::Quantized(q);
     let x = Tensor::from_vec(input(3, 64, 1), (3, 64), &dev).unwrap();
     let got = rt.prepare_linear("fc", &w, None).unwrap().forward(&x).unwrap();

@@ -99,3 +99,52 @@ fn invalid_tensors_are_refused_with_the_reason() {
     let e = QuantizedTensor::new(vec![0; 3], s, vec![1.0], Some(vec![0]), None, vec![4], DType::F32).unwrap_err();
     assert!(e.to_string().contains("expected 2 packed code bytes, found 3"), "{e}");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Q8_0/Q4_0-shaped codes with f16-representable scales go to GGML blocks and back to the
+    /// same codes and scales, and candle reads the blocks as the same values (GGUF export and
+    /// import are exact).
+    #[test]
+    fn ggml_blocks_round_trip_exactly(rows in 1usize..6, blocks in 1usize..4, four in any::<bool>(), seed in any::<u64>()) {
+        let cols = 32 * blocks;
+        let q = crate::testing::random_quantized(&[rows, cols], if four { 4 } else { 8 }, 0, 3, seed);
+        // Scales rounded to f16 values, as a Q8_0/Q4_0 scheme stores them.
+        let scales: Vec<f32> = q.scales().iter().map(|s| half::f16::from_f32(*s).to_f32()).collect();
+        let q = QuantizedTensor::from_codes(&q.codes(), *q.scheme(), scales, None, None, vec![rows, cols], DType::F32).unwrap();
+        let (ty, data) = q.ggml_blocks().expect("signed symmetric groups of 32");
+        let back = QuantizedTensor::from_ggml_blocks("w", ty, &data, &[rows, cols], DType::F32).unwrap();
+        prop_assert_eq!(back.codes(), q.codes());
+        prop_assert_eq!(back.scales(), q.scales());
+        let storage = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Borrowed(&data), &Device::Cpu, ty).unwrap();
+        let theirs = candle_core::quantized::QTensor::new(storage, (rows, cols)).unwrap().dequantize(&Device::Cpu).unwrap();
+        prop_assert_eq!(theirs.flatten_all().unwrap().to_vec1::<f32>().unwrap(), q.dequantize_f32());
+    }
+}
+
+#[test]
+fn ggml_blocks_refuse_what_they_cannot_hold() {
+    // Unsigned, per-channel: no GGML block type.
+    let q = crate::testing::random_quantized(&[4, 64], 8, 1, 1, 3);
+    assert!(q.ggml_blocks().is_none());
+    let e = QuantizedTensor::from_ggml_blocks(
+        "w",
+        candle_core::quantized::GgmlDType::Q8_0,
+        &[0u8; 33],
+        &[1, 32],
+        DType::F32,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("`w`") && e.contains("expected 34 bytes of blocks, found 33"), "{e}");
+    let e = QuantizedTensor::from_ggml_blocks(
+        "w",
+        candle_core::quantized::GgmlDType::Q4_0,
+        &[0u8; 18],
+        &[1, 30],
+        DType::F32,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("blocks of 32"), "{e}");
+}
