@@ -16,6 +16,19 @@ fn ok(args: &[&str]) -> String {
     text
 }
 
+/// `cargo xtask compress` of `recipe` on `model` into `out`.
+fn compress(model: &Path, recipe: &Path, out: &Path) -> Output {
+    xtask(&[
+        "compress",
+        "--model",
+        model.to_str().unwrap(),
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
 /// A small digits teacher trained once for the tests of this file.
 fn teacher(dir: &Path) -> PathBuf {
     let p = dir.join("teacher.safetensors");
@@ -88,15 +101,7 @@ fn recipe_errors_name_the_file_line_stage_and_key_and_write_nothing() {
         let recipe = dir.path().join(format!("r{i}.toml"));
         std::fs::write(&recipe, text).unwrap();
         let out = dir.path().join(format!("out{i}"));
-        let o = xtask(&[
-            "compress",
-            "--model",
-            model.to_str().unwrap(),
-            "--recipe",
-            recipe.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let o = compress(&model, &recipe, &out);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "recipe {i} was accepted");
         assert!(err.contains(&format!("recipe `{}` {want}", recipe.display())), "recipe {i}:\n{err}\nexpected: {want}");
@@ -106,15 +111,7 @@ fn recipe_errors_name_the_file_line_stage_and_key_and_write_nothing() {
     // The output folder may not be the input.
     let r = dir.path().join("ok.toml");
     std::fs::write(&r, "[[stage]]\nkind = \"evaluate\"\n").unwrap();
-    let o = xtask(&[
-        "compress",
-        "--model",
-        model.to_str().unwrap(),
-        "--recipe",
-        r.to_str().unwrap(),
-        "--out",
-        model.to_str().unwrap(),
-    ]);
+    let o = compress(&model, &r, &model);
     assert!(String::from_utf8_lossy(&o.stderr).contains("holds the input model"));
 }
 
@@ -230,15 +227,9 @@ fn nas_then_finetune_export_and_bench() {
     )
     .unwrap();
     let out = dir.path().join("out");
-    let text = ok(&[
-        "compress",
-        "--model",
-        model.to_str().unwrap(),
-        "--recipe",
-        recipe.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = compress(&model, &recipe, &out);
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{text}");
     assert!(out.join("stages/01-nas/best-model.safetensors").is_file(), "{text}");
     assert!(out.join("stages/01-nas/trials.json").is_file());
     assert!(out.join("stages/02-finetune.safetensors").is_file());

@@ -1,7 +1,7 @@
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use pare_core_tensor::testing::input;
-use pare_core_tensor::{Granularity, Mapping, QuantScheme, QuantizedTensor, ReferenceRuntime, Runtime, Weight};
+use pare_core_tensor::{Granularity, QuantScheme, QuantizedTensor, ReferenceRuntime, Runtime, Weight};
 use proptest::prelude::*;
 
 use crate::{CudaRuntime, GpuError, gpu_error};
@@ -32,19 +32,9 @@ fn constructors_name_the_missing_feature() {
     assert_eq!(e.to_string(), "no usable CUDA device 0: found CUDA_ERROR_NO_DEVICE");
 }
 
-/// A random `[n, k]` signed symmetric per-group-32 weight of `bits` bits.
+/// A random `[n, k]` signed symmetric per-group-32 weight of `bits` bits (`k` a multiple of 32).
 fn ggml_like(n: usize, k: usize, bits: u8, seed: u64) -> QuantizedTensor {
-    let scheme = QuantScheme {
-        bits,
-        signed: true,
-        symmetric: true,
-        mapping: Mapping::Linear,
-        granularity: Granularity::PerGroup { size: 32 },
-    };
-    let hash = |i: usize, salt: u64| (i as u64 ^ salt).wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(seed) >> 17;
-    let codes: Vec<u8> = (0..n * k).map(|i| (hash(i, 1) % (1 << bits)) as u8).collect();
-    let scales: Vec<f32> = (0..n * k / 32).map(|i| (hash(i, 2) % 1000) as f32 * 1e-4 + 1e-3).collect();
-    QuantizedTensor::from_codes(&codes, scheme, scales, None, None, vec![n, k], DType::F32).unwrap()
+    pare_core_tensor::testing::random_quantized(&[n, k], bits, 0, 3, seed)
 }
 
 proptest! {
