@@ -93,7 +93,8 @@ enum Planned {
     Quantize(Box<crate::quantize::Args>),
     Distill(Box<crate::distill::Args>),
     Nas(Box<crate::nas::Args>),
-    Export(ExportFormat),
+    /// The format, and the model to export (the previous stage's output).
+    Export(ExportFormat, PathBuf),
     Evaluate,
     Bench(BenchArgs),
 }
@@ -242,7 +243,7 @@ fn plan_stage(
                 }
             };
             check_export(recipe, stage, format)?;
-            Planned::Export(format)
+            Planned::Export(format, input.to_path_buf())
         }
         Kind::Bench => {
             let a: BenchArgs = recipe.stage_args(stage, &[], false)?;
@@ -341,11 +342,7 @@ pub fn execute(args: Args) -> anyhow::Result<Report> {
         let output = if matches!(stage.kind, Kind::Evaluate | Kind::Bench) {
             input.clone()
         } else if stage.kind == Kind::Export {
-            let ext = match (folder, stage.options.get("format").and_then(|f| f.as_str())) {
-                (false, _) => ".gguf",
-                _ => "",
-            };
-            stage_dir.join(format!("{:02}-export{ext}", stage.index))
+            stage_dir.join(format!("{:02}-export{}", stage.index, if folder { "" } else { ".gguf" }))
         } else if stage.kind == Kind::Nas {
             stage_dir.join(format!("{:02}-nas", stage.index)).join(format!("best-model{ext}"))
         } else {
@@ -424,7 +421,7 @@ pub fn execute(args: Args) -> anyhow::Result<Report> {
                         lines.iter().for_each(|l| println!("  {l}"));
                     }
                     Planned::Nas(a) => crate::nas::run(*a)?,
-                    Planned::Export(format) => export(format, &input_of(&models), output)?,
+                    Planned::Export(format, input) => export(format, &input, output)?,
                     Planned::Evaluate => {}
                     Planned::Bench(_) => {}
                 }
@@ -457,11 +454,6 @@ pub fn execute(args: Args) -> anyhow::Result<Report> {
         report.write(&args.out)?;
     }
     Ok(report)
-}
-
-/// The path of the last model in the chain (a stage's input).
-fn input_of(models: &[(String, PathBuf, Loaded, Option<f64>)]) -> PathBuf {
-    models.last().map(|m| m.1.clone()).unwrap_or_default()
 }
 
 /// Export stages take what the last quantize stage made: GGUF holds float weights and

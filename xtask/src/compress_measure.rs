@@ -144,6 +144,42 @@ impl Batch {
     }
 }
 
+/// A timed batch of `n` examples: test images (the first `n`, repeated when `n` exceeds
+/// the test split), or `n` held-out sentences as `len` real token ids each, right-padded
+/// with `[PAD]` (or cut) and an all-ones mask (dense work), as the benches and the ONNX
+/// Runtime peer build them.
+fn make_batch(
+    data: Option<&DigitsSplit>,
+    text: &[String],
+    original: &Loaded,
+    n: usize,
+    len: usize,
+) -> anyhow::Result<Batch> {
+    let dev = Device::Cpu;
+    Ok(match original {
+        Loaded::Digits(_) => {
+            let x = &data.context("digits data")?.test.x;
+            let have = x.dim(0)?;
+            let rows: Vec<u32> = (0..n).map(|i| (i % have) as u32).collect();
+            Batch::Images(x.index_select(&Tensor::from_vec(rows, n, &dev)?, 0)?)
+        }
+        Loaded::Encoder(e) => {
+            let mut ids = vec![0u32; n * len];
+            for (i, s) in text.iter().cycle().take(n).enumerate() {
+                let b = e.encode_batch(&[s.as_str()], &dev)?;
+                for (j, id) in b.input_ids.flatten_all()?.to_vec1::<u32>()?.into_iter().take(len).enumerate() {
+                    ids[i * len + j] = id;
+                }
+            }
+            Batch::Tokens {
+                ids: Tensor::from_vec(ids, (n, len), &dev)?,
+                types: Tensor::zeros((n, len), DType::U32, &dev)?,
+                mask: Tensor::ones((n, len), DType::U32, &dev)?,
+            }
+        }
+    })
+}
+
 /// Measures models on one runtime against the original.
 pub struct Meter {
     rt: Arc<dyn Runtime>,
@@ -153,7 +189,8 @@ pub struct Meter {
     text: Vec<String>,
     /// The original's embeddings of `text`.
     reference: Option<Tensor>,
-    batch: Option<Batch>,
+    /// The batch every row is timed on: 64 test images, or 32 × 128 tokens.
+    batch: Batch,
 }
 
 /// How long each model runs per timing round: enough forwards to take about 50 ms.
@@ -165,45 +202,13 @@ impl Meter {
         Ok(match original {
             Loaded::Digits(_) => {
                 let data = digits(crate::DIGITS_SPLIT_SEED, &Device::Cpu)?;
-                let mut m = Meter { rt, data: Some(data), text: Vec::new(), reference: None, batch: None };
-                m.batch = Some(m.make_batch(original, 64, 0)?);
-                m
+                let batch = make_batch(Some(&data), &[], original, 64, 0)?;
+                Meter { rt, data: Some(data), text: Vec::new(), reference: None, batch }
             }
             Loaded::Encoder(_) => {
                 let (_, text) = sentence_split()?;
-                let mut m = Meter { rt, data: None, text, reference: None, batch: None };
-                m.batch = Some(m.make_batch(original, 32, 128)?);
-                m
-            }
-        })
-    }
-
-    /// A timed batch of `n` examples: test images (the first `n`, repeated when `n` exceeds
-    /// the test split), or `n` held-out sentences as `len` real token ids each, right-padded
-    /// with `[PAD]` (or cut) and an all-ones mask (dense work), as the benches and the ONNX
-    /// Runtime peer build them.
-    fn make_batch(&self, original: &Loaded, n: usize, len: usize) -> anyhow::Result<Batch> {
-        let dev = Device::Cpu;
-        Ok(match original {
-            Loaded::Digits(_) => {
-                let x = &self.data.as_ref().context("digits data")?.test.x;
-                let have = x.dim(0)?;
-                let rows: Vec<u32> = (0..n).map(|i| (i % have) as u32).collect();
-                Batch::Images(x.index_select(&Tensor::from_vec(rows, n, &dev)?, 0)?)
-            }
-            Loaded::Encoder(e) => {
-                let mut ids = vec![0u32; n * len];
-                for (i, s) in self.text.iter().cycle().take(n).enumerate() {
-                    let b = e.encode_batch(&[s.as_str()], &dev)?;
-                    for (j, id) in b.input_ids.flatten_all()?.to_vec1::<u32>()?.into_iter().take(len).enumerate() {
-                        ids[i * len + j] = id;
-                    }
-                }
-                Batch::Tokens {
-                    ids: Tensor::from_vec(ids, (n, len), &dev)?,
-                    types: Tensor::zeros((n, len), DType::U32, &dev)?,
-                    mask: Tensor::ones((n, len), DType::U32, &dev)?,
-                }
+                let batch = make_batch(None, &text, original, 32, 128)?;
+                Meter { rt, data: None, text, reference: None, batch }
             }
         })
     }
@@ -215,7 +220,7 @@ impl Meter {
 
     /// What one timed batch is.
     pub fn batch_name(&self) -> String {
-        self.batch.as_ref().map_or_else(String::new, Batch::name)
+        self.batch.name()
     }
 
     /// Whether the models are sentence encoders.
@@ -254,10 +259,10 @@ impl Meter {
     pub fn macs(&self, m: &Loaded) -> anyhow::Result<u64> {
         let mut macs = MacCounter::default();
         match (m, &self.batch) {
-            (Loaded::Digits(net), Some(Batch::Images(x))) => {
+            (Loaded::Digits(net), Batch::Images(x)) => {
                 net.forward_hooked(&x.narrow(0, 0, 1)?, &mut Hooks::with(&mut macs))?;
             }
-            (Loaded::Encoder(e), Some(Batch::Tokens { ids, types, mask })) => {
+            (Loaded::Encoder(e), Batch::Tokens { ids, types, mask }) => {
                 let one = |t: &Tensor| t.narrow(0, 0, 1);
                 e.bert.forward_hooked(&one(ids)?, Some(&one(types)?), &one(mask)?, &mut Hooks::with(&mut macs))?;
             }
@@ -276,10 +281,8 @@ impl Meter {
         (n, len, rounds): (usize, usize, usize),
         on_round: &mut dyn FnMut(),
     ) -> anyhow::Result<([f64; 3], String)> {
-        let batch = self.make_batch(original, n, len)?;
-        let mut base = original.clone();
-        let reference: Arc<dyn Runtime> = ReferenceRuntime::shared(Device::Cpu);
-        base.module_mut().prepare(&reference)?;
+        let batch = make_batch(self.data.as_ref(), &self.text, original, n, len)?;
+        let base = candle_f32(original)?;
         let t = batch.time(&[original, model, &base], rounds, on_round)?;
         Ok(([t[0], t[1], t[2]], batch.name()))
     }
@@ -293,12 +296,10 @@ impl Meter {
         on_round: &mut dyn FnMut(),
         rounds: usize,
     ) -> anyhow::Result<(Vec<Row>, Baseline)> {
-        let mut base = models[0].2.clone();
-        let reference: Arc<dyn Runtime> = ReferenceRuntime::shared(Device::Cpu);
-        base.module_mut().prepare(&reference)?;
+        let base = candle_f32(&models[0].2)?;
         let mut all: Vec<&Loaded> = models.iter().map(|m| &m.2).collect();
         all.push(&base);
-        let batch = self.batch.as_ref().context("a timed batch")?;
+        let batch = &self.batch;
         let secs = batch.time(&all, rounds, on_round)?;
         let n = batch.len() as f64;
         let mut rows = Vec::new();
@@ -407,6 +408,15 @@ impl Meter {
         }
         Ok(out)
     }
+}
+
+/// `original` on the reference runtime: its f32 weights on candle's matmul and ops, the
+/// baseline every timing is also compared with.
+fn candle_f32(original: &Loaded) -> anyhow::Result<Loaded> {
+    let mut base = original.clone();
+    let reference: Arc<dyn Runtime> = ReferenceRuntime::shared(Device::Cpu);
+    base.module_mut().prepare(&reference)?;
+    Ok(base)
 }
 
 /// The main weight of a linear, convolution or embedding layer.

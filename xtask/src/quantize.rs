@@ -13,7 +13,7 @@ use pare_core_tensor::io::{META_RECIPE, load_weights, save_weights};
 use pare_core_tensor::metrics::{mean_cosine, retrieval_agreement};
 use pare_core_tensor::train::{LrSchedule, OptimizerKind, TrainConfig};
 use pare_core_tensor::{Granularity, ReferenceRuntime};
-use pare_core_tensor::{Hooks, LayerRef, Module};
+use pare_core_tensor::{Hooks, LayerKind, Module};
 use pare_models::bert::SentenceEncoder;
 use pare_models::digits::fit;
 use pare_models::digits::{DigitsNet, META_MODEL};
@@ -259,6 +259,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut quality = Vec::new();
     let mut metrics = serde_json::Map::new();
+    // Layers whose inputs are quantized (a selected embedding gets weights only); QAT
+    // quantizes the inputs of every layer it reports.
+    let mut act_layers = None;
     let reports = if args.model.is_dir() {
         if mode == Mode::Qat {
             bail!(
@@ -289,11 +292,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let hessians = gptq_hessians(any_gptq, &float.bert, &paths, &mut |h| run_calib(&float, h))?;
         // Activation quantization (and smoothing) applies to the inputs of linear layers; a
         // selected embedding table gets its weights quantized only (its inputs are token ids).
-        let act_paths: Vec<String> = paths
-            .iter()
-            .filter(|p| enc.bert.layer(p).is_ok_and(|l| l.kind() == pare_core_tensor::LayerKind::Linear))
-            .cloned()
-            .collect();
+        let act_paths = of_kind(&enc.bert, &paths, &[LayerKind::Linear]);
         let factors = match args.smooth {
             Some(alpha) => {
                 let amax = collect_channel_max(&act_paths, &mut |h| run_calib(&float, h))?;
@@ -316,6 +315,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         };
         apply(&mut enc.bert, &specs)?;
+        act_layers = Some(specs.len());
         if let Some(eval) = eval {
             bar.set_message("evaluating");
             let mut float = float.clone();
@@ -387,11 +387,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let hessians = gptq_hessians(any_gptq, &float, &paths, &mut |h| run_calib(&float, h))?;
             let factors = match args.smooth {
                 Some(alpha) => {
-                    let linear: Vec<String> = paths
-                        .iter()
-                        .filter(|p| net.layer(p).is_ok_and(|l| l.kind() == pare_core_tensor::LayerKind::Linear))
-                        .cloned()
-                        .collect();
+                    let linear = of_kind(&net, &paths, &[LayerKind::Linear]);
                     let amax = collect_channel_max(&linear, &mut |h| run_calib(&float, h))?;
                     smooth_model(&mut net, &linear, &amax, alpha)?
                 }
@@ -410,6 +406,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 }
             };
             apply(&mut net, &specs)?;
+            act_layers = Some(specs.len());
             let (mut float, mut net) = (float.clone(), net.clone());
             float.prepare(&eval_rt)?;
             net.prepare(&eval_rt)?;
@@ -452,7 +449,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             _ => format!("static ({observer})"),
         };
         act_desc = format!("int{} {} {kind}", act.bits, if act.symmetric { "symmetric" } else { "asymmetric" });
-        println!("activations: {act_desc} on the inputs of {} layers", reports.len());
+        println!("activations: {act_desc} on the inputs of {} layers", act_layers.unwrap_or(reports.len()));
     }
     for q in &quality {
         println!("{q}");
@@ -690,12 +687,13 @@ fn gptq_hessians(
     paths: &[String],
     run: &mut dyn FnMut(&mut Hooks<'_>) -> pare_quant::Result<usize>,
 ) -> anyhow::Result<Option<HessianObserver>> {
-    let weighted: Vec<String> = paths
-        .iter()
-        .filter(|p| model.layer(p).is_ok_and(|l| matches!(l, LayerRef::Linear(_) | LayerRef::Conv2d(_))))
-        .cloned()
-        .collect();
+    let weighted = of_kind(model, paths, &[LayerKind::Linear, LayerKind::Conv2d]);
     Ok(if needed { Some(collect_hessians(&weighted, run)?) } else { None })
+}
+
+/// The paths among `paths` whose layer is of one of `kinds`.
+fn of_kind(model: &dyn Module, paths: &[String], kinds: &[LayerKind]) -> Vec<String> {
+    paths.iter().filter(|p| model.layer(p).is_ok_and(|l| kinds.contains(&l.kind()))).cloned().collect()
 }
 
 fn print_table(reports: &[LayerReport]) {
