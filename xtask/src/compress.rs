@@ -288,6 +288,30 @@ fn check_selectors(recipe: &Recipe, loaded: &dyn Module) -> anyhow::Result<()> {
                 }
             }
         }
+        // A prune override's glob names layers (unstructured) or a group's layer prefix
+        // (structured: `encoder.layer.3`): it must match a layer path or one of its prefixes.
+        if stage.kind == Kind::Prune
+            && let Some(v) = stage.options.get("override")
+        {
+            let paths: Vec<String> = loaded.layers().iter().map(|l| l.path().to_string()).collect();
+            let scopes: Vec<String> = paths
+                .iter()
+                .flat_map(|p| p.match_indices('.').map(|(i, _)| p[..i].to_string()).chain([p.clone()]))
+                .collect();
+            let items: Vec<&str> = match v {
+                toml::Value::Array(a) => a.iter().filter_map(|x| x.as_str()).collect(),
+                toml::Value::String(s) => vec![s.as_str()],
+                _ => Vec::new(),
+            };
+            for o in items {
+                let Some((g, _)) = o.split_once('=') else { continue };
+                let m = pare_core_tensor::select::PathPattern::parse(g, "override")?;
+                if !scopes.iter().any(|s| m.is_match(s)) {
+                    let e = pare_core_tensor::Error::unknown("layer pattern", g, paths.iter().map(String::as_str));
+                    return Err(recipe.error(stage, Some("override"), format!("`{g}`: {e}")));
+                }
+            }
+        }
     }
     Ok(())
 }

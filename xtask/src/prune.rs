@@ -19,8 +19,8 @@ use pare_core_tensor::train::{LrSchedule, OptimizerKind, TrainConfig, TrainTask,
 use pare_core_tensor::{Hooks, LoadedWeights, Module, Runtime};
 use pare_models::bert::SentenceEncoder;
 use pare_models::digits::{DigitsNet, META_MODEL, Supervised};
-use pare_prune::structured::{GroupStats, Importance, Structured, Unit, drop_layers, importance, prune_units};
-use pare_prune::{Bounds, Calibration, Criterion, Cubic, MaskedTask, Pattern, Pruned};
+use pare_prune::structured::{GroupStats, Importance, Structured, Unit, drop_layers, importance, prune_units_each};
+use pare_prune::{Bounds, Calibration, Criterion, Cubic, MaskedTask, Override, Pattern, Pruned};
 
 /// Arguments of `cargo xtask prune`.
 #[derive(clap::Args)]
@@ -89,6 +89,12 @@ pub struct Args {
     /// Leave these layers alone.
     #[arg(long = "exclude")]
     exclude: Vec<String>,
+    /// Per-layer sparsity (repeatable; the last matching override wins): `GLOB=SPARSITY` or,
+    /// for unstructured methods, `GLOB=nm:N:M`, e.g. `layers.0=0.3` or
+    /// `encoder.layer.*.output.dense=nm:2:4`; 0 leaves a layer alone. Structured methods match
+    /// the glob against each group's layer (`encoder.layer.3`, `layers.0`, `conv1`).
+    #[arg(long = "override")]
+    overrides: Vec<String>,
     /// Before pruning, a sensitivity scan: each selected layer alone pruned by magnitude at
     /// these sparsities (comma-separated, e.g. 0.5,0.7,0.9), with the metric each gives
     /// (validation accuracy for the digits, mean cosine on the calibration text for a folder).
@@ -109,8 +115,8 @@ pub fn check(args: &Args) -> anyhow::Result<()> {
 
 /// What the command line asked for, parsed and checked.
 enum Plan {
-    Unstructured(Criterion, Pattern),
-    Structured(Unit, Importance, f64),
+    Unstructured(Criterion, Pattern, Vec<Override>),
+    Structured(Unit, Importance, f64, Vec<Override>),
 }
 
 fn parse_nm(s: &str) -> anyhow::Result<(usize, usize)> {
@@ -124,13 +130,24 @@ fn parse_nm(s: &str) -> anyhow::Result<(usize, usize)> {
 fn plan(a: &Args) -> anyhow::Result<Plan> {
     let sparsity = || a.sparsity.context("--sparsity S is needed for this method");
     let structured = ["neurons", "channels", "heads", "layers"];
+    let overrides = a.overrides.iter().map(|o| Override::parse(o)).collect::<pare_core_tensor::Result<Vec<_>>>()?;
     if structured.contains(&a.method.as_str()) {
         if a.pattern.is_some() || a.global || a.gradual.is_some() {
             bail!("--pattern, --global and --gradual apply to unstructured methods, not `{}`", a.method);
         }
         let s = sparsity()?;
         pare_prune::select::check_sparsity("--sparsity", s)?;
-        return Ok(Plan::Structured(a.method.parse()?, a.importance.parse()?, s));
+        let unit: Unit = a.method.parse()?;
+        if unit == Unit::Layers && !overrides.is_empty() {
+            bail!("--override sets a sparsity per layer or group; `--method layers` removes whole layers by one count");
+        }
+        if let Some(o) = overrides.iter().find(|o| matches!(o.pattern, Pattern::Nm { .. })) {
+            bail!(
+                "--override `{}`: structured pruning removes whole units; give a sparsity, not an N:M pattern",
+                o.glob
+            );
+        }
+        return Ok(Plan::Structured(unit, a.importance.parse()?, s, overrides));
     }
     let (criterion, nm) = match a.method.as_str() {
         "magnitude" => (Criterion::Magnitude, None),
@@ -168,7 +185,17 @@ fn plan(a: &Args) -> anyhow::Result<Plan> {
     if a.gradual.is_some() && a.finetune == 0 {
         bail!("--gradual prunes during fine-tuning: give --finetune EPOCHS (≥ 1)");
     }
-    Ok(Plan::Unstructured(criterion, pattern))
+    if a.global && !overrides.is_empty() {
+        bail!(
+            "--override sets layer-wise sparsities; --global ranks every layer together under one threshold: use one or the other"
+        );
+    }
+    if a.gradual.is_some()
+        && let Some(o) = overrides.iter().find(|o| matches!(o.pattern, Pattern::Nm { .. }))
+    {
+        bail!("--override `{}`: --gradual grows magnitude masks layer-wise; it takes sparsities, not N:M", o.glob);
+    }
+    Ok(Plan::Unstructured(criterion, pattern, overrides))
 }
 
 pub(crate) fn lines(path: &Path, limit: usize, what: &str) -> anyhow::Result<Vec<String>> {
@@ -238,8 +265,16 @@ pub fn execute(args: Args) -> anyhow::Result<Outcome> {
         bail!("--out `{}` is the input model: write the pruned model elsewhere", args.out.display());
     }
     let recipe = format!(
-        "pare prune --method {} --sparsity {:?} --pattern {:?} --global {} --gradual {:?} --finetune {} --importance {} --seed {}",
-        args.method, args.sparsity, args.pattern, args.global, args.gradual, args.finetune, args.importance, args.seed
+        "pare prune --method {} --sparsity {:?} --pattern {:?} --global {} --gradual {:?} --finetune {} --importance {} --seed {} --override {:?}",
+        args.method,
+        args.sparsity,
+        args.pattern,
+        args.global,
+        args.gradual,
+        args.finetune,
+        args.importance,
+        args.seed,
+        args.overrides
     );
     let meta = BTreeMap::from([(META_RECIPE.to_string(), recipe)]);
     let selection = Selection { include: args.layers.clone(), exclude: args.exclude.clone() };
@@ -349,7 +384,7 @@ fn finetune_digits(
     net: &DigitsNet,
     data: &DigitsSplit,
     masks: &BTreeMap<String, Vec<bool>>,
-    schedule: Option<(usize, f64)>,
+    schedule: Option<(usize, &BTreeMap<String, f64>)>,
 ) -> anyhow::Result<(DigitsNet, BTreeMap<String, Vec<bool>>)> {
     let varmap = VarMap::new();
     let tuned = DigitsNet::build(
@@ -360,8 +395,10 @@ fn finetune_digits(
     let steps = cfg.epochs * data.train.len().div_ceil(cfg.batch_size);
     let mut inner = Supervised::new(&tuned, data);
     let mut task = MaskedTask::new(&mut inner, &varmap, masks)?;
-    if let Some((n, target)) = schedule {
-        task = task.gradual(Cubic::over(steps, n, target)?);
+    if let Some((n, targets)) = schedule {
+        // The schedule runs to the largest target; each layer follows it scaled to its own.
+        let top = targets.values().copied().fold(0.0, f64::max);
+        task = task.gradual(Cubic::over(steps, n, top)?).with_targets(targets)?;
     }
     let bar = crate::progress(steps as u64, "fine-tune");
     let rep = train(&mut task, &varmap, data.train.len(), &cfg, &mut |e| {
@@ -395,8 +432,9 @@ fn digits_model(
     };
     let mut scan_lines = Vec::new();
     let (mut net, rows) = match *plan {
-        Plan::Unstructured(criterion, pattern) => {
+        Plan::Unstructured(criterion, pattern, ref overrides) => {
             let paths = selection.resolve(&float)?;
+            let layers = pare_prune::per_layer(&paths, pattern, overrides)?;
             let cal = Calibration::collect(&paths, criterion, &mut |h| run_calib(&float, h))?;
             scan_lines = scan(
                 args,
@@ -407,35 +445,40 @@ fn digits_model(
             )?;
             let mut net = float.clone();
             let pruned = if let Some(n) = args.gradual {
-                // Masks start empty and grow by magnitude during fine-tuning.
-                pare_prune::check(&float, &paths, criterion, pattern, Some(&cal))?;
+                // Masks start empty and grow by magnitude during fine-tuning, each layer to its
+                // own target.
+                pare_prune::check_each(&float, &layers, criterion, Some(&cal))?;
                 let masks = paths
                     .iter()
                     .map(|p| -> anyhow::Result<(String, Vec<bool>)> {
                         Ok((format!("{p}.weight"), vec![true; float.layer(p)?.parameters()[0].1.numel()]))
                     })
                     .collect::<anyhow::Result<_>>()?;
-                let (tuned, masks) = finetune_digits(args, &float, &data, &masks, Some((n, pattern.sparsity())))?;
+                let targets: BTreeMap<String, f64> =
+                    layers.iter().map(|(p, pat)| (format!("{p}.weight"), pat.sparsity())).collect();
+                let (tuned, masks) = finetune_digits(args, &float, &data, &masks, Some((n, &targets)))?;
                 net = tuned;
-                masks_to_pruned(&net, &paths, &masks, pattern.sparsity())?
+                masks_to_pruned(&net, &layers, &masks)?
             } else {
-                let pruned = pare_prune::prune(&mut net, &paths, criterion, pattern, Some(&cal))?;
+                let pruned = pare_prune::plan_each(&net, &layers, criterion, Some(&cal), &mut |_| {})?;
+                pare_prune::apply(&mut net, &pruned)?;
                 if args.finetune > 0 {
                     let masks = pruned.masks.iter().map(|(p, m)| (format!("{p}.weight"), m.clone())).collect();
                     let (tuned, masks) = finetune_digits(args, &net, &data, &masks, None)?;
                     net = tuned;
-                    masks_to_pruned(&net, &paths, &masks, pattern.sparsity())?
+                    masks_to_pruned(&net, &layers, &masks)?
                 } else {
                     pruned
                 }
             };
-            let formats = pare_prune::store_sparse(&mut net, &pruned, pattern)?;
+            let formats = pare_prune::store_sparse_each(&mut net, &pruned, &layers)?;
             report.insert("sparsity".into(), pruned.sparsity().into());
             report.insert("layers".into(), serde_json::to_value(&pruned.stats)?);
             (net, weight_rows(&pruned, &formats))
         }
-        Plan::Structured(unit, how, s) => {
+        Plan::Structured(unit, how, s, ref overrides) => {
             let groups = float.groups(unit)?;
+            let sparsities = pare_prune::per_group(&groups, s, overrides)?;
             let norms = (how == Importance::Activation)
                 .then(|| -> anyhow::Result<InputNormObserver> {
                     let consumers: Vec<String> = groups.iter().map(|g| g.consumer.0.clone()).collect();
@@ -446,7 +489,7 @@ fn digits_model(
                 .transpose()?;
             let grads = (how == Importance::Taylor).then(|| digits_grads(&float, &calib)).transpose()?;
             let scores = importance(&float, &groups, how, norms.as_ref(), grads.as_ref())?;
-            let (small, stats) = prune_units(&float, unit, s, &scores)?;
+            let (small, stats) = prune_units_each(&float, unit, &sparsities, &scores)?;
             let small =
                 if args.finetune > 0 { finetune_digits(args, &small, &data, &BTreeMap::new(), None)?.0 } else { small };
             report.insert("groups".into(), serde_json::to_value(&stats)?);
@@ -519,12 +562,12 @@ fn digits_model(
 /// `Pruned` for weights whose masks (by parameter name) came from fine-tuning.
 fn masks_to_pruned(
     net: &DigitsNet,
-    paths: &[String],
+    layers: &[(String, Pattern)],
     masks: &BTreeMap<String, Vec<bool>>,
-    requested: f64,
 ) -> anyhow::Result<Pruned> {
     let mut out = Pruned::default();
-    for p in paths {
+    for (p, pattern) in layers {
+        let requested = pattern.sparsity();
         let keep = masks.get(&format!("{p}.weight")).with_context(|| format!("no mask for `{p}`"))?;
         let w = net.layer(p)?.parameters()[0].1.to_dense(&Device::Cpu)?;
         let mut v = w.flatten_all()?.to_vec1::<f32>()?;
@@ -597,15 +640,15 @@ fn folder(
     }
     let float = SentenceEncoder::load(&args.model, &dev).with_context(|| format!("load {}", args.model.display()))?;
     let needs_calib = match plan {
-        Plan::Unstructured(c, _) => matches!(c, Criterion::Wanda | Criterion::SparseGpt { .. }),
-        Plan::Structured(u, i, _) => *i == Importance::Activation || *u == Unit::Layers,
+        Plan::Unstructured(c, _, _) => matches!(c, Criterion::Wanda | Criterion::SparseGpt { .. }),
+        Plan::Structured(u, i, _, _) => *i == Importance::Activation || *u == Unit::Layers,
     };
     let calib = match (&args.calib, needs_calib) {
         (Some(p), _) => lines(p, args.calib_size, "calibration file")?,
         (None, true) => bail!("--calib FILE (sentences) is needed for this method on a model folder"),
         (None, false) => Vec::new(),
     };
-    if matches!(plan, Plan::Structured(_, Importance::Taylor, _)) {
+    if matches!(plan, Plan::Structured(_, Importance::Taylor, _, _)) {
         bail!("--importance taylor needs labels: it is built for digits models; use l1, l2 or activation");
     }
     let eval = args.eval.as_deref().map(|p| lines(p, usize::MAX, "evaluation file")).transpose()?;
@@ -615,8 +658,12 @@ fn folder(
     let mut scan_lines = Vec::new();
     let mut enc = float.clone();
     let rows = match *plan {
-        Plan::Unstructured(criterion, pattern) => {
+        Plan::Unstructured(criterion, pattern, ref overrides) => {
             let paths = selection.resolve(&enc.bert)?;
+            let layers = pare_prune::per_layer(&paths, pattern, overrides)?;
+            // Every layer's weight against its pattern before the calibration pass (the
+            // criterion's own needs are checked once the calibration is in).
+            pare_prune::check_each(&enc.bert, &layers, Criterion::Magnitude, None)?;
             let bar = crate::progress(0, "calibrate");
             let cal = Calibration::collect(&paths, criterion, &mut |h| {
                 float.embed_hooked(&calib, 32, h, &mut |_| bar.tick()).map_err(pare_models::Error::into_core)?;
@@ -639,18 +686,18 @@ fn folder(
                 report,
             )?;
             let bar = crate::progress(paths.len() as u64, criterion.name());
-            let pruned = pare_prune::plan_with(&enc.bert, &paths, criterion, pattern, Some(&cal), &mut |p| {
+            let pruned = pare_prune::plan_each(&enc.bert, &layers, criterion, Some(&cal), &mut |p| {
                 bar.inc(1);
                 bar.set_message(p.to_string());
             })?;
             bar.finish_and_clear();
             pare_prune::apply(&mut enc.bert, &pruned)?;
-            let formats = pare_prune::store_sparse(&mut enc.bert, &pruned, pattern)?;
+            let formats = pare_prune::store_sparse_each(&mut enc.bert, &pruned, &layers)?;
             report.insert("sparsity".into(), pruned.sparsity().into());
             report.insert("layers".into(), serde_json::to_value(&pruned.stats)?);
             weight_rows(&pruned, &formats)
         }
-        Plan::Structured(Unit::Layers, _, s) => {
+        Plan::Structured(Unit::Layers, _, s, _) => {
             // Sensitivity: the cosine to the full model's embeddings when each layer alone is
             // dropped; the layers whose absence costs least go.
             let n = float.bert.config().num_hidden_layers;
@@ -685,8 +732,9 @@ fn folder(
                 })
                 .collect()
         }
-        Plan::Structured(unit, how, s) => {
+        Plan::Structured(unit, how, s, ref overrides) => {
             let groups = float.bert.groups(unit)?;
+            let sparsities = pare_prune::per_group(&groups, s, overrides)?;
             let norms = (how == Importance::Activation)
                 .then(|| -> anyhow::Result<InputNormObserver> {
                     let consumers: Vec<String> = groups.iter().map(|g| g.consumer.0.clone()).collect();
@@ -696,7 +744,7 @@ fn folder(
                 })
                 .transpose()?;
             let scores = importance(&float.bert, &groups, how, norms.as_ref(), None)?;
-            let (small, stats) = prune_units(&float.bert, unit, s, &scores)?;
+            let (small, stats) = prune_units_each(&float.bert, unit, &sparsities, &scores)?;
             enc.bert = small;
             report.insert("groups".into(), serde_json::to_value(&stats)?);
             unit_rows(&stats)

@@ -83,6 +83,14 @@ fn recipe_errors_name_the_file_line_stage_and_key_and_write_nothing() {
             "line 4: stage 1 (prune): `fc9*`: unknown layer pattern `fc9*`",
         ),
         (
+            "[[stage]]\nkind = \"prune\"\nsparsity = 0.5\noverride = [\"fc9=0.2\"]\n",
+            "line 4: stage 1 (prune): `fc9`: unknown layer pattern `fc9`",
+        ),
+        (
+            "[[stage]]\nkind = \"prune\"\nmethod = \"channels\"\nsparsity = 0.5\noverride = [\"conv1=nm:2:4\"]\n",
+            "line 5: stage 1 (prune): --override `conv1`: structured pruning removes whole units; give a sparsity, not an N:M pattern",
+        ),
+        (
             "[[stage]]\nkind = \"distill\"\nout = \"x\"\n",
             "line 3: stage 1 (distill): `out` is set by the pipeline: remove it",
         ),
@@ -121,7 +129,7 @@ fn a_resumed_run_on_another_thread_count_writes_the_same_bytes() {
     let model = teacher(dir.path());
     let stages = [
         "[[stage]]\nkind = \"distill\"\nstudent = \"mlp:12\"\nepochs = 3\n",
-        "[[stage]]\nkind = \"prune\"\nsparsity = 0.5\nfinetune = 1\n",
+        "[[stage]]\nkind = \"prune\"\nsparsity = 0.5\nfinetune = 1\noverride = [\"layers.0=0.7\"]\n",
         "[[stage]]\nkind = \"quantize\"\nscheme = \"int4\"\ngranularity = \"group:16\"\n",
     ];
     let full = dir.path().join("full.toml");
@@ -160,6 +168,10 @@ fn a_resumed_run_on_another_thread_count_writes_the_same_bytes() {
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(a.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["rows"].as_array().unwrap().len(), 4);
     assert_eq!(report["metric"], "test accuracy");
+    // The prune stage's override set layers.0's sparsity (0.7, not the stage's 0.5); the
+    // quantized zeros stay zeros.
+    let l0 = report["layers"].as_array().unwrap().iter().find(|l| l["path"] == "layers.0").unwrap();
+    assert!(l0["sparsity"].as_f64().unwrap() >= 0.7, "{l0}");
     // `report` re-renders the Markdown from the JSON.
     std::fs::remove_file(a.join("report.md")).unwrap();
     let md = ok(&["report", a.to_str().unwrap()]);

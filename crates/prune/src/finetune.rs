@@ -19,6 +19,8 @@ struct Masked {
     var: Var,
     keep: Tensor,
     len: usize,
+    /// This weight's final sparsity under a schedule, when not the schedule's own target.
+    target: Option<f64>,
 }
 
 /// A [`TrainTask`] whose pruned weights stay zero: after each optimiser step the masks are
@@ -54,7 +56,7 @@ impl<'a> MaskedTask<'a> {
                 var.device(),
             )?
             .to_dtype(var.dtype())?;
-            weights.push(Masked { name: name.clone(), var: var.clone(), keep: t, len: keep.len() });
+            weights.push(Masked { name: name.clone(), var: var.clone(), keep: t, len: keep.len(), target: None });
         }
         drop(data);
         let pruned: usize = masks.values().map(|m| m.iter().filter(|k| !**k).count()).sum();
@@ -72,6 +74,23 @@ impl<'a> MaskedTask<'a> {
         self
     }
 
+    /// Per-weight final sparsities for the schedule (by parameter name, each in [0, 1)): a
+    /// weight listed here follows the schedule scaled to its own target (`target · s_t / s_f`),
+    /// the others the schedule itself. Build the schedule with the largest target.
+    pub fn with_targets(mut self, targets: &BTreeMap<String, f64>) -> Result<Self> {
+        for (name, &t) in targets {
+            select::check_sparsity(&format!("gradual target of `{name}`"), t)?;
+            let known: Vec<String> = self.weights.iter().map(|w| w.name.clone()).collect();
+            let w = self
+                .weights
+                .iter_mut()
+                .find(|w| &w.name == name)
+                .ok_or_else(|| Error::unknown("masked parameter", name, known.iter().map(String::as_str)))?;
+            w.target = Some(t);
+        }
+        Ok(self)
+    }
+
     fn reapply(&mut self) -> Result<()> {
         for w in &self.weights {
             w.var.set(&w.var.as_tensor().mul(&w.keep)?)?;
@@ -82,7 +101,13 @@ impl<'a> MaskedTask<'a> {
     /// Re-derives every mask by magnitude at `sparsity` (already-pruned weights are zero, so
     /// they stay pruned).
     fn regrow(&mut self, sparsity: f64) -> Result<()> {
+        let full = self.schedule.map_or(sparsity, |s| s.target);
         for w in &mut self.weights {
+            let sparsity = match w.target {
+                Some(t) if full > 0.0 => t * sparsity / full,
+                Some(t) => t,
+                None => sparsity,
+            };
             let v = w.var.as_tensor().to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let scores: Vec<f32> = v.iter().map(|x| x.abs()).collect();
             let keep = select::mask_lowest(&scores, select::count(sparsity, w.len));

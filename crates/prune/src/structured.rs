@@ -114,6 +114,15 @@ pub struct Group {
     pub consumer: (String, usize),
 }
 
+impl Group {
+    /// The part of the model the group lives in: its name up to the unit (`encoder.layer.3`
+    /// of `encoder.layer.3 heads`, `layers.0` of `layers.0 neurons`), what per-group
+    /// overrides match.
+    pub fn scope(&self) -> &str {
+        self.name.split_once(' ').map_or(self.name.as_str(), |(s, _)| s)
+    }
+}
+
 fn member(param: impl Into<String>, axis: usize, block: usize) -> Member {
     Member { param: param.into(), axis, block }
 }
@@ -399,13 +408,33 @@ pub fn prune_units<M: Structured>(
     scores: &[Vec<f32>],
 ) -> Result<(M, Vec<GroupStats>)> {
     select::check_sparsity("--sparsity", sparsity)?;
+    let n = model.groups(unit)?.len();
+    prune_units_each(model, unit, &vec![sparsity; n], scores)
+}
+
+/// [`prune_units`] with a sparsity per group (in the order of [`Structured::groups`], e.g.
+/// from [`crate::per_group`]); a group at 0 keeps every unit.
+pub fn prune_units_each<M: Structured>(
+    model: &M,
+    unit: Unit,
+    sparsities: &[f64],
+    scores: &[Vec<f32>],
+) -> Result<(M, Vec<GroupStats>)> {
     let groups = model.groups(unit)?;
+    if sparsities.len() != groups.len() {
+        return Err(Error::Shape {
+            name: format!("per-group sparsities ({unit:?})"),
+            expected: vec![groups.len()],
+            found: vec![sparsities.len()],
+        });
+    }
     assert!(scores.len() == groups.len());
     let mut weights = model.named_weights();
     let mut stats = Vec::new();
     let mut kept_counts = Vec::new();
     let mut plan = Vec::new();
-    for (g, sc) in groups.iter().zip(scores) {
+    for ((g, sc), &sparsity) in groups.iter().zip(scores).zip(sparsities) {
+        select::check_sparsity(&format!("sparsity of {}", g.name), sparsity)?;
         let k = select::count(sparsity, g.units);
         if k >= g.units {
             return Err(Error::invalid(

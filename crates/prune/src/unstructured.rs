@@ -473,8 +473,18 @@ pub fn apply(model: &mut dyn Module, pruned: &Pruned) -> Result<()> {
 /// for an N:M pattern; CSR for unstructured sparsity where it is smaller than the dense values
 /// (below about half density), else dense with its zeros. Returns each layer's new format.
 pub fn store_sparse(model: &mut dyn Module, pruned: &Pruned, pattern: Pattern) -> Result<Vec<(String, String)>> {
+    store_sparse_with(model, pruned, &|_| Ok(pattern))
+}
+
+/// [`store_sparse`] with each layer's pattern given by `pattern_of(path)`.
+pub(crate) fn store_sparse_with(
+    model: &mut dyn Module,
+    pruned: &Pruned,
+    pattern_of: &dyn Fn(&str) -> Result<Pattern>,
+) -> Result<Vec<(String, String)>> {
     let mut formats = Vec::new();
     for p in pruned.values.keys() {
+        let pattern = pattern_of(p)?;
         let layer = model.layer(p)?;
         let (name, w) = layer.parameters().into_iter().next().expect("weighted");
         let Weight::Dense(t) = w else {

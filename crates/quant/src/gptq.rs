@@ -27,11 +27,15 @@ pub struct GptqConfig {
     pub act_order: bool,
     /// Search each group's clipping range (shrinking it by up to 20 %) for the least error.
     pub clip_search: bool,
+    /// Weights that are exactly zero stay zero (a pruned layer's mask survives): their share
+    /// of the compensation is passed on to the kept weights, as SparseGPT does with a fixed
+    /// mask, instead of filling them in.
+    pub keep_zeros: bool,
 }
 
 impl Default for GptqConfig {
     fn default() -> Self {
-        Self { damp: 0.01, act_order: false, clip_search: true }
+        Self { damp: 0.01, act_order: false, clip_search: true, keep_zeros: false }
     }
 }
 
@@ -209,6 +213,7 @@ fn gptq_core(
     }
     let group = grid.group;
     let mut w = finite_values(name, t)?;
+    let pruned: Vec<bool> = if cfg.keep_zeros { w.iter().map(|&x| x == 0.0).collect() } else { Vec::new() };
     let mut h = h.to_vec();
     // Dead inputs (never non-zero in calibration) carry no information: zero their weights.
     for i in 0..cols {
@@ -272,7 +277,8 @@ fn gptq_core(
         let d = u[i * cols + i];
         for r in 0..rows {
             let x = wp[r * cols + i] as f32;
-            let deq = (grid.deq)(x, params[r * n_groups + g]);
+            let deq =
+                if cfg.keep_zeros && pruned[r * cols + orig] { 0.0 } else { (grid.deq)(x, params[r * n_groups + g]) };
             out[r * cols + orig] = deq;
             err[r] = (f64::from(x) - f64::from(deq)) / d;
         }

@@ -46,4 +46,4 @@ mod values;
 pub mod weight_only;
 
 pub use error::{Error, Result};
-pub use values::finite_values;
+pub use values::{finite_values, float_weight};

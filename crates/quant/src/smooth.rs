@@ -69,9 +69,7 @@ pub fn smooth_model(
     let mut plan = Vec::new();
     for p in paths {
         let (name, w) = model.layer(p)?.parameters().swap_remove(0);
-        let Weight::Dense(t) = w else {
-            return Err(option(&name, format!("smoothing needs the float weight, found {}", w.describe())));
-        };
+        let t = crate::values::float_weight(&name, &w, "smoothing needs the float weight")?;
         let (rows, cols) =
             t.dims2().map_err(|_| option(&name, format!("expected a 2-D weight, found {:?}", t.dims())))?;
         let x = amax.amax.get(p).ok_or_else(|| option(p, "no calibration statistics for this layer"))?;

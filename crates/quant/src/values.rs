@@ -1,4 +1,5 @@
-//! Reading a tensor's values for quantization: f32, row-major, all finite.
+//! Reading a weight's values for quantization: f32, row-major, all finite; pruned sparse
+//! weights expanded with their zeros.
 
 use candle_core::{DType, Tensor};
 
@@ -13,4 +14,15 @@ pub fn finite_values(name: &str, t: &Tensor) -> Result<Vec<f32>> {
         return Err(pare_core_tensor::Error::NonFinite { name: name.to_string(), count, first }.into());
     }
     Ok(v)
+}
+
+/// The float values a weight stands for, as the tensor to quantize: a dense weight as it is, a
+/// pruned sparse one (CSR, N:M) expanded with its zeros (every scheme maps 0 to exactly 0, so
+/// the pruned weights stay pruned). An already quantized weight is an error naming `name`.
+pub fn float_weight(name: &str, w: &pare_core_tensor::Weight, what: &str) -> Result<Tensor> {
+    match w {
+        pare_core_tensor::Weight::Dense(t) => Ok(t.clone()),
+        pare_core_tensor::Weight::Sparse(s) => Ok(s.to_dense(&candle_core::Device::Cpu)?),
+        other => Err(crate::error::option(name, format!("{what}, found {}", other.describe()))),
+    }
 }

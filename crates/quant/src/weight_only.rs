@@ -340,7 +340,9 @@ pub fn quantize_model_plan(
             Ok((m, &o.method))
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut plan: Vec<(String, Tensor, &Method)> = Vec::with_capacity(paths.len());
+    // Each layer's path, float values, method and whether it was pruned sparse (whose zeros
+    // GPTQ must keep).
+    let mut plan: Vec<(String, Tensor, &Method, bool)> = Vec::with_capacity(paths.len());
     for p in &paths {
         let method = matchers.iter().rev().find(|(m, _)| m.is_match(p)).map_or(default, |(_, method)| *method);
         let layer = model.layer(p)?;
@@ -353,25 +355,25 @@ pub fn quantize_model_plan(
             ));
         }
         let (name, w) = layer.parameters().swap_remove(0);
-        let Weight::Dense(t) = w else {
-            return Err(option(&name, format!("expected a dense float weight, found {}", w.describe())));
-        };
+        let t = crate::values::float_weight(&name, &w, "expected a float weight (dense or pruned sparse)")?;
         method.check(&name, t.dims())?;
         finite_values(&name, &t)?;
-        plan.push((p.clone(), t, method));
+        plan.push((p.clone(), t, method, matches!(w, Weight::Sparse(_))));
     }
     let mut reports = Vec::with_capacity(plan.len());
-    for (path, t, method) in plan {
+    for (path, t, method, sparse) in plan {
         let name = format!("{path}.weight");
+        let keep =
+            |cfg: &crate::gptq::GptqConfig| crate::gptq::GptqConfig { keep_zeros: cfg.keep_zeros || sparse, ..*cfg };
         let (q, report) = match (method, hessians) {
             (Method::Gptq(spec, cfg), Some(h)) if t.rank() == 2 => {
                 let (hess, _) = h.hessian(&path)?;
-                let q = Weight::Quantized(crate::gptq::gptq_quantize(&name, &t, &hess, *spec, *cfg)?);
+                let q = Weight::Quantized(crate::gptq::gptq_quantize(&name, &t, &hess, *spec, keep(cfg))?);
                 report_for(&path, &name, &t, q)?
             }
             (Method::Nf4Gptq { group, cfg }, Some(h)) if t.rank() == 2 => {
                 let (hess, _) = h.hessian(&path)?;
-                let q = Weight::Quantized(crate::gptq::gptq_nf4(&name, &t, &hess, *group, *cfg)?);
+                let q = Weight::Quantized(crate::gptq::gptq_nf4(&name, &t, &hess, *group, keep(cfg))?);
                 report_for(&path, &name, &t, q)?
             }
             _ => quantize_and_report(&path, &name, &t, method)?,

@@ -103,6 +103,37 @@ fn digits_mlp_pruned_gradually_to_90_percent_loses_at_most_a_point() {
     assert!(d < 1e-4, "sparse kernel vs reference: {d}");
 }
 
+/// Per-layer targets (recipes' prune overrides): each layer follows the cubic schedule scaled
+/// to its own final sparsity, and ends at it exactly.
+#[test]
+fn gradual_pruning_takes_each_layer_to_its_own_target() {
+    let data = digits(42, &Device::Cpu).unwrap();
+    let net = teacher("mlp:64,32", 4);
+    let (tuned, vars) = trainable(&net);
+    let masks: BTreeMap<String, Vec<bool>> = ["layers.0.weight", "layers.1.weight"]
+        .iter()
+        .map(|p| (p.to_string(), vec![true; tuned.named_weights()[*p].numel()]))
+        .collect();
+    let targets = BTreeMap::from([("layers.0.weight".to_string(), 0.8), ("layers.1.weight".to_string(), 0.4)]);
+    let c = cfg(3, 1e-3);
+    let steps = c.epochs * data.train.len().div_ceil(c.batch_size);
+    let mut inner = Supervised::new(&tuned, &data);
+    let mut task = MaskedTask::new(&mut inner, &vars, &masks)
+        .unwrap()
+        .gradual(Cubic::over(steps, 4, 0.8).unwrap())
+        .with_targets(&targets)
+        .unwrap();
+    train(&mut task, &vars, data.train.len(), &c, &mut |_| {}).unwrap();
+    for (name, keep) in task.masks().unwrap() {
+        let pruned = keep.iter().filter(|k| !**k).count();
+        assert_eq!(pruned, (targets[&name] * keep.len() as f64).round() as usize, "{name}: exact sparsity");
+    }
+    let bad = BTreeMap::from([("layers.9.weight".to_string(), 0.5)]);
+    let mut inner = Supervised::new(&tuned, &data);
+    let e = MaskedTask::new(&mut inner, &vars, &masks).unwrap().with_targets(&bad).err().unwrap().to_string();
+    assert!(e.contains("layers.9.weight") && e.contains("layers.0.weight"), "{e}");
+}
+
 #[test]
 fn half_the_cnn_channels_halve_the_model_and_cost_at_most_1_5_points() {
     let data = digits(42, &Device::Cpu).unwrap();

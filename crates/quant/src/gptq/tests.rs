@@ -87,6 +87,34 @@ fn gptq_has_less_output_error_than_round_to_nearest() {
     }
 }
 
+/// A pruned weight quantized with `keep_zeros` keeps every zero (int4 and NF4), and its
+/// compensation still beats round-to-nearest; without it GPTQ fills the zeros in.
+#[test]
+fn gptq_keeps_a_pruned_weights_zeros_when_asked() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(29);
+    let (rows, cols) = (16, 64);
+    let mut v = normal(&mut rng, rows * cols);
+    v.iter_mut().enumerate().filter(|(i, _)| (i * 7) % 10 < 6).for_each(|(_, x)| *x = 0.0);
+    let pruned: Vec<bool> = v.iter().map(|x| *x == 0.0).collect();
+    let w = Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap();
+    let x = correlated_inputs(&mut rng, 512, cols);
+    let h = hessian_of(&x);
+    // Pruned positions that came back non-zero.
+    let filled = |q: &QuantizedTensor| {
+        let d = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        d.iter().zip(&pruned).filter(|(x, p)| **p && **x != 0.0).count()
+    };
+    let spec = LinearSpec { bits: 4, symmetric: true, granularity: Granularity::PerGroup { size: 32 } };
+    let keep = GptqConfig { keep_zeros: true, ..Default::default() };
+    let q = gptq_quantize("w", &w, &h, spec, keep).unwrap();
+    assert_eq!(filled(&q), 0);
+    let rtn = output_error(&x, &w, &quantize_linear("w", &w, spec).unwrap());
+    assert!(output_error(&x, &w, &q) < rtn, "masked GPTQ still compensates");
+    let unmasked = filled(&gptq_quantize("w", &w, &h, spec, GptqConfig::default()).unwrap());
+    assert!(unmasked > 0, "unmasked GPTQ fills pruned weights in");
+    assert_eq!(filled(&gptq_nf4("w", &w, &h, 32, keep).unwrap()), 0);
+}
+
 #[test]
 fn gptq_codes_are_a_valid_tensor_of_the_requested_scheme() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
