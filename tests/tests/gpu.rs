@@ -311,3 +311,122 @@ fn device_limits_and_shader_failures_are_typed_errors() {
     assert!(e.to_string().contains("shader `user:broken` failed to compile"), "{e}");
     gpu().compile("fine", "@compute @workgroup_size(1) fn main() { }").unwrap();
 }
+
+/// The wgpu runtime's ops, with `resident` off: models then call it op by op (one upload and
+/// one read-back each), the path the resident graph must agree with.
+#[derive(Debug)]
+struct OpByOp(Arc<WgpuRuntime>);
+
+impl Runtime for OpByOp {
+    fn name(&self) -> &str {
+        "wgpu, op by op"
+    }
+    fn device(&self) -> &Device {
+        self.0.device()
+    }
+    fn prepare_linear(
+        &self,
+        layer: &str,
+        weight: &Weight,
+        bias: Option<&Tensor>,
+    ) -> pare_core_tensor::Result<Arc<dyn pare_core_tensor::PreparedOp>> {
+        self.0.prepare_linear(layer, weight, bias)
+    }
+    fn prepare_conv2d(
+        &self,
+        layer: &str,
+        weight: &Weight,
+        bias: Option<&Tensor>,
+        params: Conv2dParams,
+    ) -> pare_core_tensor::Result<Arc<dyn pare_core_tensor::PreparedOp>> {
+        self.0.prepare_conv2d(layer, weight, bias, params)
+    }
+    fn prepare_embedding(
+        &self,
+        layer: &str,
+        weight: &Weight,
+    ) -> pare_core_tensor::Result<Arc<dyn pare_core_tensor::PreparedOp>> {
+        self.0.prepare_embedding(layer, weight)
+    }
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        mask: Option<&Tensor>,
+        scale: f64,
+    ) -> pare_core_tensor::Result<Tensor> {
+        self.0.attention(q, k, v, heads, mask, scale)
+    }
+    fn activation(&self, act: Activation, x: &Tensor) -> pare_core_tensor::Result<Tensor> {
+        self.0.activation(act, x)
+    }
+    fn layer_norm(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f64,
+    ) -> pare_core_tensor::Result<Tensor> {
+        self.0.layer_norm(x, residual, gamma, beta, eps)
+    }
+}
+
+/// Whole models stay on the adapter: a digits MLP and MiniLM (float and 4-bit) run as one
+/// graph in one submission, giving exactly the op-by-op path's values; a model with a step the
+/// graph cannot take resident (a convolution) still runs, op by op.
+#[test]
+fn whole_models_run_resident_in_one_submission_and_match_op_by_op() {
+    let rt = gpu();
+    let resident: Arc<dyn Runtime> = rt.clone();
+    let op_by_op: Arc<dyn Runtime> = Arc::new(OpByOp(rt.clone()));
+    let data = digits(42, &Device::Cpu).unwrap();
+    for arch in ["mlp:64,32", "cnn:4,8:32"] {
+        let net = pare_tests::trained_digits(arch, 2).unwrap();
+        let (mut a, mut b) = (net.clone(), net.clone());
+        a.prepare(&op_by_op).unwrap();
+        b.prepare(&resident).unwrap();
+        let before = rt.submissions();
+        let got = b.forward(&data.test.x).unwrap();
+        let submits = rt.submissions() - before;
+        let want = a.forward(&data.test.x).unwrap();
+        let diff = pare_core_tensor::testing::max_abs_diff(&got, &want).unwrap();
+        assert!(diff == 0.0, "{arch}: resident and op-by-op logits differ by {diff}");
+        if arch.starts_with("mlp") {
+            assert_eq!(submits, 1, "{arch}: the whole MLP in one submission");
+        } else {
+            assert!(submits > 1, "{arch}: convolutions run op by op");
+        }
+    }
+    let Some(dir) = pare_tests::minilm_dir("gpu::whole_models_run_resident").unwrap() else { return };
+    let text = pare_core_tensor::data::sentences(pare_tests::workspace_root().join("data/sentences.txt")).unwrap();
+    let batch: Vec<String> = text.into_iter().take(6).collect();
+    let float = pare_models::bert::SentenceEncoder::load(&dir, &Device::Cpu).unwrap();
+    let mut q = float.clone();
+    quantize_model_plan(&mut q.bert, &Method::parse("int4", "group:32", true).unwrap(), &all(), &[], None, &mut |_| {})
+        .unwrap();
+    for (name, model) in [("float", &float), ("int4", &q)] {
+        let (mut a, mut b) = (model.clone(), model.clone());
+        a.bert.prepare(&op_by_op).unwrap();
+        b.bert.prepare(&resident).unwrap();
+        let before = rt.submissions();
+        let t = std::time::Instant::now();
+        let eb = b.embed(&batch, 6, &mut |_| {}).unwrap();
+        let (submits, resident_s) = (rt.submissions() - before, t.elapsed().as_secs_f64());
+        let t = std::time::Instant::now();
+        let ea = a.embed(&batch, 6, &mut |_| {}).unwrap();
+        let (op_submits, op_s) = (rt.submissions() - before - submits, t.elapsed().as_secs_f64());
+        let diff = pare_core_tensor::testing::max_abs_diff(&ea, &eb).unwrap();
+        assert!(diff == 0.0, "MiniLM {name}: resident and op-by-op embeddings differ by {diff}");
+        assert_eq!(submits, 1, "MiniLM {name}: six layers in one submission");
+        eprintln!(
+            "MiniLM {name}, {} sentences: resident {:.0} ms in {submits} submission; op by op {:.0} ms in {op_submits} (same values; the adapter: {})",
+            batch.len(),
+            resident_s * 1e3,
+            op_s * 1e3,
+            rt.adapter()
+        );
+    }
+}

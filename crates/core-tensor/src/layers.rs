@@ -33,6 +33,10 @@ macro_rules! weighted_layer_common {
         pub fn runtime(&self) -> &Arc<dyn Runtime> {
             &self.runtime
         }
+        /// The op the runtime prepared (what a [`crate::graph::Step::Op`] runs).
+        pub fn op(&self) -> &Arc<dyn PreparedOp> {
+            &self.op
+        }
         /// Re-prepares the layer's weights on `runtime`.
         pub fn prepare(&mut self, runtime: &Arc<dyn Runtime>) -> Result<()> {
             self.op = self.build_op(runtime.as_ref())?;

@@ -6,6 +6,8 @@
 //! - layers that hold weights and know their parameter paths ([`Linear`], [`Conv2d`],
 //!   [`Embedding`], [`LayerNorm`], [`Activation`]) and the [`Module`] trait over them;
 //! - the [`Runtime`] trait (prepare a layer once, run it many times) and [`ReferenceRuntime`];
+//!   a model's whole forward as a [`Graph`] of runtime calls, for runtimes whose activations
+//!   stay on their device ([`Runtime::resident`]);
 //! - calibration [`hooks`], safetensors [`io`], real [`data`], [`metrics`] and the shared
 //!   [`train`]er.
 //!
@@ -30,6 +32,7 @@ pub mod act;
 pub mod calib;
 pub mod data;
 mod error;
+pub mod graph;
 pub mod hooks;
 pub mod io;
 mod layers;
@@ -45,6 +48,7 @@ mod weight;
 
 pub use act::{ActQuant, ActRange};
 pub use error::{Error, Result};
+pub use graph::{Graph, Step, Value};
 pub use hooks::{Hooks, LayerKind, Observer, Site};
 pub use layers::{Activation, Conv2d, Embedding, LayerNorm, Linear};
 pub use module::{Init, InitWeights, LayerMut, LayerRef, LoadedWeights, Module, WeightSource};

@@ -33,6 +33,12 @@ impl Default for Conv2dParams {
 pub trait PreparedOp: Send + Sync + Debug {
     /// Runs the layer on `x`.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// The op as `Any`, for a runtime that recognises its own ops inside a [`crate::Graph`]
+    /// (`None`, the default, makes such a runtime fall back to running the graph op by op).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// Something that runs layers: it prepares each layer's weights once, returning the op that
@@ -104,6 +110,19 @@ pub trait Runtime: Send + Sync + Debug {
         eps: f64,
     ) -> Result<Tensor> {
         layer_norm_reference(x, residual, gamma, beta, eps)
+    }
+
+    /// Whether activations can stay on this runtime's device between ops, so that models hand
+    /// it their whole forward as a [`crate::Graph`] ([`Runtime::run_graph`]) instead of one
+    /// call per op. `false` by default.
+    fn resident(&self) -> bool {
+        false
+    }
+
+    /// Runs `graph` on `inputs`. The default interprets it op by op ([`crate::Graph::interpret`]);
+    /// resident runtimes run it on their device with one upload and one read-back.
+    fn run_graph(&self, graph: &crate::Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        graph.interpret(self, inputs)
     }
 
     /// Prepares a convolution whose input is quantized by `input` (see

@@ -9,8 +9,8 @@ use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarMap;
 use pare_core_tensor::io::load_weights;
 use pare_core_tensor::{
-    Activation, Embedding, Hooks, Init, LayerMut, LayerNorm, LayerRef, Linear, LoadedWeights, Module, Weight,
-    WeightSource,
+    Activation, Embedding, Graph, Hooks, Init, LayerMut, LayerNorm, LayerRef, Linear, LoadedWeights, Module, Step,
+    Weight, WeightSource,
 };
 use serde::{Deserialize, Serialize};
 
@@ -408,12 +408,73 @@ impl BertEncoder {
         attention_mask: &Tensor,
         hooks: &mut Hooks<'_>,
     ) -> Result<Tensor> {
+        let rt = self.word.runtime().clone();
+        if hooks.is_empty() && rt.resident() {
+            return self.forward_resident(rt.as_ref(), input_ids, token_type_ids, attention_mask);
+        }
         let mut h = self.embed_hooked(input_ids, token_type_ids, hooks)?;
         let mask = attention_bias(attention_mask)?;
         for i in 0..self.layers.len() {
             h = self.layer_forward(i, &h, &mask, hooks, &mut Ok)?;
         }
         Ok(h)
+    }
+
+    /// The whole forward as one [`Graph`] (inputs: ids, positions, token types, the additive
+    /// mask), run by a resident runtime on its device: the same steps, in the same order, as
+    /// the op-by-op path.
+    fn forward_resident(
+        &self,
+        rt: &dyn pare_core_tensor::Runtime,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if t > self.config.max_position_embeddings {
+            return Err(Error::Config {
+                what: "BERT input",
+                detail: format!(
+                    "sequence of {t} tokens exceeds max_position_embeddings {}",
+                    self.config.max_position_embeddings
+                ),
+            });
+        }
+        let dev = input_ids.device();
+        let positions = Tensor::arange(0u32, t as u32, dev)?.unsqueeze(0)?.broadcast_as((b, t))?.contiguous()?;
+        let types = match token_type_ids {
+            Some(tt) => tt.clone(),
+            None => Tensor::zeros((b, t), DType::U32, dev)?,
+        };
+        let mask = attention_bias(attention_mask)?;
+        let mut g = Graph::new(4);
+        let op = |g: &mut Graph, op: &std::sync::Arc<dyn pare_core_tensor::PreparedOp>, x| {
+            g.push(Step::Op { op: op.clone(), x })
+        };
+        let norm = |g: &mut Graph, n: &LayerNorm, x, residual| {
+            g.push(Step::LayerNorm { x, residual, gamma: n.weight().clone(), beta: n.bias().clone(), eps: n.eps() })
+        };
+        let w = op(&mut g, self.word.op(), 0)?;
+        let p = op(&mut g, self.position.op(), 1)?;
+        let ty = op(&mut g, self.token_type.op(), 2)?;
+        let wp = g.push(Step::Add { a: w, b: p })?;
+        let emb = g.push(Step::Add { a: wp, b: ty })?;
+        let mut h = norm(&mut g, &self.emb_norm, emb, None)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            let (q, k, v) = (op(&mut g, l.query.op(), h)?, op(&mut g, l.key.op(), h)?, op(&mut g, l.value.op(), h)?);
+            let heads = self.config.heads_of(i);
+            let scale = 1.0 / (self.config.head_size() as f64).sqrt();
+            let ctx = g.push(Step::Attention { q, k, v, heads, mask: Some(3), scale })?;
+            let attn = op(&mut g, l.attn_out.op(), ctx)?;
+            h = norm(&mut g, &l.attn_norm, attn, Some(h))?;
+            let inter = op(&mut g, l.intermediate.op(), h)?;
+            let act = g.push(Step::Activation { act: self.act, x: inter })?;
+            let out = op(&mut g, l.output.op(), act)?;
+            h = norm(&mut g, &l.out_norm, out, Some(h))?;
+        }
+        g.output(h)?;
+        let mut outs = rt.run_graph(&g, &[input_ids.clone(), positions, types, mask])?;
+        Ok(outs.pop().expect("one output"))
     }
 
     /// The embedding stage: word + position + token-type embeddings, then layer norm;

@@ -432,6 +432,21 @@ impl DigitsNet {
 
     /// Logits for pixels `x` `[n, 64]`, reporting every layer to `hooks`.
     pub fn forward_hooked(&self, x: &Tensor, hooks: &mut Hooks<'_>) -> Result<Tensor> {
+        let rt = self.linears[0].runtime().clone();
+        if hooks.is_empty() && self.convs.is_empty() && rt.resident() {
+            // An MLP as one graph: a resident runtime keeps the activations on its device.
+            let mut g = pare_core_tensor::Graph::new(1);
+            let mut h = 0;
+            let last = self.linears.len() - 1;
+            for (k, l) in self.linears.iter().enumerate() {
+                h = g.push(pare_core_tensor::Step::Op { op: l.op().clone(), x: h })?;
+                if k < last {
+                    h = g.push(pare_core_tensor::Step::Activation { act: self.act, x: h })?;
+                }
+            }
+            g.output(h)?;
+            return Ok(rt.run_graph(&g, std::slice::from_ref(x))?.pop().expect("one output"));
+        }
         let n = x.dim(0)?;
         let mut h = x.clone();
         if let DigitsArch::Cell(c) = &self.arch {

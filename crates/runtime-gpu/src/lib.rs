@@ -14,9 +14,13 @@
 //! was found. Inside `Runtime` calls, GPU failures arrive as `pare_core_tensor::Error::Runtime`
 //! carrying a [`GpuError`] ([`gpu_error`] gets it back).
 //!
-//! The wgpu runtime's activations cross as candle CPU tensors: each op uploads its input and
-//! reads its output back, because candle has no wgpu device to keep them on. Weights never
-//! move after `prepare`; the per-op copies are the price of running unchanged model code.
+//! Weights never move after `prepare`. The wgpu runtime is *resident*: models hand it their
+//! whole forward as a core-tensor `Graph` (MiniLM's embeddings to its last layer norm, a
+//! digits MLP), which it runs in one command buffer — inputs uploaded once, every activation
+//! left on the adapter for the next kernel, outputs read back once — with the same kernels,
+//! and so the same values, as op by op. Graphs with a step it cannot keep resident (a
+//! convolution, an op another runtime prepared) and direct op calls cross as candle CPU
+//! tensors, one upload and one read-back per op.
 //!
 //! ```
 //! use pare_runtime_gpu::{CudaRuntime, GpuError};

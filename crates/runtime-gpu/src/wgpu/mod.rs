@@ -2,9 +2,11 @@
 //!
 //! Weights are uploaded once at `prepare` in their stored format (f32, f16/bf16 pairs, packed
 //! 1–8-bit codes with scales, zero points and codebooks, or CSR rows) and dequantized inside the
-//! shaders. Activations cross as candle CPU tensors: each op uploads its input into a pooled
-//! buffer, runs, and reads its output back (see the crate docs for what that costs).
+//! shaders. A whole-model [`pare_core_tensor::Graph`] runs resident (`graph`): one command
+//! buffer, activations left on the adapter. Single ops take candle CPU tensors: each uploads
+//! its input into a pooled buffer, runs, and reads its output back.
 
+mod graph;
 mod shaders;
 
 use std::collections::HashMap;
@@ -48,7 +50,12 @@ enum Slot {
 const WEIGHT_SLOTS: [Slot; 8] =
     [Slot::Uniform, Slot::Read, Slot::Write, Slot::Read, Slot::Read, Slot::Read, Slot::Read, Slot::Read];
 const UNARY_SLOTS: [Slot; 3] = [Slot::Uniform, Slot::Read, Slot::Write];
+const BINARY_SLOTS: [Slot; 4] = [Slot::Uniform, Slot::Read, Slot::Write, Slot::Read];
 const NORM_SLOTS: [Slot; 6] = [Slot::Uniform, Slot::Read, Slot::Write, Slot::Read, Slot::Read, Slot::Read];
+
+/// One dispatch, ready to encode: the op's name (for errors), its kernel, its parameters and
+/// its workgroup grid.
+type Dispatch = (String, Arc<Kernel>, Params, (u32, u32));
 
 struct Kernel {
     pipeline: wgpu::ComputePipeline,
@@ -67,6 +74,8 @@ struct Ctx {
     kernels: Mutex<HashMap<String, Arc<Kernel>>>,
     pool: Mutex<HashMap<(u64, u32), Vec<wgpu::Buffer>>>,
     dummy: wgpu::Buffer,
+    /// Command buffers submitted (each ends in a wait for its outputs).
+    submits: std::sync::atomic::AtomicU64,
 }
 
 /// core-tensor's `Runtime` on a wgpu adapter. Cheap to clone (the device is shared).
@@ -169,6 +178,7 @@ impl WgpuRuntime {
             kernels: Mutex::new(HashMap::new()),
             pool: Mutex::new(HashMap::new()),
             dummy,
+            submits: Default::default(),
         };
         WgpuRuntime { ctx: Arc::new(ctx), cpu: Device::Cpu, sparse_as_dense: options.sparse_as_dense }
     }
@@ -181,6 +191,12 @@ impl WgpuRuntime {
     /// Whether the adapter is a software rasteriser (Mesa's lavapipe / llvmpipe, WARP).
     pub fn is_software(&self) -> bool {
         self.ctx.software
+    }
+
+    /// Command buffers this runtime has submitted and waited for: one per op run op by op,
+    /// one per whole graph run resident (see [`pare_core_tensor::Runtime::run_graph`]).
+    pub fn submissions(&self) -> u64 {
+        self.ctx.submits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The device's limits (with [`WgpuOptions::max_buffer_bytes`] applied).
@@ -455,21 +471,20 @@ impl Ctx {
         Ok((x as u32, y as u32))
     }
 
-    /// Runs `kernel` over `grid` with `params` in slot 0, `bound` buffers in their slots (the
-    /// first `len` bytes of each) and an output of `out_len` floats in slot 2, and reads the
-    /// output back. Slots nothing is bound to get a dummy.
-    fn run(
+    /// Records `kernel` over `grid` into `enc` with `params` in slot 0, `bound` buffers in
+    /// their slots (the first `len` bytes of each) and the output `out` (its first `out_len`
+    /// bytes) in slot 2. Slots nothing is bound to get a dummy.
+    #[allow(clippy::too_many_arguments)]
+    fn encode(
         &self,
+        enc: &mut wgpu::CommandEncoder,
         op: &str,
         kernel: &Kernel,
         params: &Params,
         bound: &[(u32, &wgpu::Buffer, u64)],
         grid: (u32, u32),
-        out_len: usize,
-    ) -> std::result::Result<Vec<f32>, GpuError> {
-        let out_bytes = 4 * out_len as u64;
-        let out = self.acquire(op, out_bytes, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC)?;
-        let staging = self.acquire(op, out_bytes, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?;
+        (out, out_len): (&wgpu::Buffer, u64),
+    ) {
         let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("pare.params"),
             contents: bytemuck::cast_slice(&params.words()),
@@ -477,7 +492,7 @@ impl Ctx {
         });
         let mut entries = vec![
             wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 2, resource: bind(out.buffer(), out.len) },
+            wgpu::BindGroupEntry { binding: 2, resource: bind(out, out_len) },
         ];
         for &(slot, b, len) in bound {
             entries.push(wgpu::BindGroupEntry { binding: slot, resource: bind(b, len) });
@@ -487,41 +502,89 @@ impl Ctx {
                 entries.push(wgpu::BindGroupEntry { binding: slot, resource: self.dummy.as_entire_binding() });
             }
         }
-        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(op),
             layout: &kernel.layout,
             entries: &entries,
         });
-        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(op) });
-        {
-            let mut pass =
-                enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(op), timestamp_writes: None });
-            pass.set_pipeline(&kernel.pipeline);
-            pass.set_bind_group(0, &group, &[]);
-            pass.dispatch_workgroups(grid.0, grid.1, 1);
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(op), timestamp_writes: None });
+        pass.set_pipeline(&kernel.pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(grid.0, grid.1, 1);
+    }
+
+    /// Submits `enc` after copying each of `outs` (a buffer and the floats it holds) into a
+    /// staging buffer, waits, and reads them back; any validation or out-of-memory error the
+    /// device raised while `enc` was built or run is returned as `op`'s.
+    fn finish(
+        &self,
+        op: &str,
+        mut enc: wgpu::CommandEncoder,
+        scopes: (wgpu::ErrorScopeGuard, wgpu::ErrorScopeGuard),
+        outs: &[(&wgpu::Buffer, usize)],
+    ) -> std::result::Result<Vec<Vec<f32>>, GpuError> {
+        let mut staging = Vec::with_capacity(outs.len());
+        for &(b, floats) in outs {
+            let bytes = 4 * floats as u64;
+            let s = self.acquire(op, bytes, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?;
+            enc.copy_buffer_to_buffer(b, 0, s.buffer(), 0, s.len);
+            staging.push((s, floats));
         }
-        enc.copy_buffer_to_buffer(out.buffer(), 0, staging.buffer(), 0, out.len);
         self.queue.submit([enc.finish()]);
+        self.submits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (validation, oom) = scopes;
         let v = pollster::block_on(validation.pop());
         let o = pollster::block_on(oom.pop());
         if let Some(e) = v.or(o) {
             return Err(GpuError::Device { device: self.name.clone(), op: op.to_string(), message: e.to_string() });
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.buffer().map_async(wgpu::MapMode::Read, 0..out.len, move |r| {
-            let _ = tx.send(r);
-        });
         let failed = |message: String| GpuError::Device { device: self.name.clone(), op: op.to_string(), message };
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (s, _) in &staging {
+            let tx = tx.clone();
+            s.buffer().map_async(wgpu::MapMode::Read, 0..s.len, move |r| {
+                let _ = tx.send(r);
+            });
+        }
+        drop(tx);
         self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| failed(e.to_string()))?;
-        rx.recv().map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))?;
-        let data = {
-            let view = staging.buffer().get_mapped_range(0..out.len).map_err(|e| failed(e.to_string()))?;
-            bytemuck::cast_slice::<u8, f32>(&view)[..out_len].to_vec()
-        };
-        staging.buffer().unmap();
+        for _ in &staging {
+            rx.recv().map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))?;
+        }
+        let mut data = Vec::with_capacity(staging.len());
+        for (s, floats) in &staging {
+            {
+                let view = s.buffer().get_mapped_range(0..s.len).map_err(|e| failed(e.to_string()))?;
+                data.push(bytemuck::cast_slice::<u8, f32>(&view)[..*floats].to_vec());
+            }
+            s.buffer().unmap();
+        }
         Ok(data)
+    }
+
+    /// The error scopes [`Ctx::finish`] pops (validation, then out of memory).
+    fn scopes(&self) -> (wgpu::ErrorScopeGuard, wgpu::ErrorScopeGuard) {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        (validation, oom)
+    }
+
+    /// Runs `kernel` over `grid` with `params` in slot 0, `bound` buffers in their slots and an
+    /// output of `out_len` floats in slot 2, and reads the output back.
+    fn run(
+        &self,
+        op: &str,
+        kernel: &Kernel,
+        params: &Params,
+        bound: &[(u32, &wgpu::Buffer, u64)],
+        grid: (u32, u32),
+        out_len: usize,
+    ) -> std::result::Result<Vec<f32>, GpuError> {
+        let out = self.acquire(op, 4 * out_len as u64, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC)?;
+        let scopes = self.scopes();
+        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(op) });
+        self.encode(&mut enc, op, kernel, params, bound, grid, (out.buffer(), out.len));
+        Ok(self.finish(op, enc, scopes, &[(out.buffer(), out_len)])?.pop().expect("one output"))
     }
 }
 
@@ -644,13 +707,13 @@ impl WgpuRuntime {
         Ok(Some(self.ctx.resident(&format!("`{layer}` bias"), &f32_words(&v))?))
     }
 
-    /// The weight's words in slots 3–6, the bias in 7, and `x` in 1.
+    /// The weight's words in slots 3–6, the bias in 7, and `x` (bound to slot 1) first.
     fn weight_slots<'a>(
-        x: &'a Pooled<'_>,
+        x: (u32, &'a wgpu::Buffer, u64),
         w: &'a DevWeight,
         bias: Option<&'a wgpu::Buffer>,
     ) -> Vec<(u32, &'a wgpu::Buffer, u64)> {
-        let mut v = vec![x.at(1)];
+        let mut v = vec![x];
         v.extend(w.words.iter().enumerate().filter_map(|(i, b)| b.as_ref().map(|b| (3 + i as u32, b, b.size()))));
         if let Some(b) = bias {
             v.push((7, b, b.size()));
@@ -713,6 +776,22 @@ impl PreparedOp for LinearOp {
         if m == 0 || self.n == 0 {
             return Ok(Tensor::zeros(out_dims, x.dtype(), &Device::Cpu)?);
         }
+        let (op, kernel, p, grid) = self.plan(m)?;
+        let xb = ctx.upload(&op, &f32_input(x)?)?;
+        let bound = WgpuRuntime::weight_slots(xb.at(1), &self.w.0, self.bias.as_ref());
+        let y = ctx.run(&op, &kernel, &p, &bound, grid, m * self.n)?;
+        output(y, &out_dims, x.dtype())
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+impl LinearOp {
+    /// The op's name, kernel, parameters and grid for `m` input rows.
+    fn plan(&self, m: usize) -> Result<Dispatch> {
+        let ctx = &self.rt.ctx;
         let f = self.w.0.format;
         let key = format!("linear-{}", f.key());
         let kernel = ctx.kernel(&key, &WEIGHT_SLOTS, || shaders::linear(f))?;
@@ -731,10 +810,7 @@ impl PreparedOp for LinearOp {
             m.div_ceil(b) * self.n.div_ceil(b)
         };
         let grid = ctx.grid(&op, invocations.div_ceil(64) as u64)?;
-        let xb = ctx.upload(&op, &f32_input(x)?)?;
-        let bound = WgpuRuntime::weight_slots(&xb, &self.w.0, self.bias.as_ref());
-        let y = ctx.run(&op, &kernel, &p, &bound, grid, m * self.n)?;
-        output(y, &out_dims, x.dtype())
+        Ok((op, kernel, p, grid))
     }
 }
 
@@ -799,7 +875,7 @@ impl PreparedOp for ConvOp {
         let op = format!("conv2d `{}`", self.layer);
         let grid = ctx.grid(&op, total.div_ceil(64) as u64)?;
         let xb = ctx.upload(&op, &f32_input(x)?)?;
-        let bound = WgpuRuntime::weight_slots(&xb, &self.w.0, self.bias.as_ref());
+        let bound = WgpuRuntime::weight_slots(xb.at(1), &self.w.0, self.bias.as_ref());
         let y = ctx.run(&op, &kernel, &p, &bound, grid, total)?;
         output(y, &[b, cout, oh, ow], x.dtype())
     }
@@ -817,6 +893,29 @@ struct EmbeddingOp {
 
 impl PreparedOp for EmbeddingOp {
     fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let words = self.ids(ids)?;
+        let mut dims = ids.dims().to_vec();
+        dims.push(self.dim);
+        let total = words.len() * self.dim;
+        if total == 0 {
+            return Ok(Tensor::zeros(dims, self.dtype, &Device::Cpu)?);
+        }
+        let ctx = &self.rt.ctx;
+        let (op, kernel, p, grid) = self.plan(words.len())?;
+        let xb = ctx.upload(&op, &words)?;
+        let bound = WgpuRuntime::weight_slots(xb.at(1), &self.w.0, None);
+        let y = ctx.run(&op, &kernel, &p, &bound, grid, total)?;
+        output(y, &dims, self.dtype)
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+impl EmbeddingOp {
+    /// `ids` as the kernel's u32 words, each checked to lie inside the table.
+    fn ids(&self, ids: &Tensor) -> Result<Vec<u32>> {
         if ids.dtype().is_float() {
             return Err(Error::DType {
                 name: format!("ids of `{}`", self.layer),
@@ -831,28 +930,91 @@ impl PreparedOp for EmbeddingOp {
                 format!("id {id} at flat index {i} is outside the table of {} rows", self.vocab),
             ));
         }
-        let mut dims = ids.dims().to_vec();
-        dims.push(self.dim);
-        let total = flat.len() * self.dim;
-        if total == 0 {
-            return Ok(Tensor::zeros(dims, self.dtype, &Device::Cpu)?);
-        }
+        Ok(flat.iter().map(|&i| i as u32).collect())
+    }
+
+    /// The op's name, kernel, parameters and grid for `ids` lookups.
+    fn plan(&self, ids: usize) -> Result<Dispatch> {
         let ctx = &self.rt.ctx;
         let f = self.w.0.format;
         let kernel = ctx.kernel(&format!("embedding-{}", f.key()), &WEIGHT_SLOTS, || shaders::embedding(f))?;
         let dev = &ctx.name;
+        let total = ids * self.dim;
         let mut p = self.w.0.params;
-        p.m = u32_of(flat.len(), "embedding ids", dev)?;
+        p.m = u32_of(ids, "embedding ids", dev)?;
         p.n = u32_of(self.dim, "embedding width", dev)?;
         u32_of(self.vocab * self.dim, "embedding table", dev)?;
         u32_of(total, "embedding output", dev)?;
         let op = format!("embedding `{}`", self.layer);
         let grid = ctx.grid(&op, total.div_ceil(64) as u64)?;
-        let words: Vec<u32> = flat.iter().map(|&i| i as u32).collect();
-        let xb = ctx.upload(&op, &words)?;
-        let bound = WgpuRuntime::weight_slots(&xb, &self.w.0, None);
-        let y = ctx.run(&op, &kernel, &p, &bound, grid, total)?;
-        output(y, &dims, self.dtype)
+        Ok((op, kernel, p, grid))
+    }
+}
+
+impl WgpuRuntime {
+    /// The activation kernel over `n` values.
+    fn act_plan(&self, act: Activation, n: usize) -> Result<Dispatch> {
+        let ctx = &self.ctx;
+        let kernel = ctx.kernel("activation", &UNARY_SLOTS, shaders::activation)?;
+        let p = Params { m: u32_of(n, "activation input", &ctx.name)?, act: act_code(act), ..Default::default() };
+        let op = format!("{act:?}").to_lowercase();
+        let grid = ctx.grid(&op, n.div_ceil(64) as u64)?;
+        Ok((op, kernel, p, grid))
+    }
+
+    /// The element-wise sum of two buffers of `n` values.
+    fn add_plan(&self, n: usize) -> Result<Dispatch> {
+        let ctx = &self.ctx;
+        let kernel = ctx.kernel("add", &BINARY_SLOTS, shaders::add)?;
+        let p = Params { m: u32_of(n, "addition", &ctx.name)?, ..Default::default() };
+        let op = "add".to_string();
+        let grid = ctx.grid(&op, n.div_ceil(64) as u64)?;
+        Ok((op, kernel, p, grid))
+    }
+
+    /// Layer norm over `rows` rows of `n` (with a residual when `residual`).
+    fn norm_plan(&self, rows: usize, n: usize, residual: bool, eps: f64) -> Result<Dispatch> {
+        let ctx = &self.ctx;
+        let kernel = ctx.kernel("layer_norm", &NORM_SLOTS, shaders::layer_norm)?;
+        let dev = &ctx.name;
+        let p = Params {
+            m: u32_of(rows, "layer norm rows", dev)?,
+            n: u32_of(n, "layer norm width", dev)?,
+            extra: u32::from(residual),
+            scale: eps as f32,
+            ..Default::default()
+        };
+        u32_of(rows * n, "layer norm input", dev)?;
+        let op = "layer norm".to_string();
+        let grid = ctx.grid(&op, rows as u64)?;
+        Ok((op, kernel, p, grid))
+    }
+
+    /// Attention over `[b, t, hidden]` projections in `heads` heads.
+    fn attention_plan(
+        &self,
+        (b, t, hidden): (usize, usize, usize),
+        heads: usize,
+        mask: bool,
+        scale: f64,
+    ) -> Result<Dispatch> {
+        let ctx = &self.ctx;
+        let kernel = ctx.kernel("attention", &NORM_SLOTS, shaders::attention)?;
+        let dev = &ctx.name;
+        u32_of(b * t * hidden, "attention input", dev)?;
+        let p = Params {
+            batch: b as u32,
+            m: t as u32,
+            n: hidden as u32,
+            k: (hidden / heads) as u32,
+            heads: heads as u32,
+            extra: u32::from(mask),
+            scale: scale as f32,
+            ..Default::default()
+        };
+        let op = "attention".to_string();
+        let grid = ctx.grid(&op, (b * heads * t).div_ceil(64) as u64)?;
+        Ok((op, kernel, p, grid))
     }
 }
 
@@ -876,6 +1038,22 @@ impl Runtime for WgpuRuntime {
     /// Activations live on the CPU between ops; weights live on the adapter.
     fn device(&self) -> &Device {
         &self.cpu
+    }
+
+    /// Models hand the adapter whole graphs: activations stay on it from the first op to the
+    /// last.
+    fn resident(&self) -> bool {
+        true
+    }
+
+    fn run_graph(&self, graph: &pare_core_tensor::Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        match self.run_resident(graph, inputs)? {
+            Some(out) => Ok(out),
+            None => {
+                tracing::debug!("graph has a step the adapter cannot take resident; running it op by op");
+                graph.interpret(self, inputs)
+            }
+        }
     }
 
     fn prepare_linear(&self, layer: &str, weight: &Weight, bias: Option<&Tensor>) -> Result<Arc<dyn PreparedOp>> {
@@ -947,10 +1125,7 @@ impl Runtime for WgpuRuntime {
             return Ok(x.clone());
         }
         let ctx = &self.ctx;
-        let kernel = ctx.kernel("activation", &UNARY_SLOTS, shaders::activation)?;
-        let p = Params { m: u32_of(n, "activation input", &ctx.name)?, act: act_code(act), ..Default::default() };
-        let op = format!("{act:?}").to_lowercase();
-        let grid = ctx.grid(&op, n.div_ceil(64) as u64)?;
+        let (op, kernel, p, grid) = self.act_plan(act, n)?;
         let xb = ctx.upload(&op, &f32_input(x)?)?;
         let y = ctx.run(&op, &kernel, &p, &[xb.at(1)], grid, n)?;
         output(y, x.dims(), x.dtype())
@@ -984,18 +1159,8 @@ impl Runtime for WgpuRuntime {
             return Ok(x.clone());
         }
         let ctx = &self.ctx;
-        let kernel = ctx.kernel("layer_norm", &NORM_SLOTS, shaders::layer_norm)?;
-        let dev = &ctx.name;
-        let p = Params {
-            m: u32_of(rows, "layer norm rows", dev)?,
-            n: u32_of(n, "layer norm width", dev)?,
-            extra: u32::from(residual.is_some()),
-            scale: eps as f32,
-            ..Default::default()
-        };
-        u32_of(x.elem_count(), "layer norm input", dev)?;
-        let op = "layer norm";
-        let grid = ctx.grid(op, rows as u64)?;
+        let (op, kernel, p, grid) = self.norm_plan(rows, n, residual.is_some(), eps)?;
+        let op = op.as_str();
         let xb = ctx.upload(op, &f32_input(x)?)?;
         let rb = residual.map(|r| f32_input(r).and_then(|w| Ok(ctx.upload(op, &w)?))).transpose()?;
         let gb = ctx.upload(op, &f32_input(gamma)?)?;
@@ -1025,21 +1190,8 @@ impl Runtime for WgpuRuntime {
             return Ok(q.clone());
         }
         let ctx = &self.ctx;
-        let kernel = ctx.kernel("attention", &NORM_SLOTS, shaders::attention)?;
-        let dev = &ctx.name;
-        u32_of(q.elem_count(), "attention input", dev)?;
-        let p = Params {
-            batch: b as u32,
-            m: t as u32,
-            n: hidden as u32,
-            k: hs as u32,
-            heads: heads as u32,
-            extra: u32::from(mask.is_some()),
-            scale: scale as f32,
-            ..Default::default()
-        };
-        let op = "attention";
-        let grid = ctx.grid(op, (b * heads * t).div_ceil(64) as u64)?;
+        let (op, kernel, p, grid) = self.attention_plan((b, t, hidden), heads, mask.is_some(), scale)?;
+        let op = op.as_str();
         let qb = ctx.upload(op, &f32_input(q)?)?;
         let kb = ctx.upload(op, &f32_input(k)?)?;
         let vb = ctx.upload(op, &f32_input(v)?)?;

@@ -287,6 +287,24 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw
     )
 }
 
+/// `y = x + b` element-wise over `P.m` values.
+pub(crate) fn add() -> String {
+    format!(
+        "{PARAMS}
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read> b: array<f32>;
+{FLAT}
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {{
+    let idx = flat(g, nw);
+    if (idx >= P.m) {{ return; }}
+    y[idx] = x[idx] + b[idx];
+}}
+"
+    )
+}
+
 /// Workgroup width of the layer-norm kernel (one workgroup per row).
 pub(crate) const LN_WG: u32 = 64;
 
