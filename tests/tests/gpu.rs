@@ -374,9 +374,9 @@ impl Runtime for OpByOp {
     }
 }
 
-/// Whole models stay on the adapter: a digits MLP and MiniLM (float and 4-bit) run as one
-/// graph in one submission, giving exactly the op-by-op path's values; a model with a step the
-/// graph cannot take resident (a convolution) still runs, op by op.
+/// Whole models stay on the adapter: the digits MLP and CNN and MiniLM (float and 4-bit) run
+/// as one graph in one submission, giving exactly the op-by-op path's values; a W8A8 model,
+/// whose input quantization the adapter does not take resident, still runs, op by op.
 #[test]
 fn whole_models_run_resident_in_one_submission_and_match_op_by_op() {
     let rt = gpu();
@@ -394,12 +394,22 @@ fn whole_models_run_resident_in_one_submission_and_match_op_by_op() {
         let want = a.forward(&data.test.x).unwrap();
         let diff = pare_core_tensor::testing::max_abs_diff(&got, &want).unwrap();
         assert!(diff == 0.0, "{arch}: resident and op-by-op logits differ by {diff}");
-        if arch.starts_with("mlp") {
-            assert_eq!(submits, 1, "{arch}: the whole MLP in one submission");
-        } else {
-            assert!(submits > 1, "{arch}: convolutions run op by op");
-        }
+        assert_eq!(submits, 1, "{arch}: the whole net in one submission");
     }
+    // Input quantization runs through the default fake-quantizing wrapper: op by op.
+    let mut w8a8 = pare_tests::trained_digits("mlp:64,32", 2).unwrap();
+    let paths = pare_core_tensor::select::Selection::default().resolve(&w8a8).unwrap();
+    let spec = pare_quant::ptq::ActSpec { bits: 8, symmetric: true };
+    let specs = pare_quant::ptq::dynamic_specs(&w8a8, &paths, spec, true).unwrap();
+    pare_quant::ptq::apply(&mut w8a8, &specs).unwrap();
+    let (mut a, mut b) = (w8a8.clone(), w8a8);
+    a.prepare(&op_by_op).unwrap();
+    b.prepare(&resident).unwrap();
+    let before = rt.submissions();
+    let got = b.forward(&data.test.x).unwrap();
+    assert!(rt.submissions() - before > 1, "W8A8 layers fall back to op by op");
+    let diff = pare_core_tensor::testing::max_abs_diff(&got, &a.forward(&data.test.x).unwrap()).unwrap();
+    assert!(diff == 0.0, "W8A8 MLP: the fallback differs by {diff}");
     let Some(dir) = pare_tests::minilm_dir("gpu::whole_models_run_resident").unwrap() else { return };
     let text = pare_core_tensor::data::sentences(pare_tests::workspace_root().join("data/sentences.txt")).unwrap();
     let batch: Vec<String> = text.into_iter().take(6).collect();

@@ -53,6 +53,21 @@ pub enum Step {
         /// Variance epsilon.
         eps: f64,
     },
+    /// The same values in another shape (same element count), as `Tensor::reshape`.
+    Reshape {
+        /// Input.
+        x: Value,
+        /// The new shape.
+        dims: Vec<usize>,
+    },
+    /// Max pooling of `[batch, channels, h, w]` over `size × size` windows with stride `size`
+    /// (the rest cut off), as `Tensor::max_pool2d(size)`.
+    MaxPool2d {
+        /// Input.
+        x: Value,
+        /// Window side and stride.
+        size: usize,
+    },
     /// [`Runtime::attention`].
     Attention {
         /// Queries `[batch, seq, heads·head_dim]`.
@@ -74,7 +89,9 @@ impl Step {
     /// The values the step reads.
     pub fn reads(&self) -> Vec<Value> {
         match self {
-            Step::Op { x, .. } | Step::Activation { x, .. } => vec![*x],
+            Step::Op { x, .. } | Step::Activation { x, .. } | Step::Reshape { x, .. } | Step::MaxPool2d { x, .. } => {
+                vec![*x]
+            }
             Step::Add { a, b } => vec![*a, *b],
             Step::LayerNorm { x, residual, .. } => std::iter::once(*x).chain(*residual).collect(),
             Step::Attention { q, k, v, mask, .. } => [*q, *k, *v].into_iter().chain(*mask).collect(),
@@ -142,6 +159,8 @@ impl Graph {
                 Step::Op { op, x } => op.forward(&vals[*x])?,
                 Step::Add { a, b } => (&vals[*a] + &vals[*b])?,
                 Step::Activation { act, x } => rt.activation(*act, &vals[*x])?,
+                Step::Reshape { x, dims } => vals[*x].reshape(dims.as_slice())?,
+                Step::MaxPool2d { x, size } => vals[*x].max_pool2d(*size)?,
                 Step::LayerNorm { x, residual, gamma, beta, eps } => {
                     rt.layer_norm(&vals[*x], residual.map(|r| &vals[r]), gamma, beta, *eps)?
                 }

@@ -433,15 +433,27 @@ impl DigitsNet {
     /// Logits for pixels `x` `[n, 64]`, reporting every layer to `hooks`.
     pub fn forward_hooked(&self, x: &Tensor, hooks: &mut Hooks<'_>) -> Result<Tensor> {
         let rt = self.linears[0].runtime().clone();
-        if hooks.is_empty() && self.convs.is_empty() && rt.resident() {
-            // An MLP as one graph: a resident runtime keeps the activations on its device.
+        if hooks.is_empty() && !matches!(self.arch, DigitsArch::Cell(_)) && rt.resident() {
+            // The net as one graph: a resident runtime keeps the activations on its device.
+            use pare_core_tensor::Step;
             let mut g = pare_core_tensor::Graph::new(1);
             let mut h = 0;
+            if !self.convs.is_empty() {
+                let n = x.dim(0)?;
+                h = g.push(Step::Reshape { x: h, dims: vec![n, 1, 8, 8] })?;
+                for conv in &self.convs {
+                    h = g.push(Step::Op { op: conv.op().clone(), x: h })?;
+                    h = g.push(Step::Activation { act: self.act, x: h })?;
+                }
+                h = g.push(Step::MaxPool2d { x: h, size: 2 })?;
+                let flat = self.linears[0].dims().1;
+                h = g.push(Step::Reshape { x: h, dims: vec![n, flat] })?;
+            }
             let last = self.linears.len() - 1;
             for (k, l) in self.linears.iter().enumerate() {
-                h = g.push(pare_core_tensor::Step::Op { op: l.op().clone(), x: h })?;
+                h = g.push(Step::Op { op: l.op().clone(), x: h })?;
                 if k < last {
-                    h = g.push(pare_core_tensor::Step::Activation { act: self.act, x: h })?;
+                    h = g.push(Step::Activation { act: self.act, x: h })?;
                 }
             }
             g.output(h)?;

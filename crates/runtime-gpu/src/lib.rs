@@ -15,11 +15,11 @@
 //! carrying a [`GpuError`] ([`gpu_error`] gets it back).
 //!
 //! Weights never move after `prepare`. The wgpu runtime is *resident*: models hand it their
-//! whole forward as a core-tensor `Graph` (MiniLM's embeddings to its last layer norm, a
-//! digits MLP), which it runs in one command buffer — inputs uploaded once, every activation
+//! whole forward as a core-tensor `Graph` (MiniLM's embeddings to its last layer norm, the
+//! digits MLP and CNN), which it runs in one command buffer — inputs uploaded once, every activation
 //! left on the adapter for the next kernel, outputs read back once — with the same kernels,
-//! and so the same values, as op by op. Graphs with a step it cannot keep resident (a
-//! convolution, an op another runtime prepared) and direct op calls cross as candle CPU
+//! and so the same values, as op by op. Graphs with a step it cannot keep resident (an op
+//! another runtime prepared, such as the fake-quantizing wrapper of W8A8 layers) and direct op calls cross as candle CPU
 //! tensors, one upload and one read-back per op.
 //!
 //! ```

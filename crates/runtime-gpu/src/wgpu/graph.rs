@@ -3,14 +3,17 @@
 //! once — instead of one upload and one read-back per op.
 //!
 //! Every step runs the same kernel with the same parameters as the op-by-op path, so the two
-//! give the same values. A graph with a step the adapter cannot take here (an op prepared by
-//! another runtime, a convolution, ids computed inside the graph, an empty tensor) runs op by op.
+//! give the same values. A reshape is free: its value shares its input's buffer. A graph with a
+//! step the adapter cannot take here (an op prepared by another runtime, ids computed inside
+//! the graph, an empty tensor) runs op by op.
+
+use std::rc::Rc;
 
 use candle_core::{DType, Tensor};
 use pare_core_tensor::{Error, Graph, Result, Step};
 
 use super::shaders::MAX_HEAD;
-use super::{EmbeddingOp, LinearOp, Pooled, WgpuRuntime, f32_input, output};
+use super::{ConvOp, EmbeddingOp, LinearOp, Pooled, WgpuRuntime, f32_input, output};
 
 /// What the executor knows of a value before anything runs.
 struct Planned {
@@ -38,7 +41,7 @@ impl WgpuRuntime {
         let ctx = &self.ctx;
         let numel = |v: usize| plan[v].dims.iter().product::<usize>();
         // Inputs: ids as u32 words (checked against every table that reads them), the rest f32.
-        let mut bufs: Vec<Option<Pooled<'_>>> = Vec::with_capacity(plan.len());
+        let mut bufs: Vec<Option<Rc<Pooled<'_>>>> = Vec::with_capacity(plan.len());
         for (i, t) in inputs.iter().enumerate() {
             let words = if t.dtype().is_float() {
                 f32_input(t)?
@@ -54,7 +57,7 @@ impl WgpuRuntime {
                 }
                 words.expect("planned: integer inputs feed embeddings")
             };
-            bufs.push(Some(ctx.upload("graph input", &words)?));
+            bufs.push(Some(Rc::new(ctx.upload("graph input", &words)?)));
         }
         let scopes = ctx.scopes();
         let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("graph") });
@@ -63,52 +66,67 @@ impl WgpuRuntime {
         let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
         for (i, step) in g.steps().iter().enumerate() {
             let v = g.inputs() + i;
-            let out = ctx.acquire("graph value", 4 * numel(v) as u64, storage)?;
-            {
-                let at = |x: usize, slot: u32| bufs[x].as_ref().expect("live until its last reader").at(slot);
-                let o = (out.buffer(), out.len);
-                match step {
-                    Step::Op { op, x } => {
-                        let any = op.as_any().expect("planned");
-                        if let Some(l) = any.downcast_ref::<LinearOp>() {
-                            let (name, kernel, p, grid) = l.plan(numel(*x) / l.k)?;
-                            let bound = WgpuRuntime::weight_slots(at(*x, 1), &l.w.0, l.bias.as_ref());
+            if let Step::Reshape { x, .. } = step {
+                bufs.push(bufs[*x].clone());
+            } else {
+                let out = ctx.acquire("graph value", 4 * numel(v) as u64, storage)?;
+                {
+                    let at = |x: usize, slot: u32| bufs[x].as_ref().expect("live until its last reader").at(slot);
+                    let o = (out.buffer(), out.len);
+                    match step {
+                        Step::Op { op, x } => {
+                            let any = op.as_any().expect("planned");
+                            if let Some(l) = any.downcast_ref::<LinearOp>() {
+                                let (name, kernel, p, grid) = l.plan(numel(*x) / l.k)?;
+                                let bound = WgpuRuntime::weight_slots(at(*x, 1), &l.w.0, l.bias.as_ref());
+                                ctx.encode(&mut enc, &name, &kernel, &p, &bound, grid, o);
+                            } else if let Some(c) = any.downcast_ref::<ConvOp>() {
+                                let (name, kernel, p, grid) = c.plan(&plan[*x].dims, &plan[v].dims)?;
+                                let bound = WgpuRuntime::weight_slots(at(*x, 1), &c.w.0, c.bias.as_ref());
+                                ctx.encode(&mut enc, &name, &kernel, &p, &bound, grid, o);
+                            } else {
+                                let e = any.downcast_ref::<EmbeddingOp>().expect("planned");
+                                let (name, kernel, p, grid) = e.plan(numel(*x))?;
+                                let bound = WgpuRuntime::weight_slots(at(*x, 1), &e.w.0, None);
+                                ctx.encode(&mut enc, &name, &kernel, &p, &bound, grid, o);
+                            }
+                        }
+                        Step::Add { a, b } => {
+                            let (name, kernel, p, grid) = self.add_plan(numel(v))?;
+                            ctx.encode(&mut enc, &name, &kernel, &p, &[at(*a, 1), at(*b, 3)], grid, o);
+                        }
+                        Step::Activation { act, x } => {
+                            let (name, kernel, p, grid) = self.act_plan(*act, numel(v))?;
+                            ctx.encode(&mut enc, &name, &kernel, &p, &[at(*x, 1)], grid, o);
+                        }
+                        Step::MaxPool2d { x, size } => {
+                            let d = &plan[v].dims;
+                            let (name, kernel, p, grid) = self.pool_plan(&plan[*x].dims, *size, (d[2], d[3]))?;
+                            ctx.encode(&mut enc, &name, &kernel, &p, &[at(*x, 1)], grid, o);
+                        }
+                        Step::Reshape { .. } => unreachable!("aliased above"),
+                        Step::LayerNorm { x, residual, gamma, beta, eps } => {
+                            let n = *plan[v].dims.last().expect("checked");
+                            let (name, kernel, p, grid) = self.norm_plan(numel(v) / n, n, residual.is_some(), *eps)?;
+                            let (gb, bb) =
+                                (ctx.upload(&name, &f32_input(gamma)?)?, ctx.upload(&name, &f32_input(beta)?)?);
+                            let mut bound = vec![at(*x, 1), gb.at(4), bb.at(5)];
+                            bound.extend(residual.map(|r| at(r, 3)));
                             ctx.encode(&mut enc, &name, &kernel, &p, &bound, grid, o);
-                        } else {
-                            let e = any.downcast_ref::<EmbeddingOp>().expect("planned");
-                            let (name, kernel, p, grid) = e.plan(numel(*x))?;
-                            let bound = WgpuRuntime::weight_slots(at(*x, 1), &e.w.0, None);
+                            keep.extend([gb, bb]);
+                        }
+                        Step::Attention { q, k, v: val, heads, mask, scale } => {
+                            let d = &plan[*q].dims;
+                            let (name, kernel, p, grid) =
+                                self.attention_plan((d[0], d[1], d[2]), *heads, mask.is_some(), *scale)?;
+                            let mut bound = vec![at(*q, 1), at(*k, 3), at(*val, 4)];
+                            bound.extend(mask.map(|m| at(m, 5)));
                             ctx.encode(&mut enc, &name, &kernel, &p, &bound, grid, o);
                         }
                     }
-                    Step::Add { a, b } => {
-                        let (name, kernel, p, grid) = self.add_plan(numel(v))?;
-                        ctx.encode(&mut enc, &name, &kernel, &p, &[at(*a, 1), at(*b, 3)], grid, o);
-                    }
-                    Step::Activation { act, x } => {
-                        let (name, kernel, p, grid) = self.act_plan(*act, numel(v))?;
-                        ctx.encode(&mut enc, &name, &kernel, &p, &[at(*x, 1)], grid, o);
-                    }
-                    Step::LayerNorm { x, residual, gamma, beta, eps } => {
-                        let n = *plan[v].dims.last().expect("checked");
-                        let (name, kernel, p, grid) = self.norm_plan(numel(v) / n, n, residual.is_some(), *eps)?;
-                        let (gb, bb) = (ctx.upload(&name, &f32_input(gamma)?)?, ctx.upload(&name, &f32_input(beta)?)?);
-                        let mut bound = vec![at(*x, 1), gb.at(4), bb.at(5)];
-                        bound.extend(residual.map(|r| at(r, 3)));
-                        ctx.encode(&mut enc, &name, &kernel, &p, &bound, grid, o);
-                        keep.extend([gb, bb]);
-                    }
-                    Step::Attention { q, k, v: val, heads, mask, scale } => {
-                        let d = &plan[*q].dims;
-                        let (name, kernel, p, grid) =
-                            self.attention_plan((d[0], d[1], d[2]), *heads, mask.is_some(), *scale)?;
-                        let mut bound = vec![at(*q, 1), at(*k, 3), at(*val, 4)];
-                        bound.extend(mask.map(|m| at(m, 5)));
-                        ctx.encode(&mut enc, &name, &kernel, &p, &bound, grid, o);
-                    }
                 }
+                bufs.push(Some(Rc::new(out)));
             }
-            bufs.push(Some(out));
             // Step outputs no later step reads go back to the pool: a later step may write
             // them (wgpu orders the passes). Uploaded buffers stay taken until the end: the
             // queue writes every upload before the first pass runs, so a recycled one would be
@@ -123,6 +141,7 @@ impl WgpuRuntime {
             g.outputs().iter().map(|&v| (bufs[v].as_ref().expect("outputs stay live").buffer(), numel(v))).collect();
         let data = ctx.finish("graph", enc, scopes, &outs)?;
         drop(keep);
+        drop(bufs);
         data.into_iter()
             .zip(g.outputs())
             .map(|(d, &v)| output(d, &plan[v].dims, DType::F32))
@@ -156,6 +175,11 @@ impl WgpuRuntime {
                         let mut d = xd.clone();
                         *d.last_mut().expect("checked") = l.n;
                         d
+                    } else if let Some(c) = any.downcast_ref::<ConvOp>() {
+                        if reads_ids {
+                            return Ok(None);
+                        }
+                        c.out_dims(xd)?
                     } else if let Some(e) = any.downcast_ref::<EmbeddingOp>() {
                         if *x >= inputs.len() || e.dtype != DType::F32 {
                             return Ok(None);
@@ -175,6 +199,23 @@ impl WgpuRuntime {
                     plan[*a].dims.clone()
                 }
                 Step::Activation { x, .. } => plan[*x].dims.clone(),
+                Step::Reshape { x, dims } => {
+                    let from = &plan[*x].dims;
+                    if dims.iter().product::<usize>() != from.iter().product::<usize>() {
+                        return Err(shape_err("graph reshape (same element count)", dims, from));
+                    }
+                    dims.clone()
+                }
+                Step::MaxPool2d { x, size } => {
+                    let d = &plan[*x].dims;
+                    if d.len() != 4 || *size == 0 || d[2] < *size || d[3] < *size {
+                        return Err(Error::invalid(
+                            "max pooling",
+                            format!("expected [batch, channels, h, w] of at least {size}×{size}, found {d:?}"),
+                        ));
+                    }
+                    vec![d[0], d[1], d[2] / size, d[3] / size]
+                }
                 Step::LayerNorm { x, residual, gamma, beta, .. } => {
                     let d = plan[*x].dims.clone();
                     let n = d.last().copied().unwrap_or(0);

@@ -826,18 +826,40 @@ struct ConvOp {
 
 impl PreparedOp for ConvOp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let out = self.out_dims(x.dims())?;
+        if out.iter().product::<usize>() == 0 {
+            return Ok(Tensor::zeros(out, x.dtype(), &Device::Cpu)?);
+        }
+        let ctx = &self.rt.ctx;
+        let (op, kernel, p, grid) = self.plan(x.dims(), &out)?;
+        let xb = ctx.upload(&op, &f32_input(x)?)?;
+        let bound = WgpuRuntime::weight_slots(xb.at(1), &self.w.0, self.bias.as_ref());
+        let y = ctx.run(&op, &kernel, &p, &bound, grid, out.iter().product())?;
+        output(y, &out, x.dtype())
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+impl ConvOp {
+    /// The output `[b, cout, oh, ow]` for an input of `dims`, checked.
+    fn out_dims(&self, dims: &[usize]) -> Result<Vec<usize>> {
         let [cout, cin_g, kh, kw] = self.shape;
         let cp = self.params;
-        let (b, cin, h, w) = x.dims4().map_err(|_| Error::Shape {
-            name: format!("input of `{}`", self.layer),
-            expected: vec![0, cin_g * cp.groups, 0, 0],
-            found: x.dims().to_vec(),
-        })?;
+        let &[b, cin, h, w] = dims else {
+            return Err(Error::Shape {
+                name: format!("input of `{}`", self.layer),
+                expected: vec![0, cin_g * cp.groups, 0, 0],
+                found: dims.to_vec(),
+            });
+        };
         if cin != cin_g * cp.groups {
             return Err(Error::Shape {
                 name: format!("input of `{}` (channels)", self.layer),
                 expected: vec![b, cin_g * cp.groups, h, w],
-                found: x.dims().to_vec(),
+                found: dims.to_vec(),
             });
         }
         let span = |size: usize, k: usize| -> Result<usize> {
@@ -854,11 +876,16 @@ impl PreparedOp for ConvOp {
             }
             Ok((size + 2 * cp.padding - need) / cp.stride + 1)
         };
-        let (oh, ow) = (span(h, kh)?, span(w, kw)?);
+        Ok(vec![b, cout, span(h, kh)?, span(w, kw)?])
+    }
+
+    /// The dispatch for an input of `dims` (checked by [`ConvOp::out_dims`]) giving `out`.
+    fn plan(&self, dims: &[usize], out: &[usize]) -> Result<Dispatch> {
+        let [cout, cin_g, kh, kw] = self.shape;
+        let cp = self.params;
+        let (b, cin, h, w) = (dims[0], dims[1], dims[2], dims[3]);
+        let (oh, ow) = (out[2], out[3]);
         let total = b * cout * oh * ow;
-        if total == 0 {
-            return Ok(Tensor::zeros((b, cout, oh, ow), x.dtype(), &Device::Cpu)?);
-        }
         let ctx = &self.rt.ctx;
         let f = self.w.0.format;
         let kernel = ctx.kernel(&format!("conv2d-{}", f.key()), &WEIGHT_SLOTS, || shaders::conv2d(f))?;
@@ -866,7 +893,7 @@ impl PreparedOp for ConvOp {
         let mut p = self.w.0.params;
         let u = |v: usize| u32_of(v, "conv2d size", dev);
         u32_of(total, "conv2d output", dev)?;
-        u32_of(x.elem_count(), "conv2d input", dev)?;
+        u32_of(b * cin * h * w, "conv2d input", dev)?;
         (p.batch, p.cin, p.h, p.w, p.cout, p.kh, p.kw, p.oh, p.ow) =
             (u(b)?, u(cin)?, u(h)?, u(w)?, u(cout)?, u(kh)?, u(kw)?, u(oh)?, u(ow)?);
         (p.pad, p.stride, p.dil, p.cin_g, p.cout_g) =
@@ -874,10 +901,7 @@ impl PreparedOp for ConvOp {
         p.has_bias = u32::from(self.bias.is_some());
         let op = format!("conv2d `{}`", self.layer);
         let grid = ctx.grid(&op, total.div_ceil(64) as u64)?;
-        let xb = ctx.upload(&op, &f32_input(x)?)?;
-        let bound = WgpuRuntime::weight_slots(xb.at(1), &self.w.0, self.bias.as_ref());
-        let y = ctx.run(&op, &kernel, &p, &bound, grid, total)?;
-        output(y, &[b, cout, oh, ow], x.dtype())
+        Ok((op, kernel, p, grid))
     }
 }
 
@@ -969,6 +993,29 @@ impl WgpuRuntime {
         let p = Params { m: u32_of(n, "addition", &ctx.name)?, ..Default::default() };
         let op = "add".to_string();
         let grid = ctx.grid(&op, n.div_ceil(64) as u64)?;
+        Ok((op, kernel, p, grid))
+    }
+
+    /// Max pooling of `[b, c, h, w]` (`dims`) over `size × size` windows into `[b, c, oh, ow]`.
+    fn pool_plan(&self, dims: &[usize], size: usize, (oh, ow): (usize, usize)) -> Result<Dispatch> {
+        let ctx = &self.ctx;
+        let kernel = ctx.kernel("max_pool", &UNARY_SLOTS, shaders::max_pool)?;
+        let dev = &ctx.name;
+        let u = |v: usize| u32_of(v, "max pool size", dev);
+        let total = dims[0] * dims[1] * oh * ow;
+        u32_of(dims.iter().product(), "max pool input", dev)?;
+        let p = Params {
+            batch: u(dims[0])?,
+            cin: u(dims[1])?,
+            h: u(dims[2])?,
+            w: u(dims[3])?,
+            oh: u(oh)?,
+            ow: u(ow)?,
+            kh: u(size)?,
+            ..Default::default()
+        };
+        let op = "max pool".to_string();
+        let grid = ctx.grid(&op, total.div_ceil(64) as u64)?;
         Ok((op, kernel, p, grid))
     }
 

@@ -305,6 +305,34 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw
     )
 }
 
+/// Max pooling `[batch, cin, h, w]` → `[batch, cin, oh, ow]` over `kh × kh` windows with
+/// stride `kh`, one output per invocation.
+pub(crate) fn max_pool() -> String {
+    format!(
+        "{PARAMS}
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+{FLAT}
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {{
+    let idx = flat(g, nw);
+    if (idx >= P.batch * P.cin * P.oh * P.ow) {{ return; }}
+    let ox = idx % P.ow;
+    let oy = (idx / P.ow) % P.oh;
+    let plane = idx / (P.ow * P.oh);
+    let base = plane * P.h * P.w;
+    var m = x[base + oy * P.kh * P.w + ox * P.kh];
+    for (var i = 0u; i < P.kh; i++) {{
+        for (var j = 0u; j < P.kh; j++) {{
+            m = max(m, x[base + (oy * P.kh + i) * P.w + ox * P.kh + j]);
+        }}
+    }}
+    y[idx] = m;
+}}
+"
+    )
+}
+
 /// Workgroup width of the layer-norm kernel (one workgroup per row).
 pub(crate) const LN_WG: u32 = 64;
 
