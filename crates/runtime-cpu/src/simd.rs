@@ -8,6 +8,9 @@ pub enum SimdLevel {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
+    /// aarch64 Advanced SIMD (NEON): the f32 GEMM and W8A8 kernels; the other kernels run
+    /// their scalar twins there.
+    Neon,
 }
 
 impl SimdLevel {
@@ -19,12 +22,21 @@ impl SimdLevel {
                 return SimdLevel::Avx2;
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("neon") {
+                return SimdLevel::Neon;
+            }
+        }
         SimdLevel::Scalar
     }
 
-    /// Every level this CPU can run, scalar first.
+    /// Every level this CPU can run, scalar first (levels of another architecture never).
     pub fn available() -> Vec<Self> {
-        [SimdLevel::Scalar, SimdLevel::Avx2].into_iter().filter(|l| *l <= Self::detect()).collect()
+        match Self::detect() {
+            SimdLevel::Scalar => vec![SimdLevel::Scalar],
+            best => vec![SimdLevel::Scalar, best],
+        }
     }
 }
 
@@ -68,14 +80,17 @@ pub fn transpose(level: SimdLevel, src: &[f32], lds: usize, rows: usize, cols: u
         return;
     }
     assert!((rows - 1) * lds + cols <= src.len() && (cols - 1) * ldd + rows <= dst.len());
-    let (mut rb, mut cb) = (0, 0);
-    #[cfg(target_arch = "x86_64")]
-    if level == SimdLevel::Avx2 && SimdLevel::detect() >= SimdLevel::Avx2 {
-        (rb, cb) = (rows / 8 * 8, cols / 8 * 8);
-        // SAFETY: AVX2 was detected; the blocks lie inside the bounds asserted above.
-        unsafe { avx2::transpose_blocks(src, lds, rb, cb, dst, ldd) };
-    }
-    let _ = level;
+    // The whole 8 × 8 blocks done in registers (none without AVX2).
+    let (rb, cb) = match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+            let (rb, cb) = (rows / 8 * 8, cols / 8 * 8);
+            // SAFETY: AVX2 was detected; the blocks lie inside the bounds asserted above.
+            unsafe { avx2::transpose_blocks(src, lds, rb, cb, dst, ldd) };
+            (rb, cb)
+        }
+        _ => (0, 0),
+    };
     for r in 0..rows {
         let c0 = if r < rb { cb } else { 0 };
         for c in c0..cols {
@@ -151,6 +166,17 @@ mod tests {
     use proptest::prelude::*;
 
     use super::{SimdLevel, transpose};
+
+    /// The level the kernels' tests force against the scalar twin is the architecture's own.
+    #[test]
+    fn the_detected_level_is_this_architectures() {
+        let levels = SimdLevel::available();
+        assert_eq!(levels[0], SimdLevel::Scalar);
+        #[cfg(target_arch = "aarch64")]
+        assert_eq!(levels, [SimdLevel::Scalar, SimdLevel::Neon], "NEON is part of every aarch64 CPU");
+        #[cfg(target_arch = "x86_64")]
+        assert!(!levels.contains(&SimdLevel::Neon));
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]

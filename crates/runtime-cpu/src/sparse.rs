@@ -61,13 +61,17 @@ unsafe fn write_back(
     y: *mut f32,
     n: usize,
 ) {
-    let (mut rb, mut cb) = (0, 0);
-    #[cfg(target_arch = "x86_64")]
-    if level == SimdLevel::Avx2 && SimdLevel::detect() >= SimdLevel::Avx2 {
-        (rb, cb) = ((r1 - r0) / 8 * 8, (c1 - c0) / 8 * 8);
-        // SAFETY: AVX2 was detected; the blocks lie within the caller's rows and columns.
-        unsafe { avx2::write_back_blocks(yt, lanes, r0, rb, c0, cb, bias, y, n) };
-    }
+    // The whole 8 × 8 blocks done in registers (none without AVX2).
+    let (rb, cb) = match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+            let (rb, cb) = ((r1 - r0) / 8 * 8, (c1 - c0) / 8 * 8);
+            // SAFETY: AVX2 was detected; the blocks lie within the caller's rows and columns.
+            unsafe { avx2::write_back_blocks(yt, lanes, r0, rb, c0, cb, bias, y, n) };
+            (rb, cb)
+        }
+        _ => (0, 0),
+    };
     for r in r0..r1 {
         for j in c0..c1 {
             if r - r0 < rb && j - c0 < cb {

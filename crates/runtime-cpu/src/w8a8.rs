@@ -400,6 +400,12 @@ fn products(
             // region is the caller's.
             unsafe { avx2::products(x, panel, blocks, n, sink) }
         }
+        #[cfg(target_arch = "aarch64")]
+        SimdLevel::Neon if SimdLevel::detect() == SimdLevel::Neon => {
+            // SAFETY: NEON was detected on this CPU just above; layouts asserted; the sink's
+            // region is the caller's.
+            unsafe { neon::products(x, panel, blocks, n, sink) }
+        }
         _ => {
             let mut acc = [0i32; NR];
             for b in blocks {
@@ -421,6 +427,86 @@ impl PreparedOp for W8A8Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = crate::linear::with_input(&self.layer, x, self.k, |v| self.run(v))?;
         crate::linear::output(x, y, self.n)
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use super::{NR, Panel, Rows, Sink};
+
+    /// Each of `blocks` against every 6-row tile of `x`: per pair of reduction indices, the
+    /// block's 32 panel codes deinterleaved by two `vld2q` loads into the two indices' values
+    /// of its 16 columns, then per row eight widening multiply-adds (`smlal`) into the i32
+    /// sums, which stay in registers over the whole reduction (24 of the 32) and go through
+    /// the sink's scalar epilogue.
+    ///
+    /// # Safety
+    /// The CPU must support NEON; `x.pairs == panel.pairs`, `blocks.end ≤ panel.blocks`; the
+    /// sink owns rows `0..x.m` × columns `16·blocks.start .. min(16·blocks.end, n)`.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn products(x: &Rows, panel: &Panel, blocks: std::ops::Range<usize>, n: usize, sink: &Sink) {
+        let pairs = panel.pairs;
+        assert!(x.pairs == pairs && blocks.end <= panel.blocks && x.data.len() == x.m * pairs * 2);
+        for b in blocks {
+            let wb = &panel.data[b * pairs * 2 * NR..(b + 1) * pairs * 2 * NR];
+            let j0 = b * NR;
+            let mut r = 0;
+            while r < x.m {
+                let mr = (x.m - r).min(6);
+                let xs = &x.data[r * pairs * 2..(r + mr) * pairs * 2];
+                macro_rules! tile {
+                    ($mr:literal) => {{
+                        let a = tile::<$mr>(xs, pairs, wb);
+                        for (i, ai) in a.iter().enumerate() {
+                            let mut acc = [0i32; NR];
+                            for (q, v) in ai.iter().enumerate() {
+                                // SAFETY: acc holds 16 lanes: 4q + 4 ≤ 16.
+                                unsafe { vst1q_s32(acc.as_mut_ptr().add(4 * q), *v) };
+                            }
+                            let cols = NR.min(n - j0);
+                            // SAFETY: row r + i, columns j0..j0 + cols are the sink's (caller's
+                            // contract).
+                            unsafe { sink.put(r + i, j0, &acc[..cols]) };
+                        }
+                    }};
+                }
+                match mr {
+                    6 => tile!(6),
+                    5 => tile!(5),
+                    4 => tile!(4),
+                    3 => tile!(3),
+                    2 => tile!(2),
+                    _ => tile!(1),
+                }
+                r += mr;
+            }
+        }
+    }
+
+    /// The exact i32 sums of `MR` pair-interleaved rows against one 16-column block.
+    #[target_feature(enable = "neon")]
+    #[inline]
+    fn tile<const MR: usize>(x: &[i16], pairs: usize, wb: &[i16]) -> [[int32x4_t; 4]; MR] {
+        assert!(x.len() == MR * pairs * 2 && wb.len() == pairs * 32);
+        let mut a = [[vdupq_n_s32(0); 4]; MR];
+        for p in 0..pairs {
+            // SAFETY: p·32 + 32 ≤ wb.len(); row i's pair p sits at (p·MR + i)·2 < x.len().
+            unsafe {
+                let lo = vld2q_s16(wb.as_ptr().add(p * 32));
+                let hi = vld2q_s16(wb.as_ptr().add(p * 32 + 16));
+                for (i, ai) in a.iter_mut().enumerate() {
+                    let x0 = *x.get_unchecked((p * MR + i) * 2);
+                    let x1 = *x.get_unchecked((p * MR + i) * 2 + 1);
+                    ai[0] = vmlal_n_s16(vmlal_n_s16(ai[0], vget_low_s16(lo.0), x0), vget_low_s16(lo.1), x1);
+                    ai[1] = vmlal_high_n_s16(vmlal_high_n_s16(ai[1], lo.0, x0), lo.1, x1);
+                    ai[2] = vmlal_n_s16(vmlal_n_s16(ai[2], vget_low_s16(hi.0), x0), vget_low_s16(hi.1), x1);
+                    ai[3] = vmlal_high_n_s16(vmlal_high_n_s16(ai[3], hi.0, x0), hi.1, x1);
+                }
+            }
+        }
+        a
     }
 }
 
