@@ -8,8 +8,8 @@ pub enum SimdLevel {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
-    /// aarch64 Advanced SIMD (NEON): the f32 GEMM and W8A8 kernels; the other kernels run
-    /// their scalar twins there.
+    /// aarch64 Advanced SIMD (NEON): the f32 GEMM, W8A8 and weight-only kernels; the other
+    /// kernels run their scalar twins there.
     Neon,
 }
 

@@ -172,6 +172,11 @@ impl Panels for QuantPanels {
                 // SAFETY: AVX2 was detected just above; indices are within the packed panel.
                 unsafe { avx2::decode(self, jb, k0, k1, out) }
             }
+            #[cfg(target_arch = "aarch64")]
+            SimdLevel::Neon if SimdLevel::detect() == SimdLevel::Neon => {
+                // SAFETY: NEON was detected just above; indices are within the packed panel.
+                unsafe { neon::decode(self, jb, k0, k1, out) }
+            }
             _ => {
                 for p in k0..k1 {
                     let g = p / self.group;
@@ -206,6 +211,11 @@ impl Panels for QuantPanels {
             SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
                 // SAFETY: AVX2 was detected just above; shapes asserted.
                 unsafe { avx2::fused(self, jb, x, sums, out) }
+            }
+            #[cfg(target_arch = "aarch64")]
+            SimdLevel::Neon if SimdLevel::detect() == SimdLevel::Neon => {
+                // SAFETY: NEON was detected just above; shapes asserted.
+                unsafe { neon::fused(self, jb, x, sums, out) }
             }
             _ => self.fused_scalar(jb, x, sums, out),
         }
@@ -255,6 +265,164 @@ impl QuantPanels {
                     let t = (-e[c]).mul_add(sx, a[c]);
                     o[c] = s[c].mul_add(t, o[c]);
                 }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use super::{NR, QuantPanels, unroll};
+
+    /// The 16 codes at `ptr` (8 bytes of nibble pairs when `NIB`, else 16 bytes) as four
+    /// vectors of code values (columns 0–3, 4–7, 8–11, 12–15), or of codebook entries when
+    /// `tab` (the 16 entries' 64 bytes) is given: each code `c` picks bytes `4c..4c + 4`.
+    ///
+    /// # Safety
+    /// NEON must be available and `ptr` readable for 8 (`NIB`) or 16 bytes.
+    #[target_feature(enable = "neon")]
+    #[inline]
+    unsafe fn load<const NIB: bool>(ptr: *const u8, tab: Option<&uint8x16x4_t>) -> [float32x4_t; 4] {
+        // SAFETY: the caller vouches for 8 / 16 readable bytes.
+        let bytes = unsafe {
+            if NIB {
+                let v = vld1_u8(ptr);
+                vcombine_u8(vand_u8(v, vdup_n_u8(0x0F)), vshr_n_u8::<4>(v))
+            } else {
+                vld1q_u8(ptr)
+            }
+        };
+        let (lo, hi) = (vmovl_u8(vget_low_u8(bytes)), vmovl_high_u8(bytes));
+        let codes = [vmovl_u16(vget_low_u16(lo)), vmovl_high_u16(lo), vmovl_u16(vget_low_u16(hi)), vmovl_high_u16(hi)];
+        match tab {
+            None => codes.map(|c| vcvtq_f32_u32(c)),
+            Some(t) => codes.map(|c| {
+                let idx = vaddq_u32(vmulq_n_u32(c, 0x0404_0404), vdupq_n_u32(0x0302_0100));
+                vreinterpretq_f32_u8(vqtbl4q_u8(*t, vreinterpretq_u8_u32(idx)))
+            }),
+        }
+    }
+
+    /// The codebook's 64 bytes, if there is one.
+    #[target_feature(enable = "neon")]
+    fn table(q: &QuantPanels) -> Option<uint8x16x4_t> {
+        // SAFETY: reading 64 bytes from a 16-entry f32 array.
+        q.table.as_ref().map(|t| unsafe { vld1q_u8_x4(t.as_ptr() as *const u8) })
+    }
+
+    /// Scale and offset vectors of panel `jb`, group `g`.
+    #[target_feature(enable = "neon")]
+    #[inline]
+    fn scale_offset(q: &QuantPanels, jb: usize, g: usize) -> ([float32x4_t; 4], [float32x4_t; 4]) {
+        let at = (jb * q.groups + g) * NR;
+        assert!(at + NR <= q.scale.len() && (q.uniform.is_some() || at + NR <= q.offset.len()));
+        // SAFETY: at + 16 ≤ scale.len() and, when offsets are stored, ≤ offset.len() (asserted).
+        unsafe {
+            let s = std::array::from_fn(|i| vld1q_f32(q.scale.as_ptr().add(at + 4 * i)));
+            let e = match q.uniform {
+                Some(e) => [vdupq_n_f32(e); 4],
+                None => std::array::from_fn(|i| vld1q_f32(q.offset.as_ptr().add(at + 4 * i))),
+            };
+            (s, e)
+        }
+    }
+
+    /// [`super::QuantPanels`]' decode on NEON: `(c − e)·S`, as the scalar twin rounds it.
+    ///
+    /// # Safety
+    /// The CPU must support NEON; `out.len() == (k1 − k0)·NR`, `k1 ≤ k`.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn decode(q: &QuantPanels, jb: usize, k0: usize, k1: usize, out: &mut [f32]) {
+        let w = q.width();
+        assert!(out.len() == (k1 - k0) * NR && k1 <= q.k && (jb * q.k + k1) * w <= q.codes.len());
+        let tab = table(q);
+        for p in k0..k1 {
+            let (s, e) = scale_offset(q, jb, p / q.group);
+            // SAFETY: (jb·k + p + 1)·w ≤ codes.len() and (p − k0)·16 + 16 ≤ out.len() (asserted).
+            unsafe {
+                let ptr = q.codes.as_ptr().add((jb * q.k + p) * w);
+                let v = if q.nibbles { load::<true>(ptr, tab.as_ref()) } else { load::<false>(ptr, tab.as_ref()) };
+                for i in 0..4 {
+                    vst1q_f32(out.as_mut_ptr().add((p - k0) * NR + 4 * i), vmulq_f32(vsubq_f32(v[i], e[i]), s[i]));
+                }
+            }
+        }
+    }
+
+    /// The fused small-M kernel for 1..=6 rows (see the AVX2 twin).
+    ///
+    /// # Safety
+    /// The CPU must support NEON; every row of `x` has `k` values, `out.len() == x.len() ≤ 6`,
+    /// `sums` holds `x.len()·groups` values.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn fused(q: &QuantPanels, jb: usize, x: &[&[f32]], sums: &[f32], out: &mut [[f32; NR]]) {
+        macro_rules! go {
+            ($nib:literal) => {
+                match x.len() {
+                    1 => rows::<1, { unroll(1) }, $nib>(q, jb, x, sums, out),
+                    2 => rows::<2, { unroll(2) }, $nib>(q, jb, x, sums, out),
+                    3 => rows::<3, 1, $nib>(q, jb, x, sums, out),
+                    4 => rows::<4, 1, $nib>(q, jb, x, sums, out),
+                    5 => rows::<5, 1, $nib>(q, jb, x, sums, out),
+                    _ => rows::<6, 1, $nib>(q, jb, x, sums, out),
+                }
+            };
+        }
+        // SAFETY: forwarded contract.
+        unsafe { if q.nibbles { go!(true) } else { go!(false) } }
+    }
+
+    /// `R` rows against panel `jb` with `U` interleaved accumulator sets per group.
+    #[target_feature(enable = "neon")]
+    unsafe fn rows<const R: usize, const U: usize, const NIB: bool>(
+        q: &QuantPanels,
+        jb: usize,
+        x: &[&[f32]],
+        sums: &[f32],
+        out: &mut [[f32; NR]],
+    ) {
+        let w = q.width();
+        assert!(x.len() == R && out.len() == R && sums.len() == R * q.groups && x.iter().all(|r| r.len() == q.k));
+        assert!((jb + 1) * q.k * w <= q.codes.len());
+        let tab = table(q);
+        // SAFETY: panel jb's codes, k·w bytes from here, are in bounds (asserted).
+        let codes = unsafe { q.codes.as_ptr().add(jb * q.k * w) };
+        let mut y = [[vdupq_n_f32(0.0); 4]; R];
+        for g in 0..q.groups {
+            let (g0, g1) = (g * q.group, ((g + 1) * q.group).min(q.k));
+            let mut acc = [[[vdupq_n_f32(0.0); 4]; R]; U];
+            let mut step = |set: usize, p: usize| {
+                // SAFETY: p < g1 ≤ k, so the codes at p·w and x[r][p] are in bounds.
+                let wv = unsafe { load::<NIB>(codes.add(p * w), tab.as_ref()) };
+                for (r, a) in acc[set].iter_mut().enumerate() {
+                    let xv = x[r][p];
+                    for i in 0..4 {
+                        a[i] = vfmaq_n_f32(a[i], wv[i], xv);
+                    }
+                }
+            };
+            for p in g0..g1 {
+                step((p - g0) % U, p);
+            }
+            let (s, e) = scale_offset(q, jb, g);
+            for r in 0..R {
+                let sx = vdupq_n_f32(sums[r * q.groups + g]);
+                for i in 0..4 {
+                    let mut a = acc[0][r][i];
+                    for set in acc.iter().skip(1) {
+                        a = vaddq_f32(a, set[r][i]);
+                    }
+                    let t = vfmsq_f32(a, e[i], sx);
+                    y[r][i] = vfmaq_f32(y[r][i], s[i], t);
+                }
+            }
+        }
+        for (o, yr) in out.iter_mut().zip(y) {
+            for (i, v) in yr.into_iter().enumerate() {
+                // SAFETY: each output row holds 16 floats: 4i + 4 ≤ 16.
+                unsafe { vst1q_f32(o.as_mut_ptr().add(4 * i), v) };
             }
         }
     }
