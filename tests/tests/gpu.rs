@@ -379,7 +379,8 @@ impl Runtime for OpByOp {
 /// whose input quantization the adapter does not take resident, still runs, op by op.
 #[test]
 fn whole_models_run_resident_in_one_submission_and_match_op_by_op() {
-    let rt = gpu();
+    // Its own adapter: the other tests, running alongside, would add to a shared one's count.
+    let rt = Arc::new(WgpuRuntime::new().unwrap());
     let resident: Arc<dyn Runtime> = rt.clone();
     let op_by_op: Arc<dyn Runtime> = Arc::new(OpByOp(rt.clone()));
     let data = digits(42, &Device::Cpu).unwrap();

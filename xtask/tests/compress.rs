@@ -251,8 +251,11 @@ fn nas_then_finetune_export_and_bench() {
     // The winner is an MLP, not the teacher.
     assert_ne!(rows[1]["params"], rows[0]["params"]);
     // The GGUF file holds the Q8_0 codes exactly: same bytes, same accuracy once loaded back.
-    assert!(out.join("stages/04-export.gguf").is_file());
+    let gguf = out.join("stages/04-export.gguf");
     assert_eq!(rows[4]["bytes"], rows[3]["bytes"]);
+    // `inspect` reads it: GGML types, and the int8 codes pare loads from them.
+    let shown = ok(&["inspect", gguf.to_str().unwrap()]);
+    assert!(shown.contains(": GGUF, ") && shown.contains("Q8_0") && shown.contains("int8"), "{shown}");
     assert_eq!(rows[4]["quality"], rows[3]["quality"]);
     let bench = &report["benches"][0];
     assert_eq!(bench["batch"], "8 test images");

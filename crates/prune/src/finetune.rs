@@ -78,9 +78,9 @@ impl<'a> MaskedTask<'a> {
     /// weight listed here follows the schedule scaled to its own target (`target · s_t / s_f`),
     /// the others the schedule itself. Build the schedule with the largest target.
     pub fn with_targets(mut self, targets: &BTreeMap<String, f64>) -> Result<Self> {
+        let known: Vec<String> = self.weights.iter().map(|w| w.name.clone()).collect();
         for (name, &t) in targets {
             select::check_sparsity(&format!("gradual target of `{name}`"), t)?;
-            let known: Vec<String> = self.weights.iter().map(|w| w.name.clone()).collect();
             let w = self
                 .weights
                 .iter_mut()
