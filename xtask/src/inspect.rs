@@ -25,6 +25,48 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
+/// The metadata block: one `key = value` line each, values cut to 120 characters.
+fn metadata<'a>(o: &mut String, entries: impl IntoIterator<Item = (&'a String, String)>) -> std::fmt::Result {
+    let mut entries = entries.into_iter().peekable();
+    if entries.peek().is_some() {
+        writeln!(o, "\nmetadata:")?;
+        for (k, v) in entries {
+            writeln!(o, "  {k} = {}", short(&v))?;
+        }
+    }
+    Ok(())
+}
+
+/// The tensor table (name, type, shape, bytes per row) with its total.
+fn tensor_table(o: &mut String, kind: &str, rows: &[(&str, String, String, usize)]) -> std::fmt::Result {
+    let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(4).max(4);
+    writeln!(o, "\n{:<width$}  {:<7}  {:<18}  {:>12}", "name", kind, "shape", "bytes")?;
+    for (name, ty, shape, bytes) in rows {
+        writeln!(o, "{name:<width$}  {ty:<7}  {shape:<18}  {bytes:>12}")?;
+    }
+    let total: usize = rows.iter().map(|r| r.3).sum();
+    writeln!(o, "{:<width$}  {:<7}  {:<18}  {total:>12}", "total", "", "")
+}
+
+/// Each logical weight pare reads from the file, with its format.
+fn pare_weights(
+    o: &mut String,
+    weights: &std::collections::BTreeMap<String, pare_core_tensor::Weight>,
+) -> std::fmt::Result {
+    let width = weights.keys().map(String::len).max().unwrap_or(4).max(4);
+    writeln!(o, "\npare weights:")?;
+    for (name, w) in weights {
+        writeln!(
+            o,
+            "  {name:<width$}  {:<18}  {:>12}  {}",
+            format!("{:?}", w.shape()),
+            w.storage_bytes(),
+            w.describe()
+        )?;
+    }
+    Ok(())
+}
+
 /// A metadata value cut to 120 characters.
 fn short(v: &str) -> String {
     if v.len() > 120 { format!("{}… ({} chars)", &v[..v.floor_char_boundary(117)], v.len()) } else { v.to_string() }
@@ -40,44 +82,22 @@ fn gguf(args: &Args) -> anyhow::Result<String> {
         .map_err(|e| anyhow::anyhow!("{}: not a GGUF file: {e}", args.file.display()))?;
     let size = std::fs::metadata(&args.file)?.len();
     writeln!(o, "{}: GGUF, {} tensors, {size} bytes", args.file.display(), content.tensor_infos.len())?;
-    if !content.metadata.is_empty() {
-        writeln!(o, "\nmetadata:")?;
-        let meta: std::collections::BTreeMap<_, _> = content.metadata.iter().collect();
-        for (k, v) in meta {
-            let text = match v.to_string() {
-                Ok(s) => s.clone(),
-                Err(_) => format!("{v:?}"),
-            };
-            writeln!(o, "  {k} = {}", short(&text))?;
-        }
-    }
+    let meta: std::collections::BTreeMap<_, _> = content.metadata.iter().collect();
+    metadata(
+        &mut o,
+        meta.into_iter().map(|(k, v)| (k, v.to_string().map_or_else(|_| format!("{v:?}"), Clone::clone))),
+    )?;
     let infos: std::collections::BTreeMap<_, _> = content.tensor_infos.iter().collect();
-    let width = infos.keys().map(|k| k.len()).max().unwrap_or(4).max(4);
-    writeln!(o, "\n{:<width$}  {:<7}  {:<18}  {:>12}", "name", "type", "shape", "bytes")?;
-    let mut total = 0;
-    for (name, info) in &infos {
-        let t = info.ggml_dtype;
-        let bytes = info.shape.elem_count() / t.block_size() * t.type_size();
-        total += bytes;
-        writeln!(
-            o,
-            "{name:<width$}  {:<7}  {:<18}  {bytes:>12}",
-            format!("{t:?}"),
-            format!("{:?}", info.shape.dims())
-        )?;
-    }
-    writeln!(o, "{:<width$}  {:<7}  {:<18}  {total:>12}", "total", "", "")?;
-    let (weights, _) = pare_core_tensor::io::load_gguf(&args.file, &Device::Cpu)?;
-    writeln!(o, "\npare weights:")?;
-    for (name, w) in &weights {
-        writeln!(
-            o,
-            "  {name:<width$}  {:<18}  {:>12}  {}",
-            format!("{:?}", w.shape()),
-            w.storage_bytes(),
-            w.describe()
-        )?;
-    }
+    let rows: Vec<_> = infos
+        .iter()
+        .map(|(name, info)| {
+            let t = info.ggml_dtype;
+            let bytes = info.shape.elem_count() / t.block_size() * t.type_size();
+            (name.as_str(), format!("{t:?}"), format!("{:?}", info.shape.dims()), bytes)
+        })
+        .collect();
+    tensor_table(&mut o, "type", &rows)?;
+    pare_weights(&mut o, &pare_core_tensor::io::load_gguf(&args.file, &Device::Cpu)?.0)?;
     Ok(o)
 }
 
@@ -86,40 +106,16 @@ fn safetensors(args: &Args) -> anyhow::Result<String> {
     let file = SafeTensorsFile::open(&args.file)?;
     let size = std::fs::metadata(&args.file)?.len();
     writeln!(o, "{}: {} tensors, {size} bytes", args.file.display(), file.tensors().len())?;
-    if !file.metadata().is_empty() {
-        writeln!(o, "\nmetadata:")?;
-        for (k, v) in file.metadata() {
-            writeln!(o, "  {k} = {}", short(v))?;
-        }
-    }
-    let width = file.tensors().keys().map(String::len).max().unwrap_or(4).max(4);
-    writeln!(o, "\n{:<width$}  {:<7}  {:<18}  {:>12}", "name", "dtype", "shape", "bytes")?;
-    let mut total = 0;
-    for (name, info) in file.tensors() {
-        writeln!(
-            o,
-            "{name:<width$}  {:<7}  {:<18}  {:>12}",
-            info.dtype.name(),
-            format!("{:?}", info.shape),
-            info.bytes()
-        )?;
-        total += info.bytes();
-    }
-    writeln!(o, "{:<width$}  {:<7}  {:<18}  {total:>12}", "total", "", "")?;
-
+    metadata(&mut o, file.metadata().iter().map(|(k, v)| (k, v.clone())))?;
+    let rows: Vec<_> = file
+        .tensors()
+        .iter()
+        .map(|(name, info)| (name.as_str(), info.dtype.name().to_string(), format!("{:?}", info.shape), info.bytes()))
+        .collect();
+    tensor_table(&mut o, "dtype", &rows)?;
     // When the file holds packed pare weights, also show each logical weight's format.
     if file.metadata().keys().any(|k| k.starts_with("pare.quant.") || k.starts_with("pare.sparse.")) {
-        let (weights, _) = load_weights(&args.file, &Device::Cpu)?;
-        writeln!(o, "\npare weights:")?;
-        for (name, w) in &weights {
-            writeln!(
-                o,
-                "  {name:<width$}  {:<18}  {:>12}  {}",
-                format!("{:?}", w.shape()),
-                w.storage_bytes(),
-                w.describe()
-            )?;
-        }
+        pare_weights(&mut o, &load_weights(&args.file, &Device::Cpu)?.0)?;
     }
     Ok(o)
 }

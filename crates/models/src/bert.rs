@@ -430,22 +430,7 @@ impl BertEncoder {
         token_type_ids: Option<&Tensor>,
         attention_mask: &Tensor,
     ) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2()?;
-        if t > self.config.max_position_embeddings {
-            return Err(Error::Config {
-                what: "BERT input",
-                detail: format!(
-                    "sequence of {t} tokens exceeds max_position_embeddings {}",
-                    self.config.max_position_embeddings
-                ),
-            });
-        }
-        let dev = input_ids.device();
-        let positions = Tensor::arange(0u32, t as u32, dev)?.unsqueeze(0)?.broadcast_as((b, t))?.contiguous()?;
-        let types = match token_type_ids {
-            Some(tt) => tt.clone(),
-            None => Tensor::zeros((b, t), DType::U32, dev)?,
-        };
+        let (positions, types) = self.position_and_type_ids(input_ids, token_type_ids)?;
         let mask = attention_bias(attention_mask)?;
         let mut g = Graph::new(4);
         let op = |g: &mut Graph, op: &std::sync::Arc<dyn pare_core_tensor::PreparedOp>, x| {
@@ -477,15 +462,9 @@ impl BertEncoder {
         Ok(outs.pop().expect("one output"))
     }
 
-    /// The embedding stage: word + position + token-type embeddings, then layer norm;
-    /// `[batch, seq, hidden]` for token ids `[batch, seq]`. The first stage of
-    /// [`BertEncoder::forward_hooked`], exposed for pipeline-parallel execution.
-    pub fn embed_hooked(
-        &self,
-        input_ids: &Tensor,
-        token_type_ids: Option<&Tensor>,
-        hooks: &mut Hooks<'_>,
-    ) -> Result<Tensor> {
+    /// The position ids `[batch, seq]` (0, 1, … per row) and token types (zeros when `None`)
+    /// for token ids `[batch, seq]`, which may be at most `max_position_embeddings` long.
+    fn position_and_type_ids(&self, input_ids: &Tensor, token_type_ids: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let (b, t) = input_ids.dims2()?;
         if t > self.config.max_position_embeddings {
             return Err(Error::Config {
@@ -502,6 +481,19 @@ impl BertEncoder {
             Some(tt) => tt.clone(),
             None => Tensor::zeros((b, t), DType::U32, dev)?,
         };
+        Ok((positions, types))
+    }
+
+    /// The embedding stage: word + position + token-type embeddings, then layer norm;
+    /// `[batch, seq, hidden]` for token ids `[batch, seq]`. The first stage of
+    /// [`BertEncoder::forward_hooked`], exposed for pipeline-parallel execution.
+    pub fn embed_hooked(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        hooks: &mut Hooks<'_>,
+    ) -> Result<Tensor> {
+        let (positions, types) = self.position_and_type_ids(input_ids, token_type_ids)?;
         let emb = self
             .word
             .forward_hooked(input_ids, hooks)?
