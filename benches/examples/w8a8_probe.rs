@@ -1,16 +1,23 @@
 //! pare's W8A8 linear alone at MiniLM's shapes (M = 4096), best of 15 runs, in GMAC/s: for
-//! `perf record` and for reading the kernel's rate against the `vpmaddwd` loop ceiling. `T=1`
-//! for one thread.
+//! `perf record` and for reading the kernel's rate against the `vpmaddwd` loop ceiling, at
+//! every SIMD level this CPU has (so AVX2 and VNNI compare in one run). `T=1` for one thread.
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use pare_core_tensor::{ActQuant, ActRange, Granularity, Mapping, QuantScheme, QuantizedTensor, Runtime, Weight};
-use pare_runtime_cpu::CpuRuntime;
+use pare_runtime_cpu::{CpuRuntime, SimdLevel};
 
 fn main() {
     let m = 4096;
     let threads: usize = std::env::var("T").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
-    let rt: Arc<dyn Runtime> = Arc::new(CpuRuntime::new(threads).unwrap());
+    for level in SimdLevel::available().into_iter().skip(1) {
+        println!("{level:?}, {threads} thread(s)");
+        let rt: Arc<dyn Runtime> = Arc::new(CpuRuntime::with_level(threads, level).unwrap());
+        run(&rt, m);
+    }
+}
+
+fn run(rt: &Arc<dyn Runtime>, m: usize) {
     let act = ActQuant::new(8, true, ActRange::Dynamic { per_token: true });
     for (k, n) in [(384usize, 384usize), (384, 1536), (1536, 384)] {
         let scheme = QuantScheme {

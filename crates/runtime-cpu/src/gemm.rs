@@ -344,7 +344,7 @@ pub fn micro(level: SimdLevel, a: &[f32], b: &[f32], kc: usize, acc: &mut [[f32;
     assert!(a.len() == kc * MR && b.len() == kc * NR);
     match level {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+        l if l.avx2() => {
             // SAFETY: AVX2 and FMA were detected just above; lengths asserted.
             unsafe { avx2::micro(a, b, kc, acc) }
         }
@@ -400,7 +400,7 @@ pub unsafe fn micro_add(
     assert!((1..=MR).contains(&rows));
     match level {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+        l if l.avx2() => {
             // SAFETY: AVX2 and FMA were detected just above; the caller vouches for `c`.
             unsafe {
                 match rows {

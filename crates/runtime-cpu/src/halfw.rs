@@ -47,7 +47,7 @@ impl Panels for HalfPanels {
         let out = &mut buf[..src.len()];
         match level {
             #[cfg(target_arch = "x86_64")]
-            SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+            l if l.avx2() => {
                 // SAFETY: AVX2 and F16C were detected just above; src and out have equal length.
                 unsafe { avx2::widen(src, self.bf16, out) }
             }

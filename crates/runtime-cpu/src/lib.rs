@@ -101,10 +101,10 @@ impl CpuRuntime {
         if threads == 0 {
             return Err(Error::invalid("CPU runtime", "thread count must be at least 1, found 0"));
         }
-        if level > SimdLevel::detect() {
+        if !SimdLevel::available().contains(&level) {
             return Err(Error::invalid(
                 "CPU runtime",
-                format!("SIMD level {level:?} is not available on this CPU (best: {:?})", SimdLevel::detect()),
+                format!("SIMD level {level:?} is not available on this CPU (it has {:?})", SimdLevel::available()),
             ));
         }
         let pool = rayon::ThreadPoolBuilder::new()

@@ -31,7 +31,7 @@ pub fn activation(level: SimdLevel, pool: &rayon::ThreadPool, act: Act, x: &[f32
     pool.install(|| {
         y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| match level {
             #[cfg(target_arch = "x86_64")]
-            SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+            l if l.avx2() => {
                 // SAFETY: AVX2 and FMA were detected just above; x and y have equal lengths.
                 unsafe { avx2::activation(act, x, y) }
             }
@@ -100,7 +100,7 @@ pub fn layer_norm(
 fn sum(level: SimdLevel, x: &[f32]) -> f32 {
     match level {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+        l if l.avx2() => {
             // SAFETY: AVX2 was detected just above.
             unsafe { avx2::sum(x, false) }
         }
@@ -111,7 +111,7 @@ fn sum(level: SimdLevel, x: &[f32]) -> f32 {
 fn sum_sq(level: SimdLevel, x: &[f32]) -> f32 {
     match level {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+        l if l.avx2() => {
             // SAFETY: AVX2 was detected just above.
             unsafe { avx2::sum(x, true) }
         }
@@ -190,7 +190,7 @@ fn head(
     }
     let mut p = vec![0f32; 2 * t8];
     #[cfg(target_arch = "x86_64")]
-    if level == SimdLevel::Avx2 && SimdLevel::detect() >= SimdLevel::Avx2 && d.is_multiple_of(8) {
+    if level.avx2() && d.is_multiple_of(8) {
         let mut i = 0;
         while i < t {
             let rows = (t - i).min(2);

@@ -42,7 +42,7 @@ pub fn fma_peak_gflops(threads: usize) -> f64 {
 fn fma_loop(iters: u64) -> u64 {
     match SimdLevel::detect() {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => {
+        l if l.avx2() => {
             // SAFETY: AVX2 and FMA were detected.
             unsafe { avx2::fma_loop(iters) }
         }

@@ -8,6 +8,10 @@ pub enum SimdLevel {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
+    /// x86-64 AVX-512 (F, BW, VL) with VNNI, on top of AVX2: the W8A8 products run on
+    /// `vpdpbusd` (four int8 products summed into an i32 lane per instruction); every other
+    /// kernel runs its AVX2 path.
+    Avx512Vnni,
     /// aarch64 Advanced SIMD (NEON): the f32 GEMM, W8A8 and weight-only kernels; the other
     /// kernels run their scalar twins there.
     Neon,
@@ -19,7 +23,11 @@ impl SimdLevel {
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
-                return SimdLevel::Avx2;
+                let vnni = is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni");
+                return if vnni { SimdLevel::Avx512Vnni } else { SimdLevel::Avx2 };
             }
         }
         #[cfg(target_arch = "aarch64")]
@@ -35,8 +43,22 @@ impl SimdLevel {
     pub fn available() -> Vec<Self> {
         match Self::detect() {
             SimdLevel::Scalar => vec![SimdLevel::Scalar],
+            SimdLevel::Avx512Vnni => vec![SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512Vnni],
             best => vec![SimdLevel::Scalar, best],
         }
+    }
+
+    /// Whether a kernel running at this level may use AVX2 + FMA + F16C: the level is AVX2 or
+    /// above it on x86-64, and this CPU has them.
+    pub fn avx2(self) -> bool {
+        matches!(self, SimdLevel::Avx2 | SimdLevel::Avx512Vnni)
+            && matches!(Self::detect(), SimdLevel::Avx2 | SimdLevel::Avx512Vnni)
+    }
+
+    /// Whether a kernel running at this level may use AVX-512 F/BW/VL and VNNI: the level is
+    /// [`SimdLevel::Avx512Vnni`] and this CPU has them.
+    pub fn avx512_vnni(self) -> bool {
+        self == SimdLevel::Avx512Vnni && Self::detect() == SimdLevel::Avx512Vnni
     }
 }
 
@@ -83,7 +105,7 @@ pub fn transpose(level: SimdLevel, src: &[f32], lds: usize, rows: usize, cols: u
     // The whole 8 × 8 blocks done in registers (none without AVX2).
     let (rb, cb) = match level {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+        l if l.avx2() => {
             let (rb, cb) = (rows / 8 * 8, cols / 8 * 8);
             // SAFETY: AVX2 was detected; the blocks lie inside the bounds asserted above.
             unsafe { avx2::transpose_blocks(src, lds, rb, cb, dst, ldd) };
@@ -175,7 +197,13 @@ mod tests {
         #[cfg(target_arch = "aarch64")]
         assert_eq!(levels, [SimdLevel::Scalar, SimdLevel::Neon], "NEON is part of every aarch64 CPU");
         #[cfg(target_arch = "x86_64")]
-        assert!(!levels.contains(&SimdLevel::Neon));
+        {
+            assert!(!levels.contains(&SimdLevel::Neon));
+            // A CPU with VNNI still tests the AVX2 paths its W8A8 products bypass.
+            if levels.contains(&SimdLevel::Avx512Vnni) {
+                assert_eq!(levels, [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512Vnni]);
+            }
+        }
     }
 
     proptest! {

@@ -64,7 +64,7 @@ unsafe fn write_back(
     // The whole 8 × 8 blocks done in registers (none without AVX2).
     let (rb, cb) = match level {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+        l if l.avx2() => {
             let (rb, cb) = ((r1 - r0) / 8 * 8, (c1 - c0) / 8 * 8);
             // SAFETY: AVX2 was detected; the blocks lie within the caller's rows and columns.
             unsafe { avx2::write_back_blocks(yt, lanes, r0, rb, c0, cb, bias, y, n) };
@@ -208,7 +208,7 @@ impl SparseRows {
         assert!(xt.len() == self.k * lanes && yt.len() == (j1 - j0) * lanes && j1 <= self.n);
         match level {
             #[cfg(target_arch = "x86_64")]
-            SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+            l if l.avx2() => {
                 // SAFETY: AVX2 and FMA were detected just above; every column index is < k
                 // (built by `from_dense`), lengths asserted above.
                 unsafe {

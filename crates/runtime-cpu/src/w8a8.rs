@@ -74,7 +74,7 @@ impl W8A8Linear {
                 found: vec![s.len()],
             });
         }
-        let panel = Panel::pack(&w, n, k);
+        let panel = Panel::pack(level, &w, n, k);
         Ok(Self {
             layer: layer.to_string(),
             n,
@@ -140,7 +140,7 @@ impl W8A8Linear {
                     return;
                 }
                 let rows = r1 - r0;
-                let mut xq = Rows::new(rows, self.panel.pairs);
+                let mut xq = self.panel.rows(rows);
                 let mut codes = vec![0i16; k];
                 let mut units = Vec::with_capacity(rows);
                 for r in 0..rows {
@@ -176,7 +176,7 @@ impl W8A8Linear {
     /// Minimum and maximum of `x` divided by the smoothing factors (if any).
     fn extremes(&self, x: &[f32]) -> (f32, f32) {
         #[cfg(target_arch = "x86_64")]
-        if self.act.smooth.is_none() && self.level == SimdLevel::Avx2 && SimdLevel::detect() >= SimdLevel::Avx2 {
+        if self.act.smooth.is_none() && self.level.avx2() {
             // SAFETY: AVX2 was detected just above. Min and max are exact, so the lanes give
             // the scalar loop's answer for the finite inputs `forward` admits.
             return unsafe { avx2::extremes(x) };
@@ -209,7 +209,7 @@ fn quantize_row(
     let offset = code_offset(act);
     match level {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 && smooth.is_none() => {
+        l if l.avx2() && smooth.is_none() => {
             // SAFETY: AVX2 was detected just above; out.len() == x.len().
             unsafe { avx2::quantize_row(x, s, z, (q_min, q_max), offset, out) }
         }
@@ -231,85 +231,163 @@ fn code_offset(act: &ActQuant) -> i32 {
     if act.symmetric { 0 } else { 128 }
 }
 
-/// Output columns per panel block (two 8-lane i32 accumulators per row).
+/// Output columns per panel block (two 8-lane i32 accumulators per row on AVX2, one 16-lane
+/// register on AVX-512).
 const NR: usize = 16;
 
-/// Weights packed for the AVX2 micro-kernel, as i16 for `vpmaddwd` (which multiplies i16
-/// pairs into i32 sums exactly, the code −128 included): blocks of 16 output columns; within a
-/// block, for each pair of reduction indices `2p, 2p+1`, columns 0–7 then 8–15, each column's
-/// two codes side by side (64 bytes, two `vpmaddwd` operands); zero-padded to whole blocks and
-/// pairs.
+/// Rows per tile of the AVX2 and NEON micro-kernels (pairs layout).
+const MR_PAIRS: usize = 6;
+/// Rows per tile of the VNNI micro-kernel (quads layout).
+const MR_QUADS: usize = 8;
+
+/// Weights packed for the micro-kernel of the level they were packed for, in blocks of 16
+/// output columns, zero-padded to whole blocks and reduction groups.
 #[derive(Debug, Clone)]
 pub struct Panel {
-    data: Aligned<i16>,
-    pairs: usize,
+    k: usize,
     blocks: usize,
+    data: PanelData,
+}
+
+#[derive(Debug, Clone)]
+enum PanelData {
+    /// i16 for `vpmaddwd` (which multiplies i16 pairs into i32 sums exactly, the code −128
+    /// included) and NEON's `smlal`: within a block, for each pair of reduction indices
+    /// `2p, 2p+1`, columns 0–7 then 8–15, each column's two codes side by side (64 bytes).
+    Pairs(Aligned<i16>),
+    /// i8 for VNNI's `vpdpbusd` (unsigned activation bytes × signed weight bytes, four
+    /// products summed into each i32 lane): within a block, for each quad of reduction
+    /// indices `4q..4q+4`, the 16 columns' four codes side by side (64 bytes, one register).
+    /// The activations are stored shifted to unsigned (code + 128), so the sums come out
+    /// `128·Σ_t w` too large: `shift` holds that per column, subtracted before the sink.
+    // Only x86-64 reads the fields (elsewhere the level never packs this layout).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Quads { data: Aligned<i8>, shift: Vec<i32> },
 }
 
 impl Panel {
-    /// Packs row-major `[n, k]` int8 weights.
-    pub fn pack(w: &[i8], n: usize, k: usize) -> Self {
-        let (pairs, blocks) = (k.div_ceil(2), n.div_ceil(NR));
-        let mut data = Aligned::new(blocks * pairs * 2 * NR);
-        for j in 0..n {
-            let (b, h, c) = (j / NR, j % NR / 8, j % 8);
-            for t in 0..k {
-                data[(b * pairs + t / 2) * 2 * NR + h * 16 + c * 2 + t % 2] = i16::from(w[j * k + t]);
+    /// Packs row-major `[n, k]` int8 weights for `level`'s micro-kernel: quads for
+    /// [`SimdLevel::Avx512Vnni`] on a CPU that has it, pairs otherwise (the scalar twin reads
+    /// the row-major weights and takes either).
+    pub fn pack(level: SimdLevel, w: &[i8], n: usize, k: usize) -> Self {
+        assert!(w.len() == n * k);
+        let blocks = n.div_ceil(NR);
+        let data = if level.avx512_vnni() {
+            let quads = k.div_ceil(4);
+            let mut data = Aligned::new(blocks * quads * 4 * NR);
+            let mut shift = vec![0i32; blocks * NR];
+            for j in 0..n {
+                let (b, c) = (j / NR, j % NR);
+                for t in 0..k {
+                    data[(b * quads + t / 4) * 4 * NR + c * 4 + t % 4] = w[j * k + t];
+                }
+                shift[j] = 128 * w[j * k..(j + 1) * k].iter().map(|&v| i32::from(v)).sum::<i32>();
+            }
+            PanelData::Quads { data, shift }
+        } else {
+            let pairs = k.div_ceil(2);
+            let mut data = Aligned::new(blocks * pairs * 2 * NR);
+            for j in 0..n {
+                let (b, h, c) = (j / NR, j % NR / 8, j % 8);
+                for t in 0..k {
+                    data[(b * pairs + t / 2) * 2 * NR + h * 16 + c * 2 + t % 2] = i16::from(w[j * k + t]);
+                }
+            }
+            PanelData::Pairs(data)
+        };
+        Self { k, blocks, data }
+    }
+
+    /// `m` zero rows of activation codes in the layout this panel's micro-kernel reads.
+    pub fn rows(&self, m: usize) -> Rows {
+        match self.data {
+            PanelData::Pairs(_) => {
+                let groups = self.k.div_ceil(2);
+                Rows { data: RowData::Pairs(vec![0; m * groups * 2]), m, groups }
+            }
+            PanelData::Quads { .. } => {
+                let groups = self.k.div_ceil(4);
+                Rows { data: RowData::Quads(vec![0; m * groups * 4]), m, groups }
             }
         }
-        Self { data, pairs, blocks }
     }
 }
 
-/// Rows of i16 codes laid out for the micro-kernel: tiles of 6 rows (the last one
-/// `m mod 6` rows), within a tile the rows' code pairs `2p, 2p+1` interleaved pair by pair,
-/// so one pointer walks every row's next pair; zero-padded to whole pairs.
+/// Rows of activation codes laid out for the micro-kernel (made by [`Panel::rows`]): tiles
+/// of rows (the last one smaller), within a tile the rows' reduction groups interleaved group
+/// by group, so one pointer walks every row's next group; zero-padded to whole groups.
 #[derive(Debug)]
 pub struct Rows {
-    data: Vec<i16>,
+    data: RowData,
     m: usize,
-    pairs: usize,
+    /// Reduction groups per row (pairs or quads).
+    groups: usize,
+}
+
+#[derive(Debug)]
+enum RowData {
+    /// Centred codes as i16, tiles of 6 rows, groups of 2 (row i's pair p is the i32 at tile
+    /// index `p·mr + i`).
+    Pairs(Vec<i16>),
+    /// Centred codes + 128 as u8, tiles of 8 rows, groups of 4 (row i's quad q is the i32 at
+    /// tile index `q·mr + i`).
+    Quads(Vec<u8>),
 }
 
 impl Rows {
-    /// `m` zero rows of `pairs` code pairs.
-    pub fn new(m: usize, pairs: usize) -> Self {
-        Self { data: vec![0; m * pairs * 2], m, pairs }
+    /// Values per group and rows per tile.
+    fn geometry(&self) -> (usize, usize) {
+        match self.data {
+            RowData::Pairs(_) => (2, MR_PAIRS),
+            RowData::Quads(_) => (4, MR_QUADS),
+        }
     }
 
     /// Row `r`'s tile: its first element and its row count.
     fn tile(&self, r: usize) -> (usize, usize) {
-        let t = r / 6;
-        (t * 6 * self.pairs * 2, (self.m - t * 6).min(6))
+        let (g, tile) = self.geometry();
+        let t = r / tile;
+        (t * tile * self.groups * g, (self.m - t * tile).min(tile))
     }
 
-    /// Stores `codes` (at most `2·pairs` of them; the rest stay zero) as row `r`.
+    /// Stores centred `codes` (at most a row's worth; the rest stay zero) as row `r`.
     pub fn set_row(&mut self, r: usize, codes: &[i16]) {
-        assert!(r < self.m && codes.len() <= self.pairs * 2);
+        let (g, tile) = self.geometry();
+        assert!(r < self.m && codes.len() <= self.groups * g);
         let (base, mr) = self.tile(r);
-        let i = r % 6;
-        let pairs = codes.len().div_ceil(2);
-        // Row i's pair p is the i32 at tile index p·mr + i (the last one p < pairs ≤ self.pairs).
-        assert!(pairs <= self.pairs && base + (self.pairs * mr) * 2 <= self.data.len());
-        let dst = self.data[base..].as_mut_ptr() as *mut [i16; 2];
-        let whole = codes.len() / 2;
-        for (p, c) in codes.chunks_exact(2).enumerate() {
-            // SAFETY: p < whole ≤ self.pairs, so p·mr + i < self.pairs·mr (i < mr): inside the
-            // tile (asserted above); [i16; 2] has i16's alignment.
-            unsafe { *dst.add(p * mr + i) = [c[0], c[1]] };
-        }
-        if let [.., last] = codes
-            && codes.len() % 2 == 1
-        {
-            // SAFETY: as above with p = whole < pairs.
-            unsafe { (*dst.add(whole * mr + i))[0] = *last };
+        let i = r % tile;
+        // Row i's group p starts at tile element (p·mr + i)·g, the last one inside the tile.
+        let end = base + self.groups * mr * g;
+        match &mut self.data {
+            RowData::Pairs(data) => {
+                let tile = &mut data[base..end];
+                for (p, c) in codes.chunks(2).enumerate() {
+                    let at = (p * mr + i) * 2;
+                    tile[at..at + c.len()].copy_from_slice(c);
+                }
+            }
+            RowData::Quads(data) => {
+                let tile = &mut data[base..end];
+                for (q, c) in codes.chunks(4).enumerate() {
+                    let at = (q * mr + i) * 4;
+                    for (d, &v) in tile[at..at + c.len()].iter_mut().zip(c) {
+                        // Centred codes lie in −128..=127: shifted, in 0..=255.
+                        *d = (i32::from(v) + 128) as u8;
+                    }
+                }
+            }
         }
     }
 
-    /// The code of row `r` at reduction index `t`.
+    /// The centred code of row `r` at reduction index `t`.
     fn at(&self, r: usize, t: usize) -> i16 {
+        let (g, tile) = self.geometry();
         let (base, mr) = self.tile(r);
-        self.data[base + ((t / 2) * mr + r % 6) * 2 + t % 2]
+        let at = base + ((t / g) * mr + r % tile) * g + t % g;
+        match &self.data {
+            RowData::Pairs(d) => d[at],
+            RowData::Quads(d) => (i32::from(d[at]) - 128) as i16,
+        }
     }
 }
 
@@ -366,20 +444,21 @@ impl Sink<'_> {
 }
 
 /// `acc[r, j] = Σ_t x[r, t]·w[j, t]` for `m` rows of centred codes `x` (`[m, k]`) against the
-/// `n` weight rows, exactly, at `level` (the scalar twin uses row-major `w`, AVX2 the packed
-/// `panel`).
+/// `n` weight rows, exactly, at `level` (the scalar twin uses row-major `w`, the SIMD levels
+/// the `panel`, which must have been packed for `level`).
 pub fn gemm(level: SimdLevel, x: &[i8], m: usize, k: usize, w: &[i8], panel: &Panel, acc: &mut [i32]) {
     let n = acc.len() / m.max(1);
-    assert!(x.len() == m * k && acc.len() == m * n && w.len() == n * k);
-    let mut xq = Rows::new(m, panel.pairs);
+    assert!(x.len() == m * k && acc.len() == m * n && w.len() == n * k && panel.k == k);
+    let mut xq = panel.rows(m);
     for r in 0..m {
         xq.set_row(r, &x[r * k..(r + 1) * k].iter().map(|&v| i16::from(v)).collect::<Vec<_>>());
     }
     products(level, &xq, k, w, panel, 0..panel.blocks, &Sink::I32 { acc: acc.as_mut_ptr(), n });
 }
 
-/// The exact integer products of the rows `x` with the weight blocks `blocks` (columns
-/// `16·blocks.start .. min(16·blocks.end, n)`), handed to `sink`.
+/// The exact integer products of the rows `x` (made by `panel.rows`) with the weight blocks
+/// `blocks` (columns `16·blocks.start .. min(16·blocks.end, n)`), handed to `sink`: on the
+/// micro-kernel the panel was packed for, or the scalar twin at [`SimdLevel::Scalar`].
 ///
 /// The sink must own those rows and columns of its buffer.
 fn products(
@@ -391,20 +470,29 @@ fn products(
     blocks: std::ops::Range<usize>,
     sink: &Sink,
 ) {
-    assert!(x.pairs == panel.pairs && blocks.end <= panel.blocks);
+    assert!(panel.k == k && blocks.end <= panel.blocks);
     let n = w.len() / k.max(1);
-    match level {
+    match (level, &panel.data, &x.data) {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+        (l, PanelData::Quads { data, shift }, RowData::Quads(xd)) if l.avx512_vnni() => {
+            assert!(x.groups == k.div_ceil(4) && xd.len() == x.m * x.groups * 4);
+            // SAFETY: AVX-512 F/BW/VL + VNNI were detected on this CPU just above; layouts
+            // asserted; the sink's region is the caller's.
+            unsafe { vnni::products(xd, x.m, x.groups, data, shift, blocks, n, sink) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        (l, PanelData::Pairs(data), RowData::Pairs(xd)) if l.avx2() => {
+            assert!(x.groups == k.div_ceil(2) && xd.len() == x.m * x.groups * 2);
             // SAFETY: AVX2 was detected on this CPU just above; layouts asserted; the sink's
             // region is the caller's.
-            unsafe { avx2::products(x, panel, blocks, n, sink) }
+            unsafe { avx2::products(xd, x.m, x.groups, data, blocks, n, sink) }
         }
         #[cfg(target_arch = "aarch64")]
-        SimdLevel::Neon if SimdLevel::detect() == SimdLevel::Neon => {
+        (SimdLevel::Neon, PanelData::Pairs(data), RowData::Pairs(xd)) if SimdLevel::detect() == SimdLevel::Neon => {
+            assert!(x.groups == k.div_ceil(2) && xd.len() == x.m * x.groups * 2);
             // SAFETY: NEON was detected on this CPU just above; layouts asserted; the sink's
             // region is the caller's.
-            unsafe { neon::products(x, panel, blocks, n, sink) }
+            unsafe { neon::products(xd, x.m, x.groups, data, blocks, n, sink) }
         }
         _ => {
             let mut acc = [0i32; NR];
@@ -434,7 +522,7 @@ impl PreparedOp for W8A8Linear {
 mod neon {
     use std::arch::aarch64::*;
 
-    use super::{NR, Panel, Rows, Sink};
+    use super::{MR_PAIRS, NR, Sink};
 
     /// Each of `blocks` against every 6-row tile of `x`: per pair of reduction indices, the
     /// block's 32 panel codes deinterleaved by two `vld2q` loads into the two indices' values
@@ -443,19 +531,27 @@ mod neon {
     /// the sink's scalar epilogue.
     ///
     /// # Safety
-    /// The CPU must support NEON; `x.pairs == panel.pairs`, `blocks.end ≤ panel.blocks`; the
-    /// sink owns rows `0..x.m` × columns `16·blocks.start .. min(16·blocks.end, n)`.
+    /// The CPU must support NEON; `x` holds `m` rows of `pairs` pairs (the pairs layout),
+    /// `panel` whole blocks of as many pairs, `blocks.end` of them at least; the sink owns
+    /// rows `0..m` × columns `16·blocks.start .. min(16·blocks.end, n)`.
     #[target_feature(enable = "neon")]
-    pub unsafe fn products(x: &Rows, panel: &Panel, blocks: std::ops::Range<usize>, n: usize, sink: &Sink) {
-        let pairs = panel.pairs;
-        assert!(x.pairs == pairs && blocks.end <= panel.blocks && x.data.len() == x.m * pairs * 2);
+    pub unsafe fn products(
+        x: &[i16],
+        m: usize,
+        pairs: usize,
+        panel: &[i16],
+        blocks: std::ops::Range<usize>,
+        n: usize,
+        sink: &Sink,
+    ) {
+        assert!(x.len() == m * pairs * 2 && blocks.end * pairs * 2 * NR <= panel.len());
         for b in blocks {
-            let wb = &panel.data[b * pairs * 2 * NR..(b + 1) * pairs * 2 * NR];
+            let wb = &panel[b * pairs * 2 * NR..(b + 1) * pairs * 2 * NR];
             let j0 = b * NR;
             let mut r = 0;
-            while r < x.m {
-                let mr = (x.m - r).min(6);
-                let xs = &x.data[r * pairs * 2..(r + mr) * pairs * 2];
+            while r < m {
+                let mr = (m - r).min(MR_PAIRS);
+                let xs = &x[r * pairs * 2..(r + mr) * pairs * 2];
                 macro_rules! tile {
                     ($mr:literal) => {{
                         let a = tile::<$mr>(xs, pairs, wb);
@@ -514,34 +610,43 @@ mod neon {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{NR, Panel, Rows, Sink};
+    use super::{MR_PAIRS, NR, Sink};
 
     /// Each of `blocks` against every 6-row tile of `x` (the last one smaller): the sums of
     /// one tile and block stay in twelve registers over the whole reduction and go through
     /// the sink's epilogue straight from them.
     ///
     /// # Safety
-    /// The CPU must support AVX2; `x.pairs == panel.pairs`, `blocks.end ≤ panel.blocks`; the
-    /// sink owns rows `0..x.m` × columns `16·blocks.start .. min(16·blocks.end, n)`.
+    /// The CPU must support AVX2; `x` holds `m` rows of `pairs` pairs (the pairs layout),
+    /// `panel` whole blocks of as many pairs, `blocks.end` of them at least; the sink owns
+    /// rows `0..m` × columns `16·blocks.start .. min(16·blocks.end, n)`.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn products(x: &Rows, panel: &Panel, blocks: std::ops::Range<usize>, n: usize, sink: &Sink) {
-        let pairs = panel.pairs;
-        assert!(x.pairs == pairs && blocks.end <= panel.blocks && x.data.len() == x.m * pairs * 2);
+    pub unsafe fn products(
+        x: &[i16],
+        m: usize,
+        pairs: usize,
+        panel: &[i16],
+        blocks: std::ops::Range<usize>,
+        n: usize,
+        sink: &Sink,
+    ) {
+        assert!(x.len() == m * pairs * 2 && blocks.end * pairs * 2 * NR <= panel.len());
         // Reductions longer than KC pairs run in slices, so a block's panel slice (16 KB)
         // stays in L1 across the row tiles; the partial sums between slices wait in `part`.
         let slices = pairs.div_ceil(KC).max(1);
         let cols = (blocks.end - blocks.start) * NR;
-        let mut part = if slices > 1 { vec![0i32; x.m * cols] } else { Vec::new() };
+        let mut part = if slices > 1 { vec![0i32; m * cols] } else { Vec::new() };
         for s in 0..slices {
             let (p0, p1) = (s * KC, ((s + 1) * KC).min(pairs));
             let last = s + 1 == slices;
             for b in blocks.clone() {
-                let wb = &panel.data[(b * pairs + p0) * 2 * NR..(b * pairs + p1) * 2 * NR];
+                let wb = &panel[(b * pairs + p0) * 2 * NR..(b * pairs + p1) * 2 * NR];
                 let pc = (b - blocks.start) * NR;
                 let mut r = 0;
-                while r < x.m {
-                    let mr = (x.m - r).min(6);
-                    let xs = &x.data[(r * pairs + p0 * mr) * 2..(r * pairs + p1 * mr) * 2];
+                while r < m {
+                    let mr = (m - r).min(MR_PAIRS);
+                    let xs = &x[(r * pairs + p0 * mr) * 2..(r * pairs + p1 * mr) * 2];
                     macro_rules! tile {
                         ($mr:literal) => {{
                             let init = (s > 0).then(|| load::<$mr>(&part, r, pc, cols));
@@ -607,7 +712,7 @@ mod avx2 {
     /// The CPU must support AVX2; the sink owns those rows and columns `j0..min(j0 + 16, n)`.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn store<const MR: usize>(sink: &Sink, r0: usize, j0: usize, n: usize, a: [[__m256i; 2]; MR]) {
+    pub(super) unsafe fn store<const MR: usize>(sink: &Sink, r0: usize, j0: usize, n: usize, a: [[__m256i; 2]; MR]) {
         if j0 + NR > n {
             let mut tile = [0i32; NR];
             for (i, ai) in a.iter().enumerate() {
@@ -745,6 +850,192 @@ mod avx2 {
                     let xv = _mm256_set1_epi32(xp.add(p * MR + i).read_unaligned());
                     ai[0] = _mm256_add_epi32(ai[0], _mm256_madd_epi16(xv, w0));
                     ai[1] = _mm256_add_epi32(ai[1], _mm256_madd_epi16(xv, w1));
+                }
+            }
+        }
+        a
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+// Register-blocked kernels index parallel arrays of accumulators by row and block.
+#[allow(clippy::needless_range_loop)]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    use super::{MR_QUADS, NR, Sink};
+
+    /// Reduction quads per slice of [`products`]: two blocks' panel slices (8 KB each) and a
+    /// tile's activation slice (4 KB) stay in L1 across the row tiles.
+    const KC: usize = 128;
+
+    /// Blocks in pairs (32 columns, two registers per row) against every 8-row tile of `x`
+    /// (the last ones smaller): per quad of reduction indices one panel load per block, per
+    /// row one broadcast of its four codes and one `vpdpbusd` per block into the i32 sums,
+    /// which stay in registers (up to 16 of the 32) over a slice of the reduction. After the
+    /// last slice the sums lose their `shift` (the unsigned activations' excess) and go
+    /// through the AVX2 sink epilogue, half a register at a time, so the bits equal the other
+    /// levels'.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F/BW/VL and VNNI; `x` holds `m` rows of `quads` quads (the
+    /// quads layout), `panel` whole blocks of as many quads and `shift` 16 per block,
+    /// `blocks.end` of them at least; the sink owns rows `0..m` × columns
+    /// `16·blocks.start .. min(16·blocks.end, n)`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn products(
+        x: &[u8],
+        m: usize,
+        quads: usize,
+        panel: &[i8],
+        shift: &[i32],
+        blocks: std::ops::Range<usize>,
+        n: usize,
+        sink: &Sink,
+    ) {
+        assert!(x.len() == m * quads * 4 && blocks.end * quads * 4 * NR <= panel.len());
+        assert!(blocks.end * NR <= shift.len());
+        let slices = quads.div_ceil(KC).max(1);
+        let cols = (blocks.end - blocks.start) * NR;
+        let mut part = if slices > 1 { vec![0i32; m * cols] } else { Vec::new() };
+        for s in 0..slices {
+            let (q0, q1) = (s * KC, ((s + 1) * KC).min(quads));
+            let last = s + 1 == slices;
+            let mut b = blocks.start;
+            while b < blocks.end {
+                let nb = (blocks.end - b).min(2);
+                let wb = |b: usize| &panel[(b * quads + q0) * 4 * NR..(b * quads + q1) * 4 * NR];
+                let w = [wb(b), wb(b + nb - 1)];
+                let pc = (b - blocks.start) * NR;
+                let mut r = 0;
+                while r < m {
+                    let mr = (m - r).min(MR_QUADS);
+                    let xs = &x[(r * quads + q0 * mr) * 4..(r * quads + q1 * mr) * 4];
+                    macro_rules! tile {
+                        ($mr:literal, $nb:literal) => {{
+                            let init = (s > 0).then(|| load::<$mr, $nb>(&part, r, pc, cols));
+                            let a = micro::<$mr, $nb>(xs, q1 - q0, w, init);
+                            if last {
+                                // SAFETY: rows r..r + mr, blocks b..b + nb's columns are the
+                                // sink's (caller's contract); the shifts lie within `shift`.
+                                unsafe { finish::<$mr, $nb>(sink, r, b, n, shift, a) }
+                            } else {
+                                keep::<$mr, $nb>(&mut part, r, pc, cols, a)
+                            }
+                        }};
+                    }
+                    macro_rules! rows {
+                        ($nb:literal) => {
+                            match mr {
+                                8 => tile!(8, $nb),
+                                7 => tile!(7, $nb),
+                                6 => tile!(6, $nb),
+                                5 => tile!(5, $nb),
+                                4 => tile!(4, $nb),
+                                3 => tile!(3, $nb),
+                                2 => tile!(2, $nb),
+                                _ => tile!(1, $nb),
+                            }
+                        };
+                    }
+                    if nb == 2 {
+                        rows!(2)
+                    } else {
+                        rows!(1)
+                    }
+                    r += mr;
+                }
+                b += nb;
+            }
+        }
+    }
+
+    /// Partial sums of rows `r..r + MR`, columns `c..c + 16·NB` of `part` (`cols` per row).
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    fn load<const MR: usize, const NB: usize>(part: &[i32], r: usize, c: usize, cols: usize) -> [[__m512i; NB]; MR] {
+        assert!((r + MR - 1) * cols + c + NB * NR <= part.len());
+        // SAFETY: every row's 16·NB lanes lie inside `part` (asserted for the last row).
+        std::array::from_fn(|i| {
+            std::array::from_fn(|h| unsafe {
+                _mm512_loadu_si512(part.as_ptr().add((r + i) * cols + c + h * NR).cast())
+            })
+        })
+    }
+
+    /// Stores partial sums where [`load`] reads them.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    fn keep<const MR: usize, const NB: usize>(
+        part: &mut [i32],
+        r: usize,
+        c: usize,
+        cols: usize,
+        a: [[__m512i; NB]; MR],
+    ) {
+        assert!((r + MR - 1) * cols + c + NB * NR <= part.len());
+        for (i, ai) in a.iter().enumerate() {
+            for (h, v) in ai.iter().enumerate() {
+                // SAFETY: as in `load`.
+                unsafe { _mm512_storeu_si512(part.as_mut_ptr().add((r + i) * cols + c + h * NR).cast(), *v) };
+            }
+        }
+    }
+
+    /// The exact sums of rows `r0..r0 + MR`, blocks `b..b + NB`: `a` less each column's
+    /// shift, through the AVX2 store (its epilogue and its clipping of the last block).
+    ///
+    /// # Safety
+    /// As [`products`]: the sink owns those rows and the blocks' columns (clipped to `n`),
+    /// `shift` holds 16 per block.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn finish<const MR: usize, const NB: usize>(
+        sink: &Sink,
+        r0: usize,
+        b: usize,
+        n: usize,
+        shift: &[i32],
+        a: [[__m512i; NB]; MR],
+    ) {
+        assert!((b + NB) * NR <= shift.len());
+        for h in 0..NB {
+            let j0 = (b + h) * NR;
+            // SAFETY: j0 + 16 ≤ shift.len() (asserted).
+            let sh = unsafe { _mm512_loadu_si512(shift.as_ptr().add(j0).cast()) };
+            let halves: [[__m256i; 2]; MR] = std::array::from_fn(|i| {
+                let v = _mm512_sub_epi32(a[i][h], sh);
+                [_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v)]
+            });
+            // SAFETY: the caller's rows and block b + h's columns (clipped by `store`).
+            unsafe { super::avx2::store::<MR>(sink, r0, j0, n, halves) };
+        }
+    }
+
+    /// A tile of `MR` rows of u8 codes (quad-interleaved) against `NB` blocks of 16 columns
+    /// (`w[h]`, `quads · 64` bytes each; with one block both name it), on top of `init`.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    fn micro<const MR: usize, const NB: usize>(
+        x: &[u8],
+        quads: usize,
+        w: [&[i8]; 2],
+        init: Option<[[__m512i; NB]; MR]>,
+    ) -> [[__m512i; NB]; MR] {
+        let mut a = init.unwrap_or([[_mm512_setzero_si512(); NB]; MR]);
+        assert!(x.len() == MR * quads * 4 && w[0].len() == quads * 64 && w[1].len() == quads * 64);
+        let xp = x.as_ptr() as *const i32;
+        for q in 0..quads {
+            // SAFETY: q·64 + 64 ≤ quads·64 = w[h].len(), and row i's quad q is the i32 at
+            // q·MR + i < MR·quads = x.len() / 4 (asserted above).
+            unsafe {
+                let wv: [__m512i; NB] = std::array::from_fn(|h| _mm512_loadu_si512(w[h].as_ptr().add(q * 64).cast()));
+                for (i, ai) in a.iter_mut().enumerate() {
+                    let xv = _mm512_set1_epi32(xp.add(q * MR + i).read_unaligned());
+                    for (acc, wh) in ai.iter_mut().zip(&wv) {
+                        *acc = _mm512_dpbusd_epi32(*acc, xv, *wh);
+                    }
                 }
             }
         }

@@ -168,7 +168,7 @@ impl Panels for QuantPanels {
         let out = &mut buf[..(k1 - k0) * NR];
         match level {
             #[cfg(target_arch = "x86_64")]
-            SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+            l if l.avx2() => {
                 // SAFETY: AVX2 was detected just above; indices are within the packed panel.
                 unsafe { avx2::decode(self, jb, k0, k1, out) }
             }
@@ -208,7 +208,7 @@ impl Panels for QuantPanels {
         assert!(sums.len() == x.len() * self.groups);
         match level {
             #[cfg(target_arch = "x86_64")]
-            SimdLevel::Avx2 if SimdLevel::detect() >= SimdLevel::Avx2 => {
+            l if l.avx2() => {
                 // SAFETY: AVX2 was detected just above; shapes asserted.
                 unsafe { avx2::fused(self, jb, x, sums, out) }
             }

@@ -79,21 +79,30 @@ proptest! {
 }
 
 #[test]
-fn the_scalar_twin_and_avx2_agree_on_long_rows() {
+fn every_level_agrees_with_the_scalar_twin_on_long_rows() {
     // MiniLM's FFN width plus an odd tail, odd column and row counts.
-    let (m, n, k) = (5, 37, 1536 + 13);
+    let (m, n, k) = (13, 37, 1536 + 13);
     let w: Vec<i8> = (0..n * k).map(|i| (i as i32 * 31 % 256 - 128) as i8).collect();
     let x: Vec<i8> = (0..m * k).map(|i| (i as i32 * 17 % 256 - 128) as i8).collect();
-    let panel = Panel::pack(&w, n, k);
     let mut a = vec![0; m * n];
-    gemm(SimdLevel::Scalar, &x, m, k, &w, &panel, &mut a);
+    gemm(SimdLevel::Scalar, &x, m, k, &w, &Panel::pack(SimdLevel::Scalar, &w, n, k), &mut a);
     assert_eq!(a[0], (0..k).map(|t| i32::from(x[t]) * i32::from(w[t])).sum::<i32>());
     assert!(x.contains(&i8::MIN) && w.contains(&i8::MIN), "the extreme code −128 on both sides");
     for level in SimdLevel::available() {
         let mut b = vec![0; m * n];
-        gemm(level, &x, m, k, &w, &panel, &mut b);
+        gemm(level, &x, m, k, &w, &Panel::pack(level, &w, n, k), &mut b);
         assert_eq!(a, b, "{level:?}");
     }
+}
+
+/// The VNNI layout is packed exactly where the CPU runs it, so the suites above test it there.
+#[test]
+fn the_vnni_panel_is_packed_where_the_cpu_has_vnni() {
+    let vnni = SimdLevel::detect() == SimdLevel::Avx512Vnni;
+    let quads = |level| matches!(Panel::pack(level, &[1; 8], 2, 4).data, PanelData::Quads { .. });
+    assert_eq!(quads(SimdLevel::Avx512Vnni), vnni);
+    assert!(!quads(SimdLevel::Avx2) && !quads(SimdLevel::Scalar));
+    assert_eq!(SimdLevel::available().contains(&SimdLevel::Avx512Vnni), vnni);
 }
 
 #[test]
@@ -118,12 +127,11 @@ fn every_level_equals_the_scalar_twin(
     w: &[i8],
     (m, n, k): (usize, usize, usize),
 ) -> std::result::Result<(), TestCaseError> {
-    let panel = Panel::pack(w, n, k);
     let mut want = vec![0; m * n];
-    gemm(SimdLevel::Scalar, x, m, k, w, &panel, &mut want);
+    gemm(SimdLevel::Scalar, x, m, k, w, &Panel::pack(SimdLevel::Scalar, w, n, k), &mut want);
     for level in SimdLevel::available() {
         let mut got = vec![0; m * n];
-        gemm(level, x, m, k, w, &panel, &mut got);
+        gemm(level, x, m, k, w, &Panel::pack(level, w, n, k), &mut got);
         prop_assert_eq!(&got, &want, "{:?}", level);
     }
     Ok(())
