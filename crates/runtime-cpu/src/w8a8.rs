@@ -361,18 +361,29 @@ impl Rows {
         match &mut self.data {
             RowData::Pairs(data) => {
                 let tile = &mut data[base..end];
-                for (p, c) in codes.chunks(2).enumerate() {
+                let whole = codes.len() / 2 * 2;
+                for (p, c) in codes[..whole].chunks_exact(2).enumerate() {
                     let at = (p * mr + i) * 2;
-                    tile[at..at + c.len()].copy_from_slice(c);
+                    tile[at..at + 2].copy_from_slice(c);
+                }
+                if whole < codes.len() {
+                    tile[(whole / 2 * mr + i) * 2] = codes[whole];
                 }
             }
             RowData::Quads(data) => {
                 let tile = &mut data[base..end];
-                for (q, c) in codes.chunks(4).enumerate() {
+                // Centred codes lie in −128..=127: shifted, in 0..=255 (flipping the sign bit
+                // of the low byte adds 128 modulo 256).
+                let byte = |v: i16| (v as u8) ^ 0x80;
+                let whole = codes.len() / 4 * 4;
+                for (q, c) in codes[..whole].chunks_exact(4).enumerate() {
                     let at = (q * mr + i) * 4;
-                    for (d, &v) in tile[at..at + c.len()].iter_mut().zip(c) {
-                        // Centred codes lie in −128..=127: shifted, in 0..=255.
-                        *d = (i32::from(v) + 128) as u8;
+                    tile[at..at + 4].copy_from_slice(&[byte(c[0]), byte(c[1]), byte(c[2]), byte(c[3])]);
+                }
+                if whole < codes.len() {
+                    let at = (whole / 4 * mr + i) * 4;
+                    for (d, &v) in tile[at..].iter_mut().zip(&codes[whole..]) {
+                        *d = byte(v);
                     }
                 }
             }
@@ -753,8 +764,11 @@ mod avx2 {
                     let (sv, zv) = (_mm256_set1_ps(sx), _mm256_set1_epi32(zx));
                     for h in 0..2 {
                         // The scalar twin's operations in its order: the i32 difference, its
-                        // conversion, the product of the scales, a multiply, then an add.
-                        let t = _mm256_cvtepi32_ps(_mm256_sub_epi32(ai[h], _mm256_mullo_epi32(zv, ws[h])));
+                        // conversion, the product of the scales, a multiply, then an add. A
+                        // zero point of 0 (symmetric codes) leaves the sums as they are: the
+                        // slow 32-bit multiply is skipped.
+                        let d = if zx == 0 { ai[h] } else { _mm256_sub_epi32(ai[h], _mm256_mullo_epi32(zv, ws[h])) };
+                        let t = _mm256_cvtepi32_ps(d);
                         let o = _mm256_add_ps(_mm256_mul_ps(t, _mm256_mul_ps(sv, sc[h])), bs[h]);
                         // SAFETY: row r0 + i, columns j0 + 8h .. + 8 ≤ n are the sink's.
                         unsafe { _mm256_storeu_ps(out.add((r0 + i) * n + j0 + 8 * h), o) };
