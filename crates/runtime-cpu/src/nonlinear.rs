@@ -188,6 +188,32 @@ fn head(
     for j in 0..t {
         vp[j * d..(j + 1) * d].copy_from_slice(&v[j * stride..j * stride + d]);
     }
+    #[cfg(target_arch = "x86_64")]
+    if level.avx512() && d.is_multiple_of(16) {
+        // Keys padded to whole 16-lane registers (the padding's scores are never read).
+        let t16 = t.div_ceil(16) * 16;
+        let mut kt = vec![0f32; d * t16];
+        crate::simd::transpose(level, k, stride, t, d, &mut kt, t16);
+        let mut p = vec![0f32; avx512::ROWS * t16];
+        let mut spare = vec![0f32; (avx512::ROWS - 1) * d];
+        let mut i = 0;
+        while i < t {
+            let rows = (t - i).min(avx512::ROWS);
+            let qs: [&[f32]; avx512::ROWS] = std::array::from_fn(|r| {
+                let at = (i + r.min(rows - 1)) * stride;
+                &q[at..at + d]
+            });
+            // Rows past the last are computed again (as the last row) into scratch rows.
+            let (mine, _) = ctx[i * d..].split_at_mut(rows * d);
+            let mut outs = mine.chunks_mut(d).chain(spare.chunks_mut(d));
+            let out: [&mut [f32]; avx512::ROWS] = std::array::from_fn(|_| outs.next().expect("four rows"));
+            // SAFETY: AVX-512 F was detected just above; kt is d × t16, vp is t × d, p holds
+            // 4·t16 floats, every q and out row holds d, a multiple of 16.
+            unsafe { avx512::attend_rows(qs, &kt, &vp, mask, scale, t, t16, &mut p, out) };
+            i += rows;
+        }
+        return;
+    }
     let mut p = vec![0f32; 2 * t8];
     #[cfg(target_arch = "x86_64")]
     if level.avx2() && d.is_multiple_of(8) {
@@ -392,23 +418,8 @@ mod avx2 {
         }
         let mut inv = [0f32; 2];
         for (r, inv) in inv.iter_mut().enumerate() {
-            let row = &mut p[r * t8..r * t8 + t];
-            if let Some(m) = mask {
-                assert!(m.len() == t);
-                let full = t / 8 * 8;
-                for j in (0..full).step_by(8) {
-                    // SAFETY: j + 8 ≤ t = row.len() = m.len().
-                    unsafe {
-                        let v = _mm256_add_ps(_mm256_loadu_ps(row.as_ptr().add(j)), _mm256_loadu_ps(m.as_ptr().add(j)));
-                        _mm256_storeu_ps(row.as_mut_ptr().add(j), v);
-                    }
-                }
-                for j in full..t {
-                    row[j] += m[j];
-                }
-            }
             // SAFETY: AVX2 and FMA are enabled in this function.
-            *inv = 1.0 / unsafe { softmax_numerators(row) };
+            *inv = unsafe { normalise(&mut p[r * t8..r * t8 + t], mask) };
         }
         // Weighted sum of values: four vectors of a row × two rows per pass (one at the tail).
         let vecs = d / 8;
@@ -492,6 +503,32 @@ mod avx2 {
         }
     }
 
+    /// Adds the key mask (if any) to a row of scaled scores, replaces it by the softmax
+    /// numerators `e^(x − max)` and returns the reciprocal of their sum.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; a mask holds as many values as the row.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn normalise(row: &mut [f32], mask: Option<&[f32]>) -> f32 {
+        let t = row.len();
+        if let Some(m) = mask {
+            assert!(m.len() == t);
+            let full = t / 8 * 8;
+            for j in (0..full).step_by(8) {
+                // SAFETY: j + 8 ≤ t = row.len() = m.len().
+                unsafe {
+                    let v = _mm256_add_ps(_mm256_loadu_ps(row.as_ptr().add(j)), _mm256_loadu_ps(m.as_ptr().add(j)));
+                    _mm256_storeu_ps(row.as_mut_ptr().add(j), v);
+                }
+            }
+            for j in full..t {
+                row[j] += m[j];
+            }
+        }
+        // SAFETY: AVX2 and FMA are enabled in this function.
+        1.0 / unsafe { softmax_numerators(row) }
+    }
+
     /// Replaces `row` by `e^(x − max)` and returns their sum.
     ///
     /// # Safety
@@ -533,6 +570,137 @@ mod avx2 {
             }
         }
         sum
+    }
+}
+
+// Register-blocked kernels index parallel arrays of accumulators and operands by lane.
+#[allow(clippy::needless_range_loop)]
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Query rows per pass.
+    pub const ROWS: usize = 4;
+
+    /// [`super::avx2::attend_rows`] for four query rows at once, sixteen keys or values per
+    /// register (32 registers hold the 16 score accumulators): every lane takes the same
+    /// operations in the same order as there (scores as one FMA chain over the head's
+    /// dimensions, then scaled; the same mask, softmax and reciprocal; the weighted sum as one
+    /// FMA chain over the keys, then scaled), so the results are the same bits.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F, AVX2 and FMA; `kt` is `d × t16` (`t16` a multiple of
+    /// 16, at least `t`), `vp` is `t × d`, `p` holds `4·t16` floats, every `q` and `out` row
+    /// holds `d` (a multiple of 16).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub unsafe fn attend_rows(
+        q: [&[f32]; ROWS],
+        kt: &[f32],
+        vp: &[f32],
+        mask: Option<&[f32]>,
+        scale: f32,
+        t: usize,
+        t16: usize,
+        p: &mut [f32],
+        mut out: [&mut [f32]; ROWS],
+    ) {
+        let d = q[0].len();
+        assert!(t16.is_multiple_of(16) && t <= t16 && d.is_multiple_of(16));
+        assert!(kt.len() == d * t16 && vp.len() == t * d && p.len() == ROWS * t16);
+        assert!(q.iter().all(|r| r.len() == d) && out.iter().all(|r| r.len() == d));
+        let sv = _mm512_set1_ps(scale);
+        let mut jb = 0;
+        while jb < t16 {
+            if t16 - jb >= 64 {
+                scores::<4>(q, kt, t16, jb, sv, p);
+                jb += 64;
+            } else {
+                scores::<1>(q, kt, t16, jb, sv, p);
+                jb += 16;
+            }
+        }
+        let mut inv = [0f32; ROWS];
+        for (r, inv) in inv.iter_mut().enumerate() {
+            // SAFETY: AVX2 and FMA are enabled in this function; the mask (if any) holds t.
+            *inv = unsafe { super::avx2::normalise(&mut p[r * t16..r * t16 + t], mask) };
+        }
+        let vecs = d / 16;
+        let mut o = 0;
+        while o < vecs {
+            if vecs - o >= 2 {
+                weighted::<2>(p, t, t16, vp, d, o, inv, &mut out);
+                o += 2;
+            } else {
+                weighted::<1>(p, t, t16, vp, d, o, inv, &mut out);
+                o += 1;
+            }
+        }
+    }
+
+    /// Scores of the rows against keys `jb .. jb + 16·NB`, scaled, into `p[r·t16 + j]`.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    #[inline]
+    fn scores<const NB: usize>(q: [&[f32]; ROWS], kt: &[f32], t16: usize, jb: usize, sv: __m512, p: &mut [f32]) {
+        let d = q[0].len();
+        assert!(jb + 16 * NB <= t16 && kt.len() >= d * t16 && p.len() >= ROWS * t16);
+        assert!(q.iter().all(|r| r.len() == d));
+        let mut acc = [[_mm512_setzero_ps(); NB]; ROWS];
+        for c in 0..d {
+            // SAFETY: c < d = every row's length (asserted).
+            let qv: [__m512; ROWS] = std::array::from_fn(|r| _mm512_set1_ps(unsafe { *q[r].get_unchecked(c) }));
+            for b in 0..NB {
+                // SAFETY: c·t16 + jb + 16b + 16 ≤ d·t16 ≤ kt.len() (asserted bounds).
+                let kv = unsafe { _mm512_loadu_ps(kt.as_ptr().add(c * t16 + jb + 16 * b)) };
+                for r in 0..ROWS {
+                    acc[r][b] = _mm512_fmadd_ps(qv[r], kv, acc[r][b]);
+                }
+            }
+        }
+        for (r, ar) in acc.iter().enumerate() {
+            for (b, a) in ar.iter().enumerate() {
+                // SAFETY: r·t16 + jb + 16b + 16 ≤ 4·t16 ≤ p.len().
+                unsafe { _mm512_storeu_ps(p.as_mut_ptr().add(r * t16 + jb + 16 * b), _mm512_mul_ps(*a, sv)) };
+            }
+        }
+    }
+
+    /// Output registers `o .. o + NV` (16 values each) of the rows: `Σ_j p[r][j]·v[j]`, times
+    /// `inv[r]`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    #[inline]
+    fn weighted<const NV: usize>(
+        p: &[f32],
+        t: usize,
+        t16: usize,
+        vp: &[f32],
+        d: usize,
+        o: usize,
+        inv: [f32; ROWS],
+        out: &mut [&mut [f32]; ROWS],
+    ) {
+        assert!(16 * (o + NV) <= d && vp.len() >= t * d && t <= t16 && p.len() >= ROWS * t16);
+        assert!(out.iter().all(|r| r.len() == d));
+        let mut acc = [[_mm512_setzero_ps(); NV]; ROWS];
+        for j in 0..t {
+            // SAFETY: r·t16 + j < 4·t16 ≤ p.len() (j < t ≤ t16).
+            let w: [__m512; ROWS] = std::array::from_fn(|r| _mm512_set1_ps(unsafe { *p.get_unchecked(r * t16 + j) }));
+            for x in 0..NV {
+                // SAFETY: j·d + 16(o + x) + 16 ≤ t·d ≤ vp.len().
+                let vv = unsafe { _mm512_loadu_ps(vp.as_ptr().add(j * d + 16 * (o + x))) };
+                for r in 0..ROWS {
+                    acc[r][x] = _mm512_fmadd_ps(w[r], vv, acc[r][x]);
+                }
+            }
+        }
+        for r in 0..ROWS {
+            for x in 0..NV {
+                let v = _mm512_mul_ps(acc[r][x], _mm512_set1_ps(inv[r]));
+                // SAFETY: 16(o + x) + 16 ≤ d = out[r].len().
+                unsafe { _mm512_storeu_ps(out[r].as_mut_ptr().add(16 * (o + x)), v) };
+            }
+        }
     }
 }
 

@@ -52,6 +52,25 @@ proptest! {
         check(&want, |_| 2e-5, |rt| flat(&rt.attention(&q, &k, &v, heads, mask.as_ref(), scale).unwrap()))?;
     }
 
+    /// The AVX-512 attention (four rows, sixteen keys a register) gives the AVX2 path's bits,
+    /// at lengths past its 64-key blocks and with every row tail.
+    #[test]
+    fn avx512_attention_gives_the_avx2_bits(
+        seq in 1usize..140, heads in 1usize..3, hd in prop_oneof![Just(16usize), Just(32), Just(48)],
+        masked in any::<bool>(), seed in any::<u64>()
+    ) {
+        if !SimdLevel::available().contains(&SimdLevel::Avx512Vnni) {
+            return Ok(()); // nothing to compare on a CPU without AVX-512
+        }
+        let dims = [1, seq, heads * hd];
+        let n = seq * heads * hd;
+        let (q, k, v) = (t(input(1, n, seed), &dims), t(input(1, n, seed ^ 1), &dims), t(input(1, n, seed ^ 2), &dims));
+        let mask = masked.then(|| t((0..seq).map(|i| if i % 5 == 4 { -1e9 } else { 0.0 }).collect(), &[1, seq]));
+        let run = |level| flat(&CpuRuntime::with_level(2, level).unwrap().attention(&q, &k, &v, heads, mask.as_ref(), 0.2).unwrap());
+        let (a, b) = (run(SimdLevel::Avx2), run(SimdLevel::Avx512Vnni));
+        prop_assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "AVX2 and AVX-512 bits differ");
+    }
+
     #[test]
     fn activations_match_the_reference(n in 1usize..300, which in 0usize..4, seed in any::<u64>()) {
         let act = [Activation::Relu, Activation::Gelu, Activation::GeluTanh, Activation::Silu][which];
