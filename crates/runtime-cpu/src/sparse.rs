@@ -13,10 +13,11 @@ use crate::gemm::OutPtr;
 use crate::simd::{Aligned, SimdLevel};
 
 /// The density (stored nonzeros / elements) above which the dense GEMM is at least as fast as
-/// this kernel: the crossover the `sparse` bench measures at MiniLM's 4096×384×1536 on AVX2
-/// (sparse 1.5× dense at 30%, 1.0× at 50%, 0.84× at 70%), so 2:4 weights (50%) run densified,
-/// where they are as fast and free of the index stream.
-pub const SPARSE_MAX_DENSITY: f64 = 0.45;
+/// this kernel: the crossover the `sparse` bench measures at MiniLM's 4096×384×1536 (AVX2:
+/// sparse 1.5× dense at 30%, 1.1× at 50%, 0.97× at 60%; AVX-512: 1.8× at 30%, 1.3× at 50%,
+/// 1.0× at 70%), so 2:4 weights (50%) run sparse. One threshold for every level, so a weight
+/// takes the same kernel, and gives the same bits, on every CPU.
+pub const SPARSE_MAX_DENSITY: f64 = 0.55;
 
 /// Reduction indices per slice: a tile's slice of transposed inputs (`KC × lanes` floats, 16
 /// KiB at 64 lanes) stays in L1 while every output of a chunk reads its nonzeros' columns
@@ -26,7 +27,8 @@ const KC: usize = 64;
 /// slices).
 const CHUNK: usize = 64;
 
-/// Rows per tile for `m` input rows: 64 (eight AVX2 registers per nonzero, so the loads of the
+/// Rows per tile for `m` input rows below AVX-512's 128 (eight registers per nonzero there):
+/// 64 (eight AVX2 registers per nonzero, so the loads of the
 /// index and value are shared by eight FMAs, and the weights stream once per 64 rows) when the
 /// batch allows, else 32, 16 or 8.
 fn lanes_for(m: usize) -> usize {
@@ -172,7 +174,7 @@ impl SparseRows {
         if m == 0 || n == 0 {
             return;
         }
-        let lanes = lanes_for(m);
+        let lanes = if level.avx512() && m >= 128 { 128 } else { lanes_for(m) };
         let tiles = m.div_ceil(lanes);
         let (splits, per) = crate::gemm::column_split(pool, tiles, n);
         let out = OutPtr(y);
@@ -207,6 +209,17 @@ impl SparseRows {
     fn tile(&self, level: SimdLevel, xt: &[f32], lanes: usize, (j0, j1): (usize, usize), sl: usize, yt: &mut [f32]) {
         assert!(xt.len() == self.k * lanes && yt.len() == (j1 - j0) * lanes && j1 <= self.n);
         match level {
+            #[cfg(target_arch = "x86_64")]
+            l if l.avx512() && lanes >= 64 => {
+                // SAFETY: AVX-512 F was detected just above; every column index is < k (built
+                // by `from_dense`), lengths asserted above.
+                unsafe {
+                    match lanes {
+                        128 => avx512::tile::<8>(self, xt, (j0, j1), sl, yt),
+                        _ => avx512::tile::<4>(self, xt, (j0, j1), sl, yt),
+                    }
+                }
+            }
             #[cfg(target_arch = "x86_64")]
             l if l.avx2() => {
                 // SAFETY: AVX2 and FMA were detected just above; every column index is < k
@@ -344,6 +357,57 @@ mod avx2 {
                 }
                 // SAFETY: yp + 8q + 8 ≤ yt.len().
                 unsafe { _mm256_storeu_ps(yt.as_mut_ptr().add(yp + 8 * q), s) };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::SparseRows;
+
+    /// [`super::avx2::tile`] with one accumulator set (as at 64 lanes and more) and `V`
+    /// sixteen-lane registers per nonzero: per lane the same fused multiply-adds in the same
+    /// order, so the same bits; at 128 lanes eight independent chains cover the FMA latency.
+    ///
+    /// # Safety
+    /// AVX-512 F; `xt` is `[k][16·V]`, `yt` holds `(j1 − j0)·16·V`, column indices `< k`.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub unsafe fn tile<const V: usize>(
+        w: &SparseRows,
+        xt: &[f32],
+        (j0, j1): (usize, usize),
+        sl: usize,
+        yt: &mut [f32],
+    ) {
+        let lanes = 16 * V;
+        assert!(xt.len() == w.k * lanes && yt.len() == (j1 - j0) * lanes && j1 <= w.n);
+        for j in j0..j1 {
+            let nz = w.slice(j, sl);
+            let (cols, vals) = (&w.cols[nz.clone()], &w.vals[nz]);
+            let yp = (j - j0) * lanes;
+            let mut acc = [_mm512_setzero_ps(); V];
+            if sl > 0 {
+                for (q, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: yp + 16q + 16 ≤ (j1 − j0)·lanes = yt.len().
+                    *a = unsafe { _mm512_loadu_ps(yt.as_ptr().add(yp + 16 * q)) };
+                }
+            }
+            for (&c, &v) in cols.iter().zip(vals) {
+                let c = c as usize;
+                assert!(c < w.k);
+                let v = _mm512_set1_ps(v);
+                for (q, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: c < k, so c·lanes + 16q + 16 ≤ k·lanes = xt.len().
+                    let xv = unsafe { _mm512_loadu_ps(xt.as_ptr().add(c * lanes + 16 * q)) };
+                    *a = _mm512_fmadd_ps(v, xv, *a);
+                }
+            }
+            for (q, a) in acc.iter().enumerate() {
+                // SAFETY: yp + 16q + 16 ≤ yt.len().
+                unsafe { _mm512_storeu_ps(yt.as_mut_ptr().add(yp + 16 * q), *a) };
             }
         }
     }

@@ -31,10 +31,11 @@ fn nm(mut v: Vec<f32>, n: usize, m: usize) -> Vec<f32> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(40))]
     /// CSR, 2:4 and 4:8 and block-sparse weights, and dense weights that are mostly zeros,
-    /// at batch sizes that take every tile width (8, 16, 32 and 64 rows) and its tails.
+    /// at batch sizes that take every tile width (8, 16, 32, 64 and AVX-512's 128 rows) and
+    /// its tails.
     #[test]
     fn sparse_weights_match_the_reference_at_every_level_and_thread_count(
-        m in prop_oneof![1usize..12, 14usize..40, 62usize..70], n in 1usize..30, kq in 1usize..40,
+        m in prop_oneof![1usize..12, 14usize..40, 62usize..70, 126usize..140], n in 1usize..30, kq in 1usize..40,
         format in 0usize..5, keep in 0.0f64..0.3, bias in any::<bool>(), seed in any::<u64>()
     ) {
         let k = kq * 8;
