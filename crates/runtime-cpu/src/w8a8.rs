@@ -126,45 +126,57 @@ impl W8A8Linear {
         };
         // Tasks own whole output elements (rows r0..r1 × blocks b0..b1): the integer sums are
         // exact and quantization and the epilogue are per element, so the bits do not depend
-        // on the split. With few row chunks the columns are split too (each such task
-        // quantizes its rows itself: cheap next to the products).
+        // on the split. With few row chunks the columns are split too, and the rows are
+        // quantized once beforehand (at one chunk of 16 tokens, re-quantizing them in each of
+        // eight column tasks cost more than the products).
         let chunks = m.div_ceil(ROWS);
         let (col_tiles, per) = crate::gemm::column_split(&self.pool, chunks, self.panel.blocks);
+        let quantize = |ci: usize| {
+            let (r0, r1) = (ci * ROWS, ((ci + 1) * ROWS).min(m));
+            let rows = r1 - r0;
+            let mut xq = self.panel.rows(rows);
+            let mut codes = vec![0i16; k];
+            let mut units = Vec::with_capacity(rows);
+            for r in 0..rows {
+                let row = &x[(r0 + r) * k..(r0 + r + 1) * k];
+                let (sx, zx) = global.unwrap_or_else(|| {
+                    let (lo, hi) = self.extremes(row);
+                    self.act.scale_zero(lo, hi)
+                });
+                quantize_row(level, row, self.act.smooth.as_deref(), (sx, zx), &self.act, &mut codes);
+                xq.set_row(r, &codes);
+                units.push((sx, zx - offset));
+            }
+            (xq, units)
+        };
         let out = crate::gemm::OutPtr(y.as_mut_ptr());
+        let task = |ci: usize, cj: usize, (xq, units): &(Rows, Vec<(f32, i32)>)| {
+            let (b0, b1) = (cj * per, ((cj + 1) * per).min(self.panel.blocks));
+            if b0 >= b1 {
+                return;
+            }
+            let sink = Sink::F32 {
+                // SAFETY (of the writes through it): this task's rows ci·ROWS.. × the columns
+                // of blocks b0..b1 (clipped to n) are its own; `y` outlives `pool.install`.
+                out: out.get().wrapping_add(ci * ROWS * n),
+                n,
+                units,
+                w_sum: &self.w_sum,
+                w_scale: &self.w_scale,
+                bias,
+            };
+            products(level, xq, k, &self.w, &self.panel, b0..b1, &sink);
+        };
         self.pool.install(|| {
-            (0..chunks * col_tiles).into_par_iter().for_each(|t| {
-                let (ci, cj) = (t / col_tiles, t % col_tiles);
-                let (r0, r1) = (ci * ROWS, ((ci + 1) * ROWS).min(m));
-                let (b0, b1) = (cj * per, ((cj + 1) * per).min(self.panel.blocks));
-                if b0 >= b1 {
-                    return;
-                }
-                let rows = r1 - r0;
-                let mut xq = self.panel.rows(rows);
-                let mut codes = vec![0i16; k];
-                let mut units = Vec::with_capacity(rows);
-                for r in 0..rows {
-                    let row = &x[(r0 + r) * k..(r0 + r + 1) * k];
-                    let (sx, zx) = global.unwrap_or_else(|| {
-                        let (lo, hi) = self.extremes(row);
-                        self.act.scale_zero(lo, hi)
-                    });
-                    quantize_row(level, row, self.act.smooth.as_deref(), (sx, zx), &self.act, &mut codes);
-                    xq.set_row(r, &codes);
-                    units.push((sx, zx - offset));
-                }
-                let sink = Sink::F32 {
-                    // SAFETY (of the writes through it): this task's rows r0..r1 × the columns
-                    // of blocks b0..b1 (clipped to n) are its own; `y` outlives `pool.install`.
-                    out: out.get().wrapping_add(r0 * n),
-                    n,
-                    units: &units,
-                    w_sum: &self.w_sum,
-                    w_scale: &self.w_scale,
-                    bias,
-                };
-                products(level, &xq, k, &self.w, &self.panel, b0..b1, &sink);
-            });
+            if col_tiles == 1 {
+                (0..chunks).into_par_iter().for_each(|ci| task(ci, 0, &quantize(ci)));
+            } else {
+                let rows: Vec<_> = (0..chunks).into_par_iter().map(quantize).collect();
+                (0..chunks * col_tiles).into_par_iter().for_each(|t| {
+                    let (ci, cj) = (t / col_tiles, t % col_tiles);
+                    task(ci, cj, &rows[ci]);
+                });
+            }
         });
         // SAFETY: the tasks' rectangles (row chunks × block ranges, column_split covering every
         // block) partition the m × n output and `products` writes every row and column of its

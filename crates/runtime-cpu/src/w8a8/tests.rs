@@ -95,6 +95,40 @@ fn every_level_agrees_with_the_scalar_twin_on_long_rows() {
     }
 }
 
+/// A batch with enough row chunks for every task (one thread) and one whose chunks are split
+/// by columns with the rows quantized beforehand (three threads): the same bits, close to the
+/// reference, at every level.
+#[test]
+fn row_chunked_and_column_split_batches_give_the_same_bits() {
+    let (m, n, k) = (200, 37, 99);
+    let q = int8_weight(n, k, 5);
+    let w = Weight::Quantized(q);
+    let x = Tensor::from_vec(input(m, k, 11), (m, k), &Device::Cpu).unwrap();
+    let act = ActQuant::new(8, false, ActRange::Dynamic { per_token: true });
+    let want = ReferenceRuntime::cpu()
+        .prepare_linear_quantized_input("fc", &w, None, &act)
+        .unwrap()
+        .forward(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let mut first: Option<Vec<f32>> = None;
+    for level in SimdLevel::available() {
+        for threads in [1, 3] {
+            let rt = CpuRuntime::with_level(threads, level).unwrap();
+            let op = rt.prepare_linear_quantized_input("fc", &w, None, &act).unwrap();
+            let got = op.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() <= 1e-4 * (1.0 + w.abs())), "{level:?}/{threads}");
+            match &first {
+                None => first = Some(got),
+                Some(f) => assert_eq!(f, &got, "{level:?}/{threads}"),
+            }
+        }
+    }
+}
+
 /// The VNNI layout is packed exactly where the CPU runs it, so the suites above test it there.
 #[test]
 fn the_vnni_panel_is_packed_where_the_cpu_has_vnni() {
