@@ -130,6 +130,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .context("parse the benches' records")?;
     let machine = json!({
         "cpu": cpu_model(),
+        "simd": format!("{:?}", pare_runtime_cpu::SimdLevel::detect()),
         "threads_used": 2,
         "logical_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "native": args.native,
@@ -244,14 +245,18 @@ fn run_ort(root: &Path, model: &Path, quick: bool) -> anyhow::Result<Option<Path
 }
 
 pub(crate) fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+    };
+    match (field("model name"), field("cpu family"), field("model")) {
+        // The model name alone ("AMD EPYC") does not tell a Zen 3 from a Zen 4.
+        (Some(name), Some(family), Some(model)) => format!("{name} (family {family}, model {model})"),
+        (Some(name), ..) => name,
+        _ => std::env::consts::ARCH.to_string(),
+    }
 }
 
 fn markdown(args: &Args, machine: &Value, records: &[Value], notes: &[String]) -> String {
@@ -263,9 +268,10 @@ fn markdown(args: &Args, machine: &Value, records: &[Value], notes: &[String]) -
         if args.native { " --native" } else { "" }
     ));
     s.push_str(&format!(
-        "Machine: {} ({} logical CPUs), pare and every peer on 2 threads{}. Every ratio is pare's advantage over the peer measured in the same process, alternating runs, medians; this machine is shared, so single figures swing by up to 2× between sittings while the ratios hold better.\n\n",
+        "Machine: {} ({} logical CPUs; pare's kernels at SIMD level {}), pare and every peer on 2 threads{}. Every ratio is pare's advantage over the peer measured in the same process, alternating runs, medians; this machine is shared, so single figures swing by up to 2× between sittings while the ratios hold better.\n\n",
         machine["cpu"].as_str().unwrap_or("?"),
         machine["logical_cpus"],
+        machine["simd"].as_str().unwrap_or("not recorded"),
         if args.native { ", built with -C target-cpu=native" } else { ", default build (no target-cpu)" }
     ));
     s.push_str(
