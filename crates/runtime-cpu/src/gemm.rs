@@ -1,7 +1,8 @@
 //! pare's f32 GEMM: `y = x·Wᵀ + b` with `W` repacked once into column panels of [`NR`] outputs,
 //! blocked BLIS-style (a [`KC`]-deep slice of one panel stays in L1 while [`MC`] rows of `x`,
 //! packed into [`MR`]-row strips, stream past it from L2), with an AVX2+FMA 6×16 micro-kernel
-//! and a scalar twin that performs the same fused multiply-adds in the same order.
+//! (12×16 on AVX-512: two strips against one 16-lane panel register) and a scalar twin that
+//! performs the same fused multiply-adds in the same order.
 //!
 //! The weight side is a [`Panels`] source, so the same driver runs dense f32 weights (borrowed
 //! in place), FP16/BF16 weights and quantized weights (both decoded a panel slice at a time into
@@ -302,10 +303,30 @@ fn blocked_tile(
         };
         for jb in p0..p1 {
             let b = w.panel(level, jb, k0, k1, &mut buf);
-            for s in 0..strips {
+            let mut s = 0;
+            while s < strips {
                 let (r, c) = (tile.r0 + s * MR, jb * NR);
-                let strip = &a[s * MR * kc..(s + 1) * MR * kc];
                 let (first, base) = (k0 == 0, bias.map(|b| &b[c..]));
+                #[cfg(target_arch = "x86_64")]
+                if level.avx512() && c + NR <= tile.c1 && tile.r1 - r >= 2 * MR {
+                    let base = if first { Base::Bias(base) } else { Base::Output };
+                    // SAFETY: AVX-512 F was detected just above; two whole strips, and their
+                    // 12 × NR block at (r, c) lies inside this task's tile.
+                    unsafe {
+                        avx512::micro_add12(
+                            &a[s * MR * kc..(s + 2) * MR * kc],
+                            b,
+                            kc,
+                            tile.y.add(r * tile.n + c),
+                            tile.n,
+                            base,
+                        )
+                    };
+                    s += 2;
+                    continue;
+                }
+                let strip = &a[s * MR * kc..(s + 1) * MR * kc];
+                s += 1;
                 if c + NR <= tile.c1 {
                     let base = if first { Base::Bias(base) } else { Base::Output };
                     let rows = (tile.r1 - r).min(MR);
@@ -545,6 +566,56 @@ mod avx2 {
             }
         }
         c
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Base, MR, NR};
+
+    /// Two whole strips (12 rows) against one panel slice, one 16-lane register per row: per
+    /// step one panel load, twelve broadcasts and twelve fused multiply-adds, each element's
+    /// chain the same as the AVX2 6×16 kernel's (so the same bits), written as
+    /// [`super::micro_add`] writes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F, AVX2 and FMA; `a.len() == 2·kc·MR`, `b.len() == kc·NR`;
+    /// `c` points at 12 rows of `NR` writable floats, `ldc` apart, that no other thread
+    /// touches during the call.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub unsafe fn micro_add12(a: &[f32], b: &[f32], kc: usize, c: *mut f32, ldc: usize, base: Base) {
+        assert!(a.len() == 2 * kc * MR && b.len() == kc * NR);
+        let mut acc = [_mm512_setzero_ps(); 2 * MR];
+        let (a0, bp) = (a.as_ptr(), b.as_ptr());
+        for p in 0..kc {
+            // SAFETY: p < kc, so p·NR + 16 ≤ b.len(), and both strips' p·MR + 6 ≤ kc·MR.
+            unsafe {
+                let bv = _mm512_loadu_ps(bp.add(p * NR));
+                for (i, ai) in acc.iter_mut().enumerate() {
+                    let at = (i / MR) * kc * MR + p * MR + i % MR;
+                    *ai = _mm512_fmadd_ps(_mm512_set1_ps(*a0.add(at)), bv, *ai);
+                }
+            }
+        }
+        let bias = match base {
+            Base::Bias(Some(b)) => {
+                assert!(b.len() >= NR);
+                // SAFETY: b holds at least 16 floats (asserted).
+                Some(unsafe { _mm512_loadu_ps(b.as_ptr()) })
+            }
+            Base::Bias(None) => Some(_mm512_setzero_ps()),
+            Base::Output => None,
+        };
+        for (i, v) in acc.iter().enumerate() {
+            // SAFETY: row i of the caller's 12 × NR block.
+            unsafe {
+                let p = c.add(i * ldc);
+                let b0 = bias.unwrap_or_else(|| _mm512_loadu_ps(p));
+                _mm512_storeu_ps(p, _mm512_add_ps(b0, *v));
+            }
+        }
     }
 }
 

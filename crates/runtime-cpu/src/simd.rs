@@ -9,8 +9,8 @@ pub enum SimdLevel {
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
     /// x86-64 AVX-512 (F, BW, VL) with VNNI, on top of AVX2: the W8A8 products run on
-    /// `vpdpbusd` (four int8 products summed into an i32 lane per instruction); attention and
-    /// the sparse kernel on 16-lane registers (the same bits as their AVX2 paths); every other
+    /// `vpdpbusd` (four int8 products summed into an i32 lane per instruction); the f32 GEMM
+    /// micro-kernel (12 × 16), attention and the sparse kernel on 16-lane registers (the same bits as their AVX2 paths); every other
     /// kernel runs its AVX2 path.
     Avx512Vnni,
     /// aarch64 Advanced SIMD (NEON): the f32 GEMM, W8A8 and weight-only kernels; the other
