@@ -162,6 +162,18 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.op.forward(x)
     }
+    /// Runs the layer, reporting to `hooks`, then `act` on its runtime: fused into the op
+    /// when the op offers it ([`PreparedOp::forward_activated`], the same bits) and no hook
+    /// needs the output before the activation.
+    pub fn forward_activated(&self, x: &Tensor, act: Activation, hooks: &mut Hooks<'_>) -> Result<Tensor> {
+        if hooks.is_empty()
+            && let Some(y) = self.op.forward_activated(x, act)
+        {
+            return y;
+        }
+        let y = self.forward_hooked(x, hooks)?;
+        self.runtime.activation(act, &y)
+    }
 }
 
 /// A 2-D convolution with weight `[out, in/groups, kh, kw]`.

@@ -39,6 +39,14 @@ pub trait PreparedOp: Send + Sync + Debug {
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
     }
+
+    /// `act(forward(x))` with the activation applied while the op's output is still in cache,
+    /// where the op can: the same bits as the preparing runtime's
+    /// [`Runtime::activation`] of [`PreparedOp::forward`]'s output. `None` (the default) when
+    /// it cannot; the caller then runs the two steps.
+    fn forward_activated(&self, _x: &Tensor, _act: crate::layers::Activation) -> Option<Result<Tensor>> {
+        None
+    }
 }
 
 /// Something that runs layers: it prepares each layer's weights once, returning the op that

@@ -73,7 +73,7 @@ impl PreparedOp for Conv2dOp {
             ));
         };
         let (n, k, m) = (self.w.n(), self.w.k(), b * oh * ow);
-        let y = crate::linear::with_input(&self.layer, &x.flatten_from(1)?, c * h * wd, |v| {
+        let y = crate::linear::with_input(&self.layer, &self.pool, &x.flatten_from(1)?, c * h * wd, |v| {
             // im2col: row (batch, oy, ox) holds the receptive field in (channel, ky, kx) order,
             // the order of the weight's reduction axis; padding reads as zero.
             let mut cols = vec![0f32; m * k];
@@ -99,7 +99,7 @@ impl PreparedOp for Conv2dOp {
                     }
                 }
             }
-            let y = self.w.run(self.level, &self.pool, &cols, self.bias.as_deref());
+            let y = self.w.run(self.level, &self.pool, &cols, self.bias.as_deref(), None);
             // [b, oh·ow, n] → [b, n, oh·ow]
             let mut out = vec![0f32; m * n];
             let hw = oh * ow;

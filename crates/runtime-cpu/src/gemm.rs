@@ -128,15 +128,17 @@ pub fn gemm(
 ) {
     assert!(y.len() == m * w.n());
     // SAFETY: y holds m·n floats (asserted).
-    unsafe { gemm_raw(level, pool, x, m, w, bias, y.as_mut_ptr()) }
+    unsafe { gemm_raw(level, pool, x, m, w, bias, y.as_mut_ptr(), None) }
 }
 
 /// [`gemm`] into `m·n` floats at `y`, which may be uninitialised: every element is written
-/// (its first K block's value, or the bias when `k = 0`) before it is read.
+/// (its first K block's value, or the bias when `k = 0`) before it is read. With `act`, each
+/// task applies it to its tile once the tile is final, while it is in cache.
 ///
 /// # Safety
 /// `y` must be valid for reads and writes of `m·n` floats that nothing else touches during the
 /// call.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_raw(
     level: SimdLevel,
     pool: &rayon::ThreadPool,
@@ -145,6 +147,7 @@ pub(crate) unsafe fn gemm_raw(
     w: &dyn Panels,
     bias: Option<&[f32]>,
     y: *mut f32,
+    act: Option<crate::nonlinear::Act>,
 ) {
     let (n, k) = (w.n(), w.k());
     assert!(x.len() == m * k && bias.is_none_or(|b| b.len() == n));
@@ -184,6 +187,13 @@ pub(crate) unsafe fn gemm_raw(
             match &aux {
                 Some(aux) => fused_tile(level, &rows, w, aux, bias, p0, p1, &mut tile),
                 None => blocked_tile(level, x, k, w, bias, p0, p1, packed.get(ti).map(Vec::as_slice), &mut tile),
+            }
+            if let Some(act) = act {
+                for r in r0..r1 {
+                    // SAFETY: row r, columns c0..c1 of this task's tile, which only it touches.
+                    let row = unsafe { std::slice::from_raw_parts_mut(tile.y.add(r * n + tile.c0), tile.c1 - tile.c0) };
+                    crate::nonlinear::activation_in_place(level, act, row);
+                }
             }
         });
     });

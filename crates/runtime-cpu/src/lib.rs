@@ -258,13 +258,7 @@ impl Runtime for CpuRuntime {
     }
 
     fn activation(&self, act: Activation, x: &Tensor) -> Result<Tensor> {
-        let kernel = match act {
-            Activation::Relu => nonlinear::Act::Relu,
-            Activation::Gelu => nonlinear::Act::Gelu,
-            Activation::GeluTanh => nonlinear::Act::GeluTanh,
-            Activation::Silu => nonlinear::Act::Silu,
-            _ => return act.forward(x),
-        };
+        let Some(kernel) = nonlinear::Act::of(act) else { return act.forward(x) };
         if !all_f32_cpu(&[x]) {
             return act.forward(x);
         }

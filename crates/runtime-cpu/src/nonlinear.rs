@@ -24,6 +24,36 @@ pub enum Act {
     Silu,
 }
 
+impl Act {
+    /// The kernel for a layer activation, `None` for those without one here (they run on the
+    /// reference).
+    pub fn of(act: pare_core_tensor::Activation) -> Option<Self> {
+        use pare_core_tensor::Activation as A;
+        match act {
+            A::Relu => Some(Act::Relu),
+            A::Gelu => Some(Act::Gelu),
+            A::GeluTanh => Some(Act::GeluTanh),
+            A::Silu => Some(Act::Silu),
+            _ => None,
+        }
+    }
+}
+
+/// `y = act(y)` in place on one task's slice, on the calling thread: per element the same bits
+/// as [`activation`] gives, wherever the slice starts and ends (a partial vector is padded
+/// and computed whole, as at the end of a buffer), so a kernel can apply it to each tile it
+/// writes while the tile is in cache.
+pub fn activation_in_place(level: SimdLevel, act: Act, y: &mut [f32]) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        l if l.avx2() => {
+            // SAFETY: AVX2 and FMA were detected just above.
+            unsafe { avx2::activation_in_place(act, y) }
+        }
+        _ => y.iter_mut().for_each(|v| *v = scalar_act(act, *v)),
+    }
+}
+
 /// `y = act(x)` element-wise, in chunks across `pool`.
 pub fn activation(level: SimdLevel, pool: &rayon::ThreadPool, act: Act, x: &[f32], y: &mut [f32]) {
     const CHUNK: usize = 1 << 14;
@@ -349,6 +379,30 @@ mod avx2 {
             // SAFETY: tail holds 8 floats.
             unsafe { _mm256_storeu_ps(tail.as_mut_ptr(), act8(act, _mm256_loadu_ps(tail.as_ptr()))) };
             let n = x.len() - body;
+            y[body..].copy_from_slice(&tail[..n]);
+        }
+    }
+
+    /// [`activation`] in place.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn activation_in_place(act: Act, y: &mut [f32]) {
+        let body = y.len() / 8 * 8;
+        for i in (0..body).step_by(8) {
+            // SAFETY: i + 8 ≤ body ≤ y.len().
+            unsafe {
+                let v = _mm256_loadu_ps(y.as_ptr().add(i));
+                _mm256_storeu_ps(y.as_mut_ptr().add(i), act8(act, v));
+            }
+        }
+        if body < y.len() {
+            let mut tail = [0f32; 8];
+            let n = y.len() - body;
+            tail[..n].copy_from_slice(&y[body..]);
+            // SAFETY: tail holds 8 floats.
+            unsafe { _mm256_storeu_ps(tail.as_mut_ptr(), act8(act, _mm256_loadu_ps(tail.as_ptr()))) };
             y[body..].copy_from_slice(&tail[..n]);
         }
     }

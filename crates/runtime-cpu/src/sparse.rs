@@ -152,11 +152,11 @@ impl SparseRows {
     pub fn run(&self, level: SimdLevel, pool: &rayon::ThreadPool, x: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
         assert!(y.len() == x.len() / self.k.max(1) * self.n);
         // SAFETY: y holds m·n floats (asserted).
-        unsafe { self.run_raw(level, pool, x, bias, y.as_mut_ptr()) }
+        unsafe { self.run_raw(level, pool, x, bias, y.as_mut_ptr(), None) }
     }
 
     /// [`SparseRows::run`] into `m·n` floats at `y`, which may be uninitialised: each element
-    /// is written once, never read.
+    /// is written once (then, with `act`, activated in place while in cache).
     ///
     /// # Safety
     /// `y` must be valid for writes of `m·n` floats that nothing else touches during the call.
@@ -167,6 +167,7 @@ impl SparseRows {
         x: &[f32],
         bias: Option<&[f32]>,
         y: *mut f32,
+        act: Option<crate::nonlinear::Act>,
     ) {
         let (n, k) = (self.n, self.k);
         let m = x.len() / k.max(1);
@@ -195,6 +196,13 @@ impl SparseRows {
                     // SAFETY: task t owns rows r0..r1 × outputs j0..j1 of y; tasks partition
                     // y, which outlives `pool.install`.
                     unsafe { write_back(level, yt, lanes, (r0, r1), (c0, c1), bias, out.get(), n) };
+                    if let Some(act) = act {
+                        for r in r0..r1 {
+                            // SAFETY: as above: row r, outputs c0..c1 are this task's.
+                            let row = unsafe { std::slice::from_raw_parts_mut(out.get().add(r * n + c0), c1 - c0) };
+                            crate::nonlinear::activation_in_place(level, act, row);
+                        }
+                    }
                 }
             })
         });

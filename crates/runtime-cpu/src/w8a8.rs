@@ -6,10 +6,13 @@
 //! against the reference (fake-quantized activations × dequantized weights in f32) the only
 //! difference is the rounding of the float accumulation.
 
-use candle_core::Tensor;
-use pare_core_tensor::{ActQuant, ActRange, Error, Granularity, Mapping, PreparedOp, QuantizedTensor, Result};
+use candle_core::{DType, Tensor};
+use pare_core_tensor::{
+    ActQuant, ActRange, Activation, Error, Granularity, Mapping, PreparedOp, QuantizedTensor, Result,
+};
 use rayon::prelude::*;
 
+use crate::nonlinear::Act;
 use crate::simd::{Aligned, SimdLevel};
 
 /// Weights repacked for the kernel: signed codes row-major `[n, k]` (the scalar twin's), the
@@ -92,6 +95,12 @@ impl W8A8Linear {
 
     /// `y[m, n]` for `x` row-major `[m, k]` (f32), computed at this op's SIMD level.
     pub fn run(&self, x: &[f32]) -> Vec<f32> {
+        self.run_activated(x, None)
+    }
+
+    /// [`W8A8Linear::run`], then `act` (if any) applied by each task to its rectangle of the
+    /// output once the epilogue has written it, while it is in cache.
+    pub fn run_activated(&self, x: &[f32], act: Option<Act>) -> Vec<f32> {
         let (k, n) = (self.k, self.n);
         let m = x.len() / k.max(1);
         // One range for the whole input needs the global extremes first (of the smoothed
@@ -166,6 +175,14 @@ impl W8A8Linear {
                 bias,
             };
             products(level, xq, k, &self.w, &self.panel, b0..b1, &sink);
+            if let Some(act) = act {
+                let (c0, c1) = (b0 * NR, (b1 * NR).min(n));
+                for r in ci * ROWS..ci * ROWS + units.len() {
+                    // SAFETY: row r, columns c0..c1 are this task's (see the sink), written above.
+                    let row = unsafe { std::slice::from_raw_parts_mut(out.get().add(r * n + c0), c1 - c0) };
+                    crate::nonlinear::activation_in_place(level, act, row);
+                }
+            }
         };
         self.pool.install(|| {
             if col_tiles == 1 {
@@ -536,8 +553,17 @@ fn products(
 
 impl PreparedOp for W8A8Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = crate::linear::with_input(&self.layer, x, self.k, |v| self.run(v))?;
+        let y = crate::linear::with_input(&self.layer, &self.pool, x, self.k, |v| self.run(v))?;
         crate::linear::output(x, y, self.n)
+    }
+
+    fn forward_activated(&self, x: &Tensor, act: Activation) -> Option<Result<Tensor>> {
+        let kernel = Act::of(act).filter(|_| x.dtype() == DType::F32)?;
+        let run = |v: &[f32]| self.run_activated(v, Some(kernel));
+        Some(
+            crate::linear::with_input(&self.layer, &self.pool, x, self.k, run)
+                .and_then(|y| crate::linear::output(x, y, self.n)),
+        )
     }
 }
 

@@ -100,3 +100,52 @@ fn attention_shapes_are_checked() {
     let e = rt.attention(&q, &q, &q, 2, Some(&bad), 1.0).unwrap_err().to_string();
     assert!(e.contains("attention mask") && e.contains("[1, 4]"), "{e}");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    /// A linear with its activation fused (each task activates its tile in cache) gives the
+    /// bits of the linear followed by the runtime's activation: dense f32 (blocked and small-M
+    /// paths), sparse, 4-bit weight-only panels and W8A8, at every level and thread count,
+    /// with odd widths that leave partial vectors at the tiles' edges.
+    #[test]
+    fn fused_activations_give_the_unfused_bits(
+        m in prop_oneof![1usize..8, 60usize..140], n in 1usize..70, k in 1usize..90,
+        format in 0usize..4, which in 0usize..4, seed in any::<u64>()
+    ) {
+        use pare_core_tensor::{ActQuant, ActRange, Activation, Granularity, Mapping, QuantScheme, QuantizedTensor, Runtime, SparseTensor, Weight};
+        let act = [Activation::Gelu, Activation::Relu, Activation::GeluTanh, Activation::Silu][which];
+        let dense: Vec<f32> = input(n, k, seed).into_iter().enumerate().map(|(i, v)| if format == 1 && i % 3 != 0 { 0.0 } else { v }).collect();
+        let wt = t(dense, &[n, k]);
+        let bias = t(input(1, n, seed ^ 5), &[n]);
+        let x = t(input(m, k, seed ^ 9), &[m, k]);
+        for level in SimdLevel::available() {
+            for threads in [1, 3] {
+                let rt = CpuRuntime::with_level(threads, level).unwrap();
+                let op = match format {
+                    0 => rt.prepare_linear("fc", &Weight::Dense(wt.clone()), Some(&bias)).unwrap(),
+                    1 => rt.prepare_linear("fc", &Weight::Sparse(SparseTensor::csr_from_dense(&wt, "fc").unwrap()), Some(&bias)).unwrap(),
+                    2 => {
+                        let q = pare_core_tensor::testing::random_quantized(&[n, k], 4, 0, 0, seed);
+                        rt.prepare_linear("fc", &Weight::Quantized(q), Some(&bias)).unwrap()
+                    }
+                    _ => {
+                        let scheme = QuantScheme {
+                            bits: 8,
+                            signed: true,
+                            symmetric: true,
+                            mapping: Mapping::Linear,
+                            granularity: Granularity::PerChannel { axis: 0 },
+                        };
+                        let codes: Vec<u8> = (0..n * k).map(|i| ((i as u64).wrapping_mul(2654435761) ^ seed) as u8).collect();
+                        let q = QuantizedTensor::from_codes(&codes, scheme, vec![0.01; n], None, None, vec![n, k], candle_core::DType::F32).unwrap();
+                        let a = ActQuant::new(8, true, ActRange::Dynamic { per_token: true });
+                        rt.prepare_linear_quantized_input("fc", &Weight::Quantized(q), Some(&bias), &a).unwrap()
+                    }
+                };
+                let fused = op.forward_activated(&x, act).expect("the CPU ops fuse these activations").unwrap();
+                let want = rt.activation(act, &op.forward(&x).unwrap()).unwrap();
+                prop_assert_eq!(flat(&fused), flat(&want), "{:?}/{} format {} {:?}", level, threads, format, act);
+            }
+        }
+    }
+}
