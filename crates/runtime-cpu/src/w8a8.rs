@@ -1,6 +1,9 @@
 //! W8A8: int8 weights with per-output-channel scales × activations quantized on the fly (per
 //! token, per tensor or static, symmetric or with a zero point) → i32 accumulators, with a fused
-//! epilogue `y = s_x·s_w·(acc − Z_x·Σ_k w) + b`.
+//! epilogue `y = s_x·s_w·(acc − Z_x·Σ_k w) + b` (and an optional activation). The products run
+//! on `vpmaddwd` over i16 code pairs (AVX2), `smlal` (NEON) or VNNI's `vpdpbusd` over u8 × i8
+//! code quads (AVX-512: the activation codes shifted by 128, the shift's `128·Σ_k w` removed
+//! per column before the epilogue).
 //!
 //! The integer sums are exact, so every SIMD level and every thread count gives the same bits;
 //! against the reference (fake-quantized activations × dequantized weights in f32) the only
@@ -16,7 +19,8 @@ use crate::nonlinear::Act;
 use crate::simd::{Aligned, SimdLevel};
 
 /// Weights repacked for the kernel: signed codes row-major `[n, k]` (the scalar twin's), the
-/// AVX2 panels, scales, row sums.
+/// panels of the op's SIMD level (i16 pairs for AVX2/NEON, i8 quads for VNNI), scales, row
+/// sums.
 #[derive(Debug)]
 pub struct W8A8Linear {
     layer: String,
