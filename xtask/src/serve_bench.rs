@@ -27,9 +27,14 @@ pub struct Args {
     /// Sentences to serve, one per line (cycled when fewer than needed).
     #[arg(long, default_value = "data/sentences.txt")]
     sentences: PathBuf,
-    /// Workers for the parallel modes (each a single-threaded CPU runtime).
+    /// Workers for the parallel modes (each a single-threaded CPU runtime, or its own runtime
+    /// of the `--runtime` kind).
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Where each worker's model runs: `cpu` (one thread per worker), `wgpu` (build with
+    /// `cargo xtask-wgpu`), `cuda` (build with `--features cuda`) or `reference`.
+    #[arg(long, default_value = "cpu")]
+    runtime: String,
     /// Sentences per batch (a micro-batch in the pipeline modes).
     #[arg(long, default_value_t = 32)]
     batch: usize,
@@ -79,6 +84,8 @@ struct Report {
     command: String,
     model: String,
     cpu: String,
+    /// Each worker's runtime kind (`cpu`: single-threaded).
+    runtime: String,
     workers: usize,
     batch: usize,
     batches: usize,
@@ -96,8 +103,12 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-fn runtime() -> anyhow::Result<Arc<dyn Runtime>> {
-    Ok(Arc::new(CpuRuntime::new(1)?))
+/// One worker's runtime: a single-threaded CPU runtime, or one of the `--runtime` kind.
+fn runtime(kind: &str) -> anyhow::Result<Arc<dyn Runtime>> {
+    match kind {
+        "cpu" => Ok(Arc::new(CpuRuntime::new(1)?)),
+        other => crate::runtime::RuntimeOpts { runtime: other.to_string(), threads: None }.build(),
+    }
 }
 
 fn prepared(bert: &BertEncoder, rt: &Arc<dyn Runtime>) -> anyhow::Result<BertEncoder> {
@@ -111,9 +122,9 @@ fn prepared_on(bert: &BertEncoder, rt: &Arc<dyn Runtime>) -> pare_parallel::Resu
     Ok(b)
 }
 
-/// One single-threaded runtime per worker.
-fn worker_runtimes(w: usize) -> anyhow::Result<Vec<Arc<dyn Runtime>>> {
-    (0..w).map(|_| runtime()).collect()
+/// One runtime per worker.
+fn worker_runtimes(w: usize, kind: &str) -> anyhow::Result<Vec<Arc<dyn Runtime>>> {
+    (0..w).map(|_| runtime(kind)).collect()
 }
 
 fn embed(bert: &BertEncoder, b: &[Tensor]) -> pare_parallel::Result<Tensor> {
@@ -164,6 +175,9 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         "--max-delay-ms must be ≥ 0, found {}",
         args.max_delay_ms
     );
+    // The runtime is checked (built once) before the model loads: a runtime that is not
+    // compiled in or has no device is an error before any work.
+    runtime(&args.runtime)?;
     let enc = SentenceEncoder::load(&args.model, &Device::Cpu)
         .with_context(|| format!("load model folder {}", args.model.display()))?;
     ensure!(args.tokens <= enc.max_len(), "--tokens {} exceeds the model's {} tokens", args.tokens, enc.max_len());
@@ -207,6 +221,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         command: command_line(&args),
         model: args.model.display().to_string(),
         cpu: crate::bench::cpu_model(),
+        runtime: args.runtime.clone(),
         workers: w,
         batch: args.batch,
         batches: args.batches,
@@ -250,13 +265,13 @@ fn round(
 ) -> anyhow::Result<Round> {
     let (w, n) = (args.workers, texts.len());
     let timeout = Duration::from_secs(600);
-    let rts = worker_runtimes(w)?;
+    let rts = worker_runtimes(w, &args.runtime)?;
     let mut modes = Vec::new();
     let bar = crate::progress(6, &format!("round {}", round_no + 1));
 
     // One worker, one thread: the baseline every mode scales against.
     bar.set_message("one worker");
-    let one = prepared(&enc.bert, &runtime()?)?;
+    let one = prepared(&enc.bert, &runtime(&args.runtime)?)?;
     embed(&one, &batches[0])?;
     let (mut lat, start) = (Vec::new(), Instant::now());
     let mut reference = Vec::new();
@@ -265,20 +280,29 @@ fn round(
         reference.push(embed(&one, b)?);
         lat.push(t.elapsed().as_secs_f64());
     }
-    modes.push(mode("one worker (1 thread)", 1, n, start.elapsed().as_secs_f64(), lat, String::new()));
+    let name = if args.runtime == "cpu" {
+        "one worker (1 thread)".to_string()
+    } else {
+        format!("one worker ({})", args.runtime)
+    };
+    modes.push(mode(&name, 1, n, start.elapsed().as_secs_f64(), lat, String::new()));
     bar.inc(1);
 
-    // One worker with every thread: intra-op parallelism, what one would run without pare-parallel.
-    bar.set_message("one worker, all threads");
-    let many = prepared(&enc.bert, &(Arc::new(CpuRuntime::new(w)?) as Arc<dyn Runtime>))?;
-    embed(&many, &batches[0])?;
-    let (mut lat, start) = (Vec::new(), Instant::now());
-    for b in batches {
-        let t = Instant::now();
-        embed(&many, b)?;
-        lat.push(t.elapsed().as_secs_f64());
+    // One worker with every thread: intra-op parallelism, what one would run without
+    // pare-parallel (CPU workers only: other runtimes have no thread count).
+    if args.runtime == "cpu" {
+        bar.set_message("one worker, all threads");
+        let many = prepared(&enc.bert, &(Arc::new(CpuRuntime::new(w)?) as Arc<dyn Runtime>))?;
+        embed(&many, &batches[0])?;
+        let (mut lat, start) = (Vec::new(), Instant::now());
+        for b in batches {
+            let t = Instant::now();
+            embed(&many, b)?;
+            lat.push(t.elapsed().as_secs_f64());
+        }
+        let name = format!("one worker ({w} threads)");
+        modes.push(mode(&name, 1, n, start.elapsed().as_secs_f64(), lat, String::new()));
     }
-    modes.push(mode(&format!("one worker ({w} threads)"), 1, n, start.elapsed().as_secs_f64(), lat, String::new()));
     bar.inc(1);
 
     // Data parallel: each batch split across the workers.
@@ -398,7 +422,7 @@ fn dynamic_batching(args: &Args, enc: &SentenceEncoder, texts: &[&str]) -> anyho
     let batch_rx = std::sync::Mutex::new(batch_rx);
     let config = BatcherConfig { max_batch: args.batch, max_delay: Duration::from_secs_f64(args.max_delay_ms / 1e3) };
     let tokens = args.tokens;
-    let rts = worker_runtimes(w)?;
+    let rts = worker_runtimes(w, &args.runtime)?;
     let outcome = std::thread::scope(|s| -> anyhow::Result<(f64, Vec<f64>, pare_parallel::data::BatcherStats)> {
         let workers = s.spawn(|| {
             run_threads(w, Duration::from_secs(600), |c| {
@@ -475,7 +499,7 @@ fn dynamic_batching(args: &Args, enc: &SentenceEncoder, texts: &[&str]) -> anyho
 
 fn command_line(args: &Args) -> String {
     format!(
-        "cargo xtask serve-bench --workers {} --batch {} --batches {} --tokens {} --clients {} --max-delay-ms {} --rounds {}{}",
+        "cargo xtask serve-bench --workers {} --batch {} --batches {} --tokens {} --clients {} --max-delay-ms {} --rounds {}{}{}",
         args.workers,
         args.batch,
         args.batches,
@@ -483,6 +507,7 @@ fn command_line(args: &Args) -> String {
         args.clients,
         args.max_delay_ms,
         args.rounds,
+        if args.runtime == "cpu" { String::new() } else { format!(" --runtime {}", args.runtime) },
         if args.quick { " --quick" } else { "" }
     )
 }
@@ -491,7 +516,7 @@ fn markdown(r: &Report) -> String {
     let mut s = format!(
         "# Serving MiniLM with pare-parallel\n\nRegenerate: `{}` (model from `$PARE_MINILM_DIR`).\n\n\
          {} sentences of data/sentences.txt in batches of {} padded to at least {} tokens (a longer sentence sets its batch's length), on {} ({} cores). Every worker is an \
-         in-process thread with a single-threaded `CpuRuntime`; scaling is throughput against one such worker. \
+         in-process thread with {}; scaling is throughput against one such worker. \
          Outputs are checked in the same run: data and pipeline parallel bit-identical to one worker, tensor \
          parallel within 1e-5.\n\n![throughput against one worker](serve-bench.svg)\n\n\
          | mode | workers | sentences/s | scaling | p50 ms | p95 ms | p99 ms | notes |\n|---|---|---|---|---|---|---|---|\n",
@@ -500,7 +525,12 @@ fn markdown(r: &Report) -> String {
         r.batch,
         r.tokens,
         r.cpu,
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        if r.runtime == "cpu" {
+            "a single-threaded `CpuRuntime`".to_string()
+        } else {
+            format!("its own `{}` runtime", r.runtime)
+        }
     );
     for m in &r.modes {
         s += &format!(
