@@ -305,7 +305,7 @@ impl Panel {
     pub fn pack(level: SimdLevel, w: &[i8], n: usize, k: usize) -> Self {
         assert!(w.len() == n * k);
         let blocks = n.div_ceil(NR);
-        let data = if level.avx512_vnni() {
+        let data = if level.avx512() {
             let quads = k.div_ceil(4);
             let mut data = Aligned::new(blocks * quads * 4 * NR);
             let mut shift = vec![0i32; blocks * NR];
@@ -518,7 +518,7 @@ fn products(
     let n = w.len() / k.max(1);
     match (level, &panel.data, &x.data) {
         #[cfg(target_arch = "x86_64")]
-        (l, PanelData::Quads { data, shift }, RowData::Quads(xd)) if l.avx512_vnni() => {
+        (l, PanelData::Quads { data, shift }, RowData::Quads(xd)) if l.avx512() => {
             assert!(x.groups == k.div_ceil(4) && xd.len() == x.m * x.groups * 4);
             // SAFETY: AVX-512 F/BW/VL + VNNI were detected on this CPU just above; layouts
             // asserted; the sink's region is the caller's.

@@ -112,7 +112,7 @@ proptest! {
         m in prop_oneof![1usize..8, 60usize..140], n in 1usize..70, k in 1usize..90,
         format in 0usize..4, which in 0usize..4, seed in any::<u64>()
     ) {
-        use pare_core_tensor::{ActQuant, ActRange, Activation, Granularity, Mapping, QuantScheme, QuantizedTensor, Runtime, SparseTensor, Weight};
+        use pare_core_tensor::{ActQuant, ActRange, Activation, Runtime, SparseTensor, Weight};
         let act = [Activation::Gelu, Activation::Relu, Activation::GeluTanh, Activation::Silu][which];
         let dense: Vec<f32> = input(n, k, seed).into_iter().enumerate().map(|(i, v)| if format == 1 && i % 3 != 0 { 0.0 } else { v }).collect();
         let wt = t(dense, &[n, k]);
@@ -129,15 +129,7 @@ proptest! {
                         rt.prepare_linear("fc", &Weight::Quantized(q), Some(&bias)).unwrap()
                     }
                     _ => {
-                        let scheme = QuantScheme {
-                            bits: 8,
-                            signed: true,
-                            symmetric: true,
-                            mapping: Mapping::Linear,
-                            granularity: Granularity::PerChannel { axis: 0 },
-                        };
-                        let codes: Vec<u8> = (0..n * k).map(|i| ((i as u64).wrapping_mul(2654435761) ^ seed) as u8).collect();
-                        let q = QuantizedTensor::from_codes(&codes, scheme, vec![0.01; n], None, None, vec![n, k], candle_core::DType::F32).unwrap();
+                        let q = crate::testkit::int8_weight(n, k, seed);
                         let a = ActQuant::new(8, true, ActRange::Dynamic { per_token: true });
                         rt.prepare_linear_quantized_input("fc", &Weight::Quantized(q), Some(&bias), &a).unwrap()
                     }

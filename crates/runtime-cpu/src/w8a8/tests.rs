@@ -2,25 +2,12 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use pare_core_tensor::testing::input;
-use pare_core_tensor::{ActRange, QuantScheme, ReferenceRuntime, Runtime, Weight};
+use pare_core_tensor::{ActRange, ReferenceRuntime, Runtime, Weight};
 use proptest::prelude::*;
 
 use super::*;
 use crate::CpuRuntime;
-
-fn int8_weight(n: usize, k: usize, seed: u64) -> QuantizedTensor {
-    let scheme = QuantScheme {
-        bits: 8,
-        signed: true,
-        symmetric: true,
-        mapping: Mapping::Linear,
-        granularity: Granularity::PerChannel { axis: 0 },
-    };
-    let codes: Vec<u8> =
-        (0..n * k).map(|i| ((i as u64).wrapping_mul(2654435761).wrapping_add(seed) >> 7) as u8).collect();
-    let scales = (0..n).map(|j| 0.001 + 0.0007 * j as f32).collect();
-    QuantizedTensor::from_codes(&codes, scheme, scales, None, None, vec![n, k], DType::F32).unwrap()
-}
+use crate::testkit::int8_weight;
 
 fn specs() -> Vec<ActQuant> {
     let mut smooth = ActQuant::new(8, true, ActRange::Dynamic { per_token: true });
