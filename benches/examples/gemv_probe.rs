@@ -10,10 +10,19 @@ use pare_runtime_cpu::CpuRuntime;
 
 fn main() {
     let threads: usize = std::env::var("T").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
-    let rt: Arc<dyn Runtime> = Arc::new(CpuRuntime::new(threads).unwrap());
+    // LEVEL=avx2 (or scalar) forces a lower SIMD level than the CPU's best.
+    let rt: Arc<dyn Runtime> = match std::env::var("LEVEL").as_deref() {
+        Ok("avx2") => Arc::new(CpuRuntime::with_level(threads, pare_runtime_cpu::SimdLevel::Avx2).unwrap()),
+        Ok("scalar") => Arc::new(CpuRuntime::with_level(threads, pare_runtime_cpu::SimdLevel::Scalar).unwrap()),
+        _ => Arc::new(CpuRuntime::new(threads).unwrap()),
+    };
     let k = 4096;
     let x = Tensor::randn(0f32, 1.0, (1, k), &Device::Cpu).unwrap();
-    for (n, copies) in [(128usize, 1usize), (4096, 4), (4096, 10)] {
+    let only: Option<usize> = std::env::var("N").ok().and_then(|v| v.parse().ok());
+    for (n, copies) in [(128usize, 1usize), (512, 1), (4096, 4), (4096, 10)] {
+        if only.is_some_and(|o| o != n) {
+            continue;
+        }
         let scheme = QuantScheme {
             bits: 4,
             signed: true,
@@ -39,7 +48,7 @@ fn main() {
             })
             .collect();
         let mut best = f64::MAX;
-        for i in 0..200 {
+        for i in 0..if n < 4096 { 20000 } else { 200 } {
             let t = std::time::Instant::now();
             drop(ops[i % copies].0.forward(&x).unwrap());
             best = best.min(t.elapsed().as_secs_f64());
@@ -69,6 +78,34 @@ fn main() {
                 tp[7] * 1e3,
                 tc[7] * 1e3
             );
+            let mut ts = Vec::new();
+            for r in 0..30 {
+                let t = std::time::Instant::now();
+                for j in 0..20 {
+                    drop(ops[(r * 20 + j) % copies].0.forward(&x).unwrap());
+                }
+                ts.push(t.elapsed().as_secs_f64() / 20.0);
+            }
+            ts.sort_by(f64::total_cmp);
+            println!("  blocks of 20, pare alone: median {:.3} ms", ts[15] * 1e3);
+            for after in [1usize, 2, 4, 8] {
+                let mut ts = Vec::new();
+                for r in 0..15 {
+                    for j in 0..20 {
+                        drop(x.matmul(&wts[j % 2]).unwrap());
+                    }
+                    let mut t = std::time::Instant::now();
+                    for b in 0..after {
+                        t = std::time::Instant::now();
+                        for j in 0..20 {
+                            drop(ops[(r * 20 + j + b) % copies].0.forward(&x).unwrap());
+                        }
+                    }
+                    ts.push(t.elapsed().as_secs_f64() / 20.0);
+                }
+                ts.sort_by(f64::total_cmp);
+                println!("  block {after} of 20 after 20 candle f32 calls: median {:.3} ms", ts[7] * 1e3);
+            }
             for pause in [0u64, 2, 20] {
                 let mut ts = Vec::new();
                 for i in 0..40 {

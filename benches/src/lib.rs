@@ -25,11 +25,21 @@ pub fn median_pair(reps: usize, ours: impl FnMut(), peer: impl FnMut()) -> (f64,
 /// [`median_pair`] where each sample is the mean of `block` consecutive calls: the steady state
 /// a model sees when it runs layer after layer, for calls short enough (a GEMV) that waking a
 /// thread pool or refilling caches after the other side ran would dominate a single call.
+/// When `block > 1`, `block` untimed calls precede each timed block, on both sides alike: a
+/// side's first calls after the other side's block run up to twice as slow here, and the
+/// effect fades only after ten or more calls (`INTERFERE=1 N=4096 gemv_probe` shows it:
+/// pool threads still yielding, memory freed by the other side being reclaimed), which would
+/// charge one library for the other's after-effects.
 pub fn median_pair_blocks(reps: usize, block: usize, mut ours: impl FnMut(), mut peer: impl FnMut()) -> (f64, f64) {
     ours();
     peer();
     let block = block.max(1);
     let time = |f: &mut dyn FnMut()| {
+        if block > 1 {
+            for _ in 0..block {
+                f();
+            }
+        }
         let s = std::time::Instant::now();
         for _ in 0..block {
             f();

@@ -2,8 +2,9 @@
 //! such as NF4) repacked once into [`crate::gemm::Panels`] and decoded in registers.
 //!
 //! Codes are repacked into column panels of [`NR`] outputs: for `bits ≤ 4`, eight bytes per
-//! reduction index, byte `b` holding column `b` in its low nibble and column `b + 8` in its high
-//! one; for wider codes one byte per column. Scales and offsets are laid out per panel and
+//! reduction index, column `c`'s code at bit `32·(c mod 2) + 4·⌊c/2⌋` of their little-endian
+//! 64-bit word (so a broadcast and a per-lane shift put column `c` in lane `c`, no shuffles);
+//! for wider codes one byte per column. Scales and offsets are laid out per panel and
 //! group as `NR`-lane vectors, so one load serves the whole panel.
 //!
 //! Two paths read them: the blocked GEMM asks for a `KC × NR` slice decoded to f32
@@ -54,6 +55,18 @@ pub fn fits(q: &QuantizedTensor) -> bool {
         )
 }
 
+/// The byte of an index's 8 that holds column `c`'s 4-bit code: the code sits at bit
+/// `32·(c mod 2) + 4·⌊c/2⌋` of the little-endian 64-bit word, so a kernel that broadcasts the
+/// word to every 32-bit lane finds column `c`'s code in lane `c` with a per-lane shift.
+const fn nibble_byte(c: usize) -> usize {
+    4 * (c % 2) + c / 4
+}
+
+/// The shift of column `c`'s code within its byte (see [`nibble_byte`]).
+const fn nibble_shift(c: usize) -> usize {
+    4 * ((c / 2) % 2)
+}
+
 impl QuantPanels {
     /// Repacks `q`, which must satisfy [`fits`].
     pub fn pack(q: &QuantizedTensor) -> Self {
@@ -75,7 +88,7 @@ impl QuantPanels {
             for (p, &code) in codes_in[j * k..(j + 1) * k].iter().enumerate() {
                 let at = (jb * k + p) * width;
                 if nibbles {
-                    codes[at + c % 8] |= code << (4 * (c / 8));
+                    codes[at + nibble_byte(c)] |= code << nibble_shift(c);
                 } else {
                     codes[at + c] = code;
                 }
@@ -119,10 +132,8 @@ impl QuantPanels {
         let at = (jb * self.k + p) * self.width();
         let mut out = [0u8; NR];
         if self.nibbles {
-            for b in 0..NR / 2 {
-                let v = self.codes[at + b];
-                out[b] = v & 0x0F;
-                out[b + 8] = v >> 4;
+            for (c, o) in out.iter_mut().enumerate() {
+                *o = (self.codes[at + nibble_byte(c)] >> nibble_shift(c)) & 0x0F;
             }
         } else {
             out.copy_from_slice(&self.codes[at..at + NR]);
@@ -168,6 +179,11 @@ impl Panels for QuantPanels {
         let out = &mut buf[..(k1 - k0) * NR];
         match level {
             #[cfg(target_arch = "x86_64")]
+            l if l.avx512() && self.nibbles => {
+                // SAFETY: AVX-512 was detected just above; indices are within the packed panel.
+                unsafe { avx512::decode(self, jb, k0, k1, out) }
+            }
+            #[cfg(target_arch = "x86_64")]
             l if l.avx2() => {
                 // SAFETY: AVX2 was detected just above; indices are within the packed panel.
                 unsafe { avx2::decode(self, jb, k0, k1, out) }
@@ -207,6 +223,11 @@ impl Panels for QuantPanels {
         assert!(x.len() <= MR && out.len() == x.len() && x.iter().all(|r| r.len() == self.k));
         assert!(sums.len() == x.len() * self.groups);
         match level {
+            #[cfg(target_arch = "x86_64")]
+            l if l.avx512() && self.nibbles => {
+                // SAFETY: AVX-512 was detected just above; shapes asserted.
+                unsafe { avx512::fused(self, jb, x, sums, out) }
+            }
             #[cfg(target_arch = "x86_64")]
             l if l.avx2() => {
                 // SAFETY: AVX2 was detected just above; shapes asserted.
@@ -276,7 +297,7 @@ mod neon {
 
     use super::{NR, QuantPanels, unroll};
 
-    /// The 16 codes at `ptr` (8 bytes of nibble pairs when `NIB`, else 16 bytes) as four
+    /// The 16 codes at `ptr` (8 bytes of nibbles when `NIB`, else 16 bytes) as four
     /// vectors of code values (columns 0–3, 4–7, 8–11, 12–15), or of codebook entries when
     /// `tab` (the 16 entries' 64 bytes) is given: each code `c` picks bytes `4c..4c + 4`.
     ///
@@ -285,17 +306,25 @@ mod neon {
     #[target_feature(enable = "neon")]
     #[inline]
     unsafe fn load<const NIB: bool>(ptr: *const u8, tab: Option<&uint8x16x4_t>) -> [float32x4_t; 4] {
-        // SAFETY: the caller vouches for 8 / 16 readable bytes.
-        let bytes = unsafe {
-            if NIB {
-                let v = vld1_u8(ptr);
-                vcombine_u8(vand_u8(v, vdup_n_u8(0x0F)), vshr_n_u8::<4>(v))
-            } else {
-                vld1q_u8(ptr)
-            }
+        let codes: [uint32x4_t; 4] = if NIB {
+            // The word in both 64-bit lanes: lane c (even: low half, odd: high half) finds
+            // column c's code 4·⌊c/2⌋ bits up (see `nibble_byte`); NEON shifts right by a
+            // negative left shift.
+            // SAFETY: the caller vouches for 8 readable bytes.
+            let v = vreinterpretq_u32_u64(vdupq_n_u64(unsafe { ptr.cast::<u64>().read_unaligned() }));
+            let m = vdupq_n_u32(0x0F);
+            std::array::from_fn(|i| {
+                let s = -8 * i as i32;
+                let sh = [s, s, s - 4, s - 4];
+                // SAFETY: four i32 lanes from a four-element array.
+                vandq_u32(vshlq_u32(v, unsafe { vld1q_s32(sh.as_ptr()) }), m)
+            })
+        } else {
+            // SAFETY: the caller vouches for 16 readable bytes.
+            let bytes = unsafe { vld1q_u8(ptr) };
+            let (lo, hi) = (vmovl_u8(vget_low_u8(bytes)), vmovl_high_u8(bytes));
+            [vmovl_u16(vget_low_u16(lo)), vmovl_high_u16(lo), vmovl_u16(vget_low_u16(hi)), vmovl_high_u16(hi)]
         };
-        let (lo, hi) = (vmovl_u8(vget_low_u8(bytes)), vmovl_high_u8(bytes));
-        let codes = [vmovl_u16(vget_low_u16(lo)), vmovl_high_u16(lo), vmovl_u16(vget_low_u16(hi)), vmovl_high_u16(hi)];
         match tab {
             None => codes.map(|c| vcvtq_f32_u32(c)),
             Some(t) => codes.map(|c| {
@@ -434,27 +463,31 @@ mod avx2 {
 
     use super::{NR, QuantPanels, unroll};
 
-    /// The 16 codes at `ptr` (8 bytes of nibble pairs when `NIB`, else 16 bytes) as two vectors
-    /// of code values, or of codebook entries when `tab` is given.
+    /// The 16 codes at `ptr` (8 bytes of nibbles when `NIB`, else 16 bytes) as two vectors of
+    /// code values (columns 0–7, 8–15), or of codebook entries when `tab` is given.
     ///
     /// # Safety
     /// AVX2 must be available and `ptr` readable for 8 (`NIB`) or 16 bytes.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn load<const NIB: bool>(ptr: *const u8, tab: Option<(__m256, __m256)>) -> (__m256, __m256) {
-        // Bytes are spread to dwords with in-lane shuffles of a broadcast (no lane-crossing
-        // widening): dword i of `spread(lo)` is byte i, of `spread(hi)` byte i + 8.
-        const Z: i8 = -1;
-        let lo_idx = _mm256_setr_epi8(
-            0, Z, Z, Z, 1, Z, Z, Z, 2, Z, Z, Z, 3, Z, Z, Z, 4, Z, Z, Z, 5, Z, Z, Z, 6, Z, Z, Z, 7, Z, Z, Z,
-        );
         // SAFETY: the caller vouches for 8 / 16 readable bytes; loads are unaligned.
         let (a, b) = unsafe {
             if NIB {
-                let v = _mm256_broadcastq_epi64(_mm_loadl_epi64(ptr as *const __m128i));
-                let d = _mm256_shuffle_epi8(v, lo_idx);
-                (_mm256_and_si256(d, _mm256_set1_epi32(0x0F)), _mm256_srli_epi32::<4>(d))
+                // The word in every 64-bit lane: lane c (even: low half, odd: high half) finds
+                // column c's code 4·⌊c/2⌋ bits up (see `nibble_byte`).
+                let v = _mm256_set1_epi64x(ptr.cast::<i64>().read_unaligned());
+                let m = _mm256_set1_epi32(0x0F);
+                let lo = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
+                let hi = _mm256_setr_epi32(16, 16, 20, 20, 24, 24, 28, 28);
+                (_mm256_and_si256(_mm256_srlv_epi32(v, lo), m), _mm256_and_si256(_mm256_srlv_epi32(v, hi), m))
             } else {
+                // Bytes are spread to dwords with in-lane shuffles of a broadcast (no
+                // lane-crossing widening): dword i of the first is byte i, of the second i + 8.
+                const Z: i8 = -1;
+                let lo_idx = _mm256_setr_epi8(
+                    0, Z, Z, Z, 1, Z, Z, Z, 2, Z, Z, Z, 3, Z, Z, Z, 4, Z, Z, Z, 5, Z, Z, Z, 6, Z, Z, Z, 7, Z, Z, Z,
+                );
                 let hi_idx = _mm256_setr_epi8(
                     8, Z, Z, Z, 9, Z, Z, Z, 10, Z, Z, Z, 11, Z, Z, Z, 12, Z, Z, Z, 13, Z, Z, Z, 14, Z, Z, Z, 15, Z, Z,
                     Z,
@@ -486,7 +519,7 @@ mod avx2 {
     /// Scale and offset vectors of panel `jb`, group `g`.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    fn scale_offset(q: &QuantPanels, jb: usize, g: usize) -> ([__m256; 2], [__m256; 2]) {
+    pub(super) fn scale_offset(q: &QuantPanels, jb: usize, g: usize) -> ([__m256; 2], [__m256; 2]) {
         let at = (jb * q.groups + g) * NR;
         assert!(at + NR <= q.scale.len() && (q.uniform.is_some() || at + NR <= q.offset.len()));
         // SAFETY: at + 16 ≤ scale.len() and, when offsets are stored, ≤ offset.len() (asserted).
@@ -619,6 +652,167 @@ mod avx2 {
                 _mm256_storeu_ps(o.as_mut_ptr(), yr[0]);
                 _mm256_storeu_ps(o.as_mut_ptr().add(8), yr[1]);
             }
+        }
+    }
+}
+
+/// The fused kernel on AVX-512 for 4-bit codes: the AVX2 kernel's chains on 16-lane registers,
+/// so the bits agree.
+///
+/// Cross-lane widening (`vpmovzxbd`) is slow on Zen 4's 512-bit datapath (a first try that
+/// widened two indices' bytes at once ran no faster than AVX2), so the codes reach their lanes
+/// without it: the nibble packing (see [`nibble_byte`]) puts column `c`'s code at bit
+/// `32·(c mod 2) + 4·⌊c/2⌋` of an index's 64-bit word, and a broadcast load and a per-lane shift
+/// (`vpsrlvd`) bring it to lane `c`; an AND and a conversion give code values, or one `vpermps`
+/// gives codebook entries.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{MR, NR, QuantPanels, unroll};
+
+    /// The 16 columns' codes of the 64-bit word at `ptr` as f32 code values, or as codebook
+    /// entries when `tab` holds the 16 entries (`vpermps` reads only each lane's low 4 bits, so
+    /// the lookup needs no mask).
+    ///
+    /// # Safety
+    /// AVX-512 F must be available and `ptr` readable for 8 bytes.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    #[inline]
+    unsafe fn load(ptr: *const u8, shift: __m512i, tab: Option<__m512>) -> __m512 {
+        // SAFETY: the caller vouches for 8 readable bytes.
+        let v = _mm512_srlv_epi32(_mm512_set1_epi64(unsafe { ptr.cast::<i64>().read_unaligned() }), shift);
+        match tab {
+            Some(t) => _mm512_permutexvar_ps(v, t),
+            None => _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F))),
+        }
+    }
+
+    /// Scale and offset vectors of panel `jb`, group `g`.
+    ///
+    /// # Safety
+    /// AVX-512 F must be available.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    #[inline]
+    unsafe fn scale_offset(q: &QuantPanels, jb: usize, g: usize) -> (__m512, __m512) {
+        let at = (jb * q.groups + g) * NR;
+        assert!(at + NR <= q.scale.len() && (q.uniform.is_some() || at + NR <= q.offset.len()));
+        // SAFETY: at + 16 ≤ scale.len() and, when offsets are stored, ≤ offset.len() (asserted).
+        unsafe {
+            let e = match q.uniform {
+                Some(e) => _mm512_set1_ps(e),
+                None => _mm512_loadu_ps(q.offset.as_ptr().add(at)),
+            };
+            (_mm512_loadu_ps(q.scale.as_ptr().add(at)), e)
+        }
+    }
+
+    /// Decodes reduction rows `k0..k1` of nibble panel `jb` to `S·(c − e)` into `out`
+    /// (`[p][NR]`), as the AVX2 decode rounds it.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F; the codes are nibbles; `out.len() == (k1 − k0)·NR`,
+    /// `k1 ≤ k`.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub unsafe fn decode(q: &QuantPanels, jb: usize, k0: usize, k1: usize, out: &mut [f32]) {
+        const W: usize = NR / 2;
+        assert!(q.nibbles && out.len() == (k1 - k0) * NR && k1 <= q.k && (jb * q.k + k1) * W <= q.codes.len());
+        let shift = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+        // SAFETY: 16 floats.
+        let tab = q.table.as_ref().map(|t| unsafe { _mm512_loadu_ps(t.as_ptr()) });
+        let mut g_cur = usize::MAX;
+        let (mut s, mut e) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for p in k0..k1 {
+            let g = p / q.group;
+            if g != g_cur {
+                g_cur = g;
+                // SAFETY: AVX-512 F is enabled on this function.
+                (s, e) = unsafe { scale_offset(q, jb, g) };
+            }
+            // SAFETY: (jb·k + p + 1)·W ≤ codes.len() and (p − k0 + 1)·16 ≤ out.len() (asserted).
+            unsafe {
+                let v = load(q.codes.as_ptr().add((jb * q.k + p) * W), shift, tab);
+                _mm512_storeu_ps(out.as_mut_ptr().add((p - k0) * NR), _mm512_mul_ps(_mm512_sub_ps(v, e), s));
+            }
+        }
+    }
+
+    /// The fused kernel for 1..=[`MR`] rows of nibble codes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F; the codes are nibbles; every row of `x`
+    /// has `k` values, `out.len() == x.len() ≤ MR`, `sums` holds `x.len()·groups` values.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub unsafe fn fused(q: &QuantPanels, jb: usize, x: &[&[f32]], sums: &[f32], out: &mut [[f32; NR]]) {
+        const { assert!(MR == 6) };
+        // SAFETY: forwarded contract; `rows` asserts the shapes.
+        unsafe {
+            match x.len() {
+                1 => rows::<1, { unroll(1) }>(q, jb, x, sums, out),
+                2 => rows::<2, { unroll(2) }>(q, jb, x, sums, out),
+                3 => rows::<3, 1>(q, jb, x, sums, out),
+                4 => rows::<4, 1>(q, jb, x, sums, out),
+                5 => rows::<5, 1>(q, jb, x, sums, out),
+                _ => rows::<6, 1>(q, jb, x, sums, out),
+            }
+        }
+    }
+
+    /// `R` rows against panel `jb` with `U` interleaved accumulator sets per group.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    unsafe fn rows<const R: usize, const U: usize>(
+        q: &QuantPanels,
+        jb: usize,
+        x: &[&[f32]],
+        sums: &[f32],
+        out: &mut [[f32; NR]],
+    ) {
+        const W: usize = NR / 2;
+        assert!(q.nibbles);
+        // SAFETY: 16 floats.
+        let tab = q.table.as_ref().map(|t| unsafe { _mm512_loadu_ps(t.as_ptr()) });
+        assert!(x.len() == R && out.len() == R && sums.len() == R * q.groups && x.iter().all(|r| r.len() == q.k));
+        assert!((jb + 1) * q.k * W <= q.codes.len());
+        let shift = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+        let xp: [*const f32; R] = std::array::from_fn(|r| x[r].as_ptr());
+        // SAFETY: panel jb's codes, k·W bytes from here, are in bounds (asserted).
+        let codes = unsafe { q.codes.as_ptr().add(jb * q.k * W) };
+        let mut y = [_mm512_setzero_ps(); R];
+        for g in 0..q.groups {
+            let (g0, g1) = (g * q.group, ((g + 1) * q.group).min(q.k));
+            let mut acc = [[_mm512_setzero_ps(); R]; U];
+            let mut p = g0;
+            // SAFETY (both loops): p < g1 ≤ k, so the codes at p·W and x[r][p] are in bounds.
+            while p + U <= g1 {
+                for (u, set) in acc.iter_mut().enumerate() {
+                    let w = unsafe { load(codes.add((p + u) * W), shift, tab) };
+                    for (r, a) in set.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(_mm512_set1_ps(unsafe { *xp[r].add(p + u) }), w, *a);
+                    }
+                }
+                p += U;
+            }
+            for set in acc.iter_mut().take(g1 - p) {
+                let w = unsafe { load(codes.add(p * W), shift, tab) };
+                for (r, a) in set.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_set1_ps(unsafe { *xp[r].add(p) }), w, *a);
+                }
+                p += 1;
+            }
+            // SAFETY: AVX-512 F is enabled on this function.
+            let (s, e) = unsafe { scale_offset(q, jb, g) };
+            for r in 0..R {
+                let mut a = acc[0][r];
+                for set in acc.iter().skip(1) {
+                    a = _mm512_add_ps(a, set[r]);
+                }
+                let t = _mm512_fnmadd_ps(e, _mm512_set1_ps(sums[r * q.groups + g]), a);
+                y[r] = _mm512_fmadd_ps(s, t, y[r]);
+            }
+        }
+        for (o, yr) in out.iter_mut().zip(y) {
+            // SAFETY: each output row holds 16 floats.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), yr) };
         }
     }
 }
