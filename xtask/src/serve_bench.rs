@@ -89,6 +89,8 @@ struct Report {
     workers: usize,
     batch: usize,
     batches: usize,
+    /// Tokens per batch: `--tokens`, or the longest batch's length when that is more (every
+    /// batch is padded to the same length).
     tokens: usize,
     modes: Vec<ModeResult>,
     pipeline: Vec<PipelineStats>,
@@ -190,10 +192,23 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     let texts: Vec<&str> = text.iter().cycle().take(need).map(String::as_str).collect();
     let batches: Vec<Vec<Tensor>> =
         texts.chunks(args.batch).map(|c| encode(&enc, c, args.tokens)).collect::<anyhow::Result<_>>()?;
+    // Every batch takes the longest batch's length, so all micro-batches cost the same: the
+    // bubble formula assumes equal micro-batches, and one longer batch last in the pipeline
+    // (data/sentences.txt's 16th batch of 32 needs 144 tokens) adds its extra time to the
+    // bubble of the schedule.
+    let tokens = batches.iter().map(|b| b[0].dim(1)).collect::<candle_core::Result<Vec<_>>>()?.into_iter().max();
+    let tokens = tokens.unwrap_or(args.tokens);
+    let batches: Vec<Vec<Tensor>> = batches
+        .into_iter()
+        .map(|b| {
+            let t = b[0].dim(1)?;
+            b.into_iter().map(|x| x.pad_with_zeros(1, 0, tokens - t)).collect::<candle_core::Result<Vec<_>>>()
+        })
+        .collect::<candle_core::Result<_>>()?;
     let w = args.workers;
     let mut best: Option<Round> = None;
     for r in 0..args.rounds {
-        let this = round(&args, &enc, &texts, &batches, r)?;
+        let this = round(&args, &enc, &texts, &batches, tokens, r)?;
         best = Some(match best {
             None => this,
             Some(mut b) => {
@@ -225,7 +240,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         workers: w,
         batch: args.batch,
         batches: args.batches,
-        tokens: args.tokens,
+        tokens,
         modes,
         pipeline,
         tp_bytes_per_layer_per_worker: tp_bytes,
@@ -261,6 +276,7 @@ fn round(
     enc: &SentenceEncoder,
     texts: &[&str],
     batches: &[Vec<Tensor>],
+    tokens: usize,
     round_no: usize,
 ) -> anyhow::Result<Round> {
     let (w, n) = (args.workers, texts.len());
@@ -398,7 +414,7 @@ fn round(
 
     // Dynamic batching: clients send single sentences; the batcher groups them and runs each
     // group data-parallel on the workers.
-    modes.push(dynamic_batching(args, enc, texts)?);
+    modes.push(dynamic_batching(args, enc, texts, tokens)?);
 
     Ok(Round { modes, pipeline, tp_bytes, tp_reduced })
 }
@@ -411,8 +427,9 @@ fn bits(t: &Tensor) -> Vec<u32> {
 }
 
 /// Closed-loop clients, each sending one sentence at a time through a [`DynamicBatcher`]
-/// whose handler runs the batch data-parallel on the workers (kept alive between batches).
-fn dynamic_batching(args: &Args, enc: &SentenceEncoder, texts: &[&str]) -> anyhow::Result<ModeResult> {
+/// whose handler runs the batch data-parallel on the workers (kept alive between batches);
+/// each batch formed is padded to at least `tokens`.
+fn dynamic_batching(args: &Args, enc: &SentenceEncoder, texts: &[&str], tokens: usize) -> anyhow::Result<ModeResult> {
     use std::sync::mpsc;
     let w = args.workers;
     let total = texts.len();
@@ -421,7 +438,6 @@ fn dynamic_batching(args: &Args, enc: &SentenceEncoder, texts: &[&str]) -> anyho
     let (batch_tx, batch_rx) = mpsc::channel::<(Vec<Tensor>, mpsc::Sender<Tensor>)>();
     let batch_rx = std::sync::Mutex::new(batch_rx);
     let config = BatcherConfig { max_batch: args.batch, max_delay: Duration::from_secs_f64(args.max_delay_ms / 1e3) };
-    let tokens = args.tokens;
     let rts = worker_runtimes(w, &args.runtime)?;
     let outcome = std::thread::scope(|s| -> anyhow::Result<(f64, Vec<f64>, pare_parallel::data::BatcherStats)> {
         let workers = s.spawn(|| {
@@ -515,7 +531,7 @@ fn command_line(args: &Args) -> String {
 fn markdown(r: &Report) -> String {
     let mut s = format!(
         "# Serving MiniLM with pare-parallel\n\nRegenerate: `{}` (model from `$PARE_MINILM_DIR`).\n\n\
-         {} sentences of data/sentences.txt in batches of {} padded to at least {} tokens (a longer sentence sets its batch's length), on {} ({} cores). Every worker is an \
+         {} sentences of data/sentences.txt in batches of {} padded to {} tokens (`--tokens`, or the longest batch's length when that is more: every batch, and so every pipeline micro-batch, has the same shape), on {} ({} cores). Every worker is an \
          in-process thread with {}; scaling is throughput against one such worker. \
          Outputs are checked in the same run: data and pipeline parallel bit-identical to one worker, tensor \
          parallel within 1e-5.\n\n![throughput against one worker](serve-bench.svg)\n\n\
