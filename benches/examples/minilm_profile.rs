@@ -9,7 +9,9 @@ fn main() {
     let dev = Device::Cpu;
     let dir = std::path::PathBuf::from(std::env::var("PARE_MINILM_DIR").expect("PARE_MINILM_DIR"));
     let mut enc = SentenceEncoder::load(&dir, &dev).unwrap();
-    let rt: Arc<dyn Runtime> = Arc::new(pare_runtime_cpu::CpuRuntime::new(2).unwrap());
+    let rt: Arc<dyn Runtime> = Arc::new(
+        pare_runtime_cpu::CpuRuntime::new(std::env::var("T").ok().and_then(|v| v.parse().ok()).unwrap_or(2)).unwrap(),
+    );
     if std::env::var("W8A8").is_ok_and(|v| v == "1") {
         use pare_quant::weight_only::{Method, Selection, quantize_model};
         let method = Method::parse("int8", "channel", true).unwrap();

@@ -57,7 +57,7 @@ pub use quant::{
 };
 pub use runtime::{
     Conv2dParams, PreparedOp, ReferenceRuntime, Runtime, attention_reference, check_attention, check_bias,
-    conv2d_forward, layer_norm_reference, linear_forward,
+    conv2d_forward, in_runtime, layer_norm_reference, linear_forward,
 };
 pub use sparse::{SparseLayout, SparseTensor};
 pub use weight::Weight;

@@ -412,6 +412,17 @@ impl BertEncoder {
         if hooks.is_empty() && rt.resident() {
             return self.forward_resident(rt.as_ref(), input_ids, token_type_ids, attention_mask);
         }
+        if hooks.is_empty() {
+            // The whole forward on the runtime's own threads (see `Runtime::run_scoped`).
+            return pare_core_tensor::in_runtime(rt.as_ref(), || {
+                let mut h = self.embed_hooked(input_ids, token_type_ids, &mut Hooks::none())?;
+                let mask = attention_bias(attention_mask)?;
+                for i in 0..self.layers.len() {
+                    h = self.layer_forward(i, &h, &mask, &mut Hooks::none(), &mut Ok)?;
+                }
+                Ok(h)
+            });
+        }
         let mut h = self.embed_hooked(input_ids, token_type_ids, hooks)?;
         let mask = attention_bias(attention_mask)?;
         for i in 0..self.layers.len() {

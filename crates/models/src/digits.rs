@@ -459,6 +459,15 @@ impl DigitsNet {
             g.output(h)?;
             return Ok(rt.run_graph(&g, std::slice::from_ref(x))?.pop().expect("one output"));
         }
+        if hooks.is_empty() {
+            // The whole forward on the runtime's own threads (see `Runtime::run_scoped`).
+            return pare_core_tensor::in_runtime(rt.as_ref(), || self.forward_ops(x, &mut Hooks::none()));
+        }
+        self.forward_ops(x, hooks)
+    }
+
+    /// The forward op by op on the layers' runtime.
+    fn forward_ops(&self, x: &Tensor, hooks: &mut Hooks<'_>) -> Result<Tensor> {
         let n = x.dim(0)?;
         let mut h = x.clone();
         if let DigitsArch::Cell(c) = &self.arch {

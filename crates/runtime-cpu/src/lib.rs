@@ -267,6 +267,10 @@ impl Runtime for CpuRuntime {
         Ok(Tensor::from_vec(y, x.dims(), x.device())?)
     }
 
+    fn run_scoped(&self, f: &mut (dyn FnMut() + Send)) {
+        self.pool.install(f)
+    }
+
     fn layer_norm(
         &self,
         x: &Tensor,
