@@ -212,9 +212,7 @@ fn head(
 ) {
     // Keys transposed to [d][t8] (t8 = t rounded up to 8), values packed [t][d].
     let t8 = t.div_ceil(8) * 8;
-    let mut kt = vec![0f32; d * t8];
     let mut vp = vec![0f32; t * d];
-    crate::simd::transpose(level, k, stride, t, d, &mut kt, t8);
     for j in 0..t {
         vp[j * d..(j + 1) * d].copy_from_slice(&v[j * stride..j * stride + d]);
     }
@@ -244,6 +242,9 @@ fn head(
         }
         return;
     }
+    // The AVX-512 path above transposes into its own 16-padded layout.
+    let mut kt = vec![0f32; d * t8];
+    crate::simd::transpose(level, k, stride, t, d, &mut kt, t8);
     let mut p = vec![0f32; 2 * t8];
     #[cfg(target_arch = "x86_64")]
     if level.avx2() && d.is_multiple_of(8) {
