@@ -130,6 +130,12 @@ pub(crate) fn with_input<R>(
     k: usize,
     f: impl FnOnce(&[f32]) -> R,
 ) -> Result<R> {
+    with_input_unchecked(layer, x, k, |v| check_finite(layer, pool, v).map(|()| f(v)))?
+}
+
+/// [`with_input`] without the finiteness check, for kernels that screen every value
+/// themselves on a pass they make anyway (and call [`check_finite`] when one fails).
+pub(crate) fn with_input_unchecked<R>(layer: &str, x: &Tensor, k: usize, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let dims = x.dims();
     if dims.last() != Some(&k) {
         return Err(Error::Shape {
@@ -138,28 +144,31 @@ pub(crate) fn with_input<R>(
             found: dims.last().map(|d| vec![*d]).unwrap_or_default(),
         });
     }
-    let check = |v: &[f32]| {
-        // A branch-free pass per chunk (vectorised) on the pool (a serial pass over MiniLM's
-        // activations cost 2% of its int8 time while the other core waited), the slow search
-        // only when one fails.
-        let finite = |c: &[f32]| c.iter().fold(true, |ok, f| ok & f.is_finite());
-        let ok = if v.len() < 1 << 15 {
-            v.chunks(4096).all(finite)
-        } else {
-            use rayon::prelude::*;
-            pool.install(|| v.par_chunks(1 << 14).all(finite))
-        };
-        if ok {
-            return Ok(());
-        }
-        let first = v.iter().position(|f| !f.is_finite()).unwrap_or(0);
-        Err(Error::NonFinite {
-            name: format!("input of `{layer}`"),
-            count: v.iter().filter(|f| !f.is_finite()).count(),
-            first,
-        })
+    with_f32(x, f)
+}
+
+/// Ok when every value of `layer`'s input `v` is finite, else the error naming how many are
+/// not and the first.
+pub(crate) fn check_finite(layer: &str, pool: &rayon::ThreadPool, v: &[f32]) -> Result<()> {
+    // A branch-free pass per chunk (vectorised) on the pool (a serial pass over MiniLM's
+    // activations cost 2% of its int8 time while the other core waited), the slow search
+    // only when one fails.
+    let finite = |c: &[f32]| c.iter().fold(true, |ok, f| ok & f.is_finite());
+    let ok = if v.len() < 1 << 15 {
+        v.chunks(4096).all(finite)
+    } else {
+        use rayon::prelude::*;
+        pool.install(|| v.par_chunks(1 << 14).all(finite))
     };
-    with_f32(x, |v| check(v).map(|()| f(v)))?
+    if ok {
+        return Ok(());
+    }
+    let first = v.iter().position(|f| !f.is_finite()).unwrap_or(0);
+    Err(Error::NonFinite {
+        name: format!("input of `{layer}`"),
+        count: v.iter().filter(|f| !f.is_finite()).count(),
+        first,
+    })
 }
 
 /// Calls `f` with `t`'s values as f32, borrowed when `t` is a contiguous f32 CPU tensor,

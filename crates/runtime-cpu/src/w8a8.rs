@@ -97,14 +97,18 @@ impl W8A8Linear {
         })
     }
 
-    /// `y[m, n]` for `x` row-major `[m, k]` (f32), computed at this op's SIMD level.
-    pub fn run(&self, x: &[f32]) -> Vec<f32> {
-        self.run_activated(x, None)
+    /// Whether [`W8A8Linear::run_activated`] looks at every value of an `m`-row input on its
+    /// own (each row's range is taken per token), so that it can screen them for NaN and
+    /// infinities instead of a separate pass.
+    fn screens(&self, m: usize) -> bool {
+        matches!(self.act.range, ActRange::Dynamic { per_token: true }) && m > 1
     }
 
-    /// [`W8A8Linear::run`], then `act` (if any) applied by each task to its rectangle of the
-    /// output once the epilogue has written it, while it is in cache.
-    pub fn run_activated(&self, x: &[f32], act: Option<Act>) -> Vec<f32> {
+    /// `y[m, n]` for `x` row-major `[m, k]` (f32), computed at this op's SIMD level, then
+    /// `act` (if any) applied by each task to its rectangle of the output once the epilogue
+    /// has written it, while it is in cache. `None` when the rows' ranges met a value that is
+    /// not finite ([`W8A8Linear::screens`]; other inputs must be checked beforehand).
+    pub fn run_activated(&self, x: &[f32], act: Option<Act>) -> Option<Vec<f32>> {
         let (k, n) = (self.k, self.n);
         let m = x.len() / k.max(1);
         // One range for the whole input needs the global extremes first (of the smoothed
@@ -112,18 +116,19 @@ impl W8A8Linear {
         let global = match self.act.range {
             ActRange::Static { scale, zero_point } => Some((scale, zero_point)),
             ActRange::Dynamic { per_token: false } => {
-                let (lo, hi) = self.extremes(x);
+                let (lo, hi, _) = self.extremes(x);
                 Some(self.act.scale_zero(lo, hi))
             }
             ActRange::Dynamic { per_token: true } if m <= 1 => {
-                let (lo, hi) = self.extremes(x);
+                let (lo, hi, _) = self.extremes(x);
                 Some(self.act.scale_zero(lo, hi))
             }
             ActRange::Dynamic { per_token: true } => None,
         };
         if m == 0 || n == 0 {
-            return vec![0f32; m * n];
+            return Some(vec![0f32; m * n]);
         }
+        let non_finite = std::sync::atomic::AtomicBool::new(false);
         // Every element is written by exactly one task below before the length is set, so the
         // buffer is not zeroed first (that pass cost about 4% of MiniLM's time).
         let mut y: Vec<f32> = Vec::with_capacity(m * n);
@@ -153,7 +158,10 @@ impl W8A8Linear {
             for r in 0..rows {
                 let row = &x[(r0 + r) * k..(r0 + r + 1) * k];
                 let (sx, zx) = global.unwrap_or_else(|| {
-                    let (lo, hi) = self.extremes(row);
+                    let (lo, hi, finite) = self.extremes(row);
+                    if !finite {
+                        non_finite.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                     self.act.scale_zero(lo, hi)
                 });
                 quantize_row(level, row, self.act.smooth.as_deref(), (sx, zx), &self.act, &mut codes);
@@ -203,20 +211,22 @@ impl W8A8Linear {
         // block) partition the m × n output and `products` writes every row and column of its
         // rectangle through the sink, so all m·n values are initialised.
         unsafe { y.set_len(m * n) };
-        y
+        (!non_finite.into_inner()).then_some(y)
     }
 
-    /// Minimum and maximum of `x` divided by the smoothing factors (if any).
-    fn extremes(&self, x: &[f32]) -> (f32, f32) {
+    /// Minimum and maximum of `x` divided by the smoothing factors (if any), and whether every
+    /// value of `x` is finite (the extremes are those of the finite inputs `forward` admits).
+    fn extremes(&self, x: &[f32]) -> (f32, f32, bool) {
         #[cfg(target_arch = "x86_64")]
         if self.act.smooth.is_none() && self.level.avx2() {
             // SAFETY: AVX2 was detected just above. Min and max are exact, so the lanes give
-            // the scalar loop's answer for the finite inputs `forward` admits.
+            // the scalar loop's answer for finite inputs.
             return unsafe { avx2::extremes(x) };
         }
         let k = self.k.max(1);
-        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+        let (mut lo, mut hi, mut finite) = (f32::INFINITY, f32::NEG_INFINITY, true);
         for (i, &v) in x.iter().enumerate() {
+            finite &= v.is_finite();
             let v = match &self.act.smooth {
                 Some(s) => v / s[i % k],
                 None => v,
@@ -224,7 +234,26 @@ impl W8A8Linear {
             lo = lo.min(v);
             hi = hi.max(v);
         }
-        (lo, hi)
+        (lo, hi, finite)
+    }
+
+    /// The op's output values for `x`, activated by `act`: the input's shape is checked, and
+    /// its values are screened for NaN and infinities by the per-token ranges where the kernel
+    /// takes them (by a separate pass otherwise).
+    fn forward_values(&self, x: &Tensor, act: Option<Act>) -> Result<Vec<f32>> {
+        let m = x.elem_count() / self.k.max(1);
+        crate::linear::with_input_unchecked(&self.layer, x, self.k, |v| {
+            if !self.screens(m) {
+                crate::linear::check_finite(&self.layer, &self.pool, v)?;
+            }
+            match self.run_activated(v, act) {
+                Some(y) => Ok(y),
+                None => {
+                    crate::linear::check_finite(&self.layer, &self.pool, v)?;
+                    Err(Error::invalid(format!("input of `{}`", self.layer), "a value that is not finite"))
+                }
+            }
+        })?
     }
 }
 
@@ -395,7 +424,30 @@ impl Rows {
             RowData::Pairs(data) => {
                 let tile = &mut data[base..end];
                 let whole = codes.len() / 2 * 2;
-                for (p, c) in codes[..whole].chunks_exact(2).enumerate() {
+                // Eight codes (four pairs) at a time: four 4-byte stores `2·mr` codes apart.
+                #[cfg(target_arch = "x86_64")]
+                let done = {
+                    use std::arch::x86_64::*;
+                    let wide = codes.len() / 8 * 8;
+                    for (b, c) in codes[..wide].chunks_exact(8).enumerate() {
+                        let at = (4 * b * mr + i) * 2;
+                        assert!(at + 3 * mr * 2 + 2 <= tile.len());
+                        // SAFETY: c holds 8 codes (one 16-byte load); the four stores at
+                        // at + j·2·mr (j < 4) end within the tile (asserted).
+                        unsafe {
+                            let v = _mm_loadu_si128(c.as_ptr() as *const __m128i);
+                            let d = tile.as_mut_ptr().add(at);
+                            (d as *mut i32).write_unaligned(_mm_cvtsi128_si32(v));
+                            (d.add(2 * mr) as *mut i32).write_unaligned(_mm_cvtsi128_si32(_mm_srli_si128::<4>(v)));
+                            (d.add(4 * mr) as *mut i32).write_unaligned(_mm_cvtsi128_si32(_mm_srli_si128::<8>(v)));
+                            (d.add(6 * mr) as *mut i32).write_unaligned(_mm_cvtsi128_si32(_mm_srli_si128::<12>(v)));
+                        }
+                    }
+                    wide
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let done = 0;
+                for (p, c) in codes[done..whole].chunks_exact(2).enumerate().map(|(p, c)| (p + done / 2, c)) {
                     let at = (p * mr + i) * 2;
                     tile[at..at + 2].copy_from_slice(c);
                 }
@@ -409,7 +461,34 @@ impl Rows {
                 // of the low byte adds 128 modulo 256).
                 let byte = |v: i16| (v as u8) ^ 0x80;
                 let whole = codes.len() / 4 * 4;
-                for (q, c) in codes[..whole].chunks_exact(4).enumerate() {
+                // Sixteen codes at a time: a saturating pack to bytes (exact for centred codes),
+                // the sign-bit flip, then four 4-byte stores `4·mr` bytes apart. SSE2 is part of
+                // x86-64, and only the VNNI kernel packs quads.
+                #[cfg(target_arch = "x86_64")]
+                let done = {
+                    use std::arch::x86_64::*;
+                    let wide = codes.len() / 16 * 16;
+                    for (b, c) in codes[..wide].chunks_exact(16).enumerate() {
+                        let at = (4 * b * mr + i) * 4;
+                        assert!(at + 3 * mr * 4 + 4 <= tile.len());
+                        // SAFETY: c holds 16 codes (two 16-byte loads); the four stores at
+                        // at + j·4·mr (j < 4) end within the tile (asserted).
+                        unsafe {
+                            let lo = _mm_loadu_si128(c.as_ptr() as *const __m128i);
+                            let hi = _mm_loadu_si128(c.as_ptr().add(8) as *const __m128i);
+                            let v = _mm_xor_si128(_mm_packs_epi16(lo, hi), _mm_set1_epi8(-128));
+                            let d = tile.as_mut_ptr().add(at);
+                            (d as *mut i32).write_unaligned(_mm_cvtsi128_si32(v));
+                            (d.add(4 * mr) as *mut i32).write_unaligned(_mm_cvtsi128_si32(_mm_srli_si128::<4>(v)));
+                            (d.add(8 * mr) as *mut i32).write_unaligned(_mm_cvtsi128_si32(_mm_srli_si128::<8>(v)));
+                            (d.add(12 * mr) as *mut i32).write_unaligned(_mm_cvtsi128_si32(_mm_srli_si128::<12>(v)));
+                        }
+                    }
+                    wide
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let done = 0;
+                for (q, c) in codes[done..whole].chunks_exact(4).enumerate().map(|(q, c)| (q + done / 4, c)) {
                     let at = (q * mr + i) * 4;
                     tile[at..at + 4].copy_from_slice(&[byte(c[0]), byte(c[1]), byte(c[2]), byte(c[3])]);
                 }
@@ -557,17 +636,13 @@ fn products(
 
 impl PreparedOp for W8A8Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = crate::linear::with_input(&self.layer, &self.pool, x, self.k, |v| self.run(v))?;
+        let y = self.forward_values(x, None)?;
         crate::linear::output(x, y, self.n)
     }
 
     fn forward_activated(&self, x: &Tensor, act: Activation) -> Option<Result<Tensor>> {
         let kernel = Act::of(act).filter(|_| x.dtype() == DType::F32)?;
-        let run = |v: &[f32]| self.run_activated(v, Some(kernel));
-        Some(
-            crate::linear::with_input(&self.layer, &self.pool, x, self.k, run)
-                .and_then(|y| crate::linear::output(x, y, self.n)),
-        )
+        Some(self.forward_values(x, Some(kernel)).and_then(|y| crate::linear::output(x, y, self.n)))
     }
 }
 
@@ -820,19 +895,22 @@ mod avx2 {
         }
     }
 
-    /// Minimum and maximum of `x`, eight lanes at a time.
+    /// Minimum and maximum of `x`, eight lanes at a time, and whether every value is finite
+    /// (NaN is tracked on its own: `vminps` drops it once a later value arrives).
     ///
     /// # Safety
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn extremes(x: &[f32]) -> (f32, f32) {
+    pub unsafe fn extremes(x: &[f32]) -> (f32, f32, bool) {
         let body = x.len() / 8 * 8;
         let (mut lo, mut hi) = (_mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(f32::NEG_INFINITY));
+        let mut nan = _mm256_setzero_ps();
         for i in (0..body).step_by(8) {
             // SAFETY: i + 8 ≤ body ≤ x.len().
             let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
             lo = _mm256_min_ps(lo, v);
             hi = _mm256_max_ps(hi, v);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
         }
         let (mut l, mut h) = ([0f32; 8], [0f32; 8]);
         // SAFETY: both arrays hold 8 floats.
@@ -840,9 +918,12 @@ mod avx2 {
             _mm256_storeu_ps(l.as_mut_ptr(), lo);
             _mm256_storeu_ps(h.as_mut_ptr(), hi);
         }
-        let lo = l.iter().chain(&x[body..]).copied().fold(f32::INFINITY, f32::min);
-        let hi = h.iter().chain(&x[body..]).copied().fold(f32::NEG_INFINITY, f32::max);
-        (lo, hi)
+        let tail = &x[body..];
+        let lo = l.iter().chain(tail).copied().fold(f32::INFINITY, f32::min);
+        let hi = h.iter().chain(tail).copied().fold(f32::NEG_INFINITY, f32::max);
+        let finite =
+            _mm256_movemask_ps(nan) == 0 && lo.is_finite() && hi.is_finite() && tail.iter().all(|v| !v.is_nan());
+        (lo, hi, finite)
     }
 
     /// [`super::quantize_row`] eight lanes at a time: IEEE division, round-half-even
