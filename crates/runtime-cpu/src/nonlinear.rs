@@ -46,6 +46,11 @@ impl Act {
 pub fn activation_in_place(level: SimdLevel, act: Act, y: &mut [f32]) {
     match level {
         #[cfg(target_arch = "x86_64")]
+        l if l.avx512() => {
+            // SAFETY: AVX-512 F (with AVX2 and FMA) was detected just above.
+            unsafe { avx512::activation_in_place(act, y) }
+        }
+        #[cfg(target_arch = "x86_64")]
         l if l.avx2() => {
             // SAFETY: AVX2 and FMA were detected just above.
             unsafe { avx2::activation_in_place(act, y) }
@@ -60,6 +65,11 @@ pub fn activation(level: SimdLevel, pool: &rayon::ThreadPool, act: Act, x: &[f32
     assert!(x.len() == y.len());
     pool.install(|| {
         y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| match level {
+            #[cfg(target_arch = "x86_64")]
+            l if l.avx512() => {
+                // SAFETY: AVX-512 F (with AVX2 and FMA) was detected just above; equal lengths.
+                unsafe { avx512::activation(act, x, y) }
+            }
             #[cfg(target_arch = "x86_64")]
             l if l.avx2() => {
                 // SAFETY: AVX2 and FMA were detected just above; x and y have equal lengths.
@@ -633,6 +643,117 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
+
+    use super::Act;
+
+    /// [`super::avx2::exp`] on sixteen lanes: the same operations, so the same bits per lane.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    #[inline]
+    fn exp(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.376_26)), _mm512_set1_ps(88.376_26));
+        let fx = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+            _mm512_set1_ps(0.5),
+        ));
+        let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693_359_4), x);
+        let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.121_944_4e-4), x);
+        let mut y = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_66, 0.5] {
+            y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(c));
+        }
+        let y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(x, x), x), _mm512_set1_ps(1.0));
+        let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)));
+        _mm512_mul_ps(y, _mm512_castsi512_ps(pow2))
+    }
+
+    /// [`super::avx2`]'s erf on sixteen lanes (the same operations).
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    #[inline]
+    fn erf(x: __m512) -> __m512 {
+        let signbit = _mm512_set1_epi32(i32::MIN);
+        let sign = _mm512_and_si512(_mm512_castps_si512(x), signbit);
+        let a = _mm512_castsi512_ps(_mm512_andnot_si512(signbit, _mm512_castps_si512(x)));
+        let one = _mm512_set1_ps(1.0);
+        let t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.327_591_1), a, one));
+        let mut poly = _mm512_set1_ps(1.061_405_4);
+        for c in [-1.453_152_1, 1.421_413_8, -0.284_496_74, 0.254_829_6] {
+            poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(c));
+        }
+        poly = _mm512_mul_ps(poly, t);
+        let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
+        _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(_mm512_fnmadd_ps(poly, e, one)), sign))
+    }
+
+    /// [`super::avx2`]'s activation of eight lanes, on sixteen (the same operations).
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    #[inline]
+    fn act16(act: Act, v: __m512) -> __m512 {
+        let half = _mm512_set1_ps(0.5);
+        let one = _mm512_set1_ps(1.0);
+        match act {
+            Act::Relu => _mm512_max_ps(v, _mm512_setzero_ps()),
+            Act::Gelu => {
+                let e = erf(_mm512_mul_ps(v, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2)));
+                _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, e))
+            }
+            Act::GeluTanh => {
+                let v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+                let u = _mm512_mul_ps(_mm512_set1_ps(0.797_884_6), _mm512_fmadd_ps(_mm512_set1_ps(0.044_715), v3, v));
+                let e2 = exp(_mm512_add_ps(u, u));
+                let th = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0), _mm512_add_ps(e2, one)));
+                _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, th))
+            }
+            Act::Silu => {
+                let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), v));
+                _mm512_div_ps(v, _mm512_add_ps(one, e))
+            }
+        }
+    }
+
+    /// `y = act(x)` sixteen lanes at a time, the tail padded and computed whole: per element
+    /// the bits of the AVX2 kernel.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F, AVX2 and FMA; `x.len() == y.len()`.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub unsafe fn activation(act: Act, x: &[f32], y: &mut [f32]) {
+        assert!(x.len() == y.len());
+        let body = x.len() / 16 * 16;
+        for i in (0..body).step_by(16) {
+            // SAFETY: i + 16 ≤ body ≤ x.len() = y.len().
+            unsafe { _mm512_storeu_ps(y.as_mut_ptr().add(i), act16(act, _mm512_loadu_ps(x.as_ptr().add(i)))) };
+        }
+        if body < x.len() {
+            let n = x.len() - body;
+            let mut tail = [0f32; 16];
+            tail[..n].copy_from_slice(&x[body..]);
+            // SAFETY: tail holds 16 floats.
+            unsafe { _mm512_storeu_ps(tail.as_mut_ptr(), act16(act, _mm512_loadu_ps(tail.as_ptr()))) };
+            y[body..].copy_from_slice(&tail[..n]);
+        }
+    }
+
+    /// [`activation`] in place.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F, AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub unsafe fn activation_in_place(act: Act, y: &mut [f32]) {
+        let body = y.len() / 16 * 16;
+        for i in (0..body).step_by(16) {
+            // SAFETY: i + 16 ≤ body ≤ y.len().
+            unsafe { _mm512_storeu_ps(y.as_mut_ptr().add(i), act16(act, _mm512_loadu_ps(y.as_ptr().add(i)))) };
+        }
+        if body < y.len() {
+            let n = y.len() - body;
+            let mut tail = [0f32; 16];
+            tail[..n].copy_from_slice(&y[body..]);
+            // SAFETY: tail holds 16 floats.
+            unsafe { _mm512_storeu_ps(tail.as_mut_ptr(), act16(act, _mm512_loadu_ps(tail.as_ptr()))) };
+            y[body..].copy_from_slice(&tail[..n]);
+        }
+    }
 
     /// Query rows per pass.
     pub const ROWS: usize = 4;

@@ -71,6 +71,21 @@ proptest! {
         prop_assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "AVX2 and AVX-512 bits differ");
     }
 
+    /// The AVX-512 activations (sixteen lanes, the same operations) give the AVX2 path's bits,
+    /// standalone and fused into a linear's tiles, with every tail length and values past
+    /// the saturating ends of erf, tanh and exp.
+    #[test]
+    fn avx512_activations_give_the_avx2_bits(n in 1usize..300, which in 0usize..4, seed in any::<u64>()) {
+        if !SimdLevel::available().contains(&SimdLevel::Avx512Vnni) {
+            return Ok(()); // nothing to compare on a CPU without AVX-512
+        }
+        let act = [Activation::Relu, Activation::Gelu, Activation::GeluTanh, Activation::Silu][which];
+        let x = t(input(1, n, seed).into_iter().map(|v| v * 30.0).collect(), &[n]);
+        let run = |level| flat(&CpuRuntime::with_level(2, level).unwrap().activation(act, &x).unwrap());
+        let (a, b) = (run(SimdLevel::Avx2), run(SimdLevel::Avx512Vnni));
+        prop_assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "AVX2 and AVX-512 bits differ");
+    }
+
     #[test]
     fn activations_match_the_reference(n in 1usize..300, which in 0usize..4, seed in any::<u64>()) {
         let act = [Activation::Relu, Activation::Gelu, Activation::GeluTanh, Activation::Silu][which];
