@@ -711,6 +711,70 @@ mod avx512 {
         }
     }
 
+    /// [`super::avx2::normalise`] with its exponentials sixteen lanes at a time: the mask
+    /// added and the maximum taken (both exact), each `e^(x − max)` by the same operations,
+    /// and the sum accumulated as the AVX2 kernel does, eight lanes after eight, so the bits
+    /// agree.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F, AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub unsafe fn normalise(row: &mut [f32], mask: Option<&[f32]>) -> f32 {
+        let t = row.len();
+        if let Some(m) = mask {
+            assert!(m.len() == t);
+            row.iter_mut().zip(m).for_each(|(v, m)| *v += m);
+        }
+        let full = t / 8 * 8;
+        let wide = t / 16 * 16;
+        let mut m16 = _mm512_set1_ps(f32::NEG_INFINITY);
+        for j in (0..wide).step_by(16) {
+            // SAFETY: j + 16 ≤ t.
+            m16 = _mm512_max_ps(m16, unsafe { _mm512_loadu_ps(row.as_ptr().add(j)) });
+        }
+        let mut lanes = [f32::NEG_INFINITY; 16];
+        // SAFETY: lanes holds 16 floats.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), m16) };
+        let max = row[wide..].iter().chain(&lanes).copied().fold(f32::NEG_INFINITY, f32::max);
+        let (mx, mx8) = (_mm512_set1_ps(max), _mm256_set1_ps(max));
+        let mut total = _mm256_setzero_ps();
+        for j in (0..wide).step_by(16) {
+            // SAFETY: j + 16 ≤ t.
+            unsafe {
+                let e = exp(_mm512_sub_ps(_mm512_loadu_ps(row.as_ptr().add(j)), mx));
+                _mm512_storeu_ps(row.as_mut_ptr().add(j), e);
+                total = _mm256_add_ps(total, _mm512_castps512_ps256(e));
+                total = _mm256_add_ps(total, _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e))));
+            }
+        }
+        if wide < full {
+            // SAFETY: wide + 8 = full ≤ t.
+            unsafe {
+                let e = super::avx2::exp(_mm256_sub_ps(_mm256_loadu_ps(row.as_ptr().add(wide)), mx8));
+                _mm256_storeu_ps(row.as_mut_ptr().add(wide), e);
+                total = _mm256_add_ps(total, e);
+            }
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: lanes holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
+        let mut sum: f32 = lanes.iter().sum();
+        if full < t {
+            let mut tail = [f32::NEG_INFINITY; 8];
+            tail[..t - full].copy_from_slice(&row[full..]);
+            // SAFETY: tail holds 8 floats.
+            unsafe {
+                let e = super::avx2::exp(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), mx8));
+                _mm256_storeu_ps(tail.as_mut_ptr(), e);
+            }
+            for (j, e) in tail.iter().enumerate().take(t - full) {
+                row[full + j] = *e;
+                sum += *e;
+            }
+        }
+        1.0 / sum
+    }
+
     /// `y = act(x)` sixteen lanes at a time, the tail padded and computed whole: per element
     /// the bits of the AVX2 kernel.
     ///
@@ -798,8 +862,9 @@ mod avx512 {
         }
         let mut inv = [0f32; ROWS];
         for (r, inv) in inv.iter_mut().enumerate() {
-            // SAFETY: AVX2 and FMA are enabled in this function; the mask (if any) holds t.
-            *inv = unsafe { super::avx2::normalise(&mut p[r * t16..r * t16 + t], mask) };
+            // SAFETY: AVX-512 F, AVX2 and FMA are enabled in this function; the mask (if any)
+            // holds t.
+            *inv = unsafe { normalise(&mut p[r * t16..r * t16 + t], mask) };
         }
         let vecs = d / 16;
         let mut o = 0;
