@@ -160,6 +160,15 @@ pub(crate) unsafe fn gemm_raw(
     // halve that work, and 192 × KC floats of x still sit in L2.
     let mc = if w.decoded() { 2 * MC } else { MC };
     let row_tiles = if fused { 1 } else { m.div_ceil(mc) };
+    if w.decoded() && row_tiles >= DECODE_ONCE_TILES {
+        // Decoded per row tile, the weights would be decoded `row_tiles` times: decode every
+        // panel once into f32 panels (n·k·4 bytes of scratch) and run pare's f32 GEMM on
+        // them, which reads the same values in the same order (the same bits), so a 4-bit
+        // layer is never slower than its float twin by more than one decode.
+        let whole = decode_all(level, pool, w);
+        // SAFETY: forwarded contract; `whole` has w's n and k.
+        return unsafe { gemm_raw(level, pool, x, m, &whole, bias, y, act) };
+    }
     let (col_tiles, per) = column_split(pool, row_tiles, panels);
     // Per-call work every task would otherwise repeat: the fused kernel's aux data (for at
     // most MR rows), or, when the columns are split, each row tile's packed strips.
@@ -197,6 +206,26 @@ pub(crate) unsafe fn gemm_raw(
             }
         });
     });
+}
+
+/// Row tiles from which a decoded format's GEMM decodes its weights once up front (see
+/// [`gemm_raw`]): at MiniLM's FFN shapes and M = 4096 (22 tiles) decoding per tile made the
+/// 4-bit GEMM 4–7% slower than the f32 one (`M=4096 q4_probe`).
+const DECODE_ONCE_TILES: usize = 4;
+
+/// Every panel of `w` decoded to f32 panels, on the pool.
+fn decode_all(level: SimdLevel, pool: &rayon::ThreadPool, w: &dyn Panels) -> PackedF32 {
+    let (n, k) = (w.n(), w.k());
+    let mut data = Aligned::new(n.div_ceil(NR) * k * NR);
+    if k > 0 {
+        pool.install(|| {
+            data.par_chunks_mut(k * NR).enumerate().for_each(|(jb, dst)| {
+                let mut buf = vec![0f32; k * NR];
+                dst.copy_from_slice(w.panel(level, jb, 0, k, &mut buf));
+            })
+        });
+    }
+    PackedF32 { data, n, k }
 }
 
 /// How to split `units` output columns (panels, outputs) when there are only `row_tiles`

@@ -22,7 +22,8 @@ proptest! {
 
     #[test]
     fn f16_and_bf16_weights_widen_exactly_and_accumulate_in_f32(
-        m in prop_oneof![1usize..12, 190usize..200], n in 1usize..35, k in 1usize..300, bf in any::<bool>(), seed in any::<u64>()
+        m in prop_oneof![1usize..12, 190usize..200, 760usize..800], n in 1usize..35, k in 1usize..300, bf in any::<bool>(),
+        seed in any::<u64>()
     ) {
         let dtype = if bf { DType::BF16 } else { DType::F16 };
         let half = Tensor::from_vec(input(n, k, seed), (n, k), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();

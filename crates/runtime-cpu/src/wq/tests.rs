@@ -30,11 +30,12 @@ fn magnitudes(q: &QuantizedTensor) -> Vec<f32> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
     /// Every code width, linear (sym, asym, signed, unsigned) and codebook mappings, every
-    /// granularity, batch sizes on both sides of the fused limit and past one 192-row tile of
-    /// decoded panels, ragged n and k.
+    /// granularity, batch sizes on both sides of the fused limit, past one 192-row tile of
+    /// decoded panels and past the four tiles from which the weights are decoded once up
+    /// front, ragged n and k.
     #[test]
     fn weight_only_kernels_match_the_reference_at_every_level_and_thread_count(
-        m in prop_oneof![1usize..8, 7usize..20, 190usize..200], n in 1usize..40,
+        m in prop_oneof![1usize..8, 7usize..20, 190usize..200, 760usize..800], n in 1usize..40,
         k in prop_oneof![1usize..70, (1usize..20).prop_map(|g| g * 32)],
         bits in 1u8..9, kind in 0usize..4, gran in 0usize..4, bias in any::<bool>(), seed in any::<u64>()
     ) {
