@@ -284,14 +284,13 @@ impl Runtime for CpuRuntime {
         if !shapes_ok || !all_f32_cpu(&[x, gamma, beta]) || residual.is_some_and(|r| !all_f32_cpu(&[r])) {
             return pare_core_tensor::layer_norm_reference(x, residual, gamma, beta, eps);
         }
-        let mut y = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut y = vec![0f32; x.elem_count()];
         let (g, b) = (gamma.to_vec1::<f32>()?, beta.to_vec1::<f32>()?);
-        match residual {
-            Some(r) => {
-                with_f32(r, |rv| nonlinear::layer_norm(self.level, &self.pool, &mut y, Some(rv), &g, &b, eps as f32))?
-            }
-            None => nonlinear::layer_norm(self.level, &self.pool, &mut y, None, &g, &b, eps as f32),
-        }
+        let (level, pool, eps) = (self.level, &self.pool, eps as f32);
+        with_f32(x, |xv| match residual {
+            Some(r) => with_f32(r, |rv| nonlinear::layer_norm(level, pool, xv, Some(rv), &g, &b, eps, &mut y)),
+            None => Ok(nonlinear::layer_norm(level, pool, xv, None, &g, &b, eps, &mut y)),
+        })??;
         Ok(Tensor::from_vec(y, x.dims(), x.device())?)
     }
 

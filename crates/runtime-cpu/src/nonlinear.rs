@@ -101,24 +101,28 @@ fn scalar_act(act: Act, v: f32) -> f32 {
     }
 }
 
-/// Layer normalisation of each `dim`-long row of `x` (plus the same row of `residual`), in
-/// place: `(s − mean)/sqrt(var + eps)·γ + β`, statistics in f32 as the reference computes them.
+/// Layer normalisation of each `dim`-long row of `x` (plus the same row of `residual`) into
+/// `y`: `(s − mean)/sqrt(var + eps)·γ + β`, statistics in f32 as the reference computes them.
+/// Each task copies its rows of `x` itself, so the input is read once, on the pool.
 #[allow(clippy::too_many_arguments)]
 pub fn layer_norm(
     level: SimdLevel,
     pool: &rayon::ThreadPool,
-    x: &mut [f32],
+    x: &[f32],
     residual: Option<&[f32]>,
     gamma: &[f32],
     beta: &[f32],
     eps: f32,
+    y: &mut [f32],
 ) {
+    assert!(x.len() == y.len() && residual.is_none_or(|r| r.len() == x.len()));
     let dim = gamma.len().max(1);
     let rows_per = (16384 / dim).max(1);
     pool.install(|| {
-        x.par_chunks_mut(rows_per * dim).enumerate().for_each(|(c, chunk)| {
+        y.par_chunks_mut(rows_per * dim).enumerate().for_each(|(c, chunk)| {
             for (r, row) in chunk.chunks_mut(dim).enumerate() {
                 let at = (c * rows_per + r) * dim;
+                row.copy_from_slice(&x[at..at + row.len()]);
                 if let Some(res) = residual {
                     for (v, &a) in row.iter_mut().zip(&res[at..at + dim]) {
                         *v += a;
