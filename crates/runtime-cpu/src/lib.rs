@@ -289,7 +289,10 @@ impl Runtime for CpuRuntime {
         let (level, pool, eps) = (self.level, &self.pool, eps as f32);
         with_f32(x, |xv| match residual {
             Some(r) => with_f32(r, |rv| nonlinear::layer_norm(level, pool, xv, Some(rv), &g, &b, eps, &mut y)),
-            None => Ok(nonlinear::layer_norm(level, pool, xv, None, &g, &b, eps, &mut y)),
+            None => {
+                nonlinear::layer_norm(level, pool, xv, None, &g, &b, eps, &mut y);
+                Ok(())
+            }
         })??;
         Ok(Tensor::from_vec(y, x.dims(), x.device())?)
     }
