@@ -70,15 +70,11 @@ pub struct CpuRuntime {
 }
 
 /// Asks the C allocator to keep freed buffers of up to 32 MiB in the heap for reuse instead
-/// of returning them to the kernel, and to serve every thread from that one heap (glibc on
-/// Linux; elsewhere nothing). A model's layers allocate activations of a few MiB each; handed
-/// back and faulted in again, they cost about a sixth of MiniLM's time at batch 32 × 128 on 2
-/// cores (page faults and zeroing on every layer). The forward runs on the pool's threads
-/// ([`Runtime::run_scoped`]), and glibc's per-thread arenas unmap a heap whenever it empties
-/// whatever the trim threshold, so one arena (`M_ARENA_MAX = 1`) is what keeps the buffers:
-/// it took the kernel's share of a MiniLM int8 batch from 0.9 to 0.17 s over 12 batches and
-/// the wall time down 11%. [`CpuRuntime::new`] calls this once per process; the price is
-/// memory the process keeps after a peak, and one allocator lock for all its threads.
+/// of returning them to the kernel (glibc on Linux; elsewhere nothing). A model's layers
+/// allocate activations of a few MiB each; handed back and faulted in again, they cost about
+/// a sixth of MiniLM's time at batch 32 × 128 on 2 cores (page faults and zeroing on every
+/// layer). [`CpuRuntime::new`] calls this once per process; the price is memory the process
+/// keeps after a peak.
 pub fn retain_freed_memory() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -88,7 +84,6 @@ pub fn retain_freed_memory() {
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
             libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-            libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     });
 }
