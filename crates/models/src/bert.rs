@@ -415,14 +415,20 @@ impl BertEncoder {
         if hooks.is_empty() {
             // The whole forward on the runtime's own threads (see `Runtime::run_scoped`).
             return pare_core_tensor::in_runtime(rt.as_ref(), || {
-                let mut h = self.embed_hooked(input_ids, token_type_ids, &mut Hooks::none())?;
-                let mask = attention_bias(attention_mask)?;
-                for i in 0..self.layers.len() {
-                    h = self.layer_forward(i, &h, &mask, &mut Hooks::none(), &mut Ok)?;
-                }
-                Ok(h)
+                self.forward_ops(input_ids, token_type_ids, attention_mask, &mut Hooks::none())
             });
         }
+        self.forward_ops(input_ids, token_type_ids, attention_mask, hooks)
+    }
+
+    /// The forward op by op on the layers' runtime.
+    fn forward_ops(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: &Tensor,
+        hooks: &mut Hooks<'_>,
+    ) -> Result<Tensor> {
         let mut h = self.embed_hooked(input_ids, token_type_ids, hooks)?;
         let mask = attention_bias(attention_mask)?;
         for i in 0..self.layers.len() {

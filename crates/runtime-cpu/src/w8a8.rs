@@ -101,13 +101,14 @@ impl W8A8Linear {
     /// own (each row's range is taken per token), so that it can screen them for NaN and
     /// infinities instead of a separate pass.
     fn screens(&self, m: usize) -> bool {
-        matches!(self.act.range, ActRange::Dynamic { per_token: true }) && m > 1
+        matches!(self.act.range, ActRange::Dynamic { per_token: true }) && m > 1 && self.n > 0
     }
 
     /// `y[m, n]` for `x` row-major `[m, k]` (f32), computed at this op's SIMD level, then
     /// `act` (if any) applied by each task to its rectangle of the output once the epilogue
     /// has written it, while it is in cache. `None` when the rows' ranges met a value that is
-    /// not finite ([`W8A8Linear::screens`]; other inputs must be checked beforehand).
+    /// not finite (only when the ranges are per token and there are several rows; other inputs
+    /// must be checked beforehand).
     pub fn run_activated(&self, x: &[f32], act: Option<Act>) -> Option<Vec<f32>> {
         let (k, n) = (self.k, self.n);
         let m = x.len() / k.max(1);
