@@ -160,7 +160,7 @@ pub(crate) unsafe fn gemm_raw(
     // halve that work, and 192 × KC floats of x still sit in L2.
     let mc = if w.decoded() { 2 * MC } else { MC };
     let row_tiles = if fused { 1 } else { m.div_ceil(mc) };
-    if w.decoded() && row_tiles >= DECODE_ONCE_TILES {
+    if w.decoded() && row_tiles >= DECODE_ONCE_TILES && w.n().saturating_mul(w.k()) <= DECODE_ONCE_MAX {
         // Decoded per row tile, the weights would be decoded `row_tiles` times: decode every
         // panel once into f32 panels (n·k·4 bytes of scratch) and run pare's f32 GEMM on
         // them, which reads the same values in the same order (the same bits), so a 4-bit
@@ -212,6 +212,10 @@ pub(crate) unsafe fn gemm_raw(
 /// [`gemm_raw`]): at MiniLM's FFN shapes and M = 4096 (22 tiles) decoding per tile made the
 /// 4-bit GEMM 4–7% slower than the f32 one (`M=4096 q4_probe`).
 const DECODE_ONCE_TILES: usize = 4;
+
+/// The most weights decoded once up front (64 MiB of f32 panels): a larger layer (an LLM's
+/// 4096 × 11008 projection would take 180 MB per call) decodes per row tile as before.
+const DECODE_ONCE_MAX: usize = 16 << 20;
 
 /// Every panel of `w` decoded to f32 panels, on the pool.
 fn decode_all(level: SimdLevel, pool: &rayon::ThreadPool, w: &dyn Panels) -> PackedF32 {
