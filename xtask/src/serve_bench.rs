@@ -190,15 +190,17 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     let text = crate::prune::lines(&args.sentences, usize::MAX, "sentences")?;
     let need = args.batch * args.batches;
     let texts: Vec<&str> = text.iter().cycle().take(need).map(String::as_str).collect();
-    let batches: Vec<Vec<Tensor>> =
-        texts.chunks(args.batch).map(|c| encode(&enc, c, args.tokens)).collect::<anyhow::Result<_>>()?;
-    // Every batch takes the longest batch's length, so all micro-batches cost the same: the
-    // bubble formula assumes equal micro-batches, and one longer batch last in the pipeline
-    // (data/sentences.txt's 16th batch of 32 needs 144 tokens) adds its extra time to the
-    // bubble of the schedule.
-    let tokens = batches.iter().map(|b| b[0].dim(1)).collect::<candle_core::Result<Vec<_>>>()?.into_iter().max();
-    let tokens = tokens.unwrap_or(args.tokens);
-    let batches: Vec<Vec<Tensor>> = batches
+    // Every batch takes `--tokens` or the longest batch's length, whichever is more, so all
+    // micro-batches cost the same: the bubble formula assumes equal micro-batches, and one
+    // longer batch last in the pipeline (data/sentences.txt's 16th batch of 32 needs 144
+    // tokens) adds its extra time to the bubble of the schedule.
+    let unpadded: Vec<Vec<Tensor>> =
+        texts.chunks(args.batch).map(|c| encode(&enc, c, 0)).collect::<anyhow::Result<_>>()?;
+    let mut tokens = args.tokens;
+    for b in &unpadded {
+        tokens = tokens.max(b[0].dim(1)?);
+    }
+    let batches: Vec<Vec<Tensor>> = unpadded
         .into_iter()
         .map(|b| {
             let t = b[0].dim(1)?;

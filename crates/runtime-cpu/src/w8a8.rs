@@ -397,6 +397,24 @@ enum RowData {
     Quads(Vec<u8>),
 }
 
+/// Stores the four 32-bit lanes of `v` at `d`, `d + stride`, `d + 2·stride` and `d + 3·stride`
+/// bytes: one row's next four code groups in a [`Rows`] tile.
+///
+/// # Safety
+/// The four 4-byte spans must be writable.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn scatter_dwords(v: std::arch::x86_64::__m128i, d: *mut u8, stride: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller vouches for the four spans; the stores are unaligned.
+    unsafe {
+        (d as *mut i32).write_unaligned(_mm_cvtsi128_si32(v));
+        (d.add(stride) as *mut i32).write_unaligned(_mm_cvtsi128_si32(_mm_srli_si128::<4>(v)));
+        (d.add(2 * stride) as *mut i32).write_unaligned(_mm_cvtsi128_si32(_mm_srli_si128::<8>(v)));
+        (d.add(3 * stride) as *mut i32).write_unaligned(_mm_cvtsi128_si32(_mm_srli_si128::<12>(v)));
+    }
+}
+
 impl Rows {
     /// Values per group and rows per tile.
     fn geometry(&self) -> (usize, usize) {
@@ -437,11 +455,7 @@ impl Rows {
                         // at + j·2·mr (j < 4) end within the tile (asserted).
                         unsafe {
                             let v = _mm_loadu_si128(c.as_ptr() as *const __m128i);
-                            let d = tile.as_mut_ptr().add(at);
-                            (d as *mut i32).write_unaligned(_mm_cvtsi128_si32(v));
-                            (d.add(2 * mr) as *mut i32).write_unaligned(_mm_cvtsi128_si32(_mm_srli_si128::<4>(v)));
-                            (d.add(4 * mr) as *mut i32).write_unaligned(_mm_cvtsi128_si32(_mm_srli_si128::<8>(v)));
-                            (d.add(6 * mr) as *mut i32).write_unaligned(_mm_cvtsi128_si32(_mm_srli_si128::<12>(v)));
+                            scatter_dwords(v, tile.as_mut_ptr().add(at).cast(), 4 * mr);
                         }
                     }
                     wide
@@ -478,11 +492,7 @@ impl Rows {
                             let lo = _mm_loadu_si128(c.as_ptr() as *const __m128i);
                             let hi = _mm_loadu_si128(c.as_ptr().add(8) as *const __m128i);
                             let v = _mm_xor_si128(_mm_packs_epi16(lo, hi), _mm_set1_epi8(-128));
-                            let d = tile.as_mut_ptr().add(at);
-                            (d as *mut i32).write_unaligned(_mm_cvtsi128_si32(v));
-                            (d.add(4 * mr) as *mut i32).write_unaligned(_mm_cvtsi128_si32(_mm_srli_si128::<4>(v)));
-                            (d.add(8 * mr) as *mut i32).write_unaligned(_mm_cvtsi128_si32(_mm_srli_si128::<8>(v)));
-                            (d.add(12 * mr) as *mut i32).write_unaligned(_mm_cvtsi128_si32(_mm_srli_si128::<12>(v)));
+                            scatter_dwords(v, tile.as_mut_ptr().add(at), 4 * mr);
                         }
                     }
                     wide
