@@ -55,6 +55,13 @@ pub trait Panels: Send + Sync + Debug {
     fn fused_rows(&self, _level: SimdLevel, _jb: usize, _x: &[&[f32]], _aux: &[f32], _out: &mut [[f32; NR]]) {
         unreachable!("fused_rows without fused_aux")
     }
+    /// Where [`Panels::panel`]'s values for panel `jb`, reduction rows from `k0`, are stored,
+    /// so that the kernel can prefetch them while it multiplies the panel before; `None`
+    /// (the default) where they are decoded instead, or `jb` is past the last panel. Only an
+    /// address: it is never read through.
+    fn stored_at(&self, _jb: usize, _k0: usize) -> Option<*const f32> {
+        None
+    }
 }
 
 /// Dense f32 weights packed `[panel][k][NR]`.
@@ -95,6 +102,9 @@ impl Panels for PackedF32 {
     }
     fn panel<'a>(&'a self, _: SimdLevel, jb: usize, k0: usize, k1: usize, _: &'a mut [f32]) -> &'a [f32] {
         &self.data[(jb * self.k + k0) * NR..(jb * self.k + k1) * NR]
+    }
+    fn stored_at(&self, jb: usize, k0: usize) -> Option<*const f32> {
+        (jb < self.n.div_ceil(NR) && k0 < self.k).then(|| self.data[(jb * self.k + k0) * NR..].as_ptr())
     }
 }
 
@@ -347,6 +357,11 @@ fn blocked_tile(
         for jb in p0..p1 {
             let b = w.panel(level, jb, k0, k1, &mut buf);
             let mut s = 0;
+            // The next panel's slice, fetched while the first strips multiply this one (with
+            // few rows the GEMM streams its weights from memory, and the hardware prefetcher
+            // alone does not keep up across panels).
+            #[cfg(target_arch = "x86_64")]
+            let ahead = if jb + 1 < p1 { w.stored_at(jb + 1, k0) } else { None };
             while s < strips {
                 let (r, c) = (tile.r0 + s * MR, jb * NR);
                 let (first, base) = (k0 == 0, bias.map(|b| &b[c..]));
@@ -363,6 +378,7 @@ fn blocked_tile(
                             tile.y.add(r * tile.n + c),
                             tile.n,
                             base,
+                            if s == 0 { ahead } else { None },
                         )
                     };
                     s += 2;
@@ -623,16 +639,31 @@ mod avx512 {
     /// chain the same as the AVX2 6×16 kernel's (so the same bits), written as
     /// [`super::micro_add`] writes.
     ///
+    /// With `ahead`, one line of the `kc·NR` floats from there is prefetched per step (the
+    /// next panel's slice; never read through here).
+    ///
     /// # Safety
     /// The CPU must support AVX-512 F, AVX2 and FMA; `a.len() == 2·kc·MR`, `b.len() == kc·NR`;
     /// `c` points at 12 rows of `NR` writable floats, `ldc` apart, that no other thread
     /// touches during the call.
     #[target_feature(enable = "avx2,fma,avx512f")]
-    pub unsafe fn micro_add12(a: &[f32], b: &[f32], kc: usize, c: *mut f32, ldc: usize, base: Base) {
+    pub unsafe fn micro_add12(
+        a: &[f32],
+        b: &[f32],
+        kc: usize,
+        c: *mut f32,
+        ldc: usize,
+        base: Base,
+        ahead: Option<*const f32>,
+    ) {
         assert!(a.len() == 2 * kc * MR && b.len() == kc * NR);
         let mut acc = [_mm512_setzero_ps(); 2 * MR];
         let (a0, bp) = (a.as_ptr(), b.as_ptr());
         for p in 0..kc {
+            if let Some(next) = ahead {
+                // A prefetch never faults, so the address is formed with wrapping arithmetic.
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(p * NR).cast());
+            }
             // SAFETY: p < kc, so p·NR + 16 ≤ b.len(), and both strips' p·MR + 6 ≤ kc·MR.
             unsafe {
                 let bv = _mm512_loadu_ps(bp.add(p * NR));
