@@ -610,6 +610,15 @@ mod avx2 {
         let mut y = [[_mm256_setzero_ps(); 2]; R];
         for g in 0..q.groups {
             let (g0, g1) = (g * q.group, ((g + 1) * q.group).min(q.k));
+            // As the AVX-512 kernel: codes and scales fetched ahead (addresses only, so
+            // wrapping arithmetic).
+            let mut line = g0 * w / 64 * 64;
+            while line < g1 * w {
+                _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(line + super::avx512::PREFETCH).cast());
+                line += 64;
+            }
+            let next = q.scale.as_ptr().wrapping_add((jb * q.groups + g + super::avx512::PREFETCH_GROUPS) * NR);
+            _mm_prefetch::<_MM_HINT_T0>(next.cast());
             let mut acc = [[[_mm256_setzero_ps(); 2]; R]; U];
             let mut p = g0;
             // SAFETY (both loops): p < g1 ≤ k, so the codes at p·w and x[r][p] are in bounds.
@@ -771,9 +780,9 @@ mod avx512 {
     /// How far ahead of the group being multiplied [`rows`] prefetches codes, in bytes: with
     /// one or two rows the kernel decodes faster than the hardware prefetcher alone streams
     /// the panels in from memory.
-    const PREFETCH: usize = 1024;
+    pub(super) const PREFETCH: usize = 1024;
     /// How far ahead [`rows`] prefetches the scales, in groups.
-    const PREFETCH_GROUPS: usize = 8;
+    pub(super) const PREFETCH_GROUPS: usize = 8;
 
     /// `R` rows against panel `jb` with `U` interleaved accumulator sets per group.
     #[target_feature(enable = "avx2,fma,avx512f")]
