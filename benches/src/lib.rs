@@ -30,15 +30,25 @@ pub fn median_pair(reps: usize, ours: impl FnMut(), peer: impl FnMut()) -> (f64,
 /// effect fades only after ten or more calls (`INTERFERE=1 N=4096 gemv_probe` shows it:
 /// pool threads still yielding, memory freed by the other side being reclaimed), which would
 /// charge one library for the other's after-effects.
-pub fn median_pair_blocks(reps: usize, block: usize, mut ours: impl FnMut(), mut peer: impl FnMut()) -> (f64, f64) {
+pub fn median_pair_blocks(reps: usize, block: usize, ours: impl FnMut(), peer: impl FnMut()) -> (f64, f64) {
+    median_pair_warm(reps, block, if block > 1 { block } else { 0 }, ours, peer)
+}
+
+/// [`median_pair_blocks`] with `warm` untimed calls (instead of `block`) before each timed
+/// block, for calls whose after-effects on the other side last longer than one block.
+pub fn median_pair_warm(
+    reps: usize,
+    block: usize,
+    warm: usize,
+    mut ours: impl FnMut(),
+    mut peer: impl FnMut(),
+) -> (f64, f64) {
     ours();
     peer();
     let block = block.max(1);
     let time = |f: &mut dyn FnMut()| {
-        if block > 1 {
-            for _ in 0..block {
-                f();
-            }
+        for _ in 0..warm {
+            f();
         }
         let s = std::time::Instant::now();
         for _ in 0..block {
@@ -54,6 +64,26 @@ pub fn median_pair_blocks(reps: usize, block: usize, mut ours: impl FnMut(), mut
     a.sort_by(f64::total_cmp);
     b.sort_by(f64::total_cmp);
     (a[a.len() / 2], b[b.len() / 2])
+}
+
+/// The median time of one call of `f` over `reps` blocks of `block` calls, after `block`
+/// untimed calls: a kernel's steady state on its own, as a bandwidth loop is timed.
+pub fn median_alone(reps: usize, block: usize, mut f: impl FnMut()) -> f64 {
+    let block = block.max(1);
+    for _ in 0..block {
+        f();
+    }
+    let mut t: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let s = std::time::Instant::now();
+            for _ in 0..block {
+                f();
+            }
+            s.elapsed().as_secs_f64() / block as f64
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
 }
 
 /// Whether the bench runs in quick mode (`PARE_BENCH_QUICK=1`, set by `cargo xtask bench

@@ -39,6 +39,11 @@ pub struct Args {
     /// with the final model at 32 × 128 tokens, 2 threads.
     #[arg(long)]
     ort_json: Option<PathBuf>,
+    /// Check the whole recipe against the model and stop: every stage's options, the stage
+    /// order, the layer selectors and the output folder, as a run checks them before its first
+    /// stage. Nothing is written.
+    #[arg(long)]
+    check: bool,
 }
 
 /// One stage as run, in the manifest.
@@ -182,7 +187,7 @@ fn plan_stage(
         Kind::Distill => {
             fixed.push(("teacher", input.display().to_string()));
             let a: crate::distill::Args = recipe.stage_args(stage, &fixed, true)?;
-            crate::distill::check(&a).map_err(wrap)?;
+            crate::distill::check_for(&a, io.train_text.is_some()).map_err(wrap)?;
             Planned::Distill(Box::new(a))
         }
         Kind::Nas => {
@@ -212,7 +217,7 @@ fn plan_stage(
             fixed.push(("teacher", io.original.display().to_string()));
             fixed.push(("student", input.display().to_string()));
             let a: crate::distill::Args = recipe.stage_args(stage, &fixed, true)?;
-            crate::distill::check(&a).map_err(wrap)?;
+            crate::distill::check_for(&a, io.train_text.is_some()).map_err(wrap)?;
             Planned::Distill(Box::new(a))
         }
         Kind::Evaluate => {
@@ -319,14 +324,20 @@ fn check_selectors(recipe: &Recipe, loaded: &dyn Module) -> anyhow::Result<()> {
 impl Args {
     /// A run of `recipe` on `model` into `out`, on `runtime`.
     pub fn new(model: PathBuf, recipe: PathBuf, out: PathBuf, runtime: crate::runtime::RuntimeOpts) -> Self {
-        Args { model, recipe, out, runtime, ort_json: None }
+        Args { model, recipe, out, runtime, ort_json: None, check: false }
     }
 }
 
 /// `cargo xtask compress`: runs the recipe and prints the report.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let out = args.out.clone();
-    let report = execute(args)?;
+    let check = args.check;
+    let (model, recipe) = (args.model.clone(), args.recipe.clone());
+    let Some(report) = run_recipe(args)? else {
+        debug_assert!(check);
+        println!("{}: every stage checks out against {} (nothing written)", recipe.display(), model.display());
+        return Ok(());
+    };
     println!("\n{}", report.render());
     println!("wrote {}/report.md, report.json, tradeoff.svg, sensitivity.svg, manifest.json", out.display());
     Ok(())
@@ -335,6 +346,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// Runs a recipe: checks it whole, runs (or resumes) its stages, measures every model and
 /// writes the report, which it returns.
 pub fn execute(args: Args) -> anyhow::Result<Report> {
+    run_recipe(Args { check: false, ..args })?.context("a run that is not a check returns its report")
+}
+
+/// [`execute`], or with `args.check` only its checks (`None`: nothing run, nothing written).
+fn run_recipe(args: Args) -> anyhow::Result<Option<Report>> {
     // Everything is checked before anything is written.
     let recipe = Recipe::load(&args.recipe)?;
     if !args.model.exists() {
@@ -379,6 +395,9 @@ pub fn execute(args: Args) -> anyhow::Result<Report> {
     }
     let original = Loaded::load(&args.model)?;
     check_selectors(&recipe, original.module())?;
+    if args.check {
+        return Ok(None);
+    }
 
     std::fs::create_dir_all(&stage_dir).with_context(|| format!("create {}", stage_dir.display()))?;
     let mut model_hash = hash_path(&args.model)?;
@@ -477,7 +496,7 @@ pub fn execute(args: Args) -> anyhow::Result<Report> {
         report.peers = peers;
         report.write(&args.out)?;
     }
-    Ok(report)
+    Ok(Some(report))
 }
 
 /// Export stages take what the last quantize stage made: GGUF holds float weights and

@@ -119,9 +119,38 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
     })
 }
 
-/// Checks the options without loading anything (for recipes, before any stage runs).
-pub fn check(args: &Args) -> anyhow::Result<()> {
-    check_common(args).map(|_| ())
+/// Checks the options without loading anything (for recipes, before any stage runs): each
+/// on its own, and that they suit the kind of teacher (`folder`: a sentence encoder;
+/// otherwise a digits model), since a pipeline's stages are checked before the models they
+/// take exist.
+pub fn check_for(args: &Args, folder: bool) -> anyhow::Result<()> {
+    check_common(args)?;
+    let s = args.student.as_str();
+    let digits_arch = s.starts_with("mlp:") || s.starts_with("cnn:");
+    let encoder_spec = s == "every-other" || s.starts_with("layers:");
+    if folder {
+        if args.transfer {
+            bail!(
+                "--transfer builds a transfer set of shifted digits: it applies to a digits teacher, not a model folder"
+            );
+        }
+        if args.feature_loss != "hint" {
+            bail!(
+                "--feature-loss {}: encoder hints compare hidden states by masked MSE; only `hint` applies to a model folder",
+                args.feature_loss
+            );
+        }
+        if digits_arch {
+            bail!(
+                "--student `{s}` is a digits architecture, but the teacher is a sentence encoder: expected every-other, layers:I,J,... or a model folder"
+            );
+        }
+    } else if encoder_spec {
+        bail!(
+            "--student `{s}` picks a sentence encoder's layers, but the teacher is a digits model: expected mlp:H1,..., cnn:C1,...:H or a digits model file"
+        );
+    }
+    Ok(())
 }
 
 /// Checks the options every kind of teacher shares, before anything is loaded.

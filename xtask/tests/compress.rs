@@ -96,6 +96,10 @@ fn recipe_errors_name_the_file_line_stage_and_key_and_write_nothing() {
         ),
         ("[[stage]]\nkind = \"distill\"\n", "line 1: stage 1 (distill): missing key `student`"),
         (
+            "[[stage]]\nkind = \"distill\"\nstudent = \"every-other\"\n",
+            "line 3: stage 1 (distill): --student `every-other` picks a sentence encoder's layers, but the teacher is a digits model",
+        ),
+        (
             "[[stage]]\nkind = \"evaluate\"\nreps = 3\n",
             "line 3: stage 1 (evaluate): unknown key `reps`: evaluate takes no options",
         ),
@@ -121,6 +125,30 @@ fn recipe_errors_name_the_file_line_stage_and_key_and_write_nothing() {
     std::fs::write(&r, "[[stage]]\nkind = \"evaluate\"\n").unwrap();
     let o = compress(&model, &r, &model);
     assert!(String::from_utf8_lossy(&o.stderr).contains("holds the input model"));
+    // `--check` checks the shipped digits recipes whole and writes nothing; it refuses the
+    // cases above as a run does.
+    let out = dir.path().join("checked");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    for name in ["digits.toml", "digits-nas.toml"] {
+        let recipe = root.join("recipes").join(name);
+        let args = ["compress", "--check", "--model", model.to_str().unwrap(), "--recipe", recipe.to_str().unwrap()];
+        let text = ok(&[&args[..], &["--out", out.to_str().unwrap()]].concat());
+        assert!(text.contains("every stage checks out"), "{text}");
+        assert!(!out.exists(), "--check wrote {}", out.display());
+    }
+    let bad = dir.path().join("r0.toml");
+    let o = xtask(&[
+        "compress",
+        "--check",
+        "--model",
+        model.to_str().unwrap(),
+        "--recipe",
+        bad.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("unknown key `sparsty`"));
+    assert!(!out.exists());
 }
 
 #[test]
