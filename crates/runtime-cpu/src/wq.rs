@@ -610,19 +610,15 @@ mod avx2 {
         let mut y = [[_mm256_setzero_ps(); 2]; R];
         for g in 0..q.groups {
             let (g0, g1) = (g * q.group, ((g + 1) * q.group).min(q.k));
-            // As the AVX-512 kernel: codes and scales fetched ahead (addresses only, so
+            // As the AVX-512 kernel: scales and codes fetched ahead (addresses only, so
             // wrapping arithmetic).
-            let mut line = g0 * w / 64 * 64;
-            while line < g1 * w {
-                _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(line + super::avx512::PREFETCH).cast());
-                line += 64;
-            }
             let next = q.scale.as_ptr().wrapping_add((jb * q.groups + g + super::avx512::PREFETCH_GROUPS) * NR);
             _mm_prefetch::<_MM_HINT_T0>(next.cast());
             let mut acc = [[[_mm256_setzero_ps(); 2]; R]; U];
             let mut p = g0;
             // SAFETY (both loops): p < g1 ≤ k, so the codes at p·w and x[r][p] are in bounds.
             while p + U <= g1 {
+                super::avx512::prefetch_lines(codes, p * w, (p + U) * w);
                 for (u, set) in acc.iter_mut().enumerate() {
                     let (w0, w1) = unsafe { load::<NIB>(codes.add((p + u) * w), tab) };
                     for (r, a) in set.iter_mut().enumerate() {
@@ -784,6 +780,21 @@ mod avx512 {
     /// How far ahead [`rows`] prefetches the scales, in groups.
     pub(super) const PREFETCH_GROUPS: usize = 8;
 
+    /// Prefetches, [`PREFETCH`] bytes ahead, each cache line that starts within bytes
+    /// `from..to` of `codes`: a kernel calls it for the bytes of each step, so every line of a
+    /// panel is fetched once, evenly along the loop (a whole group's lines at once would be a
+    /// burst of 64 with per-row scales over k = 4096).
+    #[inline(always)]
+    pub(super) fn prefetch_lines(codes: *const u8, from: usize, to: usize) {
+        let mut line = from.div_ceil(64) * 64;
+        while line < to {
+            // SAFETY: a prefetch reads nothing and never faults; the address is only formed
+            // (with wrapping arithmetic).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(line + PREFETCH).cast()) };
+            line += 64;
+        }
+    }
+
     /// `R` rows against panel `jb` with `U` interleaved accumulator sets per group.
     #[target_feature(enable = "avx2,fma,avx512f")]
     unsafe fn rows<const R: usize, const U: usize>(
@@ -806,20 +817,16 @@ mod avx512 {
         let mut y = [_mm512_setzero_ps(); R];
         for g in 0..q.groups {
             let (g0, g1) = (g * q.group, ((g + 1) * q.group).min(q.k));
-            // The codes PREFETCH bytes ahead and the scales PREFETCH_GROUPS groups ahead (past
-            // the panel's end: the next panel's, which this thread most likely takes next).
+            // The scales PREFETCH_GROUPS groups ahead (past the panel's end: the next panel's,
+            // which this thread most likely takes next), the codes PREFETCH bytes ahead below.
             // Prefetches never fault, so the addresses are formed with wrapping arithmetic.
-            let mut line = g0 * W / 64 * 64;
-            while line < g1 * W {
-                _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(line + PREFETCH).cast());
-                line += 64;
-            }
             let next = q.scale.as_ptr().wrapping_add((jb * q.groups + g + PREFETCH_GROUPS) * NR);
             _mm_prefetch::<_MM_HINT_T0>(next.cast());
             let mut acc = [[_mm512_setzero_ps(); R]; U];
             let mut p = g0;
             // SAFETY (both loops): p < g1 ≤ k, so the codes at p·W and x[r][p] are in bounds.
             while p + U <= g1 {
+                prefetch_lines(codes, p * W, (p + U) * W);
                 for (u, set) in acc.iter_mut().enumerate() {
                     let w = unsafe { load(codes.add((p + u) * W), shift, tab) };
                     for (r, a) in set.iter_mut().enumerate() {
