@@ -783,7 +783,7 @@ mod avx512 {
     /// Prefetches, [`PREFETCH`] bytes ahead, each cache line that starts within bytes
     /// `from..to` of `codes`: a kernel calls it for the bytes of each step, so every line of a
     /// panel is fetched once, evenly along the loop (a whole group's lines at once would be a
-    /// burst of 64 with per-row scales over k = 4096).
+    /// burst of 512, the whole 32 KiB panel, with one scale per row over k = 4096).
     #[inline(always)]
     pub(super) fn prefetch_lines(codes: *const u8, from: usize, to: usize) {
         let mut line = from.div_ceil(64) * 64;
