@@ -18,15 +18,14 @@ fn ok(args: &[&str]) -> String {
 
 /// `cargo xtask compress` of `recipe` on `model` into `out`.
 fn compress(model: &Path, recipe: &Path, out: &Path) -> Output {
-    xtask(&[
-        "compress",
-        "--model",
-        model.to_str().unwrap(),
-        "--recipe",
-        recipe.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ])
+    compress_with(model, recipe, out, &[])
+}
+
+/// [`compress`] with extra `flags` (`--check`).
+fn compress_with(model: &Path, recipe: &Path, out: &Path, flags: &[&str]) -> Output {
+    let paths =
+        ["--model", model.to_str().unwrap(), "--recipe", recipe.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    xtask(&[&["compress"], flags, &paths[..]].concat())
 }
 
 /// A small digits teacher trained once for the tests of this file.
@@ -131,22 +130,12 @@ fn recipe_errors_name_the_file_line_stage_and_key_and_write_nothing() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     for name in ["digits.toml", "digits-nas.toml"] {
         let recipe = root.join("recipes").join(name);
-        let args = ["compress", "--check", "--model", model.to_str().unwrap(), "--recipe", recipe.to_str().unwrap()];
-        let text = ok(&[&args[..], &["--out", out.to_str().unwrap()]].concat());
-        assert!(text.contains("every stage checks out"), "{text}");
+        let o = compress_with(&model, &recipe, &out, &["--check"]);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success() && text.contains("every stage checks out"), "{text}");
         assert!(!out.exists(), "--check wrote {}", out.display());
     }
-    let bad = dir.path().join("r0.toml");
-    let o = xtask(&[
-        "compress",
-        "--check",
-        "--model",
-        model.to_str().unwrap(),
-        "--recipe",
-        bad.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = compress_with(&model, &dir.path().join("r0.toml"), &out, &["--check"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("unknown key `sparsty`"));
     assert!(!out.exists());
 }
