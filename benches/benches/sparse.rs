@@ -13,13 +13,21 @@ use pare_runtime_cpu::gemm::{PackedF32, gemm};
 use pare_runtime_cpu::sparse::SparseRows;
 use pare_runtime_cpu::{CpuRuntime, SimdLevel};
 
-/// Pseudo-random `[n, k]` values, `keep` of them nonzero; with `nm`, exactly 2 of every 4.
+/// Pseudo-random `[n, k]` values, `keep` of them nonzero; with `nm`, exactly 2 of every 4
+/// (at pseudo-random positions).
 fn weights(n: usize, k: usize, keep: f64, nm: bool) -> Vec<f32> {
     (0..n * k)
         .map(|i| {
             let h = (i as u64).wrapping_mul(0x9E3779B97F4A7C15) >> 11;
             let v = ((h % 2001) as f32 - 1000.0) * 1e-4;
-            let kept = if nm { i % 4 == 1 || i % 4 == 2 } else { ((h >> 20) % 1000) as f64 / 1000.0 < keep };
+            let kept = if nm {
+                // One of the six 2-of-4 patterns per group, as a magnitude prune leaves them.
+                const PAIRS: [[usize; 2]; 6] = [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]];
+                let g = ((i / 4) as u64).wrapping_mul(0xD1B54A32D192ED03) >> 40;
+                PAIRS[(g % 6) as usize].contains(&(i % 4))
+            } else {
+                ((h >> 20) % 1000) as f64 / 1000.0 < keep
+            };
             if kept && v != 0.0 {
                 v
             } else if kept {

@@ -1,6 +1,6 @@
 //! pare's sparse kernel alone on one thread: nanoseconds per (nonzero × 32-row tile) at
 //! MiniLM's K = 384 for several output counts and densities, to read the kernel's per-nonzero
-//! cost apart from the weight stream (`perf record` it too).
+//! cost apart from the weight stream (`perf record` it too; `N=1536 KEEP=0.1` runs one case).
 use pare_runtime_cpu::SimdLevel;
 use pare_runtime_cpu::sparse::SparseRows;
 
@@ -8,8 +8,15 @@ fn main() {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let (m, k) = (4096usize, 384usize);
     let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
+    let only = |var: &str| std::env::var(var).ok().and_then(|v| v.parse::<f64>().ok());
     for n in [64usize, 1536] {
+        if only("N").is_some_and(|v| v as usize != n) {
+            continue;
+        }
         for keep in [0.1, 0.5] {
+            if only("KEEP").is_some_and(|v| v != keep) {
+                continue;
+            }
             let w: Vec<f32> = (0..n * k)
                 .map(|i| {
                     let h = (i as u64).wrapping_mul(0x9E3779B97F4A7C15) >> 11;
