@@ -19,7 +19,8 @@ fn main() {
 
 fn run(rt: &Arc<dyn Runtime>, m: usize) {
     let act = ActQuant::new(8, true, ActRange::Dynamic { per_token: true });
-    for (k, n) in [(384usize, 384usize), (384, 1536), (1536, 384)] {
+    // (384, 1152): the query, key and value projections as one weight.
+    for (k, n) in [(384usize, 384usize), (384, 1152), (384, 1536), (1536, 384)] {
         let scheme = QuantScheme {
             bits: 8,
             signed: true,

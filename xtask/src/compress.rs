@@ -636,7 +636,7 @@ fn finish(
 ) -> anyhow::Result<Report> {
     let rounds = if meter.encoder() { 3 } else { 7 };
     let bar = crate::progress(rounds as u64, "timing");
-    let (rows, baseline) = meter.rows(models, qualities, &mut || bar.inc(1), rounds)?;
+    let (rows, baseline, candle_bert) = meter.rows(models, qualities, &mut || bar.inc(1), rounds)?;
     bar.finish_and_clear();
     let bar = crate::progress(0, "layers");
     let layers = meter.layers(models, qualities, &mut |k, n| {
@@ -691,6 +691,7 @@ fn finish(
         metric: meter.metric().into(),
         batch: meter.batch_name(),
         baseline,
+        candle_transformers: candle_bert,
         rows,
         layers,
         benches: bench_rows,

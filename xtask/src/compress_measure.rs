@@ -1,6 +1,6 @@
 //! Measuring the models of a `cargo xtask compress` run on one runtime: quality against the
 //! original, latency in alternating rounds against each other and against the original on
-//! candle f32, MACs, and the final model layer by layer (error and quality cost of each layer
+//! candle f32 (and, for sentence encoders, on candle-transformers' `BertModel`), MACs, and the final model layer by layer (error and quality cost of each layer
 //! compressed alone).
 
 use std::path::{Path, PathBuf};
@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::bert::BertModel;
 use pare_core_tensor::data::{DigitsSplit, digits, sentences};
 use pare_core_tensor::metrics::{MacCounter, mean_cosine};
 use pare_core_tensor::{Hooks, LayerRef, Module, ReferenceRuntime, Runtime, Weight};
@@ -96,8 +97,21 @@ impl Batch {
         }
     }
 
-    /// One forward of `m` on this batch.
-    fn forward(&self, m: &Loaded) -> anyhow::Result<()> {
+    /// One forward of `t` on this batch.
+    fn forward(&self, t: &Timed<'_>) -> anyhow::Result<()> {
+        let m = match t {
+            Timed::Model(m) => *m,
+            Timed::CandleBert(bert) => {
+                let Batch::Tokens { ids, types, mask } = self else {
+                    anyhow::bail!("candle-transformers' BERT takes token batches")
+                };
+                // The same work as a pare encoder's forward below: the hidden states, then
+                // the sentence embeddings.
+                let h = bert.forward(ids, types, Some(mask))?;
+                mean_pool_normalize(&h, mask)?.sum_all()?.to_scalar::<f32>()?;
+                return Ok(());
+            }
+        };
         match (m, self) {
             (Loaded::Digits(net), Batch::Images(x)) => {
                 net.forward(x)?.sum_all()?.to_scalar::<f32>()?;
@@ -113,7 +127,7 @@ impl Batch {
 
     /// Median seconds per batch of every model, timed in `rounds` alternating rounds (each
     /// model runs about [`ROUND_SECS`] per round), so that a noisy machine slows all alike.
-    fn time(&self, models: &[&Loaded], rounds: usize, on_round: &mut dyn FnMut()) -> anyhow::Result<Vec<f64>> {
+    fn time(&self, models: &[Timed<'_>], rounds: usize, on_round: &mut dyn FnMut()) -> anyhow::Result<Vec<f64>> {
         // Warm up, and size each model's block of forwards.
         let mut reps = Vec::with_capacity(models.len());
         for m in models {
@@ -178,6 +192,29 @@ fn make_batch(
             }
         }
     })
+}
+
+/// What a timing round runs.
+enum Timed<'a> {
+    /// A pare model, prepared on its runtime.
+    Model(&'a Loaded),
+    /// candle-transformers' f32 `BertModel` on the original encoder's weights.
+    CandleBert(&'a BertModel),
+}
+
+/// candle-transformers' f32 `BertModel` on the weights of the sentence-transformers folder
+/// `dir` (its `config.json` and `model.safetensors`).
+fn candle_bert(dir: &Path) -> anyhow::Result<BertModel> {
+    let config = dir.join("config.json");
+    let text = std::fs::read_to_string(&config).with_context(|| format!("read {}", config.display()))?;
+    let cfg: candle_transformers::models::bert::Config =
+        serde_json::from_str(&text).with_context(|| format!("parse {} as a BERT config", config.display()))?;
+    let weights = dir.join("model.safetensors");
+    // SAFETY: nothing writes to the model file while this process maps it (the output folder
+    // is checked not to be the input before any stage runs).
+    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu) }
+        .with_context(|| format!("map {}", weights.display()))?;
+    BertModel::load(vb, &cfg).with_context(|| format!("load {} as candle-transformers' BertModel", dir.display()))
 }
 
 /// Measures models on one runtime against the original.
@@ -283,22 +320,28 @@ impl Meter {
     ) -> anyhow::Result<([f64; 3], String)> {
         let batch = make_batch(self.data.as_ref(), &self.text, original, n, len)?;
         let base = candle_f32(original)?;
-        let t = batch.time(&[original, model, &base], rounds, on_round)?;
+        let t = batch.time(&[Timed::Model(original), Timed::Model(model), Timed::Model(&base)], rounds, on_round)?;
         Ok(([t[0], t[1], t[2]], batch.name()))
     }
 
-    /// Rows for `models` (labels and paths beside them) and the candle f32 baseline of the
-    /// original (`models[0]`), all timed together.
+    /// Rows for `models` (labels and paths beside them), the candle f32 baseline of the
+    /// original (`models[0]`) and, for a sentence encoder, candle-transformers' `BertModel` on
+    /// the original's weights, all timed together.
     pub fn rows(
         &mut self,
         models: &[(String, PathBuf, Loaded, Option<f64>)],
         qualities: &[f64],
         on_round: &mut dyn FnMut(),
         rounds: usize,
-    ) -> anyhow::Result<(Vec<Row>, Baseline)> {
+    ) -> anyhow::Result<(Vec<Row>, Baseline, Option<Baseline>)> {
         let base = candle_f32(&models[0].2)?;
-        let mut all: Vec<&Loaded> = models.iter().map(|m| &m.2).collect();
-        all.push(&base);
+        let bert = match &models[0].2 {
+            Loaded::Encoder(_) => Some(candle_bert(&models[0].1)?),
+            Loaded::Digits(_) => None,
+        };
+        let mut all: Vec<Timed<'_>> = models.iter().map(|m| Timed::Model(&m.2)).collect();
+        all.push(Timed::Model(&base));
+        all.extend(bert.as_ref().map(Timed::CandleBert));
         let batch = &self.batch;
         let secs = batch.time(&all, rounds, on_round)?;
         let n = batch.len() as f64;
@@ -328,7 +371,15 @@ impl Meter {
             latency_ms: t * 1e3,
             throughput: n / t,
         };
-        Ok((rows, baseline))
+        let bert = bert.map(|_| {
+            let t = secs[models.len() + 1];
+            Baseline {
+                name: "candle-transformers' f32 `BertModel` on the original's weights".into(),
+                latency_ms: t * 1e3,
+                throughput: n / t,
+            }
+        });
+        Ok((rows, baseline, bert))
     }
 
     /// The final model (`models.last()`) layer by layer: each weighted layer's format, size,

@@ -129,6 +129,10 @@ pub struct Report {
     pub batch: String,
     /// The original in f32 on candle.
     pub baseline: Baseline,
+    /// Sentence encoders: candle-transformers' f32 `BertModel` on the original's weights,
+    /// timed in the same rounds (the peer issue 10's speed goal names).
+    #[serde(default)]
+    pub candle_transformers: Option<Baseline>,
     /// The original, then every stage.
     pub rows: Vec<Row>,
     /// The final model, layer by layer.
@@ -180,9 +184,16 @@ impl Report {
     /// original on the same runtime and against candle f32.
     pub fn summary(&self) -> String {
         let (first, last) = self.ends();
+        let bert = self.candle_transformers.as_ref().map_or(String::new(), |b| {
+            format!(
+                "; {:.2}× candle-transformers' f32 BertModel's {:.3} ms",
+                ratio(b.latency_ms, last.latency_ms),
+                b.latency_ms
+            )
+        });
         format!(
             "{}: {} → {} weight bytes ({:.2}× smaller, {:.2} → {:.2} bits per weight); {} {:.4} → {:.4} ({:+.2} points); \
-             {:.3} → {:.3} ms per batch of {} on `{}` ({:.2}× faster; {:.2}× candle f32's {:.3} ms)",
+             {:.3} → {:.3} ms per batch of {} on `{}` ({:.2}× faster; {:.2}× candle f32's {:.3} ms{bert})",
             self.recipe,
             first.bytes,
             last.bytes,
@@ -206,13 +217,16 @@ impl Report {
     /// The stage table alone (what the demo prints).
     pub fn table(&self) -> String {
         let first = &self.rows[0];
+        let bert = self.candle_transformers.as_ref();
         let mut s = String::from(
-            "| stage | weight bytes | bits/w | smaller | parameters | sparsity | MACs/example | quality | Δ quality | latency (ms) | per second | vs original | vs candle f32 |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            "| stage | weight bytes | bits/w | smaller | parameters | sparsity | MACs/example | quality | Δ quality | latency (ms) | per second | vs original | vs candle f32 |",
         );
+        s.push_str(if bert.is_some() { " vs candle-transformers |\n" } else { "\n" });
+        s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        s.push_str(if bert.is_some() { "---:|\n" } else { "\n" });
         for row in &self.rows {
             s.push_str(&format!(
-                "| {} | {} | {:.2} | {:.2}× | {} | {:.1}% | {} | {:.4} | {:+.4} | {:.3} | {:.0} | {:.2}× | {:.2}× |\n",
+                "| {} | {} | {:.2} | {:.2}× | {} | {:.1}% | {} | {:.4} | {:+.4} | {:.3} | {:.0} | {:.2}× | {:.2}× |",
                 row.stage,
                 row.bytes,
                 row.bits_per_weight,
@@ -227,6 +241,10 @@ impl Report {
                 ratio(first.latency_ms, row.latency_ms),
                 ratio(self.baseline.latency_ms, row.latency_ms),
             ));
+            match bert {
+                Some(b) => s.push_str(&format!(" {:.2}× |\n", ratio(b.latency_ms, row.latency_ms))),
+                None => s.push('\n'),
+            }
         }
         s
     }
@@ -237,7 +255,7 @@ impl Report {
             "# Compression report: {}\n\nRegenerate: `{}` (stages already done in DIR are skipped; `cargo xtask report DIR` re-renders this file and the plots from report.json).\n\n\
              Model `{}`. Every row measured on the `{}` runtime, in the same process and in alternating rounds (median), \
              latency per batch of {}; quality is {}. *vs candle f32*: against {}, \
-             {:.3} ms per batch, {:.0} per second.\n\n**{}**\n\n",
+             {:.3} ms per batch, {:.0} per second.{}\n\n**{}**\n\n",
             self.recipe,
             self.command,
             self.model.display(),
@@ -247,6 +265,10 @@ impl Report {
             self.baseline.name,
             self.baseline.latency_ms,
             self.baseline.throughput,
+            self.candle_transformers.as_ref().map_or(String::new(), |b| format!(
+                " *vs candle-transformers*: against {}, timed in the same rounds, {:.3} ms per batch, {:.0} per second.",
+                b.name, b.latency_ms, b.throughput
+            )),
             self.summary(),
         );
         s.push_str(&self.table());
@@ -452,4 +474,33 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
     let r = Report::load(&args.dir)?;
     print!("{}", r.render_files(&args.dir)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report written before the candle-transformers peer existed still loads and renders
+    /// as before; with the peer, the summary and the stage table compare every row with it.
+    #[test]
+    fn the_candle_transformers_peer_is_optional_and_shown_when_timed() {
+        let old = Report::load(&crate::workspace_root().join("reports/compress-digits")).unwrap();
+        assert!(old.candle_transformers.is_none());
+        assert!(!old.render().contains("candle-transformers"));
+        let mut r = old;
+        let last = r.rows.last().unwrap().latency_ms;
+        r.candle_transformers =
+            Some(Baseline { name: "candle-transformers' f32 `BertModel`".into(), latency_ms: 4.0 * last, throughput: 1.0 });
+        let md = r.render();
+        assert!(r.summary().ends_with(&format!("4.00× candle-transformers' f32 BertModel's {:.3} ms)", 4.0 * last)));
+        let header = md.lines().find(|l| l.starts_with("| stage | weight bytes")).unwrap();
+        assert!(header.ends_with("| vs candle-transformers |"), "{header}");
+        let final_row = md.lines().find(|l| l.starts_with(&format!("| {} |", r.rows.last().unwrap().stage))).unwrap();
+        assert!(final_row.ends_with("| 4.00× |"), "{final_row}");
+        // Every line of the stage table has as many cells as its header.
+        let cells = |l: &str| l.matches('|').count();
+        let table: Vec<&str> = md.lines().skip_while(|l| *l != header).take_while(|l| l.starts_with('|')).collect();
+        assert_eq!(table.len(), r.rows.len() + 2);
+        assert!(table.iter().all(|l| cells(l) == cells(header)), "{table:#?}");
+    }
 }
