@@ -162,6 +162,21 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.op.forward(x)
     }
+    /// Several layers on the same input `x` (an attention block's query, key and value
+    /// projections), reporting to `hooks`: one call of the first op for all when it can share
+    /// their common work ([`PreparedOp::forward_shared`], the same bits) and no hook needs to
+    /// see the layers one by one; each layer's own forward otherwise.
+    pub fn forward_shared(layers: &[&Linear], x: &Tensor, hooks: &mut Hooks<'_>) -> Result<Vec<Tensor>> {
+        if let [first, rest @ ..] = layers
+            && hooks.is_empty()
+        {
+            let others: Vec<&dyn PreparedOp> = rest.iter().map(|l| l.op.as_ref()).collect();
+            if let Some(ys) = first.op.forward_shared(&others, x) {
+                return ys;
+            }
+        }
+        layers.iter().map(|l| l.forward_hooked(x, hooks)).collect()
+    }
     /// Runs the layer, reporting to `hooks`, then `act` on its runtime: fused into the op
     /// when the op offers it ([`PreparedOp::forward_activated`], the same bits) and no hook
     /// needs the output before the activation.

@@ -47,6 +47,14 @@ pub trait PreparedOp: Send + Sync + Debug {
     fn forward_activated(&self, _x: &Tensor, _act: crate::layers::Activation) -> Option<Result<Tensor>> {
         None
     }
+
+    /// This op and `others` on the same input `x`, sharing the work they have in common (the
+    /// CPU runtime's W8A8 ops quantize `x` once for all of them): the outputs in order, this
+    /// op's first, each the same bits as that op's [`PreparedOp::forward`]. `None` (the
+    /// default) when the op cannot; the caller then runs each op on its own.
+    fn forward_shared(&self, _others: &[&dyn PreparedOp], _x: &Tensor) -> Option<Result<Vec<Tensor>>> {
+        None
+    }
 }
 
 /// Something that runs layers: it prepares each layer's weights once, returning the op that

@@ -541,9 +541,9 @@ impl BertEncoder {
         let heads = self.config.heads_of(i);
         let scale = 1.0 / (self.config.head_size() as f64).sqrt();
         let rt = layer.query.runtime().clone();
-        let q = layer.query.forward_hooked(h, hooks)?;
-        let k = layer.key.forward_hooked(h, hooks)?;
-        let v = layer.value.forward_hooked(h, hooks)?;
+        let [q, k, v]: [Tensor; 3] = Linear::forward_shared(&[&layer.query, &layer.key, &layer.value], h, hooks)?
+            .try_into()
+            .expect("three layers, three outputs");
         let ctx = rt.attention(&q, &k, &v, heads, Some(mask), scale)?;
         let attn = reduce(layer.attn_out.forward_hooked(&ctx, hooks)?)?;
         let h = layer.attn_norm.forward_on(rt.as_ref(), &attn, Some(h), hooks)?;

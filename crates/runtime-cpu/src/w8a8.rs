@@ -110,7 +110,26 @@ impl W8A8Linear {
     /// not finite (only when the ranges are per token and there are several rows; other inputs
     /// must be checked beforehand).
     pub fn run_activated(&self, x: &[f32], act: Option<Act>) -> Option<Vec<f32>> {
-        let (k, n) = (self.k, self.n);
+        self.run_group(&[self], x, act).map(|mut ys| ys.pop().expect("one op, one output"))
+    }
+
+    /// Whether `other` quantizes its input exactly as this op does (same width, activation
+    /// quantization and SIMD level, so the same codes in the same row layout): then both can
+    /// run on one quantized copy of a shared input ([`W8A8Linear::run_group`]).
+    pub fn shares_input_quantization(&self, other: &W8A8Linear) -> bool {
+        self.k == other.k
+            && self.act == other.act
+            && self.level == other.level
+            && std::mem::discriminant(&self.panel.data) == std::mem::discriminant(&other.panel.data)
+    }
+
+    /// [`W8A8Linear::run_activated`] for several ops on the same input `x` (this op's
+    /// quantization, which every op must share: [`W8A8Linear::shares_input_quantization`]):
+    /// each row chunk is quantized once and multiplied by every op's weight while its codes
+    /// are in cache. The outputs, one per op in order, are the bits each op's own run gives.
+    pub fn run_group(&self, ops: &[&W8A8Linear], x: &[f32], act: Option<Act>) -> Option<Vec<Vec<f32>>> {
+        assert!(ops.iter().all(|o| self.shares_input_quantization(o)), "ops of a group share their input quantization");
+        let k = self.k;
         let m = x.len() / k.max(1);
         // One range for the whole input needs the global extremes first (of the smoothed
         // values, as the reference quantizes them).
@@ -126,30 +145,27 @@ impl W8A8Linear {
             }
             ActRange::Dynamic { per_token: true } => None,
         };
-        if m == 0 || n == 0 {
-            return Some(vec![0f32; m * n]);
+        if m == 0 || ops.iter().all(|o| o.n == 0) {
+            return Some(ops.iter().map(|o| vec![0f32; m * o.n]).collect());
         }
         let non_finite = std::sync::atomic::AtomicBool::new(false);
         // Every element is written by exactly one task below before the length is set, so the
-        // buffer is not zeroed first (that pass cost about 4% of MiniLM's time).
-        let mut y: Vec<f32> = Vec::with_capacity(m * n);
+        // buffers are not zeroed first (that pass cost about 4% of MiniLM's time).
+        let mut ys: Vec<Vec<f32>> = ops.iter().map(|o| Vec::with_capacity(m * o.n)).collect();
+        let outs: Vec<crate::gemm::OutPtr> = ys.iter_mut().map(|y| crate::gemm::OutPtr(y.as_mut_ptr())).collect();
         let level = self.level;
         let offset = code_offset(&self.act);
-        let zeros;
-        let bias = match &self.bias {
-            Some(b) => b.as_slice(),
-            None => {
-                zeros = vec![0f32; n];
-                &zeros
-            }
-        };
-        // Tasks own whole output elements (rows r0..r1 × blocks b0..b1): the integer sums are
-        // exact and quantization and the epilogue are per element, so the bits do not depend
-        // on the split. With few row chunks the columns are split too, and the rows are
-        // quantized once beforehand (at one chunk of 16 tokens, re-quantizing them in each of
-        // eight column tasks cost more than the products).
+        let zeros: Vec<Vec<f32>> =
+            ops.iter().map(|o| if o.bias.is_some() { Vec::new() } else { vec![0f32; o.n] }).collect();
+        let biases: Vec<&[f32]> = ops.iter().zip(&zeros).map(|(o, z)| o.bias.as_deref().unwrap_or(z)).collect();
+        // Tasks own whole output elements (rows r0..r1 × blocks b0..b1 of one op): the
+        // integer sums are exact and quantization and the epilogue are per element, so the
+        // bits do not depend on the split. With few row chunks the columns are split too, and
+        // the rows are quantized once beforehand (at one chunk of 16 tokens, re-quantizing
+        // them in each of eight column tasks cost more than the products).
         let chunks = m.div_ceil(ROWS);
-        let (col_tiles, per) = crate::gemm::column_split(&self.pool, chunks, self.panel.blocks);
+        let splits: Vec<(usize, usize)> =
+            ops.iter().map(|o| crate::gemm::column_split(&self.pool, chunks, o.panel.blocks)).collect();
         let quantize = |ci: usize| {
             let (r0, r1) = (ci * ROWS, ((ci + 1) * ROWS).min(m));
             let rows = r1 - r0;
@@ -171,23 +187,25 @@ impl W8A8Linear {
             }
             (xq, units)
         };
-        let out = crate::gemm::OutPtr(y.as_mut_ptr());
-        let task = |ci: usize, cj: usize, (xq, units): &(Rows, Vec<(f32, i32)>)| {
-            let (b0, b1) = (cj * per, ((cj + 1) * per).min(self.panel.blocks));
+        let task = |o: usize, ci: usize, cj: usize, (xq, units): &(Rows, Vec<(f32, i32)>)| {
+            let (op, per, n) = (ops[o], splits[o].1, ops[o].n);
+            let (b0, b1) = (cj * per, ((cj + 1) * per).min(op.panel.blocks));
             if b0 >= b1 {
                 return;
             }
+            let out = outs[o];
             let sink = Sink::F32 {
                 // SAFETY (of the writes through it): this task's rows ci·ROWS.. × the columns
-                // of blocks b0..b1 (clipped to n) are its own; `y` outlives `pool.install`.
+                // of blocks b0..b1 (clipped to n) of op o's output are its own; the outputs
+                // outlive `pool.install`.
                 out: out.get().wrapping_add(ci * ROWS * n),
                 n,
                 units,
-                w_sum: &self.w_sum,
-                w_scale: &self.w_scale,
-                bias,
+                w_sum: &op.w_sum,
+                w_scale: &op.w_scale,
+                bias: biases[o],
             };
-            products(level, xq, k, &self.w, &self.panel, b0..b1, &sink);
+            products(level, xq, k, &op.w, &op.panel, b0..b1, &sink);
             if let Some(act) = act {
                 let (c0, c1) = (b0 * NR, (b1 * NR).min(n));
                 for r in ci * ROWS..ci * ROWS + units.len() {
@@ -198,21 +216,29 @@ impl W8A8Linear {
             }
         };
         self.pool.install(|| {
-            if col_tiles == 1 {
-                (0..chunks).into_par_iter().for_each(|ci| task(ci, 0, &quantize(ci)));
+            if splits.iter().all(|s| s.0 == 1) {
+                (0..chunks).into_par_iter().for_each(|ci| {
+                    let rows = quantize(ci);
+                    for o in 0..ops.len() {
+                        task(o, ci, 0, &rows);
+                    }
+                });
             } else {
                 let rows: Vec<_> = (0..chunks).into_par_iter().map(quantize).collect();
-                (0..chunks * col_tiles).into_par_iter().for_each(|t| {
-                    let (ci, cj) = (t / col_tiles, t % col_tiles);
-                    task(ci, cj, &rows[ci]);
-                });
+                let splits = &splits;
+                let jobs: Vec<(usize, usize, usize)> = (0..chunks)
+                    .flat_map(|ci| (0..ops.len()).flat_map(move |o| (0..splits[o].0).map(move |cj| (o, ci, cj))))
+                    .collect();
+                jobs.into_par_iter().for_each(|(o, ci, cj)| task(o, ci, cj, &rows[ci]));
             }
         });
-        // SAFETY: the tasks' rectangles (row chunks × block ranges, column_split covering every
-        // block) partition the m × n output and `products` writes every row and column of its
-        // rectangle through the sink, so all m·n values are initialised.
-        unsafe { y.set_len(m * n) };
-        (!non_finite.into_inner()).then_some(y)
+        for (y, o) in ys.iter_mut().zip(ops) {
+            // SAFETY: each op's tasks' rectangles (row chunks × block ranges, column_split
+            // covering every block) partition its m × n output and `products` writes every
+            // row and column of its rectangle through the sink, so all m·n values are set.
+            unsafe { y.set_len(m * o.n) };
+        }
+        (!non_finite.into_inner()).then_some(ys)
     }
 
     /// Minimum and maximum of `x` divided by the smoothing factors (if any), and whether every
@@ -236,6 +262,24 @@ impl W8A8Linear {
             hi = hi.max(v);
         }
         (lo, hi, finite)
+    }
+
+    /// [`W8A8Linear::forward_values`] for a group of ops sharing this op's input
+    /// quantization ([`W8A8Linear::run_group`]), without an activation.
+    fn forward_group(&self, ops: &[&W8A8Linear], x: &Tensor) -> Result<Vec<Vec<f32>>> {
+        let m = x.elem_count() / self.k.max(1);
+        crate::linear::with_input_unchecked(&self.layer, x, self.k, |v| {
+            if !self.screens(m) {
+                crate::linear::check_finite(&self.layer, &self.pool, v)?;
+            }
+            match self.run_group(ops, v, None) {
+                Some(ys) => Ok(ys),
+                None => {
+                    crate::linear::check_finite(&self.layer, &self.pool, v)?;
+                    Err(Error::invalid(format!("input of `{}`", self.layer), "a value that is not finite"))
+                }
+            }
+        })?
     }
 
     /// The op's output values for `x`, activated by `act`: the input's shape is checked, and
@@ -654,6 +698,27 @@ impl PreparedOp for W8A8Linear {
     fn forward_activated(&self, x: &Tensor, act: Activation) -> Option<Result<Tensor>> {
         let kernel = Act::of(act).filter(|_| x.dtype() == DType::F32)?;
         Some(self.forward_values(x, Some(kernel)).and_then(|y| crate::linear::output(x, y, self.n)))
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
+    /// Other W8A8 ops that quantize their input as this one does share one quantized copy
+    /// of `x` ([`W8A8Linear::run_group`]); any other op makes it decline.
+    fn forward_shared(&self, others: &[&dyn PreparedOp], x: &Tensor) -> Option<Result<Vec<Tensor>>> {
+        let mut ops = vec![self];
+        for o in others {
+            let w = o.as_any()?.downcast_ref::<W8A8Linear>()?;
+            if !self.shares_input_quantization(w) {
+                return None;
+            }
+            ops.push(w);
+        }
+        Some(
+            self.forward_group(&ops, x)
+                .and_then(|ys| ys.into_iter().zip(&ops).map(|(y, o)| crate::linear::output(x, y, o.n)).collect()),
+        )
     }
 }
 

@@ -225,3 +225,56 @@ fn non_finite_inputs_are_named_at_every_level_and_row_count() {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    /// Ops sharing an input quantization run on one quantized copy of it
+    /// (`PreparedOp::forward_shared`, as an attention block's query, key and value do): the
+    /// same bits as each op's own forward, at every level and thread count, with row-chunked
+    /// and column-split batches; an op quantizing differently makes the group decline.
+    #[test]
+    fn shared_input_ops_give_each_ops_own_bits(
+        m in prop_oneof![1usize..9, 40usize..120], ns in proptest::collection::vec(1usize..40, 1..4), k in 1usize..70,
+        seed in any::<u64>(), spec in 0usize..5, bias in any::<bool>()
+    ) {
+        let act = specs()[spec].clone();
+        let x = Tensor::from_vec(input(m, k, seed ^ 7), (m, k), &Device::Cpu).unwrap();
+        for level in SimdLevel::available() {
+            for threads in [1, 3] {
+                let rt = CpuRuntime::with_level(threads, level).unwrap();
+                let ops: Vec<_> = ns.iter().enumerate().map(|(i, &n)| {
+                    let b = bias.then(|| Tensor::from_vec((0..n).map(|j| j as f32 * 0.1 - i as f32).collect::<Vec<_>>(), n, &Device::Cpu).unwrap());
+                    let w = Weight::Quantized(int8_weight(n, k, seed.wrapping_add(i as u64)));
+                    rt.prepare_linear_quantized_input("fc", &w, b.as_ref(), &act).unwrap()
+                }).collect();
+                let others: Vec<&dyn PreparedOp> = ops[1..].iter().map(|o| o.as_ref()).collect();
+                let shared = ops[0].forward_shared(&others, &x).expect("W8A8 ops share").unwrap();
+                prop_assert_eq!(shared.len(), ops.len());
+                for (o, y) in ops.iter().zip(&shared) {
+                    let own = o.forward(&x).unwrap();
+                    prop_assert_eq!(y.dims(), own.dims());
+                    prop_assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), own.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{:?}/{}", level, threads);
+                }
+                let other = specs()[(spec + 1) % 5].clone();
+                let odd = rt.prepare_linear_quantized_input("fc", &Weight::Quantized(int8_weight(3, k, seed)), None, &other).unwrap();
+                prop_assert!(ops[0].forward_shared(&[odd.as_ref()], &x).is_none(), "another quantization declines");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_non_finite_input_of_a_shared_group_is_an_error() {
+    let rt = CpuRuntime::new(2).unwrap();
+    let act = ActQuant::new(8, true, ActRange::Dynamic { per_token: true });
+    let ops: Vec<_> = (0..3)
+        .map(|i| {
+            rt.prepare_linear_quantized_input("fc", &Weight::Quantized(int8_weight(8, 16, i)), None, &act).unwrap()
+        })
+        .collect();
+    let mut v = input(4, 16, 1);
+    v[21] = f32::NAN;
+    let x = Tensor::from_vec(v, (4, 16), &Device::Cpu).unwrap();
+    let err = ops[0].forward_shared(&[ops[1].as_ref(), ops[2].as_ref()], &x).unwrap().unwrap_err().to_string();
+    assert!(err.contains("not finite") || err.contains("NaN"), "{err}");
+}
