@@ -489,8 +489,11 @@ mod tests {
         assert!(!old.render().contains("candle-transformers"));
         let mut r = old;
         let last = r.rows.last().unwrap().latency_ms;
-        r.candle_transformers =
-            Some(Baseline { name: "candle-transformers' f32 `BertModel`".into(), latency_ms: 4.0 * last, throughput: 1.0 });
+        r.candle_transformers = Some(Baseline {
+            name: "candle-transformers' f32 `BertModel`".into(),
+            latency_ms: 4.0 * last,
+            throughput: 1.0,
+        });
         let md = r.render();
         assert!(r.summary().ends_with(&format!("4.00× candle-transformers' f32 BertModel's {:.3} ms)", 4.0 * last)));
         let header = md.lines().find(|l| l.starts_with("| stage | weight bytes")).unwrap();
