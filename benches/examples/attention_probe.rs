@@ -11,7 +11,7 @@ fn main() {
     let len = s.batch * s.seq * s.heads * s.head_dim;
     let x: Vec<f32> = (0..len).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
     let mask = vec![0f32; s.batch * s.seq];
-    let mut out = vec![0f32; len];
+    let mut out = vec![std::mem::MaybeUninit::new(0f32); len];
     let flops = 2.0 * 2.0 * (s.batch * s.heads * s.seq * s.seq * s.head_dim) as f64;
     for level in SimdLevel::available().into_iter().skip(1) {
         let mut best = f64::MAX;

@@ -103,7 +103,8 @@ fn scalar_act(act: Act, v: f32) -> f32 {
 
 /// Layer normalisation of each `dim`-long row of `x` (plus the same row of `residual`) into
 /// `y`: `(s − mean)/sqrt(var + eps)·γ + β`, statistics in f32 as the reference computes them.
-/// Each task copies its rows of `x` itself, so the input is read once, on the pool.
+/// Each task copies its rows of `x` itself, so the input is read once, on the pool; `y` may
+/// be uninitialised (every value is written: no serial zeroing pass before the kernel).
 #[allow(clippy::too_many_arguments)]
 pub fn layer_norm(
     level: SimdLevel,
@@ -113,7 +114,7 @@ pub fn layer_norm(
     gamma: &[f32],
     beta: &[f32],
     eps: f32,
-    y: &mut [f32],
+    y: &mut [std::mem::MaybeUninit<f32>],
 ) {
     assert!(x.len() == y.len() && residual.is_none_or(|r| r.len() == x.len()));
     let dim = gamma.len().max(1);
@@ -122,7 +123,13 @@ pub fn layer_norm(
         y.par_chunks_mut(rows_per * dim).enumerate().for_each(|(c, chunk)| {
             for (r, row) in chunk.chunks_mut(dim).enumerate() {
                 let at = (c * rows_per + r) * dim;
-                row.copy_from_slice(&x[at..at + row.len()]);
+                let src = &x[at..at + row.len()];
+                // SAFETY: `row` and `src` hold row.len() floats each and do not overlap (y is
+                // a separate buffer); once copied, every value of `row` is initialised.
+                let row = unsafe {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), row.as_mut_ptr().cast::<f32>(), src.len());
+                    std::slice::from_raw_parts_mut(row.as_mut_ptr().cast::<f32>(), src.len())
+                };
                 if let Some(res) = residual {
                     for (v, &a) in row.iter_mut().zip(&res[at..at + dim]) {
                         *v += a;
@@ -177,7 +184,8 @@ pub struct AttnShape {
 }
 
 /// Multi-head attention on `[batch, seq, heads·head_dim]` projections into `out` (same
-/// layout), with an optional additive key mask `[batch, seq]`; one task per (batch, head).
+/// layout, which may be uninitialised: the tasks write every value), with an optional
+/// additive key mask `[batch, seq]`; one task per (batch, head).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     level: SimdLevel,
@@ -188,11 +196,11 @@ pub fn attention(
     mask: Option<&[f32]>,
     scale: f32,
     s: AttnShape,
-    out: &mut [f32],
+    out: &mut [std::mem::MaybeUninit<f32>],
 ) {
     let (t, d, hidden) = (s.seq, s.head_dim, s.heads * s.head_dim);
     assert!(q.len() == s.batch * t * hidden && k.len() == q.len() && v.len() == q.len() && out.len() == q.len());
-    let dst = crate::gemm::OutPtr(out.as_mut_ptr());
+    let dst = crate::gemm::OutPtr(out.as_mut_ptr().cast::<f32>());
     pool.install(|| {
         (0..s.batch * s.heads).into_par_iter().for_each(|bh| {
             let (b, h) = (bh / s.heads, bh % s.heads);
