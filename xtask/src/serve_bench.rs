@@ -582,11 +582,11 @@ fn markdown(r: &Report) -> String {
     );
     s += "\nPipeline latencies are the run's time per micro-batch (a micro-batch's own latency spans the stages).\n\n## Pipeline bubble\n\n\
           ![when each stage computed each micro-batch](serve-bench-pipeline.svg)\n\n\
-          | schedule | stages | micro-batches | busy s per stage | wall s | measured bubble | (p−1)/(m+p−1) | balance-corrected | peak in flight |\n|---|---|---|---|---|---|---|---|---|\n";
+          | schedule | stages | micro-batches | busy s per stage | wall s | measured bubble | (p−1)/(m+p−1) | balance-corrected | replayed | peak in flight |\n|---|---|---|---|---|---|---|---|---|---|\n";
     for p in &r.pipeline {
         let busy: Vec<String> = p.busy_s.iter().map(|b| format!("{b:.3}")).collect();
         s += &format!(
-            "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {} |\n",
+            "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} |\n",
             p.schedule,
             p.stages,
             p.micro_batches,
@@ -595,13 +595,17 @@ fn markdown(r: &Report) -> String {
             p.bubble,
             p.ideal_bubble,
             balanced_bubble(p),
+            p.replayed_bubble(),
             p.peak_in_flight
         );
     }
     s += &format!(
         "\nThe balance-corrected figure is the bubble the schedule must have with the measured stage times: \
          wall = Σ tₛ + (m − 1)·max tₛ per micro-batch, so unequal stages add idle time the equal-stage formula \
-         does not count.\n\n## Tensor-parallel communication\n\nPer transformer layer, two all-reduces of the \
+         does not count. The replayed figure runs the schedule's rules again on each stage's measured time for each \
+         micro-batch with messages that take no time: measured minus replayed is what the implementation and its \
+         messages add; replayed minus the formula is what unequal and varying stage times cost the schedule itself \
+         (1F1B ties rank 0 to the last stage's outputs, so a micro-batch that runs slow on either stage delays both).\n\n## Tensor-parallel communication\n\nPer transformer layer, two all-reduces of the \
          `[batch, tokens, 384]` partial outputs: {:.2} MB of tensors reduced per layer per batch; rank 0 sent {:.2} MB \
          per layer (all-reduce is gather-to-rank-0 then broadcast, so rank 0 sends (p − 1)× the reduced bytes; a ring \
          would move 2(p − 1)/p× per worker).\n",

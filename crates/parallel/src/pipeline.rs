@@ -221,6 +221,37 @@ pub struct PipelineStats {
     pub timeline: Vec<Vec<(f64, f64)>>,
 }
 
+impl PipelineStats {
+    /// The bubble this schedule has with exactly the durations measured for each stage and
+    /// micro-batch ([`PipelineStats::timeline`]) and messages that take no time: a replay of
+    /// the schedule's rules (a stage starts a micro-batch when it has it and is free; under
+    /// 1F1B rank 0 also waits for output `i − p` before starting `i`). Measured minus replayed
+    /// is what the implementation and its messages add; replayed minus
+    /// `(p − 1)/(m + p − 1)` is what unequal and varying stage times cost the schedule
+    /// itself (1F1B, which ties rank 0 to the last stage, feels the variation more).
+    pub fn replayed_bubble(&self) -> f64 {
+        let (p, m) = (self.stages, self.micro_batches);
+        if p == 0 || m == 0 || self.timeline.len() != p || self.timeline.iter().any(|t| t.len() != m) {
+            return f64::NAN;
+        }
+        let d = |s: usize, i: usize| (self.timeline[s][i].1 - self.timeline[s][i].0).max(0.0);
+        // done[s][i]: when stage s finishes micro-batch i.
+        let mut done = vec![vec![0f64; m]; p];
+        for i in 0..m {
+            for s in 0..p {
+                let free = if i > 0 { done[s][i - 1] } else { 0.0 };
+                let mut start = if s > 0 { free.max(done[s - 1][i]) } else { free };
+                if s == 0 && self.schedule == Schedule::OneFOneB && i >= p {
+                    start = start.max(done[p - 1][i - p]);
+                }
+                done[s][i] = start + d(s, i);
+            }
+        }
+        let busy: f64 = (0..p).flat_map(|s| (0..m).map(move |i| (s, i))).map(|(s, i)| d(s, i)).sum();
+        1.0 - busy / (p as f64 * done[p - 1][m - 1]).max(f64::MIN_POSITIVE)
+    }
+}
+
 /// One pipelined forward, called by every worker with the same `plan` (one range of units per
 /// rank, contiguous and covering every unit, e.g. from [`partition`]). At rank 0
 /// `micro_batches` are the inputs; it returns their outputs in order and the measurements.
@@ -390,6 +421,40 @@ mod tests {
         assert_eq!(partition(&costs, 6).unwrap().len(), 6);
         assert!(partition(&costs, 7).unwrap_err().to_string().contains("between 1 and the model's 6 units"));
         assert!(partition(&[1.0, f64::NAN], 1).is_err());
+    }
+
+    /// With equal stage times every schedule replays to `(p − 1)/(m + p − 1)`; a slow stage
+    /// raises it; under 1F1B, a rank 0 that must wait for the last stage's outputs loses the
+    /// slack GPipe keeps when the stages' speeds vary.
+    #[test]
+    fn replay_gives_the_formula_for_equal_stages_and_more_for_uneven_ones() {
+        let stats = |schedule, d: &dyn Fn(usize, usize) -> f64, p: usize, m: usize| PipelineStats {
+            schedule,
+            stages: p,
+            micro_batches: m,
+            busy_s: vec![0.0; p],
+            wall_s: 0.0,
+            bubble: 0.0,
+            ideal_bubble: (p - 1) as f64 / (m + p - 1) as f64,
+            peak_in_flight: 0,
+            timeline: (0..p).map(|s| (0..m).map(|i| (10.0 * i as f64, 10.0 * i as f64 + d(s, i))).collect()).collect(),
+        };
+        for (p, m) in [(2, 16), (3, 8), (4, 4)] {
+            for schedule in [Schedule::GPipe, Schedule::OneFOneB] {
+                let s = stats(schedule, &|_, _| 0.5, p, m);
+                assert!((s.replayed_bubble() - s.ideal_bubble).abs() < 1e-12, "{schedule:?} p {p} m {m}");
+                let slow = stats(schedule, &|s, _| if s == 1 { 0.6 } else { 0.5 }, p, m);
+                assert!(slow.replayed_bubble() > slow.ideal_bubble + 1e-3);
+            }
+        }
+        // The last stage slow on the first half of the micro-batches, the first stage on the
+        // second half: GPipe's rank 0 runs ahead in the first half and leaves a queue that
+        // keeps the last stage busy in the second; 1F1B's rank 0 waits for outputs, so no
+        // queue builds and the last stage starves later.
+        let jitter = |s: usize, i: usize| if (i < 8) == (s == 1) { 0.6 } else { 0.4 };
+        let g = stats(Schedule::GPipe, &jitter, 2, 16).replayed_bubble();
+        let f = stats(Schedule::OneFOneB, &jitter, 2, 16).replayed_bubble();
+        assert!(f > g + 0.01, "1f1b {f} vs gpipe {g}");
     }
 
     #[test]
