@@ -172,7 +172,14 @@ impl Linear {
         {
             let others: Vec<&dyn PreparedOp> = rest.iter().map(|l| l.op.as_ref()).collect();
             if let Some(ys) = first.op.forward_shared(&others, x) {
-                return ys;
+                let ys = ys?;
+                if ys.len() != layers.len() {
+                    return Err(Error::invalid(
+                        format!("shared forward of `{}`", first.path),
+                        format!("one output per layer ({}), found {}", layers.len(), ys.len()),
+                    ));
+                }
+                return Ok(ys);
             }
         }
         layers.iter().map(|l| l.forward_hooked(x, hooks)).collect()

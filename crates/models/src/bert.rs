@@ -541,9 +541,11 @@ impl BertEncoder {
         let heads = self.config.heads_of(i);
         let scale = 1.0 / (self.config.head_size() as f64).sqrt();
         let rt = layer.query.runtime().clone();
-        let [q, k, v]: [Tensor; 3] = Linear::forward_shared(&[&layer.query, &layer.key, &layer.value], h, hooks)?
-            .try_into()
-            .expect("three layers, three outputs");
+        let qkv = Linear::forward_shared(&[&layer.query, &layer.key, &layer.value], h, hooks)?;
+        let [q, k, v]: [Tensor; 3] = qkv.try_into().map_err(|v: Vec<Tensor>| Error::Config {
+            what: "BERT attention projections",
+            detail: format!("expected query, key and value outputs, found {} tensors", v.len()),
+        })?;
         let ctx = rt.attention(&q, &k, &v, heads, Some(mask), scale)?;
         let attn = reduce(layer.attn_out.forward_hooked(&ctx, hooks)?)?;
         let h = layer.attn_norm.forward_on(rt.as_ref(), &attn, Some(h), hooks)?;
