@@ -70,3 +70,28 @@ fn empty_batches_and_bad_inputs() {
     let w3 = Weight::Dense(Tensor::ones((3, 5, 1), DType::F32, &Device::Cpu).unwrap());
     assert!(rt.prepare_linear("fc", &w3, None).unwrap_err().to_string().contains("2-D"));
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Packing only moves values: every level's strips equal the scalar scatter's, for row
+    /// ranges that end mid-strip, column blocks that start anywhere and widths with tails of
+    /// the 8-column transposes (the last column's store must not spill past the strips).
+    #[test]
+    fn every_level_packs_the_strips_the_scalar_path_packs(
+        m in 1usize..40, k in 1usize..70, r0f in 0.0f64..1.0, k0f in 0.0f64..1.0, k1f in 0.0f64..1.0, seed in any::<u64>()
+    ) {
+        let x = input(m, k, seed);
+        let r0 = ((m - 1) as f64 * r0f) as usize;
+        let k0 = ((k - 1) as f64 * k0f) as usize;
+        let k1 = k0 + 1 + ((k - k0 - 1) as f64 * k1f) as usize;
+        let len = (m - r0).div_ceil(MR) * MR * (k1 - k0);
+        let mut want = vec![f32::NAN; len + 8];
+        pack_a(SimdLevel::Scalar, &x, k, r0, m, k0, k1, &mut want[..len]);
+        for level in SimdLevel::available() {
+            let mut got = vec![f32::NAN; len + 8];
+            pack_a(level, &x, k, r0, m, k0, k1, &mut got[..len]);
+            prop_assert!(got[..len].iter().zip(&want[..len]).all(|(a, b)| a.to_bits() == b.to_bits()), "{level:?}");
+            prop_assert!(got[len..].iter().all(|v| v.is_nan()), "{level:?} wrote past the strips");
+        }
+    }
+}
