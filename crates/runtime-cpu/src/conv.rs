@@ -99,7 +99,7 @@ impl PreparedOp for Conv2dOp {
                     }
                 }
             }
-            let y = self.w.run(self.level, &self.pool, &cols, self.bias.as_deref(), None);
+            let y = self.w.run(self.level, &self.pool, &cols, self.bias.as_deref(), None).0;
             // [b, oh·ow, n] → [b, n, oh·ow]
             let mut out = vec![0f32; m * n];
             let hw = oh * ow;

@@ -138,12 +138,15 @@ pub fn gemm(
 ) {
     assert!(y.len() == m * w.n());
     // SAFETY: y holds m·n floats (asserted).
-    unsafe { gemm_raw(level, pool, x, m, w, bias, y.as_mut_ptr(), None) }
+    unsafe { gemm_raw(level, pool, x, m, w, bias, y.as_mut_ptr(), None) };
 }
 
 /// [`gemm`] into `m·n` floats at `y`, which may be uninitialised: every element is written
 /// (its first K block's value, or the bias when `k = 0`) before it is read. With `act`, each
-/// task applies it to its tile once the tile is final, while it is in cache.
+/// task applies it to its tile once the tile is final, while it is in cache. Returns whether
+/// every value of `x` is finite: the packing looks at each one anyway (a separate pass over
+/// the input cost about 1% of MiniLM's f32 time), and the few rows of the fused kernel are
+/// checked directly.
 ///
 /// # Safety
 /// `y` must be valid for reads and writes of `m·n` floats that nothing else touches during the
@@ -158,11 +161,16 @@ pub(crate) unsafe fn gemm_raw(
     bias: Option<&[f32]>,
     y: *mut f32,
     act: Option<crate::nonlinear::Act>,
-) {
+) -> bool {
     let (n, k) = (w.n(), w.k());
     assert!(x.len() == m * k && bias.is_none_or(|b| b.len() == n));
-    if m == 0 || n == 0 {
-        return;
+    if m == 0 || n == 0 || k == 0 {
+        if m > 0 && n > 0 {
+            // k = 0: no products, every output is its bias.
+            let mut tile = Tile { y, n, r0: 0, r1: m, c0: 0, c1: n };
+            tile.init(bias);
+        }
+        return x.iter().all(|v| v.is_finite());
     }
     let panels = n.div_ceil(NR);
     let fused = m <= MR;
@@ -184,9 +192,21 @@ pub(crate) unsafe fn gemm_raw(
     // most MR rows), or, when the columns are split, each row tile's packed strips.
     let rows: Vec<&[f32]> = if fused { (0..m).map(|r| &x[r * k..(r + 1) * k]).collect() } else { Vec::new() };
     let aux = if fused { w.fused_aux(&rows) } else { None };
-    let packed: Vec<Vec<f32>> = if aux.is_none() && col_tiles > 1 && k > 0 {
+    // Cleared by any packing that meets a value that is not finite.
+    let finite =
+        std::sync::atomic::AtomicBool::new(aux.is_none() || rows.iter().all(|r| r.iter().all(|v| v.is_finite())));
+    let packed: Vec<Vec<f32>> = if aux.is_none() && col_tiles > 1 {
         pool.install(|| {
-            (0..row_tiles).into_par_iter().map(|ti| pack_tile(level, x, k, ti * mc, ((ti + 1) * mc).min(m))).collect()
+            (0..row_tiles)
+                .into_par_iter()
+                .map(|ti| {
+                    let (a, ok) = pack_tile(level, x, k, ti * mc, ((ti + 1) * mc).min(m));
+                    if !ok {
+                        finite.store(false, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    a
+                })
+                .collect()
         })
     } else {
         Vec::new()
@@ -205,7 +225,11 @@ pub(crate) unsafe fn gemm_raw(
             let mut tile = Tile { y: out.get(), n, r0, r1, c0: p0 * NR, c1: (p1 * NR).min(n) };
             match &aux {
                 Some(aux) => fused_tile(level, &rows, w, aux, bias, p0, p1, &mut tile),
-                None => blocked_tile(level, x, k, w, bias, p0, p1, packed.get(ti).map(Vec::as_slice), &mut tile),
+                None => {
+                    if !blocked_tile(level, x, k, w, bias, p0, p1, packed.get(ti).map(Vec::as_slice), &mut tile) {
+                        finite.store(false, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
             }
             if let Some(act) = act {
                 for r in r0..r1 {
@@ -216,6 +240,7 @@ pub(crate) unsafe fn gemm_raw(
             }
         });
     });
+    finite.into_inner()
 }
 
 /// Row tiles from which a decoded format's GEMM decodes its weights once up front (see
@@ -311,14 +336,15 @@ fn fused_tile(
 
 /// Rows `r0..r1` of `x` packed for every K block in turn, as [`blocked_tile`] reads them: the
 /// block at `k0` is `[strip][p][MR]`, starting at `strips·MR·k0`.
-fn pack_tile(level: SimdLevel, x: &[f32], k: usize, r0: usize, r1: usize) -> Vec<f32> {
+fn pack_tile(level: SimdLevel, x: &[f32], k: usize, r0: usize, r1: usize) -> (Vec<f32>, bool) {
     let strips = (r1 - r0).div_ceil(MR);
     let mut a = vec![0f32; strips * MR * k];
+    let mut finite = true;
     for k0 in (0..k).step_by(KC) {
         let k1 = (k0 + KC).min(k);
-        pack_a(level, x, k, r0, r1, k0, k1, &mut a[strips * MR * k0..strips * MR * k1]);
+        finite &= pack_a(level, x, k, r0, r1, k0, k1, &mut a[strips * MR * k0..strips * MR * k1]);
     }
-    a
+    (a, finite)
 }
 
 /// The blocked GEMM over one tile: for each K block, pack the tile's rows into [`MR`]-row
@@ -335,7 +361,8 @@ fn blocked_tile(
     p1: usize,
     packed: Option<&[f32]>,
     tile: &mut Tile,
-) {
+) -> bool {
+    let mut finite = true;
     if k == 0 {
         tile.init(bias);
     }
@@ -350,7 +377,7 @@ fn blocked_tile(
         let a: &[f32] = match packed {
             Some(p) => &p[strips * MR * k0..strips * MR * k1],
             None => {
-                pack_a(level, x, k, tile.r0, tile.r1, k0, k1, &mut own[..strips * MR * kc]);
+                finite &= pack_a(level, x, k, tile.r0, tile.r1, k0, k1, &mut own[..strips * MR * kc]);
                 &own[..strips * MR * kc]
             }
         };
@@ -398,29 +425,32 @@ fn blocked_tile(
             }
         }
     }
+    finite
 }
 
 /// Rows `r0..r1`, columns `k0..k1` of `x` into strips `[strip][p][MR]`, zero rows past `r1`
-/// (`a` holds exactly the strips). It only moves values, so every level gives the same bits;
-/// AVX2 transposes 8 × 8 blocks in registers (the scalar scatter, one 4-byte store per value
-/// 24 bytes apart, was 5% of MiniLM's f32 time).
+/// (`a` holds exactly the strips); returns whether every value packed is finite. It only
+/// moves values, so every level gives the same bits; AVX2 transposes 8 × 8 blocks in
+/// registers (the scalar scatter, one 4-byte store per value 24 bytes apart, was 5% of
+/// MiniLM's f32 time).
 #[allow(clippy::too_many_arguments)]
-fn pack_a(level: SimdLevel, x: &[f32], k: usize, r0: usize, r1: usize, k0: usize, k1: usize, a: &mut [f32]) {
+fn pack_a(level: SimdLevel, x: &[f32], k: usize, r0: usize, r1: usize, k0: usize, k1: usize, a: &mut [f32]) -> bool {
     let kc = k1 - k0;
     assert!(a.len() == (r1 - r0).div_ceil(MR) * MR * kc && k1 <= k && r1 * k <= x.len());
     #[cfg(target_arch = "x86_64")]
     if level.avx2() {
         // SAFETY: AVX2 was detected just above; the bounds are asserted.
-        unsafe { avx2::pack_a(x, k, r0, r1, k0, k1, a) };
-        return;
+        return unsafe { avx2::pack_a(x, k, r0, r1, k0, k1, a) };
     }
     let _ = level;
+    let mut finite = true;
     for (s, strip) in a.chunks_mut(MR * kc).enumerate() {
         for i in 0..MR {
             let r = r0 + s * MR + i;
             if r < r1 {
                 for (p, &v) in x[r * k + k0..r * k + k1].iter().enumerate() {
                     strip[p * MR + i] = v;
+                    finite &= v.is_finite();
                 }
             } else {
                 for p in 0..kc {
@@ -429,6 +459,7 @@ fn pack_a(level: SimdLevel, x: &[f32], k: usize, r0: usize, r1: usize, k0: usize
             }
         }
     }
+    finite
 }
 
 /// `acc[i][c] = Σ_p a[p][i]·b[p][c]` as a chain of fused multiply-adds from zero, `p` ascending.
@@ -583,11 +614,14 @@ mod avx2 {
     /// # Safety
     /// AVX2; `a.len() == strips·MR·(k1 − k0)`, `k1 ≤ k`, `r1·k ≤ x.len()`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn pack_a(x: &[f32], k: usize, r0: usize, r1: usize, k0: usize, k1: usize, a: &mut [f32]) {
+    pub unsafe fn pack_a(x: &[f32], k: usize, r0: usize, r1: usize, k0: usize, k1: usize, a: &mut [f32]) -> bool {
         let kc = k1 - k0;
         let strips = (r1 - r0).div_ceil(MR);
         assert!(a.len() == strips * MR * kc && k1 <= k && r1 * k <= x.len());
         let body = kc / 8 * 8;
+        // Lanes that met NaN or ±∞ (v·0 is NaN exactly for those).
+        let mut bad = _mm256_setzero_ps();
+        let mut finite = true;
         for (s, strip) in a.chunks_exact_mut(MR * kc).enumerate() {
             let rows: [Option<&[f32]>; MR] = std::array::from_fn(|i| {
                 let r = r0 + s * MR + i;
@@ -600,6 +634,10 @@ mod avx2 {
                     Some(row) => unsafe { _mm256_loadu_ps(row.as_ptr().add(p)) },
                     None => _mm256_setzero_ps(),
                 });
+                for r in &v {
+                    let z = _mm256_mul_ps(*r, _mm256_setzero_ps());
+                    bad = _mm256_or_ps(bad, _mm256_cmp_ps::<_CMP_UNORD_Q>(z, z));
+                }
                 let t = transpose8(v);
                 for (c, col) in t.iter().enumerate() {
                     let at = (p + c) * MR;
@@ -617,10 +655,13 @@ mod avx2 {
             }
             for p in body..kc {
                 for (i, row) in rows.iter().enumerate() {
-                    strip[p * MR + i] = row.map_or(0.0, |r| r[p]);
+                    let v = row.map_or(0.0, |r| r[p]);
+                    strip[p * MR + i] = v;
+                    finite &= v.is_finite();
                 }
             }
         }
+        finite && _mm256_movemask_ps(bad) == 0
     }
 
     /// The 6×16 micro-kernel: twelve accumulators, two panel loads and six broadcasts per step.

@@ -53,18 +53,28 @@ impl LinearKernel {
         bias: Option<&[f32]>,
         y: *mut f32,
         act: Option<Act>,
-    ) {
+    ) -> bool {
         let m = x.len() / self.k().max(1);
         // SAFETY: forwarded to the kernels under the caller's contract.
         unsafe {
             match self {
                 LinearKernel::Panels(w) => gemm::gemm_raw(level, pool, x, m, w.as_ref(), bias, y, act),
-                LinearKernel::Sparse(w) => w.run_raw(level, pool, x, bias, y, act),
+                LinearKernel::Sparse(w) => {
+                    w.run_raw(level, pool, x, bias, y, act);
+                    true
+                }
             }
         }
     }
 
-    /// [`LinearKernel::run_raw`] into a new vector.
+    /// Whether [`LinearKernel::run_raw`] looks at every input value and reports one that is
+    /// not finite (its `false`), so callers need no pass of their own before it (the GEMM
+    /// does, while packing; the sparse kernel does not).
+    pub(crate) fn screens(&self) -> bool {
+        matches!(self, LinearKernel::Panels(_))
+    }
+
+    /// [`LinearKernel::run_raw`] into a new vector, with its finiteness report.
     pub(crate) fn run(
         &self,
         level: SimdLevel,
@@ -72,16 +82,16 @@ impl LinearKernel {
         x: &[f32],
         bias: Option<&[f32]>,
         act: Option<Act>,
-    ) -> Vec<f32> {
+    ) -> (Vec<f32>, bool) {
         let m = x.len() / self.k().max(1);
         let mut y: Vec<f32> = Vec::with_capacity(m * self.n());
         // SAFETY: y has capacity for the m·n outputs, which the kernels write in full before
         // the length is set; nothing else holds the buffer.
         unsafe {
-            self.run_raw(level, pool, x, bias, y.as_mut_ptr(), act);
+            let finite = self.run_raw(level, pool, x, bias, y.as_mut_ptr(), act);
             y.set_len(m * self.n());
+            (y, finite)
         }
-        y
     }
 }
 
@@ -110,7 +120,24 @@ impl LinearOp {
 
     /// `y[m, n]` for row-major `x[m, k]`.
     pub fn run(&self, x: &[f32]) -> Vec<f32> {
-        self.w.run(self.level, &self.pool, x, self.bias.as_deref(), None)
+        self.w.run(self.level, &self.pool, x, self.bias.as_deref(), None).0
+    }
+
+    /// The output values for `x`, activated by `act`: the input's shape is checked, and its
+    /// values are screened for NaN and infinities by the kernel where it looks at each one
+    /// anyway ([`LinearKernel::screens`]), by a separate pass otherwise.
+    fn forward_values(&self, x: &Tensor, act: Option<Act>) -> Result<Vec<f32>> {
+        with_input_unchecked(&self.layer, x, self.w.k(), |v| {
+            if !self.w.screens() {
+                check_finite(&self.layer, &self.pool, v)?;
+            }
+            let (y, finite) = self.w.run(self.level, &self.pool, v, self.bias.as_deref(), act);
+            if !finite {
+                check_finite(&self.layer, &self.pool, v)?;
+                return Err(Error::invalid(format!("input of `{}`", self.layer), "a value that is not finite"));
+            }
+            Ok(y)
+        })?
     }
 }
 
@@ -192,13 +219,12 @@ pub(crate) fn output(x: &Tensor, y: Vec<f32>, n: usize) -> Result<Tensor> {
 
 impl PreparedOp for LinearOp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = with_input(&self.layer, &self.pool, x, self.w.k(), |v| self.run(v))?;
+        let y = self.forward_values(x, None)?;
         output(x, y, self.w.n())
     }
 
     fn forward_activated(&self, x: &Tensor, act: Activation) -> Option<Result<Tensor>> {
         let kernel = Act::of(act).filter(|_| x.dtype() == DType::F32)?;
-        let run = |v: &[f32]| self.w.run(self.level, &self.pool, v, self.bias.as_deref(), Some(kernel));
-        Some(with_input(&self.layer, &self.pool, x, self.w.k(), run).and_then(|y| output(x, y, self.w.n())))
+        Some(self.forward_values(x, Some(kernel)).and_then(|y| output(x, y, self.w.n())))
     }
 }

@@ -87,11 +87,47 @@ proptest! {
         let len = (m - r0).div_ceil(MR) * MR * (k1 - k0);
         let mut want = vec![f32::NAN; len + 8];
         pack_a(SimdLevel::Scalar, &x, k, r0, m, k0, k1, &mut want[..len]);
+        let finite = pack_a(SimdLevel::Scalar, &x, k, r0, m, k0, k1, &mut want[..len]);
+        prop_assert!(finite);
         for level in SimdLevel::available() {
             let mut got = vec![f32::NAN; len + 8];
-            pack_a(level, &x, k, r0, m, k0, k1, &mut got[..len]);
+            prop_assert!(pack_a(level, &x, k, r0, m, k0, k1, &mut got[..len]));
             prop_assert!(got[..len].iter().zip(&want[..len]).all(|(a, b)| a.to_bits() == b.to_bits()), "{level:?}");
             prop_assert!(got[len..].iter().all(|v| v.is_nan()), "{level:?} wrote past the strips");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    /// The GEMM screens its input while packing it (and the fused kernel's few rows directly)
+    /// instead of a separate pass: one NaN or ±∞ anywhere, at every level and thread count,
+    /// for the fused rows, row tiles, column-split tiles and K tails, with f32, f16 and 4-bit
+    /// weights, is the error naming the layer, how many values and the first.
+    #[test]
+    fn a_value_that_is_not_finite_anywhere_is_named(
+        m in prop_oneof![1usize..7, 7usize..20, 90usize..200], k in prop_oneof![1usize..20, 380usize..400],
+        at in 0.0f64..1.0, which in 0usize..3, format in 0usize..3, seed in any::<u64>()
+    ) {
+        use pare_core_tensor::Runtime;
+        let n = 19;
+        let mut v = input(m, k, seed);
+        let first = ((m * k - 1) as f64 * at) as usize;
+        v[first] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][which];
+        let x = Tensor::from_vec(v, (m, k), &Device::Cpu).unwrap();
+        let dense = Tensor::from_vec(input(n, k, seed ^ 5), (n, k), &Device::Cpu).unwrap();
+        let w = match format {
+            0 => Weight::Dense(dense),
+            1 => Weight::Dense(dense.to_dtype(DType::F16).unwrap()),
+            _ => Weight::Quantized(pare_core_tensor::testing::random_quantized(&[n, k], 4, 0, 2, seed)),
+        };
+        for level in SimdLevel::available() {
+            for threads in [1, 3] {
+                let rt = crate::CpuRuntime::with_level(threads, level).unwrap();
+                let op = rt.prepare_linear("fc", &w, None).unwrap();
+                let e = op.forward(&x).unwrap_err().to_string();
+                prop_assert!(e.contains("input of `fc`") && e.contains(&format!("{first}")), "{level:?}/{threads}: {e}");
+            }
         }
     }
 }
