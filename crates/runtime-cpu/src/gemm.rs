@@ -362,10 +362,8 @@ fn blocked_tile(
     packed: Option<&[f32]>,
     tile: &mut Tile,
 ) -> bool {
+    // k > 0 here: gemm_raw writes the bias itself when there are no products.
     let mut finite = true;
-    if k == 0 {
-        tile.init(bias);
-    }
     let rows = tile.r1 - tile.r0;
     let strips = rows.div_ceil(MR);
     let mut own = if packed.is_none() { vec![0f32; strips * MR * KC.min(k)] } else { Vec::new() };

@@ -127,18 +127,36 @@ impl LinearOp {
     /// values are screened for NaN and infinities by the kernel where it looks at each one
     /// anyway ([`LinearKernel::screens`]), by a separate pass otherwise.
     fn forward_values(&self, x: &Tensor, act: Option<Act>) -> Result<Vec<f32>> {
-        with_input_unchecked(&self.layer, x, self.w.k(), |v| {
-            if !self.w.screens() {
-                check_finite(&self.layer, &self.pool, v)?;
-            }
+        with_input_screened(&self.layer, &self.pool, x, self.w.k(), self.w.screens(), |v| {
             let (y, finite) = self.w.run(self.level, &self.pool, v, self.bias.as_deref(), act);
-            if !finite {
-                check_finite(&self.layer, &self.pool, v)?;
-                return Err(Error::invalid(format!("input of `{}`", self.layer), "a value that is not finite"));
-            }
-            Ok(y)
-        })?
+            finite.then_some(y)
+        })
     }
+}
+
+/// Runs `run` on `layer`'s input `x` (last dimension checked to be `k`), which screens the
+/// values itself when `screens` (and returns `None` when one is not finite), else after a
+/// separate [`check_finite`] pass; on `None`, the error names the bad values.
+pub(crate) fn with_input_screened<R>(
+    layer: &str,
+    pool: &rayon::ThreadPool,
+    x: &Tensor,
+    k: usize,
+    screens: bool,
+    run: impl FnOnce(&[f32]) -> Option<R>,
+) -> Result<R> {
+    with_input_unchecked(layer, x, k, |v| {
+        if !screens {
+            check_finite(layer, pool, v)?;
+        }
+        match run(v) {
+            Some(y) => Ok(y),
+            None => {
+                check_finite(layer, pool, v)?;
+                Err(Error::invalid(format!("input of `{layer}`"), "a value that is not finite"))
+            }
+        }
+    })?
 }
 
 /// A layer's bias as f32 values, checked to hold one value per output (`n`).

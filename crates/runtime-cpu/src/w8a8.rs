@@ -265,40 +265,20 @@ impl W8A8Linear {
     }
 
     /// [`W8A8Linear::forward_values`] for a group of ops sharing this op's input
-    /// quantization ([`W8A8Linear::run_group`]), without an activation.
-    fn forward_group(&self, ops: &[&W8A8Linear], x: &Tensor) -> Result<Vec<Vec<f32>>> {
+    /// quantization ([`W8A8Linear::run_group`]).
+    fn forward_group(&self, ops: &[&W8A8Linear], x: &Tensor, act: Option<Act>) -> Result<Vec<Vec<f32>>> {
         let m = x.elem_count() / self.k.max(1);
-        crate::linear::with_input_unchecked(&self.layer, x, self.k, |v| {
-            if !self.screens(m) {
-                crate::linear::check_finite(&self.layer, &self.pool, v)?;
-            }
-            match self.run_group(ops, v, None) {
-                Some(ys) => Ok(ys),
-                None => {
-                    crate::linear::check_finite(&self.layer, &self.pool, v)?;
-                    Err(Error::invalid(format!("input of `{}`", self.layer), "a value that is not finite"))
-                }
-            }
-        })?
+        crate::linear::with_input_screened(&self.layer, &self.pool, x, self.k, self.screens(m), |v| {
+            self.run_group(ops, v, act)
+        })
     }
 
     /// The op's output values for `x`, activated by `act`: the input's shape is checked, and
     /// its values are screened for NaN and infinities by the per-token ranges where the kernel
     /// takes them (by a separate pass otherwise).
     fn forward_values(&self, x: &Tensor, act: Option<Act>) -> Result<Vec<f32>> {
-        let m = x.elem_count() / self.k.max(1);
-        crate::linear::with_input_unchecked(&self.layer, x, self.k, |v| {
-            if !self.screens(m) {
-                crate::linear::check_finite(&self.layer, &self.pool, v)?;
-            }
-            match self.run_activated(v, act) {
-                Some(y) => Ok(y),
-                None => {
-                    crate::linear::check_finite(&self.layer, &self.pool, v)?;
-                    Err(Error::invalid(format!("input of `{}`", self.layer), "a value that is not finite"))
-                }
-            }
-        })?
+        let mut ys = self.forward_group(&[self], x, act)?;
+        Ok(ys.pop().expect("one op, one output"))
     }
 }
 
@@ -716,7 +696,7 @@ impl PreparedOp for W8A8Linear {
             ops.push(w);
         }
         Some(
-            self.forward_group(&ops, x)
+            self.forward_group(&ops, x, None)
                 .and_then(|ys| ys.into_iter().zip(&ops).map(|(y, o)| crate::linear::output(x, y, o.n)).collect()),
         )
     }
