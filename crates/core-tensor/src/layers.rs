@@ -196,6 +196,18 @@ impl Linear {
         let y = self.forward_hooked(x, hooks)?;
         self.runtime.activation(act, &y)
     }
+    /// `next(act(self(x)))` (a feed-forward block), reporting to `hooks`: one fused call when
+    /// the op offers it ([`PreparedOp::forward_chain`], the same bits) and no hook needs the
+    /// intermediate; [`Linear::forward_activated`] then `next`'s forward otherwise.
+    pub fn forward_chain(&self, act: Activation, next: &Linear, x: &Tensor, hooks: &mut Hooks<'_>) -> Result<Tensor> {
+        if hooks.is_empty()
+            && let Some(y) = self.op.forward_chain(act, next.op.as_ref(), x)
+        {
+            return y;
+        }
+        let h = self.forward_activated(x, act, hooks)?;
+        next.forward_hooked(&h, hooks)
+    }
 }
 
 /// A 2-D convolution with weight `[out, in/groups, kh, kw]`.

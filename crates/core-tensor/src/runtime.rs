@@ -48,6 +48,20 @@ pub trait PreparedOp: Send + Sync + Debug {
         None
     }
 
+    /// `next(act(self(x)))`: this op, `act`, then `next` on the result, fused where the op
+    /// can keep the intermediate in cache (the CPU runtime's W8A8 pair of a feed-forward
+    /// block never writes its `[tokens, neurons]` intermediate out): the same bits as
+    /// [`PreparedOp::forward_activated`] followed by `next`'s [`PreparedOp::forward`] on the
+    /// preparing runtime. `None` (the default) when it cannot; the caller then runs the steps.
+    fn forward_chain(
+        &self,
+        _act: crate::layers::Activation,
+        _next: &dyn PreparedOp,
+        _x: &Tensor,
+    ) -> Option<Result<Tensor>> {
+        None
+    }
+
     /// This op and `others` on the same input `x`, sharing the work they have in common (the
     /// CPU runtime's W8A8 ops quantize `x` once for all of them): the outputs in order, this
     /// op's first, each the same bits as that op's [`PreparedOp::forward`]. `None` (the

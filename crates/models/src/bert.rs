@@ -549,8 +549,7 @@ impl BertEncoder {
         let ctx = rt.attention(&q, &k, &v, heads, Some(mask), scale)?;
         let attn = reduce(layer.attn_out.forward_hooked(&ctx, hooks)?)?;
         let h = layer.attn_norm.forward_on(rt.as_ref(), &attn, Some(h), hooks)?;
-        let inter = layer.intermediate.forward_activated(&h, self.act, hooks)?;
-        let out = reduce(layer.output.forward_hooked(&inter, hooks)?)?;
+        let out = reduce(layer.intermediate.forward_chain(self.act, &layer.output, &h, hooks)?)?;
         Ok(layer.out_norm.forward_on(rt.as_ref(), &out, Some(&h), hooks)?)
     }
 

@@ -131,20 +131,7 @@ impl W8A8Linear {
         assert!(ops.iter().all(|o| self.shares_input_quantization(o)), "ops of a group share their input quantization");
         let k = self.k;
         let m = x.len() / k.max(1);
-        // One range for the whole input needs the global extremes first (of the smoothed
-        // values, as the reference quantizes them).
-        let global = match self.act.range {
-            ActRange::Static { scale, zero_point } => Some((scale, zero_point)),
-            ActRange::Dynamic { per_token: false } => {
-                let (lo, hi, _) = self.extremes(x);
-                Some(self.act.scale_zero(lo, hi))
-            }
-            ActRange::Dynamic { per_token: true } if m <= 1 => {
-                let (lo, hi, _) = self.extremes(x);
-                Some(self.act.scale_zero(lo, hi))
-            }
-            ActRange::Dynamic { per_token: true } => None,
-        };
+        let global = self.global_range(x, m);
         if m == 0 || ops.iter().all(|o| o.n == 0) {
             return Some(ops.iter().map(|o| vec![0f32; m * o.n]).collect());
         }
@@ -154,10 +141,7 @@ impl W8A8Linear {
         let mut ys: Vec<Vec<f32>> = ops.iter().map(|o| Vec::with_capacity(m * o.n)).collect();
         let outs: Vec<crate::gemm::OutPtr> = ys.iter_mut().map(|y| crate::gemm::OutPtr(y.as_mut_ptr())).collect();
         let level = self.level;
-        let offset = code_offset(&self.act);
-        let zeros: Vec<Vec<f32>> =
-            ops.iter().map(|o| if o.bias.is_some() { Vec::new() } else { vec![0f32; o.n] }).collect();
-        let biases: Vec<&[f32]> = ops.iter().zip(&zeros).map(|(o, z)| o.bias.as_deref().unwrap_or(z)).collect();
+        let biases: Vec<std::borrow::Cow<'_, [f32]>> = ops.iter().map(|o| o.bias_or_zeros()).collect();
         // Tasks own whole output elements (rows r0..r1 × blocks b0..b1 of one op): the
         // integer sums are exact and quantization and the epilogue are per element, so the
         // bits do not depend on the split. With few row chunks the columns are split too, and
@@ -168,24 +152,7 @@ impl W8A8Linear {
             ops.iter().map(|o| crate::gemm::column_split(&self.pool, chunks, o.panel.blocks)).collect();
         let quantize = |ci: usize| {
             let (r0, r1) = (ci * ROWS, ((ci + 1) * ROWS).min(m));
-            let rows = r1 - r0;
-            let mut xq = self.panel.rows(rows);
-            let mut codes = vec![0i16; k];
-            let mut units = Vec::with_capacity(rows);
-            for r in 0..rows {
-                let row = &x[(r0 + r) * k..(r0 + r + 1) * k];
-                let (sx, zx) = global.unwrap_or_else(|| {
-                    let (lo, hi, finite) = self.extremes(row);
-                    if !finite {
-                        non_finite.store(true, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    self.act.scale_zero(lo, hi)
-                });
-                quantize_row(level, row, self.act.smooth.as_deref(), (sx, zx), &self.act, &mut codes);
-                xq.set_row(r, &codes);
-                units.push((sx, zx - offset));
-            }
-            (xq, units)
+            self.quantize_rows(&x[r0 * k..r1 * k], global, &non_finite)
         };
         let task = |o: usize, ci: usize, cj: usize, (xq, units): &(Rows, Vec<(f32, i32)>)| {
             let (op, per, n) = (ops[o], splits[o].1, ops[o].n);
@@ -203,7 +170,7 @@ impl W8A8Linear {
                 units,
                 w_sum: &op.w_sum,
                 w_scale: &op.w_scale,
-                bias: biases[o],
+                bias: &biases[o],
             };
             products(level, xq, k, &op.w, &op.panel, b0..b1, &sink);
             if let Some(act) = act {
@@ -239,6 +206,149 @@ impl W8A8Linear {
             unsafe { y.set_len(m * o.n) };
         }
         (!non_finite.into_inner()).then_some(ys)
+    }
+
+    /// Whether [`W8A8Linear::run_chain`] can feed this op's output straight into `next`:
+    /// `next` takes this op's outputs as its inputs, runs at the same SIMD level, and
+    /// quantizes each token on its own (a range over the whole intermediate would need all of
+    /// it first).
+    pub fn chains_with(&self, next: &W8A8Linear) -> bool {
+        next.k == self.n
+            && next.level == self.level
+            && matches!(next.act.range, ActRange::Dynamic { per_token: true })
+            && self.n > 0
+            && next.n > 0
+    }
+
+    /// Whether an `m`-row input has row chunks enough to keep every thread busy without
+    /// splitting columns, as [`W8A8Linear::run_chain`] needs (each task owns whole rows).
+    fn chain_pays(&self, next: &W8A8Linear, m: usize) -> bool {
+        let chunks = m.div_ceil(ROWS);
+        m > 1 && [self, next].iter().all(|o| crate::gemm::column_split(&self.pool, chunks, o.panel.blocks).0 == 1)
+    }
+
+    /// `next(act(self(x)))` for `x` row-major `[m, k]`, each task taking a chunk of rows
+    /// through both ops: its `[rows, n]` intermediate (this op's output, activated) stays in
+    /// the task's cache-sized scratch, is quantized there for `next` and never written out, so
+    /// a feed-forward block does not stream its `[tokens, 4·hidden]` activations to memory and
+    /// back. Every step is the one [`W8A8Linear::run_activated`] takes per row (the whole row
+    /// activated at once, as an unsplit task does), so the bits equal the two ops run one after
+    /// the other. The outer `None`: a value of `x` that is not finite (when this op screens
+    /// its rows, see [`W8A8Linear::run_activated`]); the inner `None`: an intermediate value
+    /// that is not finite (the caller then runs the ops one by one, whose checks name it).
+    ///
+    /// # Panics
+    /// When `next` does not chain with this op ([`W8A8Linear::chains_with`]).
+    pub fn run_chain(&self, act: Option<Act>, next: &W8A8Linear, x: &[f32]) -> Option<Option<Vec<f32>>> {
+        assert!(self.chains_with(next), "`{}` cannot feed `{}` directly", self.layer, next.layer);
+        let (k, n, m) = (self.k, self.n, x.len() / self.k.max(1));
+        let global = self.global_range(x, m);
+        let bad_input = std::sync::atomic::AtomicBool::new(false);
+        let bad_mid = std::sync::atomic::AtomicBool::new(false);
+        let mut y: Vec<f32> = Vec::with_capacity(m * next.n);
+        let out = crate::gemm::OutPtr(y.as_mut_ptr());
+        let (bias, next_bias) = (self.bias_or_zeros(), next.bias_or_zeros());
+        let level = self.level;
+        self.pool.install(|| {
+            (0..m.div_ceil(ROWS)).into_par_iter().for_each_init(
+                || vec![0f32; ROWS * n],
+                |mid, ci| {
+                    let (r0, r1) = (ci * ROWS, ((ci + 1) * ROWS).min(m));
+                    let (xq, units) = self.quantize_rows(&x[r0 * k..r1 * k], global, &bad_input);
+                    let mid = &mut mid[..(r1 - r0) * n];
+                    let sink = Sink::F32 {
+                        out: mid.as_mut_ptr(),
+                        n,
+                        units: &units,
+                        w_sum: &self.w_sum,
+                        w_scale: &self.w_scale,
+                        bias: &bias,
+                    };
+                    products(level, &xq, k, &self.w, &self.panel, 0..self.panel.blocks, &sink);
+                    if let Some(act) = act {
+                        mid.chunks_exact_mut(n).for_each(|row| crate::nonlinear::activation_in_place(level, act, row));
+                    }
+                    let (hq, hunits) = next.quantize_rows(mid, None, &bad_mid);
+                    let sink = Sink::F32 {
+                        // SAFETY (of the writes through it): rows r0..r1 of the output are this
+                        // task's alone, and `y` outlives `pool.install`.
+                        out: out.get().wrapping_add(r0 * next.n),
+                        n: next.n,
+                        units: &hunits,
+                        w_sum: &next.w_sum,
+                        w_scale: &next.w_scale,
+                        bias: &next_bias,
+                    };
+                    products(level, &hq, n, &next.w, &next.panel, 0..next.panel.blocks, &sink);
+                },
+            )
+        });
+        if bad_input.into_inner() {
+            return None;
+        }
+        if bad_mid.into_inner() {
+            return Some(None);
+        }
+        // SAFETY: the tasks' row chunks partition 0..m and `products` writes every column of
+        // every row of its chunk through the sink, so all m · next.n values are set.
+        unsafe { y.set_len(m * next.n) };
+        Some(Some(y))
+    }
+
+    /// The one quantization range of the whole input `x` (`m` rows) where this op takes one
+    /// (static, per tensor, or per token on a single row: of the smoothed values, as the
+    /// reference quantizes them); `None` when every row takes its own.
+    fn global_range(&self, x: &[f32], m: usize) -> Option<(f32, i32)> {
+        match self.act.range {
+            ActRange::Static { scale, zero_point } => Some((scale, zero_point)),
+            ActRange::Dynamic { per_token: false } => {
+                let (lo, hi, _) = self.extremes(x);
+                Some(self.act.scale_zero(lo, hi))
+            }
+            ActRange::Dynamic { per_token: true } if m <= 1 => {
+                let (lo, hi, _) = self.extremes(x);
+                Some(self.act.scale_zero(lo, hi))
+            }
+            ActRange::Dynamic { per_token: true } => None,
+        }
+    }
+
+    /// The codes of the rows of `x` (`k` values each) in the kernel's layout, with each row's
+    /// scale and zero point (less the codes' offset), quantized by `global` or, without it, by
+    /// each row's own range; a row with a value that is not finite sets `non_finite`.
+    fn quantize_rows(
+        &self,
+        x: &[f32],
+        global: Option<(f32, i32)>,
+        non_finite: &std::sync::atomic::AtomicBool,
+    ) -> (Rows, Vec<(f32, i32)>) {
+        let k = self.k;
+        let rows = x.len() / k.max(1);
+        let offset = code_offset(&self.act);
+        let mut xq = self.panel.rows(rows);
+        let mut codes = vec![0i16; k];
+        let mut units = Vec::with_capacity(rows);
+        for row in x.chunks_exact(k.max(1)) {
+            let (sx, zx) = global.unwrap_or_else(|| {
+                let (lo, hi, finite) = self.extremes(row);
+                if !finite {
+                    non_finite.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                self.act.scale_zero(lo, hi)
+            });
+            quantize_row(self.level, row, self.act.smooth.as_deref(), (sx, zx), &self.act, &mut codes);
+            xq.set_row(units.len(), &codes);
+            units.push((sx, zx - offset));
+        }
+        (xq, units)
+    }
+
+    /// The bias, or zeros for an op without one (the epilogue always adds a bias).
+    fn bias_or_zeros(&self) -> std::borrow::Cow<'_, [f32]> {
+        match &self.bias {
+            Some(b) => std::borrow::Cow::Borrowed(b),
+            None => std::borrow::Cow::Owned(vec![0f32; self.n]),
+        }
     }
 
     /// Minimum and maximum of `x` divided by the smoothing factors (if any), and whether every
@@ -682,6 +792,27 @@ impl PreparedOp for W8A8Linear {
 
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
+    }
+
+    /// A following W8A8 op that quantizes each token on its own takes this op's activated
+    /// rows straight from each task's cache ([`W8A8Linear::run_chain`]) when the input has
+    /// row chunks enough for every thread; otherwise, or when the intermediate holds a value
+    /// that is not finite, it declines and the caller runs the two ops, whose checks report it.
+    fn forward_chain(&self, act: Activation, next: &dyn PreparedOp, x: &Tensor) -> Option<Result<Tensor>> {
+        let next = next.as_any()?.downcast_ref::<W8A8Linear>()?;
+        let kernel = Act::of(act)?;
+        let m = x.elem_count() / self.k.max(1);
+        if x.dtype() != DType::F32 || !self.chains_with(next) || !self.chain_pays(next, m) {
+            return None;
+        }
+        let run = crate::linear::with_input_screened(&self.layer, &self.pool, x, self.k, self.screens(m), |v| {
+            self.run_chain(Some(kernel), next, v)
+        });
+        match run {
+            Ok(Some(y)) => Some(crate::linear::output(x, y, next.n)),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        }
     }
 
     /// Other W8A8 ops that quantize their input as this one does share one quantized copy

@@ -278,3 +278,88 @@ fn a_non_finite_input_of_a_shared_group_is_an_error() {
     let err = ops[0].forward_shared(&[ops[1].as_ref(), ops[2].as_ref()], &x).unwrap().unwrap_err().to_string();
     assert!(err.contains("not finite") || err.contains("NaN"), "{err}");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+    /// A feed-forward pair run as one chain (`PreparedOp::forward_chain`: each row chunk
+    /// through both ops, the intermediate never written out) gives the bits of the two ops
+    /// run one after the other, at every level and thread count, whatever the first op's
+    /// input quantization and the activation; with too few rows to keep the threads busy it
+    /// declines and the caller runs the ops.
+    #[test]
+    fn a_chained_pair_gives_the_two_ops_bits(
+        m in prop_oneof![1usize..9, 150usize..300, 540usize..620], k in 1usize..50, n1 in 1usize..70, n2 in 1usize..30,
+        seed in any::<u64>(), spec in 0usize..6, next_spec in 0usize..3, act in 0usize..4, bias in any::<bool>()
+    ) {
+        let mut first = specs()[spec].clone();
+        if first.smooth.is_some() {
+            first.smooth = Some((0..k).map(|i| 0.5 + (i % 5) as f32 * 0.3).collect());
+        }
+        let mut second = [specs()[0].clone(), specs()[2].clone(), specs()[5].clone()][next_spec].clone();
+        if second.smooth.is_some() {
+            second.smooth = Some((0..n1).map(|i| 0.4 + (i % 7) as f32 * 0.2).collect());
+        }
+        let act = [Activation::Gelu, Activation::Relu, Activation::GeluTanh, Activation::Silu][act];
+        let x = Tensor::from_vec(input(m, k, seed ^ 7), (m, k), &Device::Cpu).unwrap();
+        let bias_of = |n: usize, at: f32| bias.then(|| Tensor::from_vec((0..n).map(|j| j as f32 * 0.05 - at).collect::<Vec<_>>(), n, &Device::Cpu).unwrap());
+        for level in SimdLevel::available() {
+            for threads in [1, 3] {
+                let rt = CpuRuntime::with_level(threads, level).unwrap();
+                let up = rt.prepare_linear_quantized_input("up", &Weight::Quantized(int8_weight(n1, k, seed)), bias_of(n1, 0.5).as_ref(), &first).unwrap();
+                let down = rt.prepare_linear_quantized_input("down", &Weight::Quantized(int8_weight(n2, n1, seed ^ 1)), bias_of(n2, 1.0).as_ref(), &second).unwrap();
+                let h = up.forward_activated(&x, act).expect("W8A8 fuses these activations").unwrap();
+                let want = down.forward(&h).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                match up.forward_chain(act, down.as_ref(), &x) {
+                    Some(y) => {
+                        let y = y.unwrap();
+                        prop_assert_eq!(y.dims(), &[m, n2][..]);
+                        prop_assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want, "{:?}/{}", level, threads);
+                    }
+                    None => prop_assert!(m < 540, "{m} rows on {threads} threads should chain"),
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_chain_declines_what_it_cannot_run_and_names_a_bad_input() {
+    let rt = CpuRuntime::new(2).unwrap();
+    let per_token = ActQuant::new(8, true, ActRange::Dynamic { per_token: true });
+    let per_tensor = ActQuant::new(8, true, ActRange::Dynamic { per_token: false });
+    let prep = |n: usize, k: usize, act: &ActQuant| {
+        rt.prepare_linear_quantized_input("fc", &Weight::Quantized(int8_weight(n, k, 5)), None, act).unwrap()
+    };
+    let (m, k) = (600, 16);
+    let x = Tensor::from_vec(input(m, k, 2), (m, k), &Device::Cpu).unwrap();
+    let up = prep(24, k, &per_token);
+    // A next op that needs the whole intermediate's range, or takes another width, declines.
+    assert!(up.forward_chain(Activation::Gelu, prep(8, 24, &per_tensor).as_ref(), &x).is_none());
+    assert!(up.forward_chain(Activation::Gelu, prep(8, 23, &per_token).as_ref(), &x).is_none());
+    // So does an activation the kernels do not fuse.
+    assert!(up.forward_chain(Activation::Tanh, prep(8, 24, &per_token).as_ref(), &x).is_none());
+    let down = prep(8, 24, &per_token);
+    assert!(up.forward_chain(Activation::Gelu, down.as_ref(), &x).is_some());
+    // A bad input is the first op's error, as unchained.
+    let mut v = input(m, k, 2);
+    v[300 * k + 3] = f32::NAN;
+    let bad = Tensor::from_vec(v, (m, k), &Device::Cpu).unwrap();
+    let e = up.forward_chain(Activation::Gelu, down.as_ref(), &bad).unwrap().unwrap_err();
+    assert!(matches!(e, pare_core_tensor::Error::NonFinite { count: 1, first, .. } if first == 300 * k + 3), "{e}");
+    // An intermediate that overflows (inputs near 1e38: their scale times the integer
+    // sums is infinite) makes the chain decline, so the caller's unchained run names it as
+    // the second op's input.
+    let vast = Tensor::from_vec(
+        (0..m * 256).map(|i| if i % 2 == 0 { 1.6e38f32 } else { 1e38 }).collect::<Vec<_>>(),
+        (m, 256),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let up = prep(24, 256, &per_token);
+    let h = up.forward_activated(&vast, Activation::Relu).unwrap().unwrap();
+    let h_values = h.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(h_values.iter().any(|v| !v.is_finite()), "the intermediate overflows");
+    assert!(up.forward_chain(Activation::Relu, down.as_ref(), &vast).is_none());
+    let e = down.forward(&h).unwrap_err();
+    assert!(matches!(e, pare_core_tensor::Error::NonFinite { .. }), "{e}");
+}
