@@ -176,9 +176,42 @@ fn quantization_of_far_out_of_range_values_matches_the_scalar_path() {
     let (want, _) = act.quantize_slice(&x, x.len());
     for level in SimdLevel::available() {
         let mut got = vec![0i16; x.len()];
-        quantize_row(level, &x, None, (1e-3, 7), &act, &mut got);
+        quantize_row(level, &x, None, (1e-3, 7), &act, &mut got, false);
         // Unsigned codes are stored shifted by −128.
         assert_eq!(got.iter().map(|&v| i32::from(v) + 128).collect::<Vec<_>>(), want, "{level:?}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    /// Rows quantized by their own range divide by a reciprocal with Markstein's correction on
+    /// the SIMD levels: the codes equal the reference's IEEE division, also for values a few
+    /// ulps from a rounding tie (x = S·(c + ½)) and over many binades of scale.
+    #[test]
+    fn per_row_codes_equal_ieee_division_near_ties(
+        len in 1usize..70, exp in -60i32..60, seed in any::<u64>(), symmetric in any::<bool>()
+    ) {
+        let act = ActQuant::new(8, symmetric, ActRange::Dynamic { per_token: true });
+        let mag = 2f32.powi(exp);
+        let mut x: Vec<f32> = input(1, len, seed).iter().map(|v| v * mag).collect();
+        let (lo, hi) = x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+        let (s, z) = act.scale_zero(lo, hi);
+        // Put every other value next to a tie of the grid, keeping the row's range.
+        for (i, v) in x.iter_mut().enumerate().skip(1).step_by(2) {
+            let c = (*v / s).floor() + 0.5;
+            let near = f32::from_bits((s * c).to_bits().wrapping_add((i as u32 % 5).wrapping_sub(2)));
+            if near > lo && near < hi && *v > lo && *v < hi {
+                *v = near;
+            }
+        }
+        let (want, units) = act.quantize_slice(&x, len);
+        prop_assert_eq!(units[0], (s, z));
+        for level in SimdLevel::available() {
+            let mut got = vec![0i16; len];
+            quantize_row(level, &x, None, (s, z), &act, &mut got, true);
+            let got: Vec<i32> = got.iter().map(|&v| i32::from(v) + code_offset(&act)).collect();
+            prop_assert_eq!(&got, &want, "{:?}", level);
+        }
     }
 }
 
