@@ -103,7 +103,7 @@ fn scalar_act(act: Act, v: f32) -> f32 {
 
 /// Layer normalisation of each `dim`-long row of `x` (plus the same row of `residual`) into
 /// `y`: `(s − mean)/sqrt(var + eps)·γ + β`, statistics in f32 as the reference computes them.
-/// Each task copies its rows of `x` itself, so the input is read once, on the pool; `y` may
+/// Each task writes its rows of `x` (plus the residual) into `y` itself, in one pass on the pool; `y` may
 /// be uninitialised (every value is written: no serial zeroing pass before the kernel).
 #[allow(clippy::too_many_arguments)]
 pub fn layer_norm(
@@ -124,17 +124,22 @@ pub fn layer_norm(
             for (r, row) in chunk.chunks_mut(dim).enumerate() {
                 let at = (c * rows_per + r) * dim;
                 let src = &x[at..at + row.len()];
-                // SAFETY: `row` and `src` hold row.len() floats each and do not overlap (y is
-                // a separate buffer); once copied, every value of `row` is initialised.
-                let row = unsafe {
-                    std::ptr::copy_nonoverlapping(src.as_ptr(), row.as_mut_ptr().cast::<f32>(), src.len());
-                    std::slice::from_raw_parts_mut(row.as_mut_ptr().cast::<f32>(), src.len())
-                };
-                if let Some(res) = residual {
-                    for (v, &a) in row.iter_mut().zip(&res[at..at + dim]) {
-                        *v += a;
+                // The row's sum with the residual is written in the same pass that reads it
+                // (a copy and then an add read and wrote the row twice).
+                match residual {
+                    Some(res) => {
+                        for ((v, &a), &b) in row.iter_mut().zip(src).zip(&res[at..at + src.len()]) {
+                            v.write(a + b);
+                        }
+                    }
+                    None => {
+                        for (v, &a) in row.iter_mut().zip(src) {
+                            v.write(a);
+                        }
                     }
                 }
+                // SAFETY: every value of `row` was written just above.
+                let row = unsafe { std::slice::from_raw_parts_mut(row.as_mut_ptr().cast::<f32>(), row.len()) };
                 let n = dim as f32;
                 let mean = sum(level, row) / n;
                 row.iter_mut().for_each(|v| *v -= mean);
@@ -202,23 +207,63 @@ pub fn attention(
     assert!(q.len() == s.batch * t * hidden && k.len() == q.len() && v.len() == q.len() && out.len() == q.len());
     let dst = crate::gemm::OutPtr(out.as_mut_ptr().cast::<f32>());
     pool.install(|| {
-        (0..s.batch * s.heads).into_par_iter().for_each(|bh| {
+        (0..s.batch * s.heads).into_par_iter().for_each_init(HeadScratch::default, |scratch, bh| {
             let (b, h) = (bh / s.heads, bh % s.heads);
             let base = b * t * hidden + h * d;
             let m = mask.map(|m| &m[b * t..(b + 1) * t]);
-            let mut ctx = vec![0f32; t * d];
-            head(level, &q[base..], &k[base..], &v[base..], hidden, m, scale, t, d, &mut ctx);
-            for (i, row) in ctx.chunks(d.max(1)).enumerate() {
-                // SAFETY: (b, h) owns columns h·d .. (h+1)·d of rows b·t .. (b+1)·t of `out`
-                // (length batch·t·hidden, checked above); the tasks partition `out`, which
-                // outlives `pool.install`.
-                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.get().add(base + i * hidden), row.len()) };
-            }
+            // (b, h) owns columns h·d .. (h+1)·d of rows b·t .. (b+1)·t of `out` (length
+            // batch·t·hidden, checked above); the tasks partition `out`, which outlives
+            // `pool.install`. The head writes its rows there directly.
+            let rows =
+                OutRows { first: dst.get().wrapping_add(base), stride: hidden, d, t, _out: std::marker::PhantomData };
+            head(level, &q[base..], &k[base..], &v[base..], hidden, m, scale, t, d, rows, scratch);
         })
     });
 }
 
-/// One head: `q`, `k`, `v` start at the head's first value, rows `stride` apart.
+/// Whether `v` holds `t` rows of `d` values starting `stride` apart.
+fn values_fit(v: &[f32], t: usize, stride: usize, d: usize) -> bool {
+    t == 0 || (stride >= d && v.len() >= (t - 1) * stride + d)
+}
+
+/// A task's buffers for [`head`], reused across its heads (allocating and zeroing them per
+/// head, with a copy of the values and of the output, was an eighth of the kernel's time).
+#[derive(Default)]
+struct HeadScratch {
+    /// The keys transposed, `d × t` padded to whole registers.
+    kt: Vec<f32>,
+    /// Score rows.
+    p: Vec<f32>,
+    /// Output rows for the repeated last row of a partial pass.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    spare: Vec<f32>,
+}
+
+/// One head's output rows inside the attention output: `t` rows of `d` values, `stride`
+/// apart, starting at `first`, owned by the task that holds this.
+struct OutRows<'a> {
+    first: *mut f32,
+    stride: usize,
+    d: usize,
+    t: usize,
+    _out: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> OutRows<'a> {
+    /// Row `i`.
+    ///
+    /// # Safety
+    /// No other live slice from this `OutRows` may be row `i`.
+    unsafe fn row(&self, i: usize) -> &'a mut [f32] {
+        assert!(i < self.t);
+        // SAFETY: rows 0..t of d values `stride` apart from `first` are this task's (see
+        // `attention`); the caller holds no other reference to row i.
+        unsafe { std::slice::from_raw_parts_mut(self.first.add(i * self.stride), self.d) }
+    }
+}
+
+/// One head: `q`, `k`, `v` start at the head's first value, rows `stride` apart; its output
+/// rows go to `out`.
 #[allow(clippy::too_many_arguments)]
 fn head(
     level: SimdLevel,
@@ -230,22 +275,20 @@ fn head(
     scale: f32,
     t: usize,
     d: usize,
-    ctx: &mut [f32],
+    out: OutRows<'_>,
+    sc: &mut HeadScratch,
 ) {
-    // Keys transposed to [d][t8] (t8 = t rounded up to 8), values packed [t][d].
+    assert!(values_fit(q, t, stride, d) && values_fit(k, t, stride, d) && values_fit(v, t, stride, d));
+    // Keys transposed to [d][t8] (t8 = t rounded up to 8); values read in place.
     let t8 = t.div_ceil(8) * 8;
-    let mut vp = vec![0f32; t * d];
-    for j in 0..t {
-        vp[j * d..(j + 1) * d].copy_from_slice(&v[j * stride..j * stride + d]);
-    }
     #[cfg(target_arch = "x86_64")]
     if level.avx512() && d.is_multiple_of(16) {
         // Keys padded to whole 16-lane registers (the padding's scores are never read).
         let t16 = t.div_ceil(16) * 16;
-        let mut kt = vec![0f32; d * t16];
-        crate::simd::transpose(level, k, stride, t, d, &mut kt, t16);
-        let mut p = vec![0f32; avx512::ROWS * t16];
-        let mut spare = vec![0f32; (avx512::ROWS - 1) * d];
+        sc.kt.resize(d * t16, 0.0);
+        crate::simd::transpose(level, k, stride, t, d, &mut sc.kt[..d * t16], t16);
+        sc.p.resize(avx512::ROWS * t16, 0.0);
+        sc.spare.resize((avx512::ROWS - 1) * d, 0.0);
         let mut i = 0;
         while i < t {
             let rows = (t - i).min(avx512::ROWS);
@@ -254,22 +297,28 @@ fn head(
                 &q[at..at + d]
             });
             // Rows past the last are computed again (as the last row) into scratch rows.
-            let (mine, _) = ctx[i * d..].split_at_mut(rows * d);
-            let mut outs = mine.chunks_mut(d).chain(spare.chunks_mut(d));
-            let out: [&mut [f32]; avx512::ROWS] = std::array::from_fn(|_| outs.next().expect("four rows"));
-            // SAFETY: AVX-512 F was detected just above; kt is d × t16, vp is t × d, p holds
-            // 4·t16 floats, every q and out row holds d, a multiple of 16.
-            unsafe { avx512::attend_rows(qs, &kt, &vp, mask, scale, t, t16, &mut p, out) };
+            // SAFETY: rows i .. i + rows are distinct, each taken once.
+            let mut mine = (i..i + rows).map(|r| unsafe { out.row(r) });
+            let mut spare = sc.spare.chunks_mut(d);
+            let outs: [&mut [f32]; avx512::ROWS] =
+                std::array::from_fn(|_| mine.next().or_else(|| spare.next()).expect("four rows"));
+            // SAFETY: AVX-512 F was detected just above; kt is d × t16, v holds t rows of d
+            // `stride` apart, p holds 4·t16 floats, every q and out row holds d, a multiple
+            // of 16.
+            unsafe { avx512::attend_rows(qs, &sc.kt[..d * t16], v, stride, mask, scale, t, t16, &mut sc.p[..], outs) };
             i += rows;
         }
         return;
     }
     // The AVX-512 path above transposes into its own 16-padded layout.
-    let mut kt = vec![0f32; d * t8];
-    crate::simd::transpose(level, k, stride, t, d, &mut kt, t8);
-    let mut p = vec![0f32; 2 * t8];
+    sc.kt.resize(d * t8, 0.0);
+    let kt = &mut sc.kt[..d * t8];
+    crate::simd::transpose(level, k, stride, t, d, kt, t8);
+    sc.p.resize(2 * t8, 0.0);
+    let p = &mut sc.p[..2 * t8];
     #[cfg(target_arch = "x86_64")]
     if level.avx2() && d.is_multiple_of(8) {
+        sc.spare.resize(d, 0.0);
         let mut i = 0;
         while i < t {
             let rows = (t - i).min(2);
@@ -277,25 +326,21 @@ fn head(
                 let at = (i + r.min(rows - 1)) * stride;
                 &q[at..at + d]
             });
-            let (o0, o1) = ctx[i * d..].split_at_mut(d);
-            // SAFETY: AVX2 and FMA were detected just above; kt is d × t8, vp is t × d, p holds
-            // 2·t8 floats, d is a multiple of 8. With one row left, row 0 is computed twice and
-            // the second copy written to a scratch row.
-            unsafe {
-                if rows == 2 {
-                    avx2::attend_rows(qs, &kt, &vp, mask, scale, t, t8, &mut p, [o0, &mut o1[..d]])
-                } else {
-                    let mut spare = vec![0f32; d];
-                    avx2::attend_rows(qs, &kt, &vp, mask, scale, t, t8, &mut p, [o0, &mut spare])
-                }
-            }
+            // SAFETY: rows i and i + 1 are distinct, each taken once; with one row left, row
+            // 0 is computed twice and the second copy written to a scratch row.
+            let outs: [&mut [f32]; 2] =
+                unsafe { [out.row(i), if rows == 2 { out.row(i + 1) } else { &mut sc.spare[..d] }] };
+            // SAFETY: AVX2 and FMA were detected just above; kt is d × t8, v holds t rows of d
+            // `stride` apart, p holds 2·t8 floats, d is a multiple of 8.
+            unsafe { avx2::attend_rows(qs, kt, v, stride, mask, scale, t, t8, p, outs) };
             i += rows;
         }
         return;
     }
     for i in 0..t {
         let qi = &q[i * stride..i * stride + d];
-        let out = &mut ctx[i * d..(i + 1) * d];
+        // SAFETY: row i is taken once, for this iteration only.
+        let out = unsafe { out.row(i) };
         for j in 0..t {
             let dot: f32 = (0..d).map(|c| qi[c] * kt[c * t8 + j]).sum();
             p[j] = dot * scale + mask.map_or(0.0, |m| m[j]);
@@ -310,7 +355,7 @@ fn head(
         for j in 0..t {
             let w = p[j] / total;
             for c in 0..d {
-                out[c] += w * vp[j * d + c];
+                out[c] += w * v[j * stride + c];
             }
         }
     }
@@ -458,14 +503,16 @@ mod avx2 {
     /// probability-weighted sum of the values.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA; `kt` is `d × t8`, `vp` is `t × d`, `p` holds `2·t8`
-    /// floats, every `q` and `out` row holds `d` (a multiple of 8).
+    /// The CPU must support AVX2 and FMA; `kt` is `d × t8`, `vp` holds `t` value rows of `d`
+    /// starting `vs` apart, `p` holds `2·t8` floats, every `q` and `out` row holds `d` (a
+    /// multiple of 8).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn attend_rows(
         q: [&[f32]; 2],
         kt: &[f32],
         vp: &[f32],
+        vs: usize,
         mask: Option<&[f32]>,
         scale: f32,
         t: usize,
@@ -474,7 +521,7 @@ mod avx2 {
         mut out: [&mut [f32]; 2],
     ) {
         let d = q[0].len();
-        assert!(kt.len() == d * t8 && vp.len() == t * d && p.len() == 2 * t8 && d.is_multiple_of(8));
+        assert!(kt.len() == d * t8 && super::values_fit(vp, t, vs, d) && p.len() == 2 * t8 && d.is_multiple_of(8));
         assert!(q.iter().all(|r| r.len() == d) && out.iter().all(|r| r.len() == d));
         let sv = _mm256_set1_ps(scale);
         // Scores: four key blocks (32 keys) × two rows per pass, eight FMA chains in registers
@@ -502,14 +549,14 @@ mod avx2 {
         let vecs = d / 8;
         let mut o = 0;
         while o < vecs {
-            // SAFETY: reads vp[j·d + 8o ..+ 8·NV] and writes out[r][8o ..+ 8·NV], in bounds as
+            // SAFETY: reads vp[j·vs + 8o ..+ 8·NV] and writes out[r][8o ..+ 8·NV], in bounds as
             // o + NV ≤ d/8.
             unsafe {
                 if vecs - o >= 4 {
-                    weighted::<4>(p, t, t8, vp, d, o, inv, &mut out);
+                    weighted::<4>(p, t, t8, vp, vs, d, o, inv, &mut out);
                     o += 4;
                 } else {
-                    weighted::<1>(p, t, t8, vp, d, o, inv, &mut out);
+                    weighted::<1>(p, t, t8, vp, vs, d, o, inv, &mut out);
                     o += 1;
                 }
             }
@@ -546,7 +593,8 @@ mod avx2 {
     /// Output vectors `o .. o + NV` of two rows: `Σ_j p[r][j]·v[j]`, times `inv[r]`.
     ///
     /// # Safety
-    /// AVX2 and FMA; `vp` is `t × d`, `p` holds `2·t8`, `8·(o + NV) ≤ d`, each `out` row `d`.
+    /// AVX2 and FMA; `vp` holds `t` rows of `d` starting `vs` apart, `p` holds `2·t8`,
+    /// `8·(o + NV) ≤ d`, each `out` row `d`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -555,18 +603,24 @@ mod avx2 {
         t: usize,
         t8: usize,
         vp: &[f32],
+        vs: usize,
         d: usize,
         o: usize,
         inv: [f32; 2],
         out: &mut [&mut [f32]; 2],
     ) {
-        assert!(8 * (o + NV) <= d && vp.len() >= t * d && p.len() >= t8 + t && out.iter().all(|r| r.len() == d));
+        assert!(
+            8 * (o + NV) <= d
+                && super::values_fit(vp, t, vs, d)
+                && p.len() >= t8 + t
+                && out.iter().all(|r| r.len() == d)
+        );
         let mut acc = [[_mm256_setzero_ps(); NV]; 2];
         for j in 0..t {
             let w = [_mm256_set1_ps(p[j]), _mm256_set1_ps(p[t8 + j])];
             for x in 0..NV {
-                // SAFETY: j·d + 8(o + x) + 8 ≤ t·d ≤ vp.len().
-                let vv = unsafe { _mm256_loadu_ps(vp.as_ptr().add(j * d + 8 * (o + x))) };
+                // SAFETY: j·vs + 8(o + x) + 8 ≤ (t − 1)·vs + d ≤ vp.len().
+                let vv = unsafe { _mm256_loadu_ps(vp.as_ptr().add(j * vs + 8 * (o + x))) };
                 acc[0][x] = _mm256_fmadd_ps(w[0], vv, acc[0][x]);
                 acc[1][x] = _mm256_fmadd_ps(w[1], vv, acc[1][x]);
             }
@@ -842,14 +896,15 @@ mod avx512 {
     ///
     /// # Safety
     /// The CPU must support AVX-512 F, AVX2 and FMA; `kt` is `d × t16` (`t16` a multiple of
-    /// 16, at least `t`), `vp` is `t × d`, `p` holds `4·t16` floats, every `q` and `out` row
-    /// holds `d` (a multiple of 16).
+    /// 16, at least `t`), `vp` holds `t` value rows of `d` starting `vs` apart, `p` holds
+    /// `4·t16` floats, every `q` and `out` row holds `d` (a multiple of 16).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,avx512f")]
     pub unsafe fn attend_rows(
         q: [&[f32]; ROWS],
         kt: &[f32],
         vp: &[f32],
+        vs: usize,
         mask: Option<&[f32]>,
         scale: f32,
         t: usize,
@@ -859,7 +914,7 @@ mod avx512 {
     ) {
         let d = q[0].len();
         assert!(t16.is_multiple_of(16) && t <= t16 && d.is_multiple_of(16));
-        assert!(kt.len() == d * t16 && vp.len() == t * d && p.len() == ROWS * t16);
+        assert!(kt.len() == d * t16 && super::values_fit(vp, t, vs, d) && p.len() == ROWS * t16);
         assert!(q.iter().all(|r| r.len() == d) && out.iter().all(|r| r.len() == d));
         let sv = _mm512_set1_ps(scale);
         let mut jb = 0;
@@ -882,10 +937,10 @@ mod avx512 {
         let mut o = 0;
         while o < vecs {
             if vecs - o >= 2 {
-                weighted::<2>(p, t, t16, vp, d, o, inv, &mut out);
+                weighted::<2>(p, t, t16, vp, vs, d, o, inv, &mut out);
                 o += 2;
             } else {
-                weighted::<1>(p, t, t16, vp, d, o, inv, &mut out);
+                weighted::<1>(p, t, t16, vp, vs, d, o, inv, &mut out);
                 o += 1;
             }
         }
@@ -928,20 +983,21 @@ mod avx512 {
         t: usize,
         t16: usize,
         vp: &[f32],
+        vs: usize,
         d: usize,
         o: usize,
         inv: [f32; ROWS],
         out: &mut [&mut [f32]; ROWS],
     ) {
-        assert!(16 * (o + NV) <= d && vp.len() >= t * d && t <= t16 && p.len() >= ROWS * t16);
+        assert!(16 * (o + NV) <= d && super::values_fit(vp, t, vs, d) && t <= t16 && p.len() >= ROWS * t16);
         assert!(out.iter().all(|r| r.len() == d));
         let mut acc = [[_mm512_setzero_ps(); NV]; ROWS];
         for j in 0..t {
             // SAFETY: r·t16 + j < 4·t16 ≤ p.len() (j < t ≤ t16).
             let w: [__m512; ROWS] = std::array::from_fn(|r| _mm512_set1_ps(unsafe { *p.get_unchecked(r * t16 + j) }));
             for x in 0..NV {
-                // SAFETY: j·d + 16(o + x) + 16 ≤ t·d ≤ vp.len().
-                let vv = unsafe { _mm512_loadu_ps(vp.as_ptr().add(j * d + 16 * (o + x))) };
+                // SAFETY: j·vs + 16(o + x) + 16 ≤ (t − 1)·vs + d ≤ vp.len().
+                let vv = unsafe { _mm512_loadu_ps(vp.as_ptr().add(j * vs + 16 * (o + x))) };
                 for r in 0..ROWS {
                     acc[r][x] = _mm512_fmadd_ps(w[r], vv, acc[r][x]);
                 }
