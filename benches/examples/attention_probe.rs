@@ -1,6 +1,8 @@
 //! pare's fused attention alone at MiniLM's shape (batch 32 × 128 tokens, 12 heads of 32), best
 //! of 15 runs, in GFLOP/s of its two products (QKᵀ and PV), at every SIMD level this CPU has:
-//! to read the kernel's rate against the FMA peak. `T=1` for one thread.
+//! to read the kernel's rate against the FMA peak, in f32 and (with AVX-512 BF16) with bf16
+//! products. `T=1` for one thread.
+use pare_core_tensor::AttentionPrecision;
 use pare_runtime_cpu::SimdLevel;
 use pare_runtime_cpu::nonlinear::{AttnShape, attention};
 
@@ -14,12 +16,22 @@ fn main() {
     let mut out = vec![std::mem::MaybeUninit::new(0f32); len];
     let flops = 2.0 * 2.0 * (s.batch * s.heads * s.seq * s.seq * s.head_dim) as f64;
     for level in SimdLevel::available().into_iter().skip(1) {
-        let mut best = f64::MAX;
-        for _ in 0..15 {
-            let t = std::time::Instant::now();
-            attention(level, &pool, &x, &x, &x, Some(&mask), 0.17, s, &mut out);
-            best = best.min(t.elapsed().as_secs_f64());
+        for precision in [AttentionPrecision::F32, AttentionPrecision::Bf16] {
+            if precision == AttentionPrecision::Bf16 && !level.avx512_bf16() {
+                continue; // the value-by-value fallback is not worth timing
+            }
+            let mut best = f64::MAX;
+            for _ in 0..15 {
+                let t = std::time::Instant::now();
+                attention(level, &pool, &x, &x, &x, Some(&mask), 0.17, s, precision, &mut out);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!(
+                "{level:?}, {} products, {threads} thread(s): {:.2} ms, {:.1} GFLOP/s",
+                precision.name(),
+                best * 1e3,
+                flops / best / 1e9
+            );
         }
-        println!("{level:?}, {threads} thread(s): {:.2} ms, {:.1} GFLOP/s", best * 1e3, flops / best / 1e9);
     }
 }

@@ -97,6 +97,11 @@ pub struct Args {
     /// `encoder.layer.*.output.dense=int8,channel`.
     #[arg(long = "override")]
     overrides: Vec<String>,
+    /// Precision of a sentence encoder's attention products: f32, or bf16 (operands rounded to
+    /// bf16, sums in f32: half the multiply work on CPUs with AVX-512 BF16, each operand within
+    /// 2⁻⁹ relative). Saved with the model (`pare_attention_precision` in config.json).
+    #[arg(long, default_value = "f32")]
+    attention: String,
     /// Also write the run's figures (options, per-layer table, totals, quality) as JSON here,
     /// for `cargo xtask quant-report`.
     #[arg(long)]
@@ -181,6 +186,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         other => bail!("--mode: expected weight-only, dynamic, static or qat, found `{other}`"),
     };
     let observer = ObserverKind::parse(&args.observer)?;
+    let attention = pare_core_tensor::AttentionPrecision::parse(&args.attention)?;
+    if attention != pare_core_tensor::AttentionPrecision::F32 && !args.model.is_dir() {
+        bail!(
+            "--attention {}: only a sentence-encoder folder has attention; `{}` is a file",
+            args.attention,
+            args.model.display()
+        );
+    }
     let act = ActSpec { bits: args.act_bits, symmetric: args.act_symmetric || mode == Mode::Dynamic };
     if mode != Mode::WeightOnly && !(2..=8).contains(&act.bits) {
         bail!("--act-bits: expected 2..=8, found {}", act.bits);
@@ -229,7 +242,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let selection = Selection { include: args.layers.clone(), exclude: args.exclude.clone() };
     let recipe = format!(
         "quantize scheme={} granularity={} symmetric={} algo={} mode={} observer={} act_bits={} act_symmetric={} \
-         smooth={:?} calib={:?} calib_size={} layers={:?} exclude={:?} epochs={} lr={} seed={}",
+         smooth={:?} calib={:?} calib_size={} layers={:?} exclude={:?} epochs={} lr={} seed={} attention={}",
         args.scheme,
         args.granularity,
         !args.asymmetric,
@@ -245,7 +258,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.exclude,
         args.epochs,
         args.lr,
-        args.seed
+        args.seed,
+        attention.name()
     );
     if args.check_only {
         return Ok(());
@@ -315,6 +329,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         };
         apply(&mut enc.bert, &specs)?;
+        enc.bert.set_attention_precision(attention);
         act_layers = Some(specs.len());
         if let Some(eval) = eval {
             bar.set_message("evaluating");

@@ -102,6 +102,10 @@ fn recipe_errors_name_the_file_line_stage_and_key_and_write_nothing() {
             "[[stage]]\nkind = \"evaluate\"\nreps = 3\n",
             "line 3: stage 1 (evaluate): unknown key `reps`: evaluate takes no options",
         ),
+        (
+            "[[stage]]\nkind = \"quantize\"\nattention = \"bf16\"\n",
+            "line 3: stage 1 (quantize): --attention bf16: only a sentence-encoder folder has attention",
+        ),
         ("[stage]\nkind = \"prune\"\n", "line 1: `stage` must be an array of tables: write [[stage]]"),
         (
             "[recipe]\nseed = -1\n[[stage]]\nkind = \"evaluate\"\n",

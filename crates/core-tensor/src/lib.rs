@@ -56,8 +56,9 @@ pub use quant::{
     Granularity, Mapping, QuantScheme, QuantizedTensor, affine_scale_zero, pack_codes, packed_len, unpack_codes,
 };
 pub use runtime::{
-    Conv2dParams, PreparedOp, ReferenceRuntime, Runtime, attention_reference, check_attention, check_bias,
-    conv2d_forward, in_runtime, layer_norm_reference, linear_forward,
+    AttentionPrecision, Conv2dParams, PreparedOp, ReferenceRuntime, Runtime, attention_reference,
+    attention_reference_bf16, check_attention, check_bias, conv2d_forward, in_runtime, layer_norm_reference,
+    linear_forward,
 };
 pub use sparse::{SparseLayout, SparseTensor};
 pub use weight::Weight;

@@ -124,6 +124,26 @@ pub trait Runtime: Send + Sync + Debug {
         attention_reference(q, k, v, heads, mask, scale)
     }
 
+    /// [`Runtime::attention`] at `precision`: with [`AttentionPrecision::Bf16`] the two
+    /// products take bf16 operands with f32 sums ([`attention_reference_bf16`] gives the
+    /// semantics, and is the default for that precision).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_with(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        mask: Option<&Tensor>,
+        scale: f64,
+        precision: AttentionPrecision,
+    ) -> Result<Tensor> {
+        match precision {
+            AttentionPrecision::F32 => self.attention(q, k, v, heads, mask, scale),
+            AttentionPrecision::Bf16 => attention_reference_bf16(q, k, v, heads, mask, scale),
+        }
+    }
+
     /// `act(x)` element-wise. The default is [`Activation::forward`] in candle.
     fn activation(&self, act: Activation, x: &Tensor) -> Result<Tensor> {
         act.forward(x)
@@ -215,6 +235,71 @@ pub fn attention_reference(
     }
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, hidden))?)
+}
+
+/// The precision of attention's two products (`Q Kᵀ` and the probabilities times `V`), a
+/// property of a model like its weights' formats: the quality a pipeline measures is the
+/// quality it ships.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionPrecision {
+    /// f32 operands and sums.
+    #[default]
+    F32,
+    /// Operands rounded to bf16 (to nearest, ties to even), products summed in f32: half the
+    /// work where the CPU multiplies bf16 pairs (`vdpbf16ps`), with each operand's relative
+    /// error at most 2⁻⁹ — below the int8 activations' of a W8A8 model.
+    Bf16,
+}
+
+impl AttentionPrecision {
+    /// Parses `f32` or `bf16`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(Error::invalid("attention precision", format!("expected `f32` or `bf16`, found `{other}`"))),
+        }
+    }
+
+    /// `f32` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The reference semantics of [`Runtime::attention_with`] at [`AttentionPrecision::Bf16`]:
+/// per head, `q` and `k` rounded to bf16, scores `q·k` summed in f32, times `scale`, plus the
+/// mask; the softmax numerators `e_j = exp(s_j − max)` in f32; the output
+/// `Σ_j bf16(e_j)·bf16(v_j) / Σ_j e_j` (the numerators rounded, their sum not).
+pub fn attention_reference_bf16(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, t, hidden) = q.dims3()?;
+    check_attention(q, k, v, heads, mask)?;
+    let hs = hidden / heads;
+    let bf = |x: &Tensor| -> Result<Tensor> { Ok(x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?) };
+    let split = |x: &Tensor| -> Result<Tensor> {
+        Ok(x.to_dtype(DType::F32)?.reshape((b, t, heads, hs))?.transpose(1, 2)?.contiguous()?)
+    };
+    let (q, k, v) = (bf(&split(q)?)?, bf(&split(k)?)?, bf(&split(v)?)?);
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(m) = mask {
+        scores = scores.broadcast_add(&m.to_dtype(DType::F32)?.reshape((b, 1, 1, t))?)?;
+    }
+    let max = scores.max_keepdim(3)?;
+    let e = scores.broadcast_sub(&max)?.exp()?;
+    let total = e.sum_keepdim(3)?;
+    let out = bf(&e)?.matmul(&v)?.broadcast_div(&total)?;
+    Ok(out.transpose(1, 2)?.reshape((b, t, hidden))?)
 }
 
 /// Checks the shapes [`Runtime::attention`] takes: three equal `[batch, seq, hidden]`

@@ -9,8 +9,8 @@ use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarMap;
 use pare_core_tensor::io::load_weights;
 use pare_core_tensor::{
-    Activation, Embedding, Graph, Hooks, Init, LayerMut, LayerNorm, LayerRef, Linear, LoadedWeights, Module, Step,
-    Weight, WeightSource,
+    Activation, AttentionPrecision, Embedding, Graph, Hooks, Init, LayerMut, LayerNorm, LayerRef, Linear,
+    LoadedWeights, Module, Step, Weight, WeightSource,
 };
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +52,14 @@ pub struct BertConfig {
     /// (`pare_intermediate_per_layer`); `intermediate_size` otherwise.
     #[serde(default, rename = "pare_intermediate_per_layer", skip_serializing_if = "Option::is_none")]
     pub intermediate_per_layer: Option<Vec<usize>>,
+    /// The precision of attention's two products (`pare_attention_precision`: absent means
+    /// f32; `bf16` where a pipeline chose it, see [`BertEncoder::set_attention_precision`]).
+    #[serde(default, rename = "pare_attention_precision", skip_serializing_if = "is_f32")]
+    pub attention_precision: AttentionPrecision,
+}
+
+fn is_f32(p: &AttentionPrecision) -> bool {
+    *p == AttentionPrecision::F32
 }
 
 fn default_act() -> String {
@@ -234,13 +242,21 @@ impl BertEncoder {
         self.rewrite_config(src, out)
     }
 
-    /// Writes `out/config.json` from `src`'s with this encoder's sizes when they differ from
-    /// it (after structured pruning): layer count, head width, per-layer heads and FFN widths.
+    /// Writes `out/config.json` from `src`'s with this encoder's settings when they differ
+    /// from it (after structured pruning: layer count, head width, per-layer heads and FFN
+    /// widths; the attention precision).
     fn rewrite_config(&self, src: &Path, out: &Path) -> Result<()> {
-        let cfg_path = src.join("config.json");
-        if BertConfig::from_file(&cfg_path)? == self.config {
+        if BertConfig::from_file(&src.join("config.json"))? == self.config {
             return Ok(());
         }
+        let json = serde_json::to_vec_pretty(&self.merged_config(src)?).expect("JSON values serialise");
+        Ok(pare_core_tensor::io::write_file_atomic(out.join("config.json"), &json)?)
+    }
+
+    /// `src/config.json` with this encoder's fields written over it (and pare's attention
+    /// precision removed when it is back to f32).
+    fn merged_config(&self, src: &Path) -> Result<serde_json::Value> {
+        let cfg_path = src.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| pare_core_tensor::Error::io("read", &cfg_path, e))?;
         let mut config: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| pare_core_tensor::Error::Json { path: cfg_path.clone(), cause: e })?;
@@ -248,8 +264,12 @@ impl BertEncoder {
         for (k, v) in ours.as_object().expect("an object") {
             config[k] = v.clone();
         }
-        let json = serde_json::to_vec_pretty(&config).expect("JSON values serialise");
-        Ok(pare_core_tensor::io::write_file_atomic(out.join("config.json"), &json)?)
+        if is_f32(&self.config.attention_precision)
+            && let Some(obj) = config.as_object_mut()
+        {
+            obj.remove("pare_attention_precision");
+        }
+        Ok(config)
     }
 
     /// Writes a model folder in the compressed-tensors layout that vLLM and transformers load:
@@ -268,10 +288,7 @@ impl BertEncoder {
             self.layers().iter().filter_map(|l| l.input_quant().map(|a| (l.path().to_string(), a))).collect();
         // Everything is encoded (and refused) before anything is written.
         let (tensors, qconfig) = pare_core_tensor::io::compressed_tensors::encode(&self.named_weights(), &inputs)?;
-        let cfg_path = src.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| pare_core_tensor::Error::io("read", &cfg_path, e))?;
-        let mut config: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| pare_core_tensor::Error::Json { path: cfg_path.clone(), cause: e })?;
+        let mut config = self.merged_config(src)?;
         config["quantization_config"] = qconfig;
         std::fs::create_dir_all(out).map_err(|e| pare_core_tensor::Error::io("create folder", out, e))?;
         let mut meta = metadata.clone();
@@ -397,6 +414,12 @@ impl BertEncoder {
     /// The configuration.
     pub fn config(&self) -> &BertConfig {
         &self.config
+    }
+
+    /// Runs every layer's attention products at `precision` from now on (saved with the
+    /// model as `pare_attention_precision` in config.json, so it loads the same way).
+    pub fn set_attention_precision(&mut self, precision: AttentionPrecision) {
+        self.config.attention_precision = precision;
     }
 
     /// Hidden states `[batch, seq, hidden]` for token ids `[batch, seq]` (u32), token types
@@ -546,7 +569,7 @@ impl BertEncoder {
             what: "BERT attention projections",
             detail: format!("expected query, key and value outputs, found {} tensors", v.len()),
         })?;
-        let ctx = rt.attention(&q, &k, &v, heads, Some(mask), scale)?;
+        let ctx = rt.attention_with(&q, &k, &v, heads, Some(mask), scale, self.config.attention_precision)?;
         let attn = reduce(layer.attn_out.forward_hooked(&ctx, hooks)?)?;
         let h = layer.attn_norm.forward_on(rt.as_ref(), &attn, Some(h), hooks)?;
         let out = reduce(layer.intermediate.forward_chain(self.act, &layer.output, &h, hooks)?)?;

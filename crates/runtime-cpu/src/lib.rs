@@ -49,7 +49,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use pare_core_tensor::{
-    ActQuant, Activation, Conv2dParams, Error, PreparedOp, ReferenceRuntime, Result, Runtime, Weight,
+    ActQuant, Activation, AttentionPrecision, Conv2dParams, Error, PreparedOp, ReferenceRuntime, Result, Runtime,
+    Weight,
 };
 
 use crate::gemm::PackedF32;
@@ -243,9 +244,25 @@ impl Runtime for CpuRuntime {
         mask: Option<&Tensor>,
         scale: f64,
     ) -> Result<Tensor> {
+        self.attention_with(q, k, v, heads, mask, scale, AttentionPrecision::F32)
+    }
+
+    fn attention_with(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        mask: Option<&Tensor>,
+        scale: f64,
+        precision: AttentionPrecision,
+    ) -> Result<Tensor> {
         pare_core_tensor::check_attention(q, k, v, heads, mask)?;
         if !all_f32_cpu(&[q, k, v]) {
-            return pare_core_tensor::attention_reference(q, k, v, heads, mask, scale);
+            return match precision {
+                AttentionPrecision::F32 => pare_core_tensor::attention_reference(q, k, v, heads, mask, scale),
+                AttentionPrecision::Bf16 => pare_core_tensor::attention_reference_bf16(q, k, v, heads, mask, scale),
+            };
         }
         let (batch, seq, hidden) = q.dims3()?;
         let shape = nonlinear::AttnShape { batch, seq, heads, head_dim: hidden / heads };
@@ -258,7 +275,7 @@ impl Runtime for CpuRuntime {
                 with_f32(v, |vv| {
                     let m = mask.as_deref();
                     let dst = &mut out.spare_capacity_mut()[..qv.len()];
-                    nonlinear::attention(self.level, &self.pool, qv, kv, vv, m, scale as f32, shape, dst)
+                    nonlinear::attention(self.level, &self.pool, qv, kv, vv, m, scale as f32, shape, precision, dst)
                 })
             })
         })???;

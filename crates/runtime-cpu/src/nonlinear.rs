@@ -7,6 +7,7 @@
 //! Each has a scalar twin; rows and heads are split across the pool, each computed whole by one
 //! task, so the bits do not depend on the thread count.
 
+use pare_core_tensor::AttentionPrecision;
 use rayon::prelude::*;
 
 use crate::simd::SimdLevel;
@@ -201,6 +202,7 @@ pub fn attention(
     mask: Option<&[f32]>,
     scale: f32,
     s: AttnShape,
+    precision: AttentionPrecision,
     out: &mut [std::mem::MaybeUninit<f32>],
 ) {
     let (t, d, hidden) = (s.seq, s.head_dim, s.heads * s.head_dim);
@@ -216,7 +218,11 @@ pub fn attention(
             // `pool.install`. The head writes its rows there directly.
             let rows =
                 OutRows { first: dst.get().wrapping_add(base), stride: hidden, d, t, _out: std::marker::PhantomData };
-            head(level, &q[base..], &k[base..], &v[base..], hidden, m, scale, t, d, rows, scratch);
+            let (q, k, v) = (&q[base..], &k[base..], &v[base..]);
+            match precision {
+                AttentionPrecision::F32 => head(level, q, k, v, hidden, m, scale, t, d, rows, scratch),
+                AttentionPrecision::Bf16 => head_bf16(level, q, k, v, hidden, m, scale, t, d, rows, scratch),
+            }
         })
     });
 }
@@ -237,6 +243,110 @@ struct HeadScratch {
     /// Output rows for the repeated last row of a partial pass.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     spare: Vec<f32>,
+    /// bf16 pairs (two values of one row in a 32-bit lane, the even one low): the keys by
+    /// row, then transposed, the values by pairs of rows, the queries and scores of a pass.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pairs: [Vec<u32>; 5],
+}
+
+/// `x` rounded to bf16 (to nearest, ties to even) and back: what [`AttentionPrecision::Bf16`]
+/// does to attention's operands.
+fn bf16_round(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+/// [`head`] at [`AttentionPrecision::Bf16`] (the semantics of
+/// [`pare_core_tensor::attention_reference_bf16`]): with AVX-512 BF16 the products run on
+/// `vdpbf16ps`; elsewhere the semantics one value at a time.
+#[allow(clippy::too_many_arguments)]
+fn head_bf16(
+    level: SimdLevel,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    mask: Option<&[f32]>,
+    scale: f32,
+    t: usize,
+    d: usize,
+    out: OutRows<'_>,
+    sc: &mut HeadScratch,
+) {
+    assert!(values_fit(q, t, stride, d) && values_fit(k, t, stride, d) && values_fit(v, t, stride, d));
+    #[cfg(target_arch = "x86_64")]
+    if level.avx512_bf16() && d.is_multiple_of(16) && t > 0 {
+        use avx512bf16::ROWS;
+        let (t16, dp, t2) = (t.div_ceil(16) * 16, d / 2, t.div_ceil(2));
+        let [kr, kp, vp, qp, pp] = &mut sc.pairs;
+        kr.resize(t * dp, 0);
+        kp.resize(dp * t16, 0);
+        vp.resize(t2 * d, 0);
+        qp.resize(ROWS * dp, 0);
+        pp.resize(ROWS * t16 / 2, 0);
+        sc.p.resize(ROWS * t16, 0.0);
+        sc.spare.resize((ROWS - 1) * d, 0.0);
+        // SAFETY: AVX-512 F/BW and BF16 were detected just above; k and v hold t rows of d
+        // (a multiple of 16) `stride` apart, kr holds t·d/2 pairs and vp ⌈t/2⌉·d.
+        unsafe {
+            avx512bf16::pack_rows(k, stride, t, d, kr);
+            avx512bf16::pack_value_pairs(v, stride, t, d, vp);
+        }
+        // The key pairs transposed to [d/2][t16] as 32-bit lanes: the transpose only moves
+        // bits, so it takes them as f32.
+        // SAFETY: u32 and f32 have the same size and alignment; the views cover the vectors.
+        let (src, dst) = unsafe {
+            (
+                std::slice::from_raw_parts(kr.as_ptr().cast::<f32>(), kr.len()),
+                std::slice::from_raw_parts_mut(kp.as_mut_ptr().cast::<f32>(), kp.len()),
+            )
+        };
+        crate::simd::transpose(level, src, dp, t, dp, dst, t16);
+        let mut i = 0;
+        while i < t {
+            let rows = (t - i).min(ROWS);
+            let qs: [&[f32]; ROWS] = std::array::from_fn(|r| {
+                let at = (i + r.min(rows - 1)) * stride;
+                &q[at..at + d]
+            });
+            // SAFETY: rows i .. i + rows are distinct, each taken once.
+            let mut mine = (i..i + rows).map(|r| unsafe { out.row(r) });
+            let mut spare = sc.spare.chunks_mut(d);
+            let outs: [&mut [f32]; ROWS] =
+                std::array::from_fn(|_| mine.next().or_else(|| spare.next()).expect("four rows"));
+            // SAFETY: AVX-512 BF16 was detected; kp is d/2 × t16 pairs, vp ⌈t/2⌉ × d pairs,
+            // qp holds 4·d/2, pp 4·t16/2, p 4·t16; every q and out row holds d.
+            unsafe { avx512bf16::attend_rows(qs, kp, vp, mask, scale, t, t16, qp, &mut sc.p, pp, outs) };
+            i += rows;
+        }
+        return;
+    }
+    let _ = (level, sc);
+    let mut p = vec![0f32; t];
+    for i in 0..t {
+        let qi: Vec<f32> = q[i * stride..i * stride + d].iter().map(|&x| bf16_round(x)).collect();
+        for (j, pj) in p.iter_mut().enumerate() {
+            let kj = &k[j * stride..j * stride + d];
+            let dot: f32 = qi.iter().zip(kj).map(|(&a, &b)| a * bf16_round(b)).sum();
+            *pj = dot * scale + mask.map_or(0.0, |m| m[j]);
+        }
+        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0.0;
+        for e in &mut p {
+            *e = (*e - max).exp();
+            total += *e;
+        }
+        // SAFETY: row i is taken once, for this iteration only.
+        let out = unsafe { out.row(i) };
+        out.iter_mut().for_each(|o| *o = 0.0);
+        for (j, &e) in p.iter().enumerate() {
+            let w = bf16_round(e);
+            for (o, &x) in out.iter_mut().zip(&v[j * stride..j * stride + d]) {
+                *o += w * bf16_round(x);
+            }
+        }
+        let inv = 1.0 / total;
+        out.iter_mut().for_each(|o| *o *= inv);
+    }
 }
 
 /// One head's output rows inside the attention output: `t` rows of `d` values, `stride`
@@ -777,68 +887,84 @@ mod avx512 {
         }
     }
 
-    /// [`super::avx2::normalise`] with its exponentials sixteen lanes at a time: the mask
-    /// added and the maximum taken (both exact), each `e^(x − max)` by the same operations,
-    /// and the sum accumulated as the AVX2 kernel does, eight lanes after eight, so the bits
-    /// agree.
+    /// [`super::avx2::normalise`] of `R` score rows of one length, with the exponentials
+    /// sixteen lanes at a time: the mask added and the maximum taken (both exact), each
+    /// `e^(x − max)` by the same operations, and the sum accumulated as the AVX2 kernel does,
+    /// eight lanes after eight, so the bits agree. The rows are interleaved: a row's
+    /// exponentials and its running sum form one dependency chain, and `R` independent chains
+    /// keep the vector units busier than one row at a time.
     ///
     /// # Safety
     /// The CPU must support AVX-512 F, AVX2 and FMA.
     #[target_feature(enable = "avx2,fma,avx512f")]
-    pub unsafe fn normalise(row: &mut [f32], mask: Option<&[f32]>) -> f32 {
-        let t = row.len();
+    pub unsafe fn normalise_rows<const R: usize>(mut rows: [&mut [f32]; R], mask: Option<&[f32]>) -> [f32; R] {
+        let t = rows[0].len();
+        assert!(rows.iter().all(|r| r.len() == t));
         if let Some(m) = mask {
             assert!(m.len() == t);
-            row.iter_mut().zip(m).for_each(|(v, m)| *v += m);
+            for row in rows.iter_mut() {
+                row.iter_mut().zip(m).for_each(|(v, m)| *v += m);
+            }
         }
         let full = t / 8 * 8;
         let wide = t / 16 * 16;
-        let mut m16 = _mm512_set1_ps(f32::NEG_INFINITY);
+        let max: [f32; R] = std::array::from_fn(|r| {
+            let row = &rows[r];
+            let mut m16 = _mm512_set1_ps(f32::NEG_INFINITY);
+            for j in (0..wide).step_by(16) {
+                // SAFETY: j + 16 ≤ t.
+                m16 = _mm512_max_ps(m16, unsafe { _mm512_loadu_ps(row.as_ptr().add(j)) });
+            }
+            let mut lanes = [f32::NEG_INFINITY; 16];
+            // SAFETY: lanes holds 16 floats.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), m16) };
+            row[wide..].iter().chain(&lanes).copied().fold(f32::NEG_INFINITY, f32::max)
+        });
+        let mx: [__m512; R] = std::array::from_fn(|r| _mm512_set1_ps(max[r]));
+        let mut total = [_mm256_setzero_ps(); R];
         for j in (0..wide).step_by(16) {
-            // SAFETY: j + 16 ≤ t.
-            m16 = _mm512_max_ps(m16, unsafe { _mm512_loadu_ps(row.as_ptr().add(j)) });
-        }
-        let mut lanes = [f32::NEG_INFINITY; 16];
-        // SAFETY: lanes holds 16 floats.
-        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), m16) };
-        let max = row[wide..].iter().chain(&lanes).copied().fold(f32::NEG_INFINITY, f32::max);
-        let (mx, mx8) = (_mm512_set1_ps(max), _mm256_set1_ps(max));
-        let mut total = _mm256_setzero_ps();
-        for j in (0..wide).step_by(16) {
-            // SAFETY: j + 16 ≤ t.
-            unsafe {
-                let e = exp(_mm512_sub_ps(_mm512_loadu_ps(row.as_ptr().add(j)), mx));
-                _mm512_storeu_ps(row.as_mut_ptr().add(j), e);
-                total = _mm256_add_ps(total, _mm512_castps512_ps256(e));
-                total = _mm256_add_ps(total, _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e))));
+            for r in 0..R {
+                // SAFETY: j + 16 ≤ t = every row's length.
+                unsafe {
+                    let e = exp(_mm512_sub_ps(_mm512_loadu_ps(rows[r].as_ptr().add(j)), mx[r]));
+                    _mm512_storeu_ps(rows[r].as_mut_ptr().add(j), e);
+                    total[r] = _mm256_add_ps(total[r], _mm512_castps512_ps256(e));
+                    total[r] =
+                        _mm256_add_ps(total[r], _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e))));
+                }
             }
         }
-        if wide < full {
-            // SAFETY: wide + 8 = full ≤ t.
-            unsafe {
-                let e = super::avx2::exp(_mm256_sub_ps(_mm256_loadu_ps(row.as_ptr().add(wide)), mx8));
-                _mm256_storeu_ps(row.as_mut_ptr().add(wide), e);
-                total = _mm256_add_ps(total, e);
+        std::array::from_fn(|r| {
+            let row = &mut rows[r];
+            let mx8 = _mm256_set1_ps(max[r]);
+            let mut total = total[r];
+            if wide < full {
+                // SAFETY: wide + 8 = full ≤ t.
+                unsafe {
+                    let e = super::avx2::exp(_mm256_sub_ps(_mm256_loadu_ps(row.as_ptr().add(wide)), mx8));
+                    _mm256_storeu_ps(row.as_mut_ptr().add(wide), e);
+                    total = _mm256_add_ps(total, e);
+                }
             }
-        }
-        let mut lanes = [0f32; 8];
-        // SAFETY: lanes holds 8 floats.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
-        let mut sum: f32 = lanes.iter().sum();
-        if full < t {
-            let mut tail = [f32::NEG_INFINITY; 8];
-            tail[..t - full].copy_from_slice(&row[full..]);
-            // SAFETY: tail holds 8 floats.
-            unsafe {
-                let e = super::avx2::exp(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), mx8));
-                _mm256_storeu_ps(tail.as_mut_ptr(), e);
+            let mut lanes = [0f32; 8];
+            // SAFETY: lanes holds 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
+            let mut sum: f32 = lanes.iter().sum();
+            if full < t {
+                let mut tail = [f32::NEG_INFINITY; 8];
+                tail[..t - full].copy_from_slice(&row[full..]);
+                // SAFETY: tail holds 8 floats.
+                unsafe {
+                    let e = super::avx2::exp(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), mx8));
+                    _mm256_storeu_ps(tail.as_mut_ptr(), e);
+                }
+                for (j, e) in tail.iter().enumerate().take(t - full) {
+                    row[full + j] = *e;
+                    sum += *e;
+                }
             }
-            for (j, e) in tail.iter().enumerate().take(t - full) {
-                row[full + j] = *e;
-                sum += *e;
-            }
-        }
-        1.0 / sum
+            1.0 / sum
+        })
     }
 
     /// `y = act(x)` sixteen lanes at a time, the tail padded and computed whole: per element
@@ -927,12 +1053,11 @@ mod avx512 {
                 jb += 16;
             }
         }
-        let mut inv = [0f32; ROWS];
-        for (r, inv) in inv.iter_mut().enumerate() {
-            // SAFETY: AVX-512 F, AVX2 and FMA are enabled in this function; the mask (if any)
-            // holds t.
-            *inv = unsafe { normalise(&mut p[r * t16..r * t16 + t], mask) };
-        }
+        let mut rows = p.chunks_mut(t16).map(|r| &mut r[..t]);
+        let rows: [&mut [f32]; ROWS] = std::array::from_fn(|_| rows.next().expect("four score rows"));
+        // SAFETY: AVX-512 F, AVX2 and FMA are enabled in this function; the mask (if any)
+        // holds t.
+        let inv = unsafe { normalise_rows(rows, mask) };
         let vecs = d / 16;
         let mut o = 0;
         while o < vecs {
@@ -1000,6 +1125,221 @@ mod avx512 {
                 let vv = unsafe { _mm512_loadu_ps(vp.as_ptr().add(j * vs + 16 * (o + x))) };
                 for r in 0..ROWS {
                     acc[r][x] = _mm512_fmadd_ps(w[r], vv, acc[r][x]);
+                }
+            }
+        }
+        for r in 0..ROWS {
+            for x in 0..NV {
+                let v = _mm512_mul_ps(acc[r][x], _mm512_set1_ps(inv[r]));
+                // SAFETY: 16(o + x) + 16 ≤ d = out[r].len().
+                unsafe { _mm512_storeu_ps(out[r].as_mut_ptr().add(16 * (o + x)), v) };
+            }
+        }
+    }
+}
+
+/// Attention at [`AttentionPrecision::Bf16`] on AVX-512 BF16: both products on `vdpbf16ps`
+/// (per 32-bit lane, `acc += a_odd·b_odd`, then `+= a_even·b_even`, each product exact and
+/// each sum rounded), two reduction steps per instruction where the f32 kernel takes one.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod avx512bf16 {
+    use std::arch::x86_64::*;
+
+    use super::values_fit;
+
+    /// Query rows per pass.
+    pub const ROWS: usize = 4;
+
+    /// Sixteen floats as sixteen bf16 (to nearest even) in a 256-bit vector.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    fn bf16x16(v: __m512) -> __m256i {
+        // SAFETY: __m256bh and __m256i are both 256 bits of plain data.
+        unsafe { std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v)) }
+    }
+
+    /// Sixteen 32-bit lanes as bf16 pairs.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    fn pairs(v: __m512i) -> __m512bh {
+        // SAFETY: __m512i and __m512bh are both 512 bits of plain data.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
+    }
+
+    /// Rows of `x` (`t` rows of `d` floats, `stride` apart) as rows of `d/2` bf16 pairs.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F/BW and BF16; `d` is a multiple of 16.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn pack_rows(x: &[f32], stride: usize, t: usize, d: usize, out: &mut [u32]) {
+        assert!(d.is_multiple_of(16) && values_fit(x, t, stride, d) && out.len() >= t * d / 2);
+        for j in 0..t {
+            for c in (0..d).step_by(16) {
+                // SAFETY: j·stride + c + 16 ≤ (t − 1)·stride + d ≤ x.len(); j·d/2 + c/2 + 8 ≤
+                // t·d/2 ≤ out.len().
+                unsafe {
+                    let v = _mm512_loadu_ps(x.as_ptr().add(j * stride + c));
+                    _mm256_storeu_si256(out.as_mut_ptr().add(j * d / 2 + c / 2).cast(), bf16x16(v));
+                }
+            }
+        }
+    }
+
+    /// Value rows `2p` and `2p + 1` interleaved: `out[p·d + c]` holds `v[2p][c]` (low half)
+    /// and `v[2p + 1][c]` (high half, zero past the last row), for `p < ⌈t/2⌉`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F/BW and BF16; `d` is a multiple of 16.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn pack_value_pairs(v: &[f32], stride: usize, t: usize, d: usize, out: &mut [u32]) {
+        assert!(d.is_multiple_of(16) && values_fit(v, t, stride, d) && out.len() >= t.div_ceil(2) * d);
+        for p in 0..t.div_ceil(2) {
+            for c in (0..d).step_by(16) {
+                // SAFETY: rows 2p and 2p + 1 (when < t) lie inside v (values_fit); p·d + c + 16
+                // ≤ ⌈t/2⌉·d ≤ out.len().
+                unsafe {
+                    let row = |j: usize| bf16x16(_mm512_loadu_ps(v.as_ptr().add(j * stride + c)));
+                    let lo = _mm512_cvtepu16_epi32(row(2 * p));
+                    let hi = if 2 * p + 1 < t {
+                        _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(row(2 * p + 1)))
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                    _mm512_storeu_si512(out.as_mut_ptr().add(p * d + c).cast(), _mm512_or_si512(lo, hi));
+                }
+            }
+        }
+    }
+
+    /// Four query rows against every key: scores from the key pairs `kp` (`d/2 × t16`),
+    /// scaled, the masked softmax numerators in f32 (the AVX-512 kernel's), rounded to bf16
+    /// pairs over the keys, then their products with the value pairs `vp` (`⌈t/2⌉ × d`),
+    /// times the reciprocal of the unrounded numerators' sum.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F/BW and BF16; `d` (each `q` and `out` row's length) is a
+    /// multiple of 16, `t ≤ t16` (a multiple of 16), `qp` holds `4·d/2`, `p` `4·t16`, `pp`
+    /// `4·t16/2`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn attend_rows(
+        q: [&[f32]; ROWS],
+        kp: &[u32],
+        vp: &[u32],
+        mask: Option<&[f32]>,
+        scale: f32,
+        t: usize,
+        t16: usize,
+        qp: &mut [u32],
+        p: &mut [f32],
+        pp: &mut [u32],
+        mut out: [&mut [f32]; ROWS],
+    ) {
+        let d = q[0].len();
+        let (dp, t2, h16) = (d / 2, t.div_ceil(2), t16 / 2);
+        assert!(d.is_multiple_of(16) && t <= t16 && t16.is_multiple_of(16));
+        assert!(kp.len() >= dp * t16 && vp.len() >= t2 * d && qp.len() >= ROWS * dp);
+        assert!(p.len() >= ROWS * t16 && pp.len() >= ROWS * h16 && mask.is_none_or(|m| m.len() >= t));
+        assert!(q.iter().all(|r| r.len() == d) && out.iter().all(|r| r.len() == d));
+        for r in 0..ROWS {
+            // SAFETY: q[r] holds d floats and qp row r d/2 pairs (asserted).
+            unsafe { pack_rows(q[r], d, 1, d, &mut qp[r * dp..(r + 1) * dp]) };
+        }
+        let sv = _mm512_set1_ps(scale);
+        let mut jb = 0;
+        while jb < t16 {
+            if t16 - jb >= 64 {
+                scores::<4>(qp, dp, kp, t16, jb, sv, p);
+                jb += 64;
+            } else {
+                scores::<1>(qp, dp, kp, t16, jb, sv, p);
+                jb += 16;
+            }
+        }
+        let mut rows = p.chunks_mut(t16).map(|r| &mut r[..t]);
+        let rows: [&mut [f32]; ROWS] = std::array::from_fn(|_| rows.next().expect("four score rows"));
+        // SAFETY: AVX-512 F, AVX2 and FMA are enabled here; the mask holds t.
+        let inv = unsafe { super::avx512::normalise_rows(rows, mask) };
+        for r in 0..ROWS {
+            let row = &mut p[r * t16..(r + 1) * t16];
+            // The padding keys' numerators are zero, so an odd last pair weighs one key.
+            row[t..].iter_mut().for_each(|e| *e = 0.0);
+            for c in (0..2 * t2).step_by(16) {
+                // SAFETY: c + 16 ≤ t16 (2·t2 ≤ t16, both even steps of 16 from 0), and pp row
+                // r holds t16/2 pairs.
+                unsafe {
+                    let e = _mm512_loadu_ps(row.as_ptr().add(c));
+                    _mm256_storeu_si256(pp.as_mut_ptr().add(r * h16 + c / 2).cast(), bf16x16(e));
+                }
+            }
+        }
+        let vecs = d / 16;
+        let mut o = 0;
+        while o < vecs {
+            if vecs - o >= 2 {
+                weighted::<2>(pp, h16, t2, vp, d, o, inv, &mut out);
+                o += 2;
+            } else {
+                weighted::<1>(pp, h16, t2, vp, d, o, inv, &mut out);
+                o += 1;
+            }
+        }
+    }
+
+    /// Scores of the rows against keys `jb .. jb + 16·NB`, scaled, into `p[r·t16 + j]`.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    fn scores<const NB: usize>(qp: &[u32], dp: usize, kp: &[u32], t16: usize, jb: usize, sv: __m512, p: &mut [f32]) {
+        assert!(jb + 16 * NB <= t16 && kp.len() >= dp * t16 && qp.len() >= ROWS * dp && p.len() >= ROWS * t16);
+        let mut acc = [[_mm512_setzero_ps(); NB]; ROWS];
+        for c in 0..dp {
+            // SAFETY: r·dp + c < 4·dp ≤ qp.len().
+            let qv: [__m512bh; ROWS] =
+                std::array::from_fn(|r| pairs(_mm512_set1_epi32(unsafe { *qp.get_unchecked(r * dp + c) } as i32)));
+            for b in 0..NB {
+                // SAFETY: c·t16 + jb + 16b + 16 ≤ dp·t16 ≤ kp.len().
+                let kv = pairs(unsafe { _mm512_loadu_si512(kp.as_ptr().add(c * t16 + jb + 16 * b).cast()) });
+                for r in 0..ROWS {
+                    acc[r][b] = _mm512_dpbf16_ps(acc[r][b], qv[r], kv);
+                }
+            }
+        }
+        for (r, ar) in acc.iter().enumerate() {
+            for (b, a) in ar.iter().enumerate() {
+                // SAFETY: r·t16 + jb + 16b + 16 ≤ 4·t16 ≤ p.len().
+                unsafe { _mm512_storeu_ps(p.as_mut_ptr().add(r * t16 + jb + 16 * b), _mm512_mul_ps(*a, sv)) };
+            }
+        }
+    }
+
+    /// Output registers `o .. o + NV` of the rows: `Σ_p pp[r][p]·vp[p]` over the key pairs,
+    /// times `inv[r]`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    fn weighted<const NV: usize>(
+        pp: &[u32],
+        h16: usize,
+        t2: usize,
+        vp: &[u32],
+        d: usize,
+        o: usize,
+        inv: [f32; ROWS],
+        out: &mut [&mut [f32]; ROWS],
+    ) {
+        assert!(16 * (o + NV) <= d && vp.len() >= t2 * d && t2 <= h16 && pp.len() >= ROWS * h16);
+        assert!(out.iter().all(|r| r.len() == d));
+        let mut acc = [[_mm512_setzero_ps(); NV]; ROWS];
+        for j in 0..t2 {
+            // SAFETY: r·h16 + j < 4·h16 ≤ pp.len() (j < t2 ≤ h16).
+            let w: [__m512bh; ROWS] =
+                std::array::from_fn(|r| pairs(_mm512_set1_epi32(unsafe { *pp.get_unchecked(r * h16 + j) } as i32)));
+            for x in 0..NV {
+                // SAFETY: j·d + 16(o + x) + 16 ≤ t2·d ≤ vp.len().
+                let vv = pairs(unsafe { _mm512_loadu_si512(vp.as_ptr().add(j * d + 16 * (o + x)).cast()) });
+                for r in 0..ROWS {
+                    acc[r][x] = _mm512_dpbf16_ps(acc[r][x], w[r], vv);
                 }
             }
         }

@@ -69,6 +69,15 @@ impl SimdLevel {
     pub fn avx512(self) -> bool {
         self == SimdLevel::Avx512Vnni && Self::detect() == SimdLevel::Avx512Vnni
     }
+
+    /// Whether a kernel running at this level may also multiply bf16 pairs (AVX-512 BF16's
+    /// `vdpbf16ps`, on Zen 4 and Sapphire Rapids): the AVX-512 level on a CPU that has them.
+    pub fn avx512_bf16(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return self.avx512() && is_x86_feature_detected!("avx512bf16");
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
 }
 
 /// A zeroed buffer of `len` values whose first one sits on a 64-byte boundary (a cache line),

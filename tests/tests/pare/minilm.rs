@@ -160,3 +160,67 @@ fn compressed_tensors_folders_reload_to_the_same_model() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// bf16 attention is a model property: on the CPU runtime a W8A8 MiniLM with bf16 attention
+/// products stays as close to the float model on real sentences as the same W8A8 model with
+/// f32 ones (within 0.001 mean cosine: per-token int8 activations turn any tiny change
+/// upstream into different codes, so the two W8A8 variants are only ~0.998 to each other,
+/// whichever precision changed); saved (both layouts) it reloads with
+/// `pare_attention_precision` and the same embeddings, and a model set back to f32 saved from
+/// that folder drops the key.
+#[test]
+fn bf16_attention_is_saved_with_the_model_and_keeps_its_embeddings() -> anyhow::Result<()> {
+    use std::sync::Arc;
+
+    use pare_core_tensor::{AttentionPrecision, Runtime, metrics::mean_cosine};
+    use pare_quant::ptq::{ActSpec, apply, dynamic_specs};
+    use pare_quant::weight_only::{Method, Selection, quantize_model};
+
+    let Some(dir) = minilm_dir("minilm::bf16_attention_is_saved_with_the_model_and_keeps_its_embeddings")? else {
+        return Ok(());
+    };
+    let dev = Device::Cpu;
+    let text: Vec<String> = sentences(workspace_root().join("data/sentences.txt"))?.into_iter().step_by(8).collect();
+    let float = SentenceEncoder::load(&dir, &dev)?;
+    let mut w8a8 = float.clone();
+    quantize_model(&mut w8a8.bert, &Method::parse("int8", "channel", true)?, &Selection::default(), &mut |_| {})?;
+    let paths = Selection::default().resolve(&w8a8.bert)?;
+    let specs = dynamic_specs(&w8a8.bert, &paths, ActSpec { bits: 8, symmetric: true }, true)?;
+    apply(&mut w8a8.bert, &specs)?;
+    let mut bf16 = w8a8.clone();
+    bf16.bert.set_attention_precision(AttentionPrecision::Bf16);
+    let rt: Arc<dyn Runtime> = Arc::new(pare_runtime_cpu::CpuRuntime::new(2)?);
+    let embed = |m: &SentenceEncoder| -> anyhow::Result<candle_core::Tensor> {
+        let mut m = m.clone();
+        m.bert.prepare(&rt)?;
+        Ok(m.embed(&text, 32, &mut |_| {})?)
+    };
+    let (ef, ea, eb) = (embed(&float)?, embed(&w8a8)?, embed(&bf16)?);
+    let (with_f32, with_bf16) = (mean_cosine(&ef, &ea)?, mean_cosine(&ef, &eb)?);
+    println!(
+        "W8A8 MiniLM on {} sentences, mean cosine to the float model: f32 attention {with_f32:.5}, bf16 attention {with_bf16:.5}",
+        text.len()
+    );
+    assert!(with_bf16 >= with_f32 - 1e-3, "bf16 attention {with_bf16} against f32 attention {with_f32}");
+    assert!(max_abs_diff(&ea, &eb)? > 0.0, "the bf16 products ran");
+
+    let few: Vec<String> = text.iter().take(8).cloned().collect();
+    let out = tempfile::tempdir()?;
+    let (pare_dir, ct_dir) = (out.path().join("pare"), out.path().join("ct"));
+    bf16.bert.save_folder(&dir, &pare_dir, &Default::default())?;
+    bf16.bert.save_folder_compressed_tensors(&dir, &ct_dir, &Default::default())?;
+    for folder in [&pare_dir, &ct_dir] {
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(folder.join("config.json"))?)?;
+        assert_eq!(config["pare_attention_precision"], "bf16", "{}", folder.display());
+        let back = SentenceEncoder::load(folder, &dev)?;
+        assert_eq!(back.bert.config().attention_precision, AttentionPrecision::Bf16);
+        assert_eq!(max_abs_diff(&bf16.embed(&few, 8, &mut |_| {})?, &back.embed(&few, 8, &mut |_| {})?)?, 0.0);
+    }
+    let mut f32_again = SentenceEncoder::load(&pare_dir, &dev)?;
+    f32_again.bert.set_attention_precision(AttentionPrecision::F32);
+    let again = out.path().join("again");
+    f32_again.bert.save_folder(&pare_dir, &again, &Default::default())?;
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(again.join("config.json"))?)?;
+    assert!(config.get("pare_attention_precision").is_none(), "{config}");
+    Ok(())
+}

@@ -175,6 +175,7 @@ fn gptq_names_an_embedding_and_an_rtn_override_lets_the_table_through() {
         attention_head_size: None,
         heads_per_layer: None,
         intermediate_per_layer: None,
+        attention_precision: Default::default(),
     };
     let bert = BertEncoder::build(cfg, &mut InitWeights::new(3, Device::Cpu, candle_nn::VarMap::new())).unwrap();
     let selection =

@@ -52,6 +52,35 @@ proptest! {
         check(&want, |_| 2e-5, |rt| flat(&rt.attention(&q, &k, &v, heads, mask.as_ref(), scale).unwrap()))?;
     }
 
+    /// bf16 attention (`vdpbf16ps` with AVX-512 BF16, the semantics value by value elsewhere)
+    /// matches the bf16 reference within f32 summation-order error, at lengths past the
+    /// 64-key blocks, odd lengths (a last key pair of one), head widths that take either path,
+    /// with and without a mask; the bits do not depend on the thread count.
+    #[test]
+    fn bf16_attention_matches_the_bf16_reference(
+        batch in 1usize..3, seq in 1usize..140, heads in 1usize..3, hd in prop_oneof![Just(16usize), Just(32), Just(48), 1usize..12],
+        masked in any::<bool>(), seed in any::<u64>()
+    ) {
+        let dims = [batch, seq, heads * hd];
+        let n = batch * seq * heads * hd;
+        let (q, k, v) = (t(input(1, n, seed), &dims), t(input(1, n, seed ^ 1), &dims), t(input(1, n, seed ^ 2), &dims));
+        let mask = masked.then(|| {
+            t((0..batch * seq).map(|i| if i % seq == 0 || !(i * 7 + seed as usize).is_multiple_of(3) { 0.0 } else { -1e9 }).collect(), &[batch, seq])
+        });
+        let scale = 1.0 / (hd as f64).sqrt();
+        let bf16 = pare_core_tensor::AttentionPrecision::Bf16;
+        let want = flat(&pare_core_tensor::attention_reference_bf16(&q, &k, &v, heads, mask.as_ref(), scale).unwrap());
+        // The kernels' exp differs from candle's by an ulp or two, which rounding a numerator
+        // to bf16 can turn into one bf16 ulp (2⁻⁸) of that key's weight: the tolerance is that
+        // of a few flipped weights, not the f32 kernels' 2e-5.
+        check(&want, |_| 3e-3, |rt| flat(&rt.attention_with(&q, &k, &v, heads, mask.as_ref(), scale, bf16).unwrap()))?;
+        // And it is f32 attention to within bf16's rounding.
+        let exact = flat(&ReferenceRuntime::cpu().attention(&q, &k, &v, heads, mask.as_ref(), scale).unwrap());
+        let worst = want.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let top = exact.iter().fold(1f32, |m, x| m.max(x.abs()));
+        prop_assert!(worst < 0.02 * top, "bf16 is {worst} from f32 (largest value {top})");
+    }
+
     /// The AVX-512 attention (four rows, sixteen keys a register) gives the AVX2 path's bits,
     /// at lengths past its 64-key blocks and with every row tail.
     #[test]
