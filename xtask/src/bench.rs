@@ -275,7 +275,7 @@ fn markdown(args: &Args, machine: &Value, records: &[Value], notes: &[String]) -
         if args.native { ", built with -C target-cpu=native" } else { ", default build (no target-cpu)" }
     ));
     s.push_str(
-        "| comparison | shape | pare | peer | peer figure | ratio | goal | |\n|---|---|---:|---|---:|---:|---:|---|\n",
+        "| # | comparison | shape | pare | peer | peer figure | ratio | goal | |\n|---:|---|---|---:|---|---:|---:|---:|---|\n",
     );
     for (i, r) in records.iter().enumerate() {
         let unit = r["unit"].as_str().unwrap_or("");
