@@ -220,7 +220,7 @@ pub fn attention(
                 OutRows { first: dst.get().wrapping_add(base), stride: hidden, d, t, _out: std::marker::PhantomData };
             let (q, k, v) = (&q[base..], &k[base..], &v[base..]);
             match precision {
-                AttentionPrecision::F32 => head(level, q, k, v, hidden, m, scale, t, d, rows, scratch),
+                AttentionPrecision::F32 => head(level, q, k, v, hidden, m, scale, t, d, rows, scratch, false),
                 AttentionPrecision::Bf16 => head_bf16(level, q, k, v, hidden, m, scale, t, d, rows, scratch),
             }
         })
@@ -247,6 +247,10 @@ struct HeadScratch {
     /// row, then transposed, the values by pairs of rows, the queries and scores of a pass.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pairs: [Vec<u32>; 5],
+    /// A head's queries, keys and values rounded to bf16, for bf16 attention on the f32
+    /// kernels (CPUs without AVX-512 BF16).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    rounded: Vec<f32>,
 }
 
 /// `x` rounded to bf16 (to nearest, ties to even) and back: what [`AttentionPrecision::Bf16`]
@@ -255,9 +259,25 @@ fn bf16_round(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
 }
 
+/// [`bf16_round`] by the carry trick, which the compiler vectorises (a NaN is kept as it is).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[inline(always)]
+fn bf16_round_bits(v: f32) -> f32 {
+    let b = v.to_bits();
+    let r = f32::from_bits(b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000);
+    if b & 0x7fff_ffff > 0x7f80_0000 { v } else { r }
+}
+
+/// [`bf16_round`] of every value in place.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn round_bf16_in_place(x: &mut [f32]) {
+    x.iter_mut().for_each(|v| *v = bf16_round_bits(*v));
+}
+
 /// [`head`] at [`AttentionPrecision::Bf16`] (the semantics of
 /// [`pare_core_tensor::attention_reference_bf16`]): with AVX-512 BF16 the products run on
-/// `vdpbf16ps`; elsewhere the semantics one value at a time.
+/// `vdpbf16ps`; with AVX2 the f32 kernels run on rounded operands (as fast as f32
+/// attention); elsewhere the semantics one value at a time.
 #[allow(clippy::too_many_arguments)]
 fn head_bf16(
     level: SimdLevel,
@@ -320,6 +340,23 @@ fn head_bf16(
         }
         return;
     }
+    // Without AVX-512 BF16, the f32 kernels on operands rounded to bf16 here, the numerators
+    // rounded inside: the same semantics at the f32 kernels' speed.
+    #[cfg(target_arch = "x86_64")]
+    if level.avx2() && d.is_multiple_of(8) {
+        let mut rounded = std::mem::take(&mut sc.rounded);
+        rounded.clear();
+        for x in [q, k, v] {
+            for j in 0..t {
+                rounded.extend(x[j * stride..j * stride + d].iter().map(|&a| bf16_round_bits(a)));
+            }
+        }
+        let (qr, rest) = rounded.split_at(t * d);
+        let (kr, vr) = rest.split_at(t * d);
+        head(level, qr, kr, vr, d, mask, scale, t, d, out, sc, true);
+        sc.rounded = rounded;
+        return;
+    }
     let _ = (level, sc);
     let mut p = vec![0f32; t];
     for i in 0..t {
@@ -373,7 +410,8 @@ impl<'a> OutRows<'a> {
 }
 
 /// One head: `q`, `k`, `v` start at the head's first value, rows `stride` apart; its output
-/// rows go to `out`.
+/// rows go to `out`. `round`: the softmax numerators are rounded to bf16 before they weigh
+/// the values (bf16 attention on operands the caller has rounded already).
 #[allow(clippy::too_many_arguments)]
 fn head(
     level: SimdLevel,
@@ -387,6 +425,7 @@ fn head(
     d: usize,
     out: OutRows<'_>,
     sc: &mut HeadScratch,
+    round: bool,
 ) {
     assert!(values_fit(q, t, stride, d) && values_fit(k, t, stride, d) && values_fit(v, t, stride, d));
     // Keys transposed to [d][t8] (t8 = t rounded up to 8); values read in place.
@@ -415,7 +454,9 @@ fn head(
             // SAFETY: AVX-512 F was detected just above; kt is d × t16, v holds t rows of d
             // `stride` apart, p holds 4·t16 floats, every q and out row holds d, a multiple
             // of 16.
-            unsafe { avx512::attend_rows(qs, &sc.kt[..d * t16], v, stride, mask, scale, t, t16, &mut sc.p[..], outs) };
+            unsafe {
+                avx512::attend_rows(qs, &sc.kt[..d * t16], v, stride, mask, scale, t, t16, &mut sc.p[..], outs, round)
+            };
             i += rows;
         }
         return;
@@ -442,7 +483,7 @@ fn head(
                 unsafe { [out.row(i), if rows == 2 { out.row(i + 1) } else { &mut sc.spare[..d] }] };
             // SAFETY: AVX2 and FMA were detected just above; kt is d × t8, v holds t rows of d
             // `stride` apart, p holds 2·t8 floats, d is a multiple of 8.
-            unsafe { avx2::attend_rows(qs, kt, v, stride, mask, scale, t, t8, p, outs) };
+            unsafe { avx2::attend_rows(qs, kt, v, stride, mask, scale, t, t8, p, outs, round) };
             i += rows;
         }
         return;
@@ -463,7 +504,7 @@ fn head(
         }
         out.iter_mut().for_each(|o| *o = 0.0);
         for j in 0..t {
-            let w = p[j] / total;
+            let w = if round { bf16_round(p[j]) } else { p[j] } / total;
             for c in 0..d {
                 out[c] += w * v[j * stride + c];
             }
@@ -615,7 +656,7 @@ mod avx2 {
     /// # Safety
     /// The CPU must support AVX2 and FMA; `kt` is `d × t8`, `vp` holds `t` value rows of `d`
     /// starting `vs` apart, `p` holds `2·t8` floats, every `q` and `out` row holds `d` (a
-    /// multiple of 8).
+    /// multiple of 8). `round`: the numerators are rounded to bf16 before they weigh the values.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn attend_rows(
@@ -629,6 +670,7 @@ mod avx2 {
         t8: usize,
         p: &mut [f32],
         mut out: [&mut [f32]; 2],
+        round: bool,
     ) {
         let d = q[0].len();
         assert!(kt.len() == d * t8 && super::values_fit(vp, t, vs, d) && p.len() == 2 * t8 && d.is_multiple_of(8));
@@ -654,6 +696,9 @@ mod avx2 {
         for (r, inv) in inv.iter_mut().enumerate() {
             // SAFETY: AVX2 and FMA are enabled in this function.
             *inv = unsafe { normalise(&mut p[r * t8..r * t8 + t], mask) };
+            if round {
+                super::round_bf16_in_place(&mut p[r * t8..r * t8 + t]);
+            }
         }
         // Weighted sum of values: four vectors of a row × two rows per pass (one at the tail).
         let vecs = d / 8;
@@ -1023,7 +1068,8 @@ mod avx512 {
     /// # Safety
     /// The CPU must support AVX-512 F, AVX2 and FMA; `kt` is `d × t16` (`t16` a multiple of
     /// 16, at least `t`), `vp` holds `t` value rows of `d` starting `vs` apart, `p` holds
-    /// `4·t16` floats, every `q` and `out` row holds `d` (a multiple of 16).
+    /// `4·t16` floats, every `q` and `out` row holds `d` (a multiple of 16). `round`: the
+    /// numerators are rounded to bf16 before they weigh the values.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,avx512f")]
     pub unsafe fn attend_rows(
@@ -1037,6 +1083,7 @@ mod avx512 {
         t16: usize,
         p: &mut [f32],
         mut out: [&mut [f32]; ROWS],
+        round: bool,
     ) {
         let d = q[0].len();
         assert!(t16.is_multiple_of(16) && t <= t16 && d.is_multiple_of(16));
@@ -1058,6 +1105,9 @@ mod avx512 {
         // SAFETY: AVX-512 F, AVX2 and FMA are enabled in this function; the mask (if any)
         // holds t.
         let inv = unsafe { normalise_rows(rows, mask) };
+        if round {
+            p.chunks_mut(t16).for_each(|r| super::round_bf16_in_place(&mut r[..t]));
+        }
         let vecs = d / 16;
         let mut o = 0;
         while o < vecs {

@@ -185,3 +185,30 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+    /// The vectorisable bf16 rounding equals `half`'s (to nearest, ties to even) on every bit
+    /// pattern: normal, subnormal, infinite, near f32::MAX (rounding up to infinity), and keeps
+    /// a NaN a NaN.
+    #[test]
+    fn carry_trick_bf16_rounding_equals_half(bits in any::<u32>()) {
+        let x = f32::from_bits(bits);
+        let (got, want) = (super::bf16_round_bits(x), super::bf16_round(x));
+        if x.is_nan() {
+            prop_assert!(got.is_nan());
+        } else {
+            prop_assert_eq!(got.to_bits(), want.to_bits(), "{:e}", x);
+        }
+    }
+}
+
+#[test]
+fn carry_trick_bf16_rounding_breaks_ties_to_even() {
+    for hi in [0x3f80u32, 0x3f81, 0xbf80, 0xbf81, 0x0001, 0x7f7f, 0x0080] {
+        for lo in [0x7fffu32, 0x8000, 0x8001, 0x0000, 0xffff] {
+            let x = f32::from_bits(hi << 16 | lo);
+            assert_eq!(super::bf16_round_bits(x).to_bits(), super::bf16_round(x).to_bits(), "{hi:#x}{lo:04x}");
+        }
+    }
+}
