@@ -181,6 +181,15 @@ fn plan_stage(
         Kind::Quantize => {
             fixed.push(("model", input.display().to_string()));
             let check: crate::quantize::Args = recipe.stage_args(stage, &fixed, true)?;
+            // A later stage's input does not exist yet, so the kind of model comes from the
+            // pipeline, not from the path.
+            if check.attention() != "f32" && io.train_text.is_none() {
+                return Err(recipe.error(
+                    stage,
+                    Some("attention"),
+                    "`attention` applies to sentence encoders, not digits".to_string(),
+                ));
+            }
             crate::quantize::check(check).map_err(wrap)?;
             Planned::Quantize(Box::new(recipe.stage_args(stage, &fixed, true)?))
         }

@@ -141,6 +141,13 @@ fn text_lines(path: &Path, limit: usize, what: &str) -> anyhow::Result<Vec<Strin
     Ok(lines)
 }
 
+impl Args {
+    /// The `--attention` option as given (`f32` unless set).
+    pub fn attention(&self) -> &str {
+        &self.attention
+    }
+}
+
 /// Checks the options without loading anything (for recipes, before any stage runs).
 pub fn check(mut args: Args) -> anyhow::Result<()> {
     if args.format != "pare" {
@@ -187,7 +194,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let observer = ObserverKind::parse(&args.observer)?;
     let attention = pare_core_tensor::AttentionPrecision::parse(&args.attention)?;
-    if attention != pare_core_tensor::AttentionPrecision::F32 && !args.model.is_dir() {
+    // A recipe's later stages are checked before their input folders exist (compress checks
+    // the kind of model for them).
+    if attention != pare_core_tensor::AttentionPrecision::F32 && args.model.exists() && !args.model.is_dir() {
         bail!(
             "--attention {}: only a sentence-encoder folder has attention; `{}` is a file",
             args.attention,

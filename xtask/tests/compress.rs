@@ -104,7 +104,7 @@ fn recipe_errors_name_the_file_line_stage_and_key_and_write_nothing() {
         ),
         (
             "[[stage]]\nkind = \"quantize\"\nattention = \"bf16\"\n",
-            "line 3: stage 1 (quantize): --attention bf16: only a sentence-encoder folder has attention",
+            "line 3: stage 1 (quantize): `attention` applies to sentence encoders, not digits",
         ),
         ("[stage]\nkind = \"prune\"\n", "line 1: `stage` must be an array of tables: write [[stage]]"),
         (

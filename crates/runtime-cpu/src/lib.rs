@@ -9,10 +9,10 @@
 //! |---|---|
 //! | dense f32, FP16, BF16 | [`gemm`] (blocked, 6×16 AVX2 micro-kernel), half weights widened per panel ([`halfw`]) |
 //! | 1–8-bit linear codes, ≤ 4-bit codebooks (NF4), any granularity but per input channel | [`wq`]: decoded per panel for the GEMM, in registers for ≤ 6 rows |
-//! | int8 per-channel weights × 8-bit activations (W8A8) | [`w8a8`]: exact `vpmaddwd` kernel (i16 code pairs, 6×16 register tiles, epilogue from the registers), activations quantized on the fly |
+//! | int8 per-channel weights × 8-bit activations (W8A8) | [`w8a8`]: exact `vpmaddwd` kernel (i16 code pairs, 6×16 register tiles; `vpdpbusd` on u8 × i8 quads with AVX-512 VNNI), epilogue from the registers, activations quantized on the fly; a feed-forward pair as one chain whose intermediate stays in cache |
 //! | CSR / N:M / block sparse, or dense with ≤ 45% nonzeros | [`sparse`] (denser weights run on the dense GEMM, which is faster) |
 //! | one-group convolutions | [`conv`]: im2col + the GEMM, every format above |
-//! | attention, GELU/SiLU/ReLU, residual + layer norm | [`nonlinear`] |
+//! | attention (f32, or bf16 products: `vdpbf16ps` with AVX-512 BF16), GELU/SiLU/ReLU, residual + layer norm | [`nonlinear`] |
 //! | everything else | `ReferenceRuntime` |
 //!
 //! The runtime is for inference: `prepare` copies a layer's weights into the kernel's layout,
