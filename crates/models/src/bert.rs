@@ -432,7 +432,9 @@ impl BertEncoder {
         hooks: &mut Hooks<'_>,
     ) -> Result<Tensor> {
         let rt = self.word.runtime().clone();
-        if hooks.is_empty() && rt.resident() {
+        // The graph's attention step is f32: a model with bf16 attention runs op by op, where
+        // `Runtime::attention_with` keeps its precision.
+        if hooks.is_empty() && rt.resident() && self.config.attention_precision == AttentionPrecision::F32 {
             return self.forward_resident(rt.as_ref(), input_ids, token_type_ids, attention_mask);
         }
         if hooks.is_empty() {
