@@ -224,17 +224,34 @@ pub fn attention_reference(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    let (scores, v) = attention_scores(q, k, v, heads, mask, scale, Ok)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape(q.dims())?)
+}
+
+/// What both attention references share: the shapes checked, `q`, `k` and `v` split into
+/// heads (`[batch, heads, seq, head_dim]`) and passed through `operand`, and the scores
+/// `q·kᵀ·scale` plus the mask; returns the scores and the values.
+fn attention_scores(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    scale: f64,
+    operand: impl Fn(Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, Tensor)> {
     let (b, t, hidden) = q.dims3()?;
     check_attention(q, k, v, heads, mask)?;
     let hs = hidden / heads;
-    let split = |x: &Tensor| -> Result<Tensor> { Ok(x.reshape((b, t, heads, hs))?.transpose(1, 2)?.contiguous()?) };
+    let split =
+        |x: &Tensor| -> Result<Tensor> { operand(x.reshape((b, t, heads, hs))?.transpose(1, 2)?.contiguous()?) };
     let (q, k, v) = (split(q)?, split(k)?, split(v)?);
     let mut scores = (q.matmul(&k.t()?)? * scale)?;
     if let Some(m) = mask {
         scores = scores.broadcast_add(&m.to_dtype(scores.dtype())?.reshape((b, 1, 1, t))?)?;
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, hidden))?)
+    Ok((scores, v))
 }
 
 /// The precision of attention's two products (`Q Kᵀ` and the probabilities times `V`), a
@@ -283,23 +300,13 @@ pub fn attention_reference_bf16(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    let (b, t, hidden) = q.dims3()?;
-    check_attention(q, k, v, heads, mask)?;
-    let hs = hidden / heads;
     let bf = |x: &Tensor| -> Result<Tensor> { Ok(x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?) };
-    let split = |x: &Tensor| -> Result<Tensor> {
-        Ok(x.to_dtype(DType::F32)?.reshape((b, t, heads, hs))?.transpose(1, 2)?.contiguous()?)
-    };
-    let (q, k, v) = (bf(&split(q)?)?, bf(&split(k)?)?, bf(&split(v)?)?);
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
-    if let Some(m) = mask {
-        scores = scores.broadcast_add(&m.to_dtype(DType::F32)?.reshape((b, 1, 1, t))?)?;
-    }
+    let (scores, v) = attention_scores(q, k, v, heads, mask, scale, |x| bf(&x.to_dtype(DType::F32)?))?;
     let max = scores.max_keepdim(3)?;
     let e = scores.broadcast_sub(&max)?.exp()?;
     let total = e.sum_keepdim(3)?;
     let out = bf(&e)?.matmul(&v)?.broadcast_div(&total)?;
-    Ok(out.transpose(1, 2)?.reshape((b, t, hidden))?)
+    Ok(out.transpose(1, 2)?.reshape(q.dims())?)
 }
 
 /// Checks the shapes [`Runtime::attention`] takes: three equal `[batch, seq, hidden]`

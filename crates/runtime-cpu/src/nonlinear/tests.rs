@@ -33,6 +33,26 @@ fn check(want: &[f32], tol: impl Fn(f32) -> f32, f: impl Fn(&CpuRuntime) -> Vec<
     Ok(())
 }
 
+/// Random `[batch, seq, heads·hd]` projections and, when `masked`, a key mask that pads the end
+/// of each sequence except its first token, as BERT masks it.
+fn attention_case(
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    hd: usize,
+    masked: bool,
+    seed: u64,
+) -> (Tensor, Tensor, Tensor, Option<Tensor>) {
+    let dims = [batch, seq, heads * hd];
+    let n = batch * seq * heads * hd;
+    let (q, k, v) = (t(input(1, n, seed), &dims), t(input(1, n, seed ^ 1), &dims), t(input(1, n, seed ^ 2), &dims));
+    let mask = masked.then(|| {
+        let keep = |i: usize| i.is_multiple_of(seq) || !(i * 7 + seed as usize).is_multiple_of(3);
+        t((0..batch * seq).map(|i| if keep(i) { 0.0 } else { -1e9 }).collect(), &[batch, seq])
+    });
+    (q, k, v, mask)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
     #[test]
@@ -40,20 +60,14 @@ proptest! {
         batch in 1usize..3, seq in 1usize..40, heads in 1usize..4, hd in prop_oneof![Just(8usize), Just(16), Just(32), 1usize..12],
         masked in any::<bool>(), seed in any::<u64>()
     ) {
-        let dims = [batch, seq, heads * hd];
-        let n = batch * seq * heads * hd;
-        let (q, k, v) = (t(input(1, n, seed), &dims), t(input(1, n, seed ^ 1), &dims), t(input(1, n, seed ^ 2), &dims));
-        // Padding at the end of each sequence except its first token, as BERT masks it.
-        let mask = masked.then(|| {
-            t((0..batch * seq).map(|i| if i % seq == 0 || !(i * 7 + seed as usize).is_multiple_of(3) { 0.0 } else { -1e9 }).collect(), &[batch, seq])
-        });
+        let (q, k, v, mask) = attention_case(batch, seq, heads, hd, masked, seed);
         let scale = 1.0 / (hd as f64).sqrt();
         let want = flat(&ReferenceRuntime::cpu().attention(&q, &k, &v, heads, mask.as_ref(), scale).unwrap());
         check(&want, |_| 2e-5, |rt| flat(&rt.attention(&q, &k, &v, heads, mask.as_ref(), scale).unwrap()))?;
     }
 
-    /// bf16 attention (`vdpbf16ps` with AVX-512 BF16, the semantics value by value elsewhere)
-    /// matches the bf16 reference within f32 summation-order error, at lengths past the
+    /// bf16 attention (`vdpbf16ps` with AVX-512 BF16, the f32 kernels on rounded operands at
+    /// AVX2, the semantics value by value at the scalar level) matches the bf16 reference within f32 summation-order error, at lengths past the
     /// 64-key blocks, odd lengths (a last key pair of one), head widths that take either path,
     /// with and without a mask; the bits do not depend on the thread count.
     #[test]
@@ -61,12 +75,7 @@ proptest! {
         batch in 1usize..3, seq in 1usize..140, heads in 1usize..3, hd in prop_oneof![Just(16usize), Just(32), Just(48), 1usize..12],
         masked in any::<bool>(), seed in any::<u64>()
     ) {
-        let dims = [batch, seq, heads * hd];
-        let n = batch * seq * heads * hd;
-        let (q, k, v) = (t(input(1, n, seed), &dims), t(input(1, n, seed ^ 1), &dims), t(input(1, n, seed ^ 2), &dims));
-        let mask = masked.then(|| {
-            t((0..batch * seq).map(|i| if i % seq == 0 || !(i * 7 + seed as usize).is_multiple_of(3) { 0.0 } else { -1e9 }).collect(), &[batch, seq])
-        });
+        let (q, k, v, mask) = attention_case(batch, seq, heads, hd, masked, seed);
         let scale = 1.0 / (hd as f64).sqrt();
         let bf16 = pare_core_tensor::AttentionPrecision::Bf16;
         let want = flat(&pare_core_tensor::attention_reference_bf16(&q, &k, &v, heads, mask.as_ref(), scale).unwrap());
