@@ -5,6 +5,7 @@ use pare_runtime_cpu::SimdLevel;
 use pare_runtime_cpu::sparse::SparseRows;
 
 fn main() {
+    pare_runtime_cpu::retain_freed_memory();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let (m, k) = (4096usize, 384usize);
     let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();

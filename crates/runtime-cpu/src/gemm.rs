@@ -385,7 +385,6 @@ fn blocked_tile(
             // The next panel's slice, fetched while the first strips multiply this one (with
             // few rows the GEMM streams its weights from memory, and the hardware prefetcher
             // alone does not keep up across panels).
-            #[cfg(target_arch = "x86_64")]
             let ahead = if jb + 1 < p1 { w.stored_at(jb + 1, k0) } else { None };
             while s < strips {
                 let (r, c) = (tile.r0 + s * MR, jb * NR);
@@ -414,8 +413,9 @@ fn blocked_tile(
                 if c + NR <= tile.c1 {
                     let base = if first { Base::Bias(base) } else { Base::Output };
                     let rows = (tile.r1 - r).min(MR);
+                    let ahead = if s == 1 { ahead } else { None };
                     // SAFETY: the rows × NR block at (r, c) lies inside this task's tile.
-                    unsafe { micro_add(level, strip, b, kc, rows, tile.y.add(r * tile.n + c), tile.n, base) };
+                    unsafe { micro_add(level, strip, b, kc, rows, tile.y.add(r * tile.n + c), tile.n, base, ahead) };
                 } else {
                     micro(level, strip, b, kc, &mut acc);
                     tile.add(r, c, &acc, first, bias);
@@ -502,7 +502,10 @@ pub enum Base<'a> {
 /// [`micro`]'s first `rows` (1 ..= `MR`) rows written straight into the output at `c` (row
 /// stride `ldc`, `NR` columns): `c[i][j] = base[i][j] + acc[i][j]`, one rounding per element,
 /// as the edge tiles get. Each row's chain is independent of the others, so a strip's last
-/// rows computed alone have the bits they would have in a full strip.
+/// rows computed alone have the bits they would have in a full strip. With `ahead` (the next
+/// panel's stored values, see [`Panels::stored_at`]), the AVX2 kernel prefetches one line of
+/// them per step, as the AVX-512 one does: the first strip of each panel then does not wait
+/// on lines the hardware prefetcher has not fetched yet. Only an address: never read through.
 ///
 /// # Safety
 /// `c` must point at `rows` rows of `NR` writable floats, `ldc` apart, that no other thread
@@ -517,6 +520,7 @@ pub unsafe fn micro_add(
     c: *mut f32,
     ldc: usize,
     base: Base,
+    ahead: Option<*const f32>,
 ) {
     assert!((1..=MR).contains(&rows));
     match level {
@@ -524,17 +528,19 @@ pub unsafe fn micro_add(
         l if l.avx2() => {
             // SAFETY: AVX2 and FMA were detected just above; the caller vouches for `c`.
             unsafe {
-                match rows {
-                    6 => avx2::micro_add::<6>(a, b, kc, c, ldc, base),
-                    5 => avx2::micro_add::<5>(a, b, kc, c, ldc, base),
-                    4 => avx2::micro_add::<4>(a, b, kc, c, ldc, base),
-                    3 => avx2::micro_add::<3>(a, b, kc, c, ldc, base),
-                    2 => avx2::micro_add::<2>(a, b, kc, c, ldc, base),
+                match (rows, ahead) {
+                    (6, Some(next)) => avx2::micro_add_ahead(a, b, kc, c, ldc, base, next),
+                    (6, None) => avx2::micro_add::<6>(a, b, kc, c, ldc, base),
+                    (5, _) => avx2::micro_add::<5>(a, b, kc, c, ldc, base),
+                    (4, _) => avx2::micro_add::<4>(a, b, kc, c, ldc, base),
+                    (3, _) => avx2::micro_add::<3>(a, b, kc, c, ldc, base),
+                    (2, _) => avx2::micro_add::<2>(a, b, kc, c, ldc, base),
                     _ => avx2::micro_add::<1>(a, b, kc, c, ldc, base),
                 }
             }
         }
         _ => {
+            let _ = ahead;
             let mut acc = [[0f32; NR]; MR];
             micro(level, a, b, kc, &mut acc);
             for (i, row) in acc.iter().enumerate().take(rows) {
@@ -668,7 +674,7 @@ mod avx2 {
     /// The CPU must support AVX2 and FMA; `a.len() == kc·MR`, `b.len() == kc·NR`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn micro(a: &[f32], b: &[f32], kc: usize, acc: &mut [[f32; NR]; MR]) {
-        let c = chains::<MR>(a, b, kc);
+        let c = chains::<MR, false>(a, b, kc, std::ptr::null());
         for (row, ci) in acc.iter_mut().zip(c) {
             // SAFETY: each row holds NR = 16 floats.
             unsafe {
@@ -684,7 +690,44 @@ mod avx2 {
     /// As [`super::micro_add`] with `rows = R`, and the CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn micro_add<const R: usize>(a: &[f32], b: &[f32], kc: usize, c: *mut f32, ldc: usize, base: Base) {
-        let acc = chains::<R>(a, b, kc);
+        // SAFETY: forwarded; no prefetch, so the address is unused.
+        unsafe { micro_add_with::<R, false>(a, b, kc, c, ldc, base, std::ptr::null()) }
+    }
+
+    /// [`micro_add`] for a whole strip, prefetching one line of `next` (the next panel's
+    /// stored values; only an address) per step.
+    ///
+    /// # Safety
+    /// As [`micro_add`].
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn micro_add_ahead(
+        a: &[f32],
+        b: &[f32],
+        kc: usize,
+        c: *mut f32,
+        ldc: usize,
+        base: Base,
+        next: *const f32,
+    ) {
+        // SAFETY: forwarded.
+        unsafe { micro_add_with::<MR, true>(a, b, kc, c, ldc, base, next) }
+    }
+
+    /// [`micro_add`], with `PF` prefetching from `next`.
+    ///
+    /// # Safety
+    /// As [`micro_add`].
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn micro_add_with<const R: usize, const PF: bool>(
+        a: &[f32],
+        b: &[f32],
+        kc: usize,
+        c: *mut f32,
+        ldc: usize,
+        base: Base,
+        next: *const f32,
+    ) {
+        let acc = chains::<R, PF>(a, b, kc, next);
         let bias = match base {
             Base::Bias(Some(b)) => {
                 assert!(b.len() >= NR);
@@ -709,11 +752,15 @@ mod avx2 {
     /// twelve for a full 6×16 block.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    fn chains<const R: usize>(a: &[f32], b: &[f32], kc: usize) -> [[__m256; 2]; R] {
+    fn chains<const R: usize, const PF: bool>(a: &[f32], b: &[f32], kc: usize, next: *const f32) -> [[__m256; 2]; R] {
         assert!(a.len() == kc * MR && b.len() == kc * NR && R <= MR);
         let mut c = [[_mm256_setzero_ps(); 2]; R];
         let (ap, bp) = (a.as_ptr(), b.as_ptr());
         for p in 0..kc {
+            if PF {
+                // A prefetch never faults, so the address is formed with wrapping arithmetic.
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(p * NR).cast());
+            }
             // SAFETY: p < kc, so p·NR + 16 ≤ b.len() and p·MR + 6 ≤ a.len().
             unsafe {
                 let b0 = _mm256_loadu_ps(bp.add(p * NR));

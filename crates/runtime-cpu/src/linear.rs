@@ -59,19 +59,18 @@ impl LinearKernel {
         unsafe {
             match self {
                 LinearKernel::Panels(w) => gemm::gemm_raw(level, pool, x, m, w.as_ref(), bias, y, act),
-                LinearKernel::Sparse(w) => {
-                    w.run_raw(level, pool, x, bias, y, act);
-                    true
-                }
+                LinearKernel::Sparse(w) => w.run_raw(level, pool, x, bias, y, act),
             }
         }
     }
 
     /// Whether [`LinearKernel::run_raw`] looks at every input value and reports one that is
-    /// not finite (its `false`), so callers need no pass of their own before it (the GEMM
-    /// does, while packing; the sparse kernel does not).
+    /// not finite (its `false`), so callers need no pass of their own before it: both kernels
+    /// do (the GEMM while packing, the sparse kernel while transposing its tiles).
     pub(crate) fn screens(&self) -> bool {
-        matches!(self, LinearKernel::Panels(_))
+        match self {
+            LinearKernel::Panels(_) | LinearKernel::Sparse(_) => true,
+        }
     }
 
     /// [`LinearKernel::run_raw`] into a new vector, with its finiteness report.

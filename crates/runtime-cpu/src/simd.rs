@@ -116,27 +116,60 @@ impl<T> std::ops::DerefMut for Aligned<T> {
 /// `dst[c·ldd + r] = src[r·lds + c]` for `r < rows`, `c < cols`: a strided matrix transposed,
 /// 8 × 8 blocks in registers on AVX2 (the same values at every level: it only moves them).
 pub fn transpose(level: SimdLevel, src: &[f32], lds: usize, rows: usize, cols: usize, dst: &mut [f32], ldd: usize) {
+    transpose_impl::<false>(level, src, lds, rows, cols, dst, ldd);
+}
+
+/// [`transpose`], reporting whether every value it moved is finite: a kernel that transposes
+/// its whole input anyway (the sparse one) screens it in the same pass instead of a pass of
+/// its own.
+pub(crate) fn transpose_screened(
+    level: SimdLevel,
+    src: &[f32],
+    lds: usize,
+    rows: usize,
+    cols: usize,
+    dst: &mut [f32],
+    ldd: usize,
+) -> bool {
+    transpose_impl::<true>(level, src, lds, rows, cols, dst, ldd)
+}
+
+/// [`transpose`], and with `SCREEN` whether every value moved is finite (`true` without).
+fn transpose_impl<const SCREEN: bool>(
+    level: SimdLevel,
+    src: &[f32],
+    lds: usize,
+    rows: usize,
+    cols: usize,
+    dst: &mut [f32],
+    ldd: usize,
+) -> bool {
     if rows == 0 || cols == 0 {
-        return;
+        return true;
     }
     assert!((rows - 1) * lds + cols <= src.len() && (cols - 1) * ldd + rows <= dst.len());
     // The whole 8 × 8 blocks done in registers (none without AVX2).
-    let (rb, cb) = match level {
+    let (rb, cb, mut finite) = match level {
         #[cfg(target_arch = "x86_64")]
         l if l.avx2() => {
             let (rb, cb) = (rows / 8 * 8, cols / 8 * 8);
             // SAFETY: AVX2 was detected; the blocks lie inside the bounds asserted above.
-            unsafe { avx2::transpose_blocks(src, lds, rb, cb, dst, ldd) };
-            (rb, cb)
+            let finite = unsafe { avx2::transpose_blocks::<SCREEN>(src, lds, rb, cb, dst, ldd) };
+            (rb, cb, finite)
         }
-        _ => (0, 0),
+        _ => (0, 0, true),
     };
     for r in 0..rows {
         let c0 = if r < rb { cb } else { 0 };
         for c in c0..cols {
-            dst[c * ldd + r] = src[r * lds + c];
+            let v = src[r * lds + c];
+            dst[c * ldd + r] = v;
+            if SCREEN {
+                finite &= v.is_finite();
+            }
         }
     }
+    finite
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -176,28 +209,44 @@ pub(crate) mod avx2 {
     }
 
     /// [`super::transpose`] for the whole 8 × 8 blocks: rows `0..rb`, columns `0..cb` (both
-    /// multiples of 8).
+    /// multiples of 8); with `SCREEN`, whether every value moved is finite (`true` without).
     ///
     /// # Safety
     /// AVX2; `(rb − 1)·lds + cb ≤ src.len()` and `(cb − 1)·ldd + rb ≤ dst.len()` when both are
     /// nonzero.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn transpose_blocks(src: &[f32], lds: usize, rb: usize, cb: usize, dst: &mut [f32], ldd: usize) {
+    pub unsafe fn transpose_blocks<const SCREEN: bool>(
+        src: &[f32],
+        lds: usize,
+        rb: usize,
+        cb: usize,
+        dst: &mut [f32],
+        ldd: usize,
+    ) -> bool {
         if rb == 0 || cb == 0 {
-            return;
+            return true;
         }
         assert!((rb - 1) * lds + cb <= src.len() && (cb - 1) * ldd + rb <= dst.len());
+        // x − x is +0 (all bits clear) for a finite x and NaN for an infinity or a NaN: the
+        // bitwise OR of the differences is zero exactly when every value is finite.
+        let mut bad = _mm256_setzero_ps();
         for ib in (0..rb).step_by(8) {
             for jb in (0..cb).step_by(8) {
                 // SAFETY: row ib + i < rb, columns jb .. jb + 8 ≤ cb (asserted bounds).
                 let v: [__m256; 8] =
                     std::array::from_fn(|i| unsafe { _mm256_loadu_ps(src.as_ptr().add((ib + i) * lds + jb)) });
+                if SCREEN {
+                    for r in v {
+                        bad = _mm256_or_ps(bad, _mm256_sub_ps(r, r));
+                    }
+                }
                 for (c, col) in transpose8(v).iter().enumerate() {
                     // SAFETY: (jb + c)·ldd + ib + 8 ≤ (cb − 1)·ldd + rb ≤ dst.len().
                     unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add((jb + c) * ldd + ib), *col) };
                 }
             }
         }
+        _mm256_testz_si256(_mm256_castps_si256(bad), _mm256_castps_si256(bad)) == 1
     }
 }
 
