@@ -54,6 +54,11 @@ pub struct Args {
     /// shared; the best round is the least disturbed).
     #[arg(long, default_value_t = 2)]
     rounds: usize,
+    /// Runs of each pipeline schedule per round, alternating, keeping each schedule's least
+    /// disturbed run (its bubble is what is measured, and one stage slowed by another process
+    /// adds idle time that is not the schedule's).
+    #[arg(long, default_value_t = 3)]
+    pipeline_runs: usize,
     /// Fewer, smaller batches and one round: a smoke run in well under a minute.
     #[arg(long)]
     quick: bool,
@@ -168,8 +173,10 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         args.tokens = args.tokens.min(64);
         args.clients = args.clients.min(32);
         args.rounds = 1;
+        args.pipeline_runs = 1;
     }
     ensure!(args.rounds >= 1, "--rounds must be at least 1, found 0");
+    ensure!(args.pipeline_runs >= 1, "--pipeline-runs must be at least 1, found 0");
     ensure!(args.workers >= 2, "--workers must be at least 2 to compare against one worker, found {}", args.workers);
     ensure!(args.batch >= 1 && args.batches >= 1, "--batch and --batches must be at least 1");
     ensure!(
@@ -346,38 +353,50 @@ fn round(
     modes.push(mode("data parallel", w, n, secs, lat, "bit-identical to one worker".into()));
     bar.inc(1);
 
-    // Pipeline parallel: stages cut by measured cost, every batch a micro-batch.
+    // Pipeline parallel: stages cut by measured cost, every batch a micro-batch. Each schedule
+    // runs `--pipeline-runs` times, the two alternating, and keeps its run with the least
+    // wall time: the bubble is the schedule's idle time, and a run that another process on
+    // this shared machine slowed on one stage measures that process too.
     let stages = BertStages(&one);
     let costs = measure_costs(&stages, &batches[0], 3)?;
     let plan = partition(&costs, w)?;
-    let mut pipeline = Vec::new();
-    for schedule in [Schedule::GPipe, Schedule::OneFOneB] {
-        bar.set_message(format!("pipeline {schedule}"));
-        let out = run_threads(w, timeout, |c| {
-            let local = prepared_on(&enc.bert, &rts[c.rank()])?;
-            let st = BertStages(&local);
-            // Warm-up run of the same schedule, then the measured one.
-            for pass in 0..2 {
-                let inputs = if c.rank() == 0 { batches.to_vec() } else { Vec::new() };
-                let inputs = if pass == 0 { inputs.into_iter().take(w).collect() } else { inputs };
-                c.barrier()?;
-                let r = pipeline_forward(c, &st, &plan, schedule, inputs)?;
-                if pass == 1 {
-                    return Ok(r);
+    let schedules = [Schedule::GPipe, Schedule::OneFOneB];
+    let mut best: Vec<Option<PipelineStats>> = vec![None; schedules.len()];
+    for run in 0..args.pipeline_runs {
+        for (slot, &schedule) in best.iter_mut().zip(&schedules) {
+            bar.set_message(format!("pipeline {schedule} ({}/{})", run + 1, args.pipeline_runs));
+            let out = run_threads(w, timeout, |c| {
+                let local = prepared_on(&enc.bert, &rts[c.rank()])?;
+                let st = BertStages(&local);
+                // Warm-up run of the same schedule, then the measured one.
+                for pass in 0..2 {
+                    let inputs = if c.rank() == 0 { batches.to_vec() } else { Vec::new() };
+                    let inputs = if pass == 0 { inputs.into_iter().take(w).collect() } else { inputs };
+                    c.barrier()?;
+                    let r = pipeline_forward(c, &st, &plan, schedule, inputs)?;
+                    if pass == 1 {
+                        return Ok(r);
+                    }
                 }
+                unreachable!("two passes")
+            })?;
+            let (outs, stats) = first_error(out)?.remove(0).expect("rank 0 returns the outputs");
+            let same = outs.iter().zip(&reference).all(|(a, b)| bits(&a[0]) == bits(b));
+            ensure!(same, "pipeline ({schedule}) embeddings differ from one worker's");
+            if slot.as_ref().is_none_or(|b| stats.wall_s < b.wall_s) {
+                *slot = Some(stats);
             }
-            unreachable!("two passes")
-        })?;
-        let (outs, stats) = first_error(out)?.remove(0).expect("rank 0 returns the outputs");
-        let same = outs.iter().zip(&reference).all(|(a, b)| bits(&a[0]) == bits(b));
-        ensure!(same, "pipeline ({schedule}) embeddings differ from one worker's");
+        }
+    }
+    let mut pipeline = Vec::new();
+    for stats in best.into_iter().flatten() {
         let notes = format!(
             "stages {:?}; bubble {:.3} vs (p−1)/(m+p−1) = {:.3}; peak {} micro-batches in flight",
             plan, stats.bubble, stats.ideal_bubble, stats.peak_in_flight
         );
         // Latency of a micro-batch is not separable here: report the run's per-batch mean.
         let per = stats.wall_s / args.batches as f64;
-        modes.push(mode(&format!("pipeline {schedule}"), w, n, stats.wall_s, vec![per], notes));
+        modes.push(mode(&format!("pipeline {}", stats.schedule), w, n, stats.wall_s, vec![per], notes));
         pipeline.push(stats);
         bar.inc(1);
     }
@@ -517,7 +536,7 @@ fn dynamic_batching(args: &Args, enc: &SentenceEncoder, texts: &[&str], tokens: 
 
 fn command_line(args: &Args) -> String {
     format!(
-        "cargo xtask serve-bench --workers {} --batch {} --batches {} --tokens {} --clients {} --max-delay-ms {} --rounds {}{}{}",
+        "cargo xtask serve-bench --workers {} --batch {} --batches {} --tokens {} --clients {} --max-delay-ms {} --rounds {} --pipeline-runs {}{}{}",
         args.workers,
         args.batch,
         args.batches,
@@ -525,6 +544,7 @@ fn command_line(args: &Args) -> String {
         args.clients,
         args.max_delay_ms,
         args.rounds,
+        args.pipeline_runs,
         if args.runtime == "cpu" { String::new() } else { format!(" --runtime {}", args.runtime) },
         if args.quick { " --quick" } else { "" }
     )
@@ -536,7 +556,10 @@ fn markdown(r: &Report) -> String {
          {} sentences of data/sentences.txt in batches of {} padded to {} tokens (`--tokens`, or the longest batch's length when that is more: every batch, and so every pipeline micro-batch, has the same shape), on {} ({} cores). Every worker is an \
          in-process thread with {}; scaling is throughput against one such worker. \
          Outputs are checked in the same run: data and pipeline parallel bit-identical to one worker, tensor \
-         parallel within 1e-5.\n\n![throughput against one worker](serve-bench.svg)\n\n\
+         parallel within 1e-5. Each mode keeps its best round (`--rounds`) and each pipeline schedule its \
+         run with the least wall time of `--rounds` × `--pipeline-runs`, the schedules alternating: the machine is \
+         shared, and the bubble should measure the schedule, not the other processes.\n\n\
+         ![throughput against one worker](serve-bench.svg)\n\n\
          | mode | workers | sentences/s | scaling | p50 ms | p95 ms | p99 ms | notes |\n|---|---|---|---|---|---|---|---|\n",
         r.command,
         r.batch * r.batches,

@@ -21,9 +21,9 @@ use crate::gemm::OutPtr;
 use crate::simd::{Aligned, SimdLevel};
 
 /// The density (stored nonzeros / elements) above which the dense GEMM is at least as fast as
-/// this kernel: the crossover the `sparse` bench measures at MiniLM's 4096×384×1536 (AVX2:
-/// sparse 1.5× dense at 30%, 1.1× at 50%, 0.97× at 60%; AVX-512: 1.8× at 30%, 1.3× at 50%,
-/// 1.0× at 70%), so 2:4 weights (50%) run sparse. One threshold for every level, so a weight
+/// this kernel: the crossover the `sparse` bench measures at MiniLM's 4096×384×1536 (Zen 3,
+/// AVX2: sparse 1.95× dense at 30%, 1.21× at 50%, 1.02× at 60%, 0.78× at 70%; Zen 4,
+/// AVX-512: 1.8× at 30%, 1.3× at 50%, 1.0× at 70%), so 2:4 weights (50%) run sparse. One threshold for every level, so a weight
 /// takes the same kernel, and gives the same bits, on every CPU.
 pub const SPARSE_MAX_DENSITY: f64 = 0.55;
 
