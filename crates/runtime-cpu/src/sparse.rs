@@ -23,8 +23,9 @@ use crate::simd::{Aligned, SimdLevel};
 /// The density (stored nonzeros / elements) above which the dense GEMM is at least as fast as
 /// this kernel: the crossover the `sparse` bench measures at MiniLM's 4096×384×1536 (Zen 3,
 /// AVX2: sparse 1.95× dense at 30%, 1.21× at 50%, 1.02× at 60%, 0.78× at 70%; Zen 4,
-/// AVX-512: 1.8× at 30%, 1.3× at 50%, 1.0× at 70%), so 2:4 weights (50%) run sparse. One threshold for every level, so a weight
-/// takes the same kernel, and gives the same bits, on every CPU.
+/// AVX-512: 1.8× at 30%, 1.3× at 50%, 1.0× at 70%), so 2:4 weights (50%) run sparse. One
+/// threshold for every level, so a weight takes the same kernel, and gives the same bits, on
+/// every CPU.
 pub const SPARSE_MAX_DENSITY: f64 = 0.55;
 
 /// Reduction indices per slice: a pass over one or more slices of a tile's transposed inputs
@@ -37,8 +38,9 @@ const KC: usize = 64;
 /// the work (below 64 lanes), because there merging slices would change the order of
 /// additions. Longer passes pay where outputs have few nonzeros per slice: each pass ends in
 /// a mispredicted loop exit and a store of the partial sums. On Zen 3 (AVX2, 64 lanes, `K`
-/// = 384, in-process A/B of `sparse_ab`) two slices per pass ran 7% faster at 10% density,
-/// 9% at 40%, 6% at 50% unstructured and the same for 2:4.
+/// = 384, 2 threads; an in-process A/B, the median ratio of 61 alternating pairs) two slices
+/// per pass ran 7% faster at 10% density, 9% at 40%, 6% at 50% unstructured and the same for
+/// 2:4.
 fn slices_per_pass(lanes: usize) -> usize {
     if lanes == 64 { 2 } else { 1 }
 }
