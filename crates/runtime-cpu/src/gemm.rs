@@ -529,7 +529,7 @@ pub unsafe fn micro_add(
             // SAFETY: AVX2 and FMA were detected just above; the caller vouches for `c`.
             unsafe {
                 match (rows, ahead) {
-                    (6, Some(next)) => avx2::micro_add_ahead(a, b, kc, c, ldc, base, next),
+                    (6, Some(next)) => avx2::micro_add_with::<MR, true>(a, b, kc, c, ldc, base, next),
                     (6, None) => avx2::micro_add::<6>(a, b, kc, c, ldc, base),
                     (5, _) => avx2::micro_add::<5>(a, b, kc, c, ldc, base),
                     (4, _) => avx2::micro_add::<4>(a, b, kc, c, ldc, base),
@@ -694,31 +694,13 @@ mod avx2 {
         unsafe { micro_add_with::<R, false>(a, b, kc, c, ldc, base, std::ptr::null()) }
     }
 
-    /// [`micro_add`] for a whole strip, prefetching one line of `next` (the next panel's
-    /// stored values; only an address) per step.
+    /// [`micro_add`], with `PF` prefetching one line of `next` (the next panel's stored
+    /// values; only an address) per step.
     ///
     /// # Safety
     /// As [`micro_add`].
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn micro_add_ahead(
-        a: &[f32],
-        b: &[f32],
-        kc: usize,
-        c: *mut f32,
-        ldc: usize,
-        base: Base,
-        next: *const f32,
-    ) {
-        // SAFETY: forwarded.
-        unsafe { micro_add_with::<MR, true>(a, b, kc, c, ldc, base, next) }
-    }
-
-    /// [`micro_add`], with `PF` prefetching from `next`.
-    ///
-    /// # Safety
-    /// As [`micro_add`].
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn micro_add_with<const R: usize, const PF: bool>(
+    pub unsafe fn micro_add_with<const R: usize, const PF: bool>(
         a: &[f32],
         b: &[f32],
         kc: usize,
