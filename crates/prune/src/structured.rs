@@ -316,7 +316,9 @@ fn values(model: &dyn Module) -> Result<BTreeMap<String, Values>> {
         .collect()
 }
 
-/// Visits the values of unit `u`'s slice of a parameter `[d0, d1, ...]` along `axis`.
+/// Visits, in storage order, the values of indices `lo..hi` along `axis` of a parameter
+/// `[d0, d1, ...]` stored row-major in `v`: one contiguous run per index of the axes before
+/// `axis`, so a unit costs its own size, not the whole parameter's.
 fn slice_values<'a>(
     shape: &'a [usize],
     v: &'a [f32],
@@ -326,7 +328,9 @@ fn slice_values<'a>(
 ) -> impl Iterator<Item = f32> + 'a {
     let inner: usize = shape[axis + 1..].iter().product();
     let along = shape[axis];
-    v.iter().enumerate().filter(move |(i, _)| (lo..hi).contains(&(i / inner % along))).map(|(_, x)| *x)
+    let outer: usize = shape[..axis].iter().product();
+    debug_assert!(outer * along * inner == v.len() && lo <= hi && hi <= along);
+    (0..outer).flat_map(move |o| v[(o * along + lo) * inner..(o * along + hi) * inner].iter().copied())
 }
 
 /// Per-unit importance of every group. `norms` (activation) are the consumers' input norms;

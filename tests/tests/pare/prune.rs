@@ -179,13 +179,14 @@ fn wanda_and_sparsegpt_keep_minilm_closer_than_magnitude() -> anyhow::Result<()>
         ("wanda", Criterion::Wanda),
         ("sparsegpt", Criterion::SparseGpt { damp: 0.01 }),
     ] {
+        // One calibration per criterion serves both patterns.
+        let cal = Calibration::collect(&paths, c, &mut |h| {
+            float.embed_hooked(calib, 32, h, &mut |_| {}).map_err(pare_models::Error::into_core)?;
+            Ok(calib.len())
+        })?;
         for (pname, pattern) in
             [("50%", Pattern::Unstructured { sparsity: 0.5, global: None }), ("2:4", Pattern::Nm { n: 2, m: 4 })]
         {
-            let cal = Calibration::collect(&paths, c, &mut |h| {
-                float.embed_hooked(calib, 32, h, &mut |_| {}).map_err(pare_models::Error::into_core)?;
-                Ok(calib.len())
-            })?;
             let mut e = float.clone();
             let p = pare_prune::prune(&mut e.bert, &paths, c, pattern, Some(&cal))?;
             assert!((p.sparsity() - 0.5).abs() < 1e-9, "{name} {pname}: {}", p.sparsity());

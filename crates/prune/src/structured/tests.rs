@@ -141,3 +141,25 @@ fn norms_rank_units_and_taylor_needs_gradients() {
     assert!(importance(&net, &groups, Importance::Taylor, None, None).is_err());
     assert!(importance(&net, &groups, Importance::Activation, None, None).is_err());
 }
+
+proptest::proptest! {
+    /// The slice of indices `lo..hi` along `axis` is exactly the values whose index along that
+    /// axis falls in the range, in storage order (the definition, checked element by element).
+    #[test]
+    fn slice_values_visits_exactly_the_unit_in_storage_order(
+        shape in proptest::collection::vec(1usize..5, 1..5),
+        axis_pick in 0usize..4,
+        a in 0usize..5,
+        b in 0usize..5,
+    ) {
+        let axis = axis_pick % shape.len();
+        let (a, b) = (a % (shape[axis] + 1), b % (shape[axis] + 1));
+        let (lo, hi) = (a.min(b), a.max(b));
+        let v: Vec<f32> = (0..shape.iter().product::<usize>()).map(|i| i as f32).collect();
+        let inner: usize = shape[axis + 1..].iter().product();
+        let want: Vec<f32> =
+            v.iter().enumerate().filter(|(i, _)| (lo..hi).contains(&(i / inner % shape[axis]))).map(|(_, x)| *x).collect();
+        let got: Vec<f32> = slice_values(&shape, &v, axis, lo, hi).collect();
+        proptest::prop_assert_eq!(got, want);
+    }
+}
