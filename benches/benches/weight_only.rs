@@ -2,7 +2,9 @@
 //! run (issue 4, goals 2 and 3):
 //! - GEMV 1×4096 · 4096×4096 with the weights out of cache (several copies, larger than the
 //!   L3 together, used in turn): against candle's f32 matmul, its `QMatMul` Q4_0 and Q4K, and
-//!   against the machine's read bandwidth (a triad loop measured in the same run).
+//!   against the machine's read bandwidth (a triad loop measured in the same run); then the
+//!   same with int8 activations quantized per token on the fly (W4A8: the arithmetic of
+//!   candle's `QMatMul`, which quantizes its input to Q8 blocks).
 //! - GEMM at M = 32 and M = 4096 tokens on MiniLM's FFN shapes: against `QMatMul` Q4_0 and
 //!   candle's f32 matmul.
 //!
@@ -15,7 +17,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use criterion::{Criterion, criterion_main};
 use pare_benches::{Comparison, median_alone, median_pair_blocks, median_pair_warm, quick};
-use pare_core_tensor::{Granularity, Mapping, QuantScheme, QuantizedTensor, Runtime, Weight};
+use pare_core_tensor::{ActQuant, ActRange, Granularity, Mapping, QuantScheme, QuantizedTensor, Runtime, Weight};
 use pare_runtime_cpu::{CpuRuntime, probe};
 
 /// `w` (`[n, k]`) as symmetric 4-bit codes with one scale per 32 inputs.
@@ -69,73 +71,83 @@ fn bench(c: &mut Criterion) {
         turn += 1;
         turn
     };
-    let t_pare = |i: usize| drop(pare[i % copies].0.forward(&x).unwrap());
-    if !quick {
-        let mut g = c.benchmark_group(format!("q4 gemv 1x{k} · {k}x{n}"));
-        g.sample_size(20).warm_up_time(std::time::Duration::from_millis(500));
-        g.bench_function("pare q4", |b| b.iter(|| t_pare(next())));
-        g.bench_function("candle QMatMul Q4_0", |b| b.iter(|| drop(q40[next() % copies].forward(&x).unwrap())));
-        g.finish();
-    }
+    // The same weights with int8 activations quantized per token on the fly (W4A8), the
+    // arithmetic candle's `QMatMul` performs (it quantizes the activations to Q8 blocks).
+    let act = ActQuant::new(8, true, ActRange::Dynamic { per_token: true });
+    let a8: Vec<_> = ws
+        .iter()
+        .map(|w| rt.prepare_linear_quantized_input("fc", &Weight::Quantized(q4(w)), None, &act).unwrap())
+        .collect();
     let shape = format!("1x{k}x{n}");
-    /// A peer: its name, the goal against it, and one call (on weight copy `i`).
-    type Peer<'a> = (&'a str, f64, Box<dyn FnMut(usize) + 'a>);
-    let peers: [Peer; 3] = [
-        ("candle f32 matmul", 6.0, Box::new(|i: usize| drop(x.matmul(&wts[i % 2]).unwrap()))),
-        ("candle QMatMul Q4_0", 2.0, Box::new(|i: usize| drop(q40[i % copies].forward(&x).unwrap()))),
-        ("candle QMatMul Q4K", 1.3, Box::new(|i: usize| drop(q4k[i % copies].forward(&x).unwrap()))),
-    ];
-    for (peer, goal, mut run) in peers {
-        let (mut a, mut b) = (0, 0);
-        // 60 untimed calls per side before each timed block of 20: after candle's f32 matmul
-        // (64 MB of weights per call) pare's calls ran up to twice as slow for tens of calls
-        // (`INTERFERE=1 N=4096 gemv_probe`), which 20 did not cover.
-        let (t_ours, t_peer) = median_pair_warm(
-            reps,
-            20,
-            60,
-            || {
-                a += 1;
-                t_pare(a)
-            },
-            || {
-                b += 1;
-                run(b)
-            },
-        );
+    for (name, ops) in [("q4 gemv", pare.iter().map(|p| &p.0).collect::<Vec<_>>()), ("w4a8 gemv", a8.iter().collect())]
+    {
+        let t_pare = |i: usize| drop(ops[i % copies].forward(&x).unwrap());
+        if !quick {
+            let mut g = c.benchmark_group(format!("{name} 1x{k} · {k}x{n}"));
+            g.sample_size(20).warm_up_time(std::time::Duration::from_millis(500));
+            g.bench_function("pare", |b| b.iter(|| t_pare(next())));
+            g.bench_function("candle QMatMul Q4_0", |b| b.iter(|| drop(q40[next() % copies].forward(&x).unwrap())));
+            g.finish();
+        }
+        /// A peer: its name, the goal against it, and one call (on weight copy `i`).
+        type Peer<'a> = (&'a str, f64, Box<dyn FnMut(usize) + 'a>);
+        let peers: [Peer; 3] = [
+            ("candle f32 matmul", 6.0, Box::new(|i: usize| drop(x.matmul(&wts[i % 2]).unwrap()))),
+            ("candle QMatMul Q4_0", 2.0, Box::new(|i: usize| drop(q40[i % copies].forward(&x).unwrap()))),
+            ("candle QMatMul Q4K", 1.3, Box::new(|i: usize| drop(q4k[i % copies].forward(&x).unwrap()))),
+        ];
+        for (peer, goal, mut run) in peers {
+            let (mut a, mut b) = (0, 0);
+            // 60 untimed calls per side before each timed block of 20: after candle's f32
+            // matmul (64 MB of weights per call) pare's calls ran up to twice as slow for tens
+            // of calls (`INTERFERE=1 N=4096 gemv_probe`), which 20 did not cover.
+            let (t_ours, t_peer) = median_pair_warm(
+                reps,
+                20,
+                60,
+                || {
+                    a += 1;
+                    t_pare(a)
+                },
+                || {
+                    b += 1;
+                    run(b)
+                },
+            );
+            Comparison {
+                name,
+                shape: shape.clone(),
+                pare: t_ours * 1e3,
+                peer,
+                peer_value: t_peer * 1e3,
+                unit: "ms",
+                higher_is_better: false,
+                goal,
+            }
+            .report();
+        }
+        // The stream rate is pare's kernel on its own, as the triad loop is timed on its own:
+        // the interleaved blocks above carry the peers' after-effects.
+        let mut c = 0;
+        let alone = median_alone(reps, 20, || {
+            c += 1;
+            t_pare(c)
+        });
+        let gbs = pare[0].1 as f64 / alone / 1e9;
+        let triad = probe::triad_gbs(threads, 256);
         Comparison {
-            name: "q4 gemv",
+            name: if name == "q4 gemv" { "q4 gemv weight stream" } else { "w4a8 gemv weight stream" },
             shape: shape.clone(),
-            pare: t_ours * 1e3,
-            peer,
-            peer_value: t_peer * 1e3,
-            unit: "ms",
-            higher_is_better: false,
-            goal,
+            pare: gbs,
+            peer: "triad bandwidth",
+            peer_value: triad,
+            unit: "GB/s",
+            higher_is_better: true,
+            goal: 0.7,
         }
         .report();
     }
-    // The stream rate is pare's kernel on its own, as the triad loop is timed on its own: the
-    // interleaved blocks above carry the peers' after-effects.
-    let mut c = 0;
-    let alone = median_alone(reps, 20, || {
-        c += 1;
-        t_pare(c)
-    });
-    let gbs = pare[0].1 as f64 / alone / 1e9;
-    let triad = probe::triad_gbs(threads, 256);
-    Comparison {
-        name: "q4 gemv weight stream",
-        shape,
-        pare: gbs,
-        peer: "triad bandwidth",
-        peer_value: triad,
-        unit: "GB/s",
-        higher_is_better: true,
-        goal: 0.7,
-    }
-    .report();
-    drop((pare, q40, q4k, wts, ws));
+    drop((pare, a8, q40, q4k, wts, ws));
 
     // GEMM at MiniLM's FFN shapes.
     for m in [32usize, 4096] {

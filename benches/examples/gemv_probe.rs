@@ -1,11 +1,12 @@
 //! pare's 4-bit GEMV alone (1 × 4096 · 4096 × n, symmetric codes, groups of 32): weight bytes
 //! streamed per second with the weights in L2 (n = 128) and out of cache (n = 4096, four
 //! copies used in turn), on `T` threads (2 by default), to read the kernel's decode rate apart
-//! from memory bandwidth.
+//! from memory bandwidth. `A8=1` gives the layers int8 dynamic per-token activations (the W4A8
+//! integer kernel) instead of f32 ones.
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use pare_core_tensor::{Granularity, Mapping, QuantScheme, QuantizedTensor, Runtime, Weight};
+use pare_core_tensor::{ActQuant, ActRange, Granularity, Mapping, QuantScheme, QuantizedTensor, Runtime, Weight};
 use pare_runtime_cpu::CpuRuntime;
 
 fn main() {
@@ -44,7 +45,14 @@ fn main() {
                 )
                 .unwrap();
                 let bytes = q.storage_bytes();
-                (rt.prepare_linear("fc", &Weight::Quantized(q), None).unwrap(), bytes)
+                let w = Weight::Quantized(q);
+                let op = if std::env::var("A8").is_ok() {
+                    let act = ActQuant::new(8, true, ActRange::Dynamic { per_token: true });
+                    rt.prepare_linear_quantized_input("fc", &w, None, &act).unwrap()
+                } else {
+                    rt.prepare_linear("fc", &w, None).unwrap()
+                };
+                (op, bytes)
             })
             .collect();
         let mut best = f64::MAX;

@@ -299,18 +299,7 @@ impl W8A8Linear {
     /// (static, per tensor, or per token on a single row: of the smoothed values, as the
     /// reference quantizes them); `None` when every row takes its own.
     fn global_range(&self, x: &[f32], m: usize) -> Option<(f32, i32)> {
-        match self.act.range {
-            ActRange::Static { scale, zero_point } => Some((scale, zero_point)),
-            ActRange::Dynamic { per_token: false } => {
-                let (lo, hi, _) = self.extremes(x);
-                Some(self.act.scale_zero(lo, hi))
-            }
-            ActRange::Dynamic { per_token: true } if m <= 1 => {
-                let (lo, hi, _) = self.extremes(x);
-                Some(self.act.scale_zero(lo, hi))
-            }
-            ActRange::Dynamic { per_token: true } => None,
-        }
+        global_range(self.level, &self.act, self.k, x, m)
     }
 
     /// The codes of the rows of `x` (`k` values each) in the kernel's layout, with each row's
@@ -356,24 +345,7 @@ impl W8A8Linear {
     /// Minimum and maximum of `x` divided by the smoothing factors (if any), and whether every
     /// value of `x` is finite (the extremes are those of the finite inputs `forward` admits).
     fn extremes(&self, x: &[f32]) -> (f32, f32, bool) {
-        #[cfg(target_arch = "x86_64")]
-        if self.act.smooth.is_none() && self.level.avx2() {
-            // SAFETY: AVX2 was detected just above. Min and max are exact, so the lanes give
-            // the scalar loop's answer for finite inputs.
-            return unsafe { avx2::extremes(x) };
-        }
-        let k = self.k.max(1);
-        let (mut lo, mut hi, mut finite) = (f32::INFINITY, f32::NEG_INFINITY, true);
-        for (i, &v) in x.iter().enumerate() {
-            finite &= v.is_finite();
-            let v = match &self.act.smooth {
-                Some(s) => v / s[i % k],
-                None => v,
-            };
-            lo = lo.min(v);
-            hi = hi.max(v);
-        }
-        (lo, hi, finite)
+        extremes(self.level, &self.act, self.k, x)
     }
 
     /// [`W8A8Linear::forward_values`] for a group of ops sharing this op's input
@@ -394,12 +366,52 @@ impl W8A8Linear {
     }
 }
 
+/// The one quantization range `act` gives the whole input `x` (`m` rows of `k`) where it takes
+/// one (static, per tensor, or per token on a single row: of the smoothed values, as the
+/// reference quantizes them); `None` when every row takes its own.
+pub(crate) fn global_range(level: SimdLevel, act: &ActQuant, k: usize, x: &[f32], m: usize) -> Option<(f32, i32)> {
+    match act.range {
+        ActRange::Static { scale, zero_point } => Some((scale, zero_point)),
+        ActRange::Dynamic { per_token } if !per_token || m <= 1 => {
+            let (lo, hi, _) = extremes(level, act, k, x);
+            Some(act.scale_zero(lo, hi))
+        }
+        ActRange::Dynamic { .. } => None,
+    }
+}
+
+/// Minimum and maximum of `x` (rows of `k` values) divided by `act`'s smoothing factors (if
+/// any), and whether every value of `x` is finite (the extremes are those of the finite inputs
+/// `forward` admits).
+pub(crate) fn extremes(level: SimdLevel, act: &ActQuant, k: usize, x: &[f32]) -> (f32, f32, bool) {
+    #[cfg(target_arch = "x86_64")]
+    if act.smooth.is_none() && level.avx2() {
+        // SAFETY: AVX2 was detected just above. Min and max are exact, so the lanes give
+        // the scalar loop's answer for finite inputs.
+        return unsafe { avx2::extremes(x) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = level;
+    let k = k.max(1);
+    let (mut lo, mut hi, mut finite) = (f32::INFINITY, f32::NEG_INFINITY, true);
+    for (i, &v) in x.iter().enumerate() {
+        finite &= v.is_finite();
+        let v = match &act.smooth {
+            Some(s) => v / s[i % k],
+            None => v,
+        };
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    (lo, hi, finite)
+}
+
 /// Codes of one row, `clamp(round_half_even(x/s_k / S) + Z)` exactly as
 /// `ActQuant::quantize_slice` computes them, stored centred to the i8 range ([`code_offset`]).
 /// `bounded`: every quotient `x/S` is known to be finite (the range was taken from the values),
 /// which lets the SIMD path divide by a reciprocal and one correction (see
 /// [`avx2::quantize_row`]).
-fn quantize_row(
+pub(crate) fn quantize_row(
     level: SimdLevel,
     x: &[f32],
     smooth: Option<&[f32]>,
@@ -433,7 +445,7 @@ fn quantize_row(
 
 /// What 8-bit codes are shifted by to fit i8 (unsigned codes `q` become `q − 128`; the zero
 /// point moves with them).
-fn code_offset(act: &ActQuant) -> i32 {
+pub(crate) fn code_offset(act: &ActQuant) -> i32 {
     if act.symmetric { 0 } else { 128 }
 }
 

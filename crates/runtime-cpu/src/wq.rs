@@ -17,26 +17,29 @@ use pare_core_tensor::{Granularity, Mapping, QuantizedTensor};
 use crate::gemm::{MR, NR, Panels};
 use crate::simd::SimdLevel;
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx512::{PREFETCH_GROUPS, prefetch_lines};
+
 /// Quantized weights `[n, k]` in panel layout.
 #[derive(Debug, Clone)]
 pub struct QuantPanels {
-    n: usize,
-    k: usize,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
     /// Codes of ≤ 4 bits, two per byte (otherwise one per byte).
-    nibbles: bool,
-    codes: Vec<u8>,
+    pub(crate) nibbles: bool,
+    pub(crate) codes: Vec<u8>,
     /// Reduction indices per scale.
-    group: usize,
-    groups: usize,
+    pub(crate) group: usize,
+    pub(crate) groups: usize,
     /// `[panel][group][NR]` scales.
-    scale: Vec<f32>,
+    pub(crate) scale: Vec<f32>,
     /// `[panel][group][NR]` offsets `e = Z − q_min` (0 for codebooks): `w = S·(c − e)`;
     /// empty when every offset is `uniform` (symmetric schemes, codebooks), so the kernels
     /// neither store nor stream them.
-    offset: Vec<f32>,
-    uniform: Option<f32>,
+    pub(crate) offset: Vec<f32>,
+    pub(crate) uniform: Option<f32>,
     /// Codebook entries, padded to 16 (codebook schemes).
-    table: Option<[f32; 16]>,
+    pub(crate) table: Option<[f32; 16]>,
 }
 
 /// Whether the weight-only kernels take `q`: a 2-D weight with linear codes of any width, or a
@@ -123,12 +126,12 @@ impl QuantPanels {
         Self { n, k, nibbles, codes, group, groups, scale, offset, uniform, table }
     }
 
-    fn width(&self) -> usize {
+    pub(crate) fn width(&self) -> usize {
         if self.nibbles { NR / 2 } else { NR }
     }
 
     /// The 16 raw codes of panel `jb` at reduction index `p`.
-    fn codes_at(&self, jb: usize, p: usize) -> [u8; NR] {
+    pub(crate) fn codes_at(&self, jb: usize, p: usize) -> [u8; NR] {
         let at = (jb * self.k + p) * self.width();
         let mut out = [0u8; NR];
         if self.nibbles {
@@ -149,12 +152,12 @@ impl QuantPanels {
         }
     }
 
-    fn lanes(&self, v: &[f32], jb: usize, g: usize) -> [f32; NR] {
+    pub(crate) fn lanes(&self, v: &[f32], jb: usize, g: usize) -> [f32; NR] {
         v[(jb * self.groups + g) * NR..(jb * self.groups + g + 1) * NR].try_into().expect("NR lanes")
     }
 
     /// The offsets `e` of panel `jb`, group `g`.
-    fn offsets(&self, jb: usize, g: usize) -> [f32; NR] {
+    pub(crate) fn offsets(&self, jb: usize, g: usize) -> [f32; NR] {
         match self.uniform {
             Some(e) => [e; NR],
             None => self.lanes(&self.offset, jb, g),
@@ -778,14 +781,14 @@ mod avx512 {
     /// the panels in from memory.
     pub(super) const PREFETCH: usize = 1024;
     /// How far ahead [`rows`] prefetches the scales, in groups.
-    pub(super) const PREFETCH_GROUPS: usize = 8;
+    pub(crate) const PREFETCH_GROUPS: usize = 8;
 
     /// Prefetches, [`PREFETCH`] bytes ahead, each cache line that starts within bytes
     /// `from..to` of `codes`: a kernel calls it for the bytes of each step, so every line of a
     /// panel is fetched once, evenly along the loop (a whole group's lines at once would be a
     /// burst of 512, the whole 32 KiB panel, with one scale per row over k = 4096).
     #[inline(always)]
-    pub(super) fn prefetch_lines(codes: *const u8, from: usize, to: usize) {
+    pub(crate) fn prefetch_lines(codes: *const u8, from: usize, to: usize) {
         let mut line = from.div_ceil(64) * 64;
         while line < to {
             // SAFETY: a prefetch reads nothing and never faults; the address is only formed

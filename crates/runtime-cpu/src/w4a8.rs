@@ -1,0 +1,468 @@
+//! W4A8: weight-only linear codes of at most 4 bits (per-tensor, per-channel or per-group scales,
+//! symmetric or with zero points) × activations quantized on the fly by the layer's
+//! [`ActQuant`] (8-bit or narrower codes, per token, per tensor or static) — what candle's
+//! `QMatMul` and llama.cpp do with `Q4_0 × Q8_0`, here with the layer's own activation spec
+//! and its reference semantics `y = Q(x)·Ŵᵀ + b`.
+//!
+//! For at most [`MR`] rows the products are exact integers: with weight codes `c`, offsets `e`
+//! (`Ŵ = S·(c − e)`), centred activation codes `a` and `z'` (the row's zero point in the same
+//! centring, 0 when symmetric),
+//!
+//! ```text
+//! Σ_{p∈g} (c − e)(a − z') = D − z'·C − e·(A − z'·|g|),   D = Σ c·a,  C = Σ c,  A = Σ a,
+//! y = s_x · Σ_g S_g · t_g + b,   t_g = fma(−e, f32(A − z'·|g|), f32(D − z'·C)),
+//! ```
+//!
+//! the group sums folded in group order by fused multiply-adds. `D` comes from `vpmaddubsw`
+//! (the 4-bit codes are the unsigned operand, the 8-bit activation codes the signed one) over
+//! four reduction indices per 32-bit lane, summed in i16 for up to eight steps and widened by
+//! `vpmaddwd`: about a quarter of the vector operations per weight of the float kernel
+//! ([`crate::wq`]), which must turn every code into a float. The integer sums are exact and the
+//! float epilogue is the same sequence of operations at every level, so every SIMD level and
+//! every thread count gives the same bits. The weights stay in [`QuantPanels`]' nibble layout
+//! (no second copy); the AVX2 kernel rearranges four indices' 32 bytes in registers.
+//!
+//! More rows, or a group size that is not a multiple of four, run the float kernels on the
+//! fake-quantized input `s_x·(a − z')` instead (the same semantics, rounded as the float GEMM
+//! rounds).
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use pare_core_tensor::{ActQuant, ActRange, Activation, Error, Mapping, PreparedOp, QuantizedTensor, Result};
+use rayon::prelude::*;
+
+use crate::gemm::{MR, NR};
+use crate::nonlinear::Act;
+use crate::simd::SimdLevel;
+use crate::wq::QuantPanels;
+
+/// Whether `q` is a weight the W4A8 op takes: what [`crate::wq::fits`] takes, with linear codes
+/// of at most 4 bits.
+pub fn fits(q: &QuantizedTensor) -> bool {
+    let s = q.scheme();
+    crate::wq::fits(q) && s.mapping == Mapping::Linear && s.bits <= 4
+}
+
+/// The longest reduction the integer kernel takes: `|D| ≤ k·15·128` stays within i32.
+const MAX_K: usize = 1 << 20;
+
+/// A linear layer with 4-bit (or narrower) weights and quantized inputs.
+#[derive(Debug)]
+pub struct W4A8Linear {
+    layer: String,
+    w: QuantPanels,
+    /// `C = Σ c` per panel, group and column (`[panel][group][NR]`), kept only when the input's
+    /// codes have a zero point (asymmetric activations).
+    csum: Vec<i32>,
+    /// Whether the integer kernel takes this layout: one group, or groups of a multiple of four
+    /// indices (so four consecutive indices never straddle two), and `k ≤ MAX_K`.
+    integer: bool,
+    bias: Option<Vec<f32>>,
+    act: ActQuant,
+    level: SimdLevel,
+    pool: Arc<rayon::ThreadPool>,
+}
+
+/// One call's rows quantized for the integer kernel.
+struct Rows {
+    /// Centred codes `a` (`[row][k4]`, zero past `k`).
+    codes: Vec<i8>,
+    k4: usize,
+    /// `f32(A − z'·|g|)` per row and group.
+    e2: Vec<f32>,
+    /// `z'` per row.
+    zp: Vec<i32>,
+    /// `s_x` per row.
+    scale: Vec<f32>,
+}
+
+impl W4A8Linear {
+    /// Repacks `q` (which must satisfy [`fits`]) for inputs quantized by `act`.
+    pub fn new(
+        layer: &str,
+        q: &QuantizedTensor,
+        bias: Option<&Tensor>,
+        act: &ActQuant,
+        level: SimdLevel,
+        pool: Arc<rayon::ThreadPool>,
+    ) -> Result<Self> {
+        if !fits(q) {
+            return Err(Error::invalid(
+                format!("W4A8 kernel for `{layer}`"),
+                format!("expected 2-D linear weight codes of at most 4 bits, found {:?}", q.scheme()),
+            ));
+        }
+        act.validate(layer)?;
+        let w = QuantPanels::pack(q);
+        if let Some(s) = &act.smooth
+            && s.len() != w.k
+        {
+            return Err(Error::Shape {
+                name: format!("{layer} smoothing factors"),
+                expected: vec![w.k],
+                found: vec![s.len()],
+            });
+        }
+        let bias = crate::linear::bias_values(layer, bias, w.n)?;
+        let integer = (w.groups == 1 || w.group.is_multiple_of(4)) && w.k <= MAX_K;
+        let csum = if integer && !act.symmetric { column_sums(&w) } else { Vec::new() };
+        Ok(Self { layer: layer.to_string(), w, csum, integer, bias, act: act.clone(), level, pool })
+    }
+
+    /// Quantizes the rows of `x` (`m` rows of `k`): the codes centred to i8, each row's scale
+    /// and `z'`, and per group `A − z'·|g|`. Every value of `x` must be finite.
+    fn quantize(&self, x: &[f32], m: usize) -> Rows {
+        let (k, groups, group) = (self.w.k, self.w.groups, self.w.group);
+        let k4 = k.div_ceil(4) * 4;
+        let offset = crate::w8a8::code_offset(&self.act);
+        let global = crate::w8a8::global_range(self.level, &self.act, k, x, m);
+        let bounded = !matches!(self.act.range, ActRange::Static { .. });
+        let mut rows = Rows {
+            codes: vec![0i8; m * k4],
+            k4,
+            e2: Vec::with_capacity(m * groups),
+            zp: Vec::with_capacity(m),
+            scale: Vec::with_capacity(m),
+        };
+        let mut buf = vec![0i16; k];
+        for (r, row) in x.chunks_exact(k.max(1)).take(m).enumerate() {
+            let (s, z) = global.unwrap_or_else(|| {
+                let (lo, hi, _) = crate::w8a8::extremes(self.level, &self.act, k, row);
+                self.act.scale_zero(lo, hi)
+            });
+            crate::w8a8::quantize_row(
+                self.level,
+                row,
+                self.act.smooth.as_deref(),
+                (s, z),
+                &self.act,
+                &mut buf,
+                bounded,
+            );
+            let zp = z - offset;
+            let dst = &mut rows.codes[r * k4..r * k4 + k];
+            for (d, &c) in dst.iter_mut().zip(&buf) {
+                // Centred codes lie in −128..=127 (`code_offset`).
+                *d = c as i8;
+            }
+            for g in 0..groups {
+                let (g0, g1) = (g * group, ((g + 1) * group).min(k));
+                let a: i32 = buf[g0..g1].iter().map(|&c| i32::from(c)).sum();
+                rows.e2.push((a - zp * (g1 - g0) as i32) as f32);
+            }
+            rows.zp.push(zp);
+            rows.scale.push(s);
+        }
+        rows
+    }
+
+    /// `y[m, n]` for `x` row-major `[m, k]` (finite values), then `act` if any.
+    pub fn run(&self, x: &[f32], act: Option<Act>) -> Vec<f32> {
+        let (n, k) = (self.w.n, self.w.k);
+        let m = x.len() / k.max(1);
+        if m == 0 || n == 0 {
+            return vec![0f32; m * n];
+        }
+        let rows = self.quantize(x, m);
+        let mut y = if self.integer && m <= MR && k > 0 {
+            self.integer_rows(&rows, m)
+        } else {
+            // The fake-quantized input through the float kernels.
+            let mut xq = vec![0f32; m * k];
+            for r in 0..m {
+                let (s, zp) = (rows.scale[r], rows.zp[r]);
+                for (v, &a) in xq[r * k..(r + 1) * k].iter_mut().zip(&rows.codes[r * rows.k4..]) {
+                    *v = s * (i32::from(a) - zp) as f32;
+                }
+            }
+            let mut y = vec![0f32; m * n];
+            crate::gemm::gemm(self.level, &self.pool, &xq, m, &self.w, self.bias.as_deref(), &mut y);
+            y
+        };
+        if let Some(act) = act {
+            let level = self.level;
+            self.pool
+                .install(|| y.par_chunks_mut(4096).for_each(|c| crate::nonlinear::activation_in_place(level, act, c)));
+        }
+        y
+    }
+
+    /// The integer kernel for `m ≤ MR` rows, panels split over the pool.
+    fn integer_rows(&self, rows: &Rows, m: usize) -> Vec<f32> {
+        let n = self.w.n;
+        let panels = n.div_ceil(NR);
+        let (_, per) = crate::gemm::column_split(&self.pool, 1, panels);
+        let xs: Vec<&[i8]> = rows.codes.chunks_exact(rows.k4).collect();
+        let tiles: Vec<Vec<[f32; NR]>> = self.pool.install(|| {
+            (0..panels)
+                .into_par_iter()
+                .with_min_len(per)
+                .map(|jb| {
+                    let mut acc = vec![[0f32; NR]; m];
+                    self.panel_rows(jb, &xs, rows, &mut acc);
+                    acc
+                })
+                .collect()
+        });
+        let mut y = vec![0f32; m * n];
+        for (jb, acc) in tiles.iter().enumerate() {
+            for (r, a) in acc.iter().enumerate() {
+                for (c, &v) in a.iter().enumerate().take(n - jb * NR) {
+                    let j = jb * NR + c;
+                    y[r * n + j] = rows.scale[r].mul_add(v, self.bias.as_ref().map_or(0.0, |b| b[j]));
+                }
+            }
+        }
+        y
+    }
+
+    /// `Σ_g S_g·t_g` (see the module documentation) of panel `jb` for every row, into `out`.
+    fn panel_rows(&self, jb: usize, xs: &[&[i8]], rows: &Rows, out: &mut [[f32; NR]]) {
+        match self.level {
+            #[cfg(target_arch = "x86_64")]
+            l if l.avx2() => {
+                // SAFETY: AVX2 was detected (the level is one this CPU has); the rows hold k4
+                // codes each and the e2 / zp values of every row (built by `quantize`).
+                unsafe { avx2::panel_rows(self, jb, xs, rows, out) }
+            }
+            _ => self.panel_rows_scalar(jb, xs, rows, out),
+        }
+    }
+
+    /// The scalar twin: exact integer sums per group, then the same float epilogue.
+    fn panel_rows_scalar(&self, jb: usize, xs: &[&[i8]], rows: &Rows, out: &mut [[f32; NR]]) {
+        let w = &self.w;
+        for g in 0..w.groups {
+            let (g0, g1) = (g * w.group, ((g + 1) * w.group).min(w.k));
+            let (s, e) = (w.lanes(&w.scale, jb, g), w.offsets(jb, g));
+            let mut d = vec![[0i32; NR]; xs.len()];
+            for p in g0..g1 {
+                let codes = w.codes_at(jb, p);
+                for (dr, xr) in d.iter_mut().zip(xs) {
+                    for c in 0..NR {
+                        dr[c] += i32::from(codes[c]) * i32::from(xr[p]);
+                    }
+                }
+            }
+            for (r, o) in out.iter_mut().enumerate() {
+                let (zp, e2) = (rows.zp[r], rows.e2[r * w.groups + g]);
+                for c in 0..NR {
+                    let mut di = d[r][c];
+                    if !self.csum.is_empty() {
+                        di -= zp * self.csum[(jb * w.groups + g) * NR + c];
+                    }
+                    let t = (-e[c]).mul_add(e2, di as f32);
+                    o[c] = s[c].mul_add(t, o[c]);
+                }
+            }
+        }
+    }
+
+    /// The op's output values for `x`, activated by `act`, after the shape and finiteness
+    /// checks.
+    fn forward_values(&self, x: &Tensor, act: Option<Act>) -> Result<Vec<f32>> {
+        crate::linear::with_input(&self.layer, &self.pool, x, self.w.k, |v| self.run(v, act))
+    }
+}
+
+/// `Σ c` per panel, group and column of `w`'s codes.
+fn column_sums(w: &QuantPanels) -> Vec<i32> {
+    let panels = w.n.div_ceil(NR);
+    let mut sums = vec![0i32; panels * w.groups * NR];
+    for jb in 0..panels {
+        for p in 0..w.k {
+            let g = p / w.group;
+            for (c, &code) in w.codes_at(jb, p).iter().enumerate() {
+                sums[(jb * w.groups + g) * NR + c] += i32::from(code);
+            }
+        }
+    }
+    sums
+}
+
+impl PreparedOp for W4A8Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.forward_values(x, None)?;
+        crate::linear::output(x, y, self.w.n)
+    }
+
+    fn forward_activated(&self, x: &Tensor, act: Activation) -> Option<Result<Tensor>> {
+        let kernel = Act::of(act).filter(|_| x.dtype() == candle_core::DType::F32)?;
+        Some(self.forward_values(x, Some(kernel)).and_then(|y| crate::linear::output(x, y, self.w.n)))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{NR, Rows, W4A8Linear};
+
+    /// Reduction steps (of four indices) summed in i16 before widening: one step adds at most
+    /// `2·15·128 = 3840` to a lane, so eight stay below `i16::MAX`.
+    const FLUSH: usize = 8;
+
+    /// The codes of four consecutive indices (32 bytes: index `t`'s eight bytes at `8t`, see
+    /// [`crate::wq`]'s nibble layout) rearranged for `vpmaddubsw`: 32-bit lane `L` holds byte
+    /// `[0, 4, 2, 6, 1, 5, 3, 7][L]` of the four indices in index order, so its low nibbles are
+    /// column `[0, 1, 8, 9, 4, 5, 12, 13][L]`'s four codes and its high nibbles column
+    /// `[2, 3, 10, 11, 6, 7, 14, 15][L]`'s. Returns those two vectors of codes.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn quad(v: __m256i) -> (__m256i, __m256i) {
+        // Within each half (two indices): the even bytes 0, 4, 2, 6 of each, then the odd
+        // bytes 1, 5, 3, 7 of each; then the halves' even parts together, and the odd parts.
+        let split = _mm256_setr_epi8(
+            0, 4, 2, 6, 8, 12, 10, 14, 1, 5, 3, 7, 9, 13, 11, 15, 0, 4, 2, 6, 8, 12, 10, 14, 1, 5, 3, 7, 9, 13, 11, 15,
+        );
+        let v = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(v, split));
+        // A 4×4 byte transpose within each half: lane L gets byte L of each index's four.
+        let transpose = _mm256_setr_epi8(
+            0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+        );
+        let v = _mm256_shuffle_epi8(v, transpose);
+        let m = _mm256_set1_epi8(0x0F);
+        (_mm256_and_si256(v, m), _mm256_and_si256(_mm256_srli_epi16::<4>(v), m))
+    }
+
+    /// Natural-order columns `[0..8]`, `[8..16]` to the lane orders of [`quad`]'s two vectors.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn spread(v0: __m256, v1: __m256) -> [__m256; 2] {
+        [_mm256_shuffle_ps::<0x44>(v0, v1), _mm256_shuffle_ps::<0xEE>(v0, v1)]
+    }
+
+    /// [`spread`] undone.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn gather(lo: __m256, hi: __m256) -> [__m256; 2] {
+        [_mm256_shuffle_ps::<0x44>(lo, hi), _mm256_shuffle_ps::<0xEE>(lo, hi)]
+    }
+
+    /// [`super::W4A8Linear::panel_rows_scalar`] on AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `op.integer`; each of `xs` (at most `MR`) holds
+    /// `rows.k4` codes; `rows` has every row's `e2` and `zp`; `out.len() == xs.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn panel_rows(op: &W4A8Linear, jb: usize, xs: &[&[i8]], rows: &Rows, out: &mut [[f32; NR]]) {
+        // SAFETY: forwarded contract.
+        unsafe {
+            match xs.len() {
+                1 => run::<1, FLUSH>(op, jb, xs, rows, out),
+                2 => run::<2, FLUSH>(op, jb, xs, rows, out),
+                3 => run::<3, 1>(op, jb, xs, rows, out),
+                4 => run::<4, 1>(op, jb, xs, rows, out),
+                5 => run::<5, 1>(op, jb, xs, rows, out),
+                _ => run::<6, 1>(op, jb, xs, rows, out),
+            }
+        }
+    }
+
+    /// `R` rows; i16 sums widened every `F` steps (one or two rows keep eight i16 and eight
+    /// i32 accumulators in registers; more rows widen every step).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run<const R: usize, const F: usize>(
+        op: &W4A8Linear,
+        jb: usize,
+        xs: &[&[i8]],
+        rows: &Rows,
+        out: &mut [[f32; NR]],
+    ) {
+        let w = &op.w;
+        let k = w.k;
+        assert!(w.nibbles && (w.groups == 1 || w.group.is_multiple_of(4)));
+        assert!(xs.len() == R && out.len() == R && xs.iter().all(|x| x.len() == rows.k4 && rows.k4 >= k));
+        assert!(rows.e2.len() >= R * w.groups && rows.zp.len() >= R);
+        assert!((jb + 1) * k * 8 <= w.codes.len() && (jb + 1) * w.groups * NR <= w.scale.len());
+        assert!(op.csum.is_empty() || (jb + 1) * w.groups * NR <= op.csum.len());
+        // SAFETY: panel jb's k·8 code bytes start here (asserted).
+        let codes = unsafe { w.codes.as_ptr().add(jb * k * 8) };
+        let ones = _mm256_set1_epi16(1);
+        let mut y = [[_mm256_setzero_ps(); 2]; R];
+        let mut tail = [0u8; 32];
+        for g in 0..w.groups {
+            let (g0, g1) = (g * w.group, ((g + 1) * w.group).min(k));
+            let next = w.scale.as_ptr().wrapping_add((jb * w.groups + g + crate::wq::PREFETCH_GROUPS) * NR);
+            _mm_prefetch::<_MM_HINT_T0>(next.cast());
+            let mut acc = [[_mm256_setzero_si256(); 2]; R];
+            // g0 is a multiple of 4 (one group, or groups of a multiple of 4 indices).
+            let mut p = g0;
+            while p < g1 {
+                let steps = (g1 - p).div_ceil(4).min(F);
+                let mut acc16 = [[_mm256_setzero_si256(); 2]; R];
+                for _ in 0..steps {
+                    crate::wq::prefetch_lines(codes, p * 8, (p + 4) * 8);
+                    let v = if p + 4 <= k {
+                        // SAFETY: indices p..p + 4 ≤ k of panel jb: 32 bytes in bounds.
+                        unsafe { _mm256_loadu_si256(codes.add(p * 8).cast()) }
+                    } else {
+                        // The last, partial step: its indices' bytes, zeros after (their
+                        // activation codes are zero too).
+                        // SAFETY: (k − p)·8 < 32 bytes of panel jb from p, in bounds.
+                        unsafe { std::ptr::copy_nonoverlapping(codes.add(p * 8), tail.as_mut_ptr(), (k - p) * 8) };
+                        // SAFETY: 32 bytes.
+                        unsafe { _mm256_loadu_si256(tail.as_ptr().cast()) }
+                    };
+                    let (lo, hi) = quad(v);
+                    for r in 0..R {
+                        // SAFETY: p + 4 ≤ k4 = the row's length.
+                        let xv = _mm256_set1_epi32(unsafe { xs[r].as_ptr().add(p).cast::<i32>().read_unaligned() });
+                        acc16[r][0] = _mm256_add_epi16(acc16[r][0], _mm256_maddubs_epi16(lo, xv));
+                        acc16[r][1] = _mm256_add_epi16(acc16[r][1], _mm256_maddubs_epi16(hi, xv));
+                    }
+                    p += 4;
+                }
+                for r in 0..R {
+                    for h in 0..2 {
+                        acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(acc16[r][h], ones));
+                    }
+                }
+            }
+            let at = (jb * w.groups + g) * NR;
+            // SAFETY: at + 16 ≤ scale.len() (asserted), and ≤ offset.len() when offsets are
+            // stored (QuantPanels' layout), ≤ csum.len() when it is kept (asserted).
+            let (s, e, csum) = unsafe {
+                let s =
+                    spread(_mm256_loadu_ps(w.scale.as_ptr().add(at)), _mm256_loadu_ps(w.scale.as_ptr().add(at + 8)));
+                let e = match w.uniform {
+                    Some(e) => [_mm256_set1_ps(e); 2],
+                    None => spread(
+                        _mm256_loadu_ps(w.offset.as_ptr().add(at)),
+                        _mm256_loadu_ps(w.offset.as_ptr().add(at + 8)),
+                    ),
+                };
+                let csum = (!op.csum.is_empty()).then(|| {
+                    let c = op.csum.as_ptr().add(at);
+                    let [a, b] = spread(_mm256_loadu_ps(c.cast()), _mm256_loadu_ps(c.add(8).cast()));
+                    [_mm256_castps_si256(a), _mm256_castps_si256(b)]
+                });
+                (s, e, csum)
+            };
+            for r in 0..R {
+                let e2 = _mm256_set1_ps(rows.e2[r * w.groups + g]);
+                let zp = _mm256_set1_epi32(rows.zp[r]);
+                for h in 0..2 {
+                    let mut d = acc[r][h];
+                    if let Some(c) = csum {
+                        d = _mm256_sub_epi32(d, _mm256_mullo_epi32(zp, c[h]));
+                    }
+                    let t = _mm256_fnmadd_ps(e[h], e2, _mm256_cvtepi32_ps(d));
+                    y[r][h] = _mm256_fmadd_ps(s[h], t, y[r][h]);
+                }
+            }
+        }
+        for (o, yr) in out.iter_mut().zip(y) {
+            let [a, b] = gather(yr[0], yr[1]);
+            // SAFETY: each output row holds 16 floats.
+            unsafe {
+                _mm256_storeu_ps(o.as_mut_ptr(), a);
+                _mm256_storeu_ps(o.as_mut_ptr().add(8), b);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
