@@ -300,7 +300,8 @@ mod avx2 {
     use super::{NR, Rows, W4A8Linear};
 
     /// Reduction steps (of four indices) summed in i16 before widening: one step adds at most
-    /// `2·15·128 = 3840` to a lane, so eight stay below `i16::MAX`.
+    /// `2·15·128 = 3840` to a lane, so eight stay below `i16::MAX` (and the remainder of a
+    /// group, fewer than eight steps, too).
     const FLUSH: usize = 8;
 
     /// The codes of four consecutive indices (32 bytes: index `t`'s eight bytes at `8t`, see
@@ -388,12 +389,44 @@ mod avx2 {
             _mm_prefetch::<_MM_HINT_T0>(next.cast());
             let mut acc = [[_mm256_setzero_si256(); 2]; R];
             // g0 is a multiple of 4 (one group, or groups of a multiple of 4 indices).
+            // One step: indices p..p + 4 (32 bytes at `v`) into the i16 sums.
+            let step = |acc16: &mut [[__m256i; 2]; R], v: __m256i, p: usize| {
+                let (lo, hi) = quad(v);
+                for r in 0..R {
+                    // SAFETY: p + 4 ≤ k4 = the row's length.
+                    let xv = _mm256_set1_epi32(unsafe { xs[r].as_ptr().add(p).cast::<i32>().read_unaligned() });
+                    acc16[r][0] = _mm256_add_epi16(acc16[r][0], _mm256_maddubs_epi16(lo, xv));
+                    acc16[r][1] = _mm256_add_epi16(acc16[r][1], _mm256_maddubs_epi16(hi, xv));
+                }
+            };
+            let widen = |acc: &mut [[__m256i; 2]; R], acc16: [[__m256i; 2]; R]| {
+                for r in 0..R {
+                    for h in 0..2 {
+                        acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(acc16[r][h], ones));
+                    }
+                }
+            };
+            // g0 is a multiple of 4 (one group, or groups of a multiple of 4 indices). Runs of
+            // F whole steps first (a fixed count the compiler unrolls, one prefetch per cache
+            // line they read), then the rest, the last step maybe partial.
             let mut p = g0;
-            while p < g1 {
-                let steps = (g1 - p).div_ceil(4).min(F);
+            let whole = g1.min(k / 4 * 4);
+            while p + 4 * F <= whole {
+                for line in 0..(32 * F).div_ceil(64) {
+                    let at = codes.wrapping_add(p * 8 + 64 * line + crate::wq::PREFETCH);
+                    _mm_prefetch::<_MM_HINT_T0>(at.cast());
+                }
                 let mut acc16 = [[_mm256_setzero_si256(); 2]; R];
-                for _ in 0..steps {
-                    crate::wq::prefetch_lines(codes, p * 8, (p + 4) * 8);
+                for t in 0..F {
+                    // SAFETY: indices p + 4t .. p + 4t + 4 ≤ k of panel jb: in bounds.
+                    step(&mut acc16, unsafe { _mm256_loadu_si256(codes.add((p + 4 * t) * 8).cast()) }, p + 4 * t);
+                }
+                widen(&mut acc, acc16);
+                p += 4 * F;
+            }
+            if p < g1 {
+                let mut acc16 = [[_mm256_setzero_si256(); 2]; R];
+                while p < g1 {
                     let v = if p + 4 <= k {
                         // SAFETY: indices p..p + 4 ≤ k of panel jb: 32 bytes in bounds.
                         unsafe { _mm256_loadu_si256(codes.add(p * 8).cast()) }
@@ -405,20 +438,10 @@ mod avx2 {
                         // SAFETY: 32 bytes.
                         unsafe { _mm256_loadu_si256(tail.as_ptr().cast()) }
                     };
-                    let (lo, hi) = quad(v);
-                    for r in 0..R {
-                        // SAFETY: p + 4 ≤ k4 = the row's length.
-                        let xv = _mm256_set1_epi32(unsafe { xs[r].as_ptr().add(p).cast::<i32>().read_unaligned() });
-                        acc16[r][0] = _mm256_add_epi16(acc16[r][0], _mm256_maddubs_epi16(lo, xv));
-                        acc16[r][1] = _mm256_add_epi16(acc16[r][1], _mm256_maddubs_epi16(hi, xv));
-                    }
+                    step(&mut acc16, v, p);
                     p += 4;
                 }
-                for r in 0..R {
-                    for h in 0..2 {
-                        acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(acc16[r][h], ones));
-                    }
-                }
+                widen(&mut acc, acc16);
             }
             let at = (jb * w.groups + g) * NR;
             // SAFETY: at + 16 ≤ scale.len() (asserted), and ≤ offset.len() when offsets are

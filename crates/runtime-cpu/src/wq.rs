@@ -18,7 +18,7 @@ use crate::gemm::{MR, NR, Panels};
 use crate::simd::SimdLevel;
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use avx512::{PREFETCH_GROUPS, prefetch_lines};
+pub(crate) use avx512::{PREFETCH, PREFETCH_GROUPS};
 
 /// Quantized weights `[n, k]` in panel layout.
 #[derive(Debug, Clone)]
@@ -779,7 +779,7 @@ mod avx512 {
     /// How far ahead of the group being multiplied [`rows`] prefetches codes, in bytes: with
     /// one or two rows the kernel decodes faster than the hardware prefetcher alone streams
     /// the panels in from memory.
-    pub(super) const PREFETCH: usize = 1024;
+    pub(crate) const PREFETCH: usize = 1024;
     /// How far ahead [`rows`] prefetches the scales, in groups.
     pub(crate) const PREFETCH_GROUPS: usize = 8;
 
@@ -788,7 +788,7 @@ mod avx512 {
     /// panel is fetched once, evenly along the loop (a whole group's lines at once would be a
     /// burst of 512, the whole 32 KiB panel, with one scale per row over k = 4096).
     #[inline(always)]
-    pub(crate) fn prefetch_lines(codes: *const u8, from: usize, to: usize) {
+    pub(super) fn prefetch_lines(codes: *const u8, from: usize, to: usize) {
         let mut line = from.div_ceil(64) * 64;
         while line < to {
             // SAFETY: a prefetch reads nothing and never faults; the address is only formed
