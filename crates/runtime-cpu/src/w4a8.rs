@@ -226,17 +226,29 @@ impl W4A8Linear {
                 // codes each and the e2 / zp values of every row (built by `quantize`).
                 unsafe { avx2::panel_rows(self, jb, xs, rows, out) }
             }
+            #[cfg(target_arch = "aarch64")]
+            SimdLevel::Neon if SimdLevel::detect() == SimdLevel::Neon => {
+                let w = &self.w;
+                let mut d = vec![[0i32; NR]; xs.len()];
+                for g in 0..w.groups {
+                    let (g0, g1) = (g * w.group, ((g + 1) * w.group).min(w.k));
+                    // SAFETY: NEON was detected just above; g1 ≤ k and the rows hold k4 ≥ k
+                    // codes.
+                    unsafe { neon::group_dots(w, jb, g0, g1, xs, &mut d) };
+                    self.epilogue(jb, g, rows, &d, out);
+                }
+            }
             _ => self.panel_rows_scalar(jb, xs, rows, out),
         }
     }
 
-    /// The scalar twin: exact integer sums per group, then the same float epilogue.
+    /// The scalar twin: exact integer sums per group, then the float epilogue.
     fn panel_rows_scalar(&self, jb: usize, xs: &[&[i8]], rows: &Rows, out: &mut [[f32; NR]]) {
         let w = &self.w;
+        let mut d = vec![[0i32; NR]; xs.len()];
         for g in 0..w.groups {
             let (g0, g1) = (g * w.group, ((g + 1) * w.group).min(w.k));
-            let (s, e) = (w.lanes(&w.scale, jb, g), w.offsets(jb, g));
-            let mut d = vec![[0i32; NR]; xs.len()];
+            d.iter_mut().for_each(|dr| *dr = [0; NR]);
             for p in g0..g1 {
                 let codes = w.codes_at(jb, p);
                 for (dr, xr) in d.iter_mut().zip(xs) {
@@ -245,16 +257,24 @@ impl W4A8Linear {
                     }
                 }
             }
-            for (r, o) in out.iter_mut().enumerate() {
-                let (zp, e2) = (rows.zp[r], rows.e2[r * w.groups + g]);
-                for c in 0..NR {
-                    let mut di = d[r][c];
-                    if !self.csum.is_empty() {
-                        di -= zp * self.csum[(jb * w.groups + g) * NR + c];
-                    }
-                    let t = (-e[c]).mul_add(e2, di as f32);
-                    o[c] = s[c].mul_add(t, o[c]);
+            self.epilogue(jb, g, rows, &d, out);
+        }
+    }
+
+    /// Folds group `g`'s exact sums `D` (per row, natural column order) into `out`:
+    /// `out += S·fma(−e, A − z'·|g|, D − z'·C)`, as the AVX2 kernel does in its registers.
+    fn epilogue(&self, jb: usize, g: usize, rows: &Rows, d: &[[i32; NR]], out: &mut [[f32; NR]]) {
+        let w = &self.w;
+        let (s, e) = (w.lanes(&w.scale, jb, g), w.offsets(jb, g));
+        for (r, o) in out.iter_mut().enumerate() {
+            let (zp, e2) = (rows.zp[r], rows.e2[r * w.groups + g]);
+            for c in 0..NR {
+                let mut di = d[r][c];
+                if !self.csum.is_empty() {
+                    di -= zp * self.csum[(jb * w.groups + g) * NR + c];
                 }
+                let t = (-e[c]).mul_add(e2, di as f32);
+                o[c] = s[c].mul_add(t, o[c]);
             }
         }
     }
@@ -482,6 +502,70 @@ mod avx2 {
             unsafe {
                 _mm256_storeu_ps(o.as_mut_ptr(), a);
                 _mm256_storeu_ps(o.as_mut_ptr().add(8), b);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use super::{MR, NR, QuantPanels};
+
+    /// Indices summed in i16 before widening: one adds at most `15·128 = 1920` to a lane.
+    const FLUSH: usize = 16;
+
+    /// The column whose code sits in lane `i` of the low (`i < 8`: byte `i`'s low nibble) and
+    /// high (`i ≥ 8`: byte `i − 8`'s high nibble) halves (see [`crate::wq`]'s nibble layout).
+    const COLUMN: [usize; NR] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
+
+    /// `d[r][c] = Σ_{p ∈ g0..g1} c_{p,c}·x_r[p]` for panel `jb`, exactly: `smlal` of the codes
+    /// (as i8) by each index's activation code into i16 for up to [`FLUSH`] indices, then
+    /// widened into i32.
+    ///
+    /// # Safety
+    /// NEON must be available; `g1 ≤ k`, every row of `xs` holds at least `g1` codes,
+    /// `d.len() == xs.len() ≤ MR`.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn group_dots(w: &QuantPanels, jb: usize, g0: usize, g1: usize, xs: &[&[i8]], d: &mut [[i32; NR]]) {
+        let rows = xs.len();
+        assert!(w.nibbles && g1 <= w.k && rows <= MR && d.len() == rows && xs.iter().all(|x| x.len() >= g1));
+        assert!((jb + 1) * w.k * 8 <= w.codes.len());
+        // SAFETY: panel jb's k·8 code bytes start here (asserted).
+        let codes = unsafe { w.codes.as_ptr().add(jb * w.k * 8) };
+        let mask = vdup_n_u8(0x0F);
+        let mut acc = [[vdupq_n_s32(0); 4]; MR];
+        let mut p = g0;
+        while p < g1 {
+            let end = (p + FLUSH).min(g1);
+            let mut acc16 = [[vdupq_n_s16(0); 2]; MR];
+            while p < end {
+                // SAFETY: p < g1 ≤ k: 8 bytes of panel jb.
+                let v = unsafe { vld1_u8(codes.add(p * 8)) };
+                let (lo, hi) = (vreinterpret_s8_u8(vand_u8(v, mask)), vreinterpret_s8_u8(vshr_n_u8::<4>(v)));
+                for r in 0..rows {
+                    let x = vdup_n_s8(xs[r][p]);
+                    acc16[r][0] = vmlal_s8(acc16[r][0], lo, x);
+                    acc16[r][1] = vmlal_s8(acc16[r][1], hi, x);
+                }
+                p += 1;
+            }
+            for r in 0..rows {
+                for h in 0..2 {
+                    acc[r][2 * h] = vaddw_s16(acc[r][2 * h], vget_low_s16(acc16[r][h]));
+                    acc[r][2 * h + 1] = vaddw_high_s16(acc[r][2 * h + 1], acc16[r][h]);
+                }
+            }
+        }
+        for (r, dr) in d.iter_mut().enumerate() {
+            let mut lanes = [0i32; NR];
+            for (i, v) in acc[r].iter().enumerate() {
+                // SAFETY: four i32 lanes into lanes[4i..4i + 4].
+                unsafe { vst1q_s32(lanes.as_mut_ptr().add(4 * i), *v) };
+            }
+            for (i, &c) in COLUMN.iter().enumerate() {
+                dr[c] = lanes[i];
             }
         }
     }
