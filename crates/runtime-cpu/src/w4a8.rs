@@ -50,7 +50,7 @@ pub fn fits(q: &QuantizedTensor) -> bool {
 /// 32 at MiniLM's FFN shapes and 4096 × 4096): 1.8–2.2× faster at 8 rows, 1.3–1.8× at 12,
 /// 1.1–1.5× at 16, 0.9–1.3× at 24, 0.6–1.1× from 64 rows on, where the float GEMM's 6 × 16
 /// FMA tiles win over six rows of `vpmaddubsw` + `vpmaddwd` per step.
-const INTEGER_MAX_ROWS: usize = 16;
+pub const INTEGER_MAX_ROWS: usize = 16;
 
 /// Rows per task of the integer kernel (their codes, `ROW_TILE·k` bytes, stay in L2).
 const ROW_TILE: usize = 96;
