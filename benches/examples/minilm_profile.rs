@@ -1,6 +1,7 @@
 //! Runs MiniLM on `CpuRuntime` at batch `B` × `S` tokens (32 × 128 by default) `ITERS` times
 //! (for `perf record`); `W8A8=1`
-//! quantizes every encoder linear to int8 weights × int8 per-token inputs first.
+//! quantizes every encoder linear to int8 weights × int8 per-token inputs first, `W4A8=1` to
+//! int4 weights (groups of 32) × int8 per-token inputs, `W4=1` to int4 weights alone.
 use candle_core::{DType, Device, Tensor};
 use pare_core_tensor::{Hooks, Module, Runtime};
 use pare_models::bert::SentenceEncoder;
@@ -12,15 +13,25 @@ fn main() {
     let rt: Arc<dyn Runtime> = Arc::new(
         pare_runtime_cpu::CpuRuntime::new(std::env::var("T").ok().and_then(|v| v.parse().ok()).unwrap_or(2)).unwrap(),
     );
-    if std::env::var("W8A8").is_ok_and(|v| v == "1") {
+    let on = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
+    let weights = if on("W8A8") {
+        Some(("int8", "channel"))
+    } else if on("W4A8") || on("W4") {
+        Some(("int4", "group:32"))
+    } else {
+        None
+    };
+    if let Some((scheme, granularity)) = weights {
         use pare_quant::weight_only::{Method, Selection, quantize_model};
-        let method = Method::parse("int8", "channel", true).unwrap();
+        let method = Method::parse(scheme, granularity, true).unwrap();
         let selection = Selection { include: Vec::new(), exclude: Vec::new() };
         quantize_model(&mut enc.bert, &method, &selection, &mut |_| {}).unwrap();
-        let paths = selection.resolve(&enc.bert).unwrap();
-        let spec = pare_quant::ptq::ActSpec { bits: 8, symmetric: true };
-        let specs = pare_quant::ptq::dynamic_specs(&enc.bert, &paths, spec, true).unwrap();
-        pare_quant::ptq::apply(&mut enc.bert, &specs).unwrap();
+        if !on("W4") {
+            let paths = selection.resolve(&enc.bert).unwrap();
+            let spec = pare_quant::ptq::ActSpec { bits: 8, symmetric: true };
+            let specs = pare_quant::ptq::dynamic_specs(&enc.bert, &paths, spec, true).unwrap();
+            pare_quant::ptq::apply(&mut enc.bert, &specs).unwrap();
+        }
     }
     enc.bert.prepare(&rt).unwrap();
     let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);

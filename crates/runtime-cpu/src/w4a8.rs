@@ -131,8 +131,9 @@ impl W4A8Linear {
     }
 
     /// Quantizes the rows of `x` (`m` rows of `k`): the codes centred to i8, each row's scale
-    /// and `z'`, and per group `A − z'·|g|`. Every value of `x` must be finite.
-    fn quantize(&self, x: &[f32], m: usize) -> Rows {
+    /// and `z'`, and per group `A − z'·|g|`; `None` when a row's own range met a value that is
+    /// not finite.
+    fn quantize(&self, x: &[f32], m: usize) -> Option<Rows> {
         let (k, groups, group) = (self.w.k, self.w.groups, self.w.group);
         let k4 = k.div_ceil(4) * 4;
         let offset = crate::w8a8::code_offset(&self.act);
@@ -147,10 +148,16 @@ impl W4A8Linear {
         };
         let mut buf = vec![0i16; k];
         for (r, row) in x.chunks_exact(k.max(1)).take(m).enumerate() {
-            let (s, z) = global.unwrap_or_else(|| {
-                let (lo, hi, _) = crate::w8a8::extremes(self.level, &self.act, k, row);
-                self.act.scale_zero(lo, hi)
-            });
+            let (s, z) = match global {
+                Some(range) => range,
+                None => {
+                    let (lo, hi, finite) = crate::w8a8::extremes(self.level, &self.act, k, row);
+                    if !finite {
+                        return None;
+                    }
+                    self.act.scale_zero(lo, hi)
+                }
+            };
             crate::w8a8::quantize_row(
                 self.level,
                 row,
@@ -174,38 +181,80 @@ impl W4A8Linear {
             rows.zp.push(zp);
             rows.scale.push(s);
         }
-        rows
+        Some(rows)
     }
 
-    /// `y[m, n]` for `x` row-major `[m, k]` (finite values), then `act` if any.
-    pub fn run(&self, x: &[f32], act: Option<Act>) -> Vec<f32> {
+    /// The input as the reference quantizes and dequantizes it, `s_x·(q − Z)`, rows in
+    /// parallel on the pool (for the float kernels); `None` when a row's own range met a value
+    /// that is not finite.
+    fn fake_quantized(&self, x: &[f32], m: usize) -> Option<Vec<f32>> {
+        let k = self.w.k;
+        if k == 0 {
+            return Some(Vec::new());
+        }
+        let offset = crate::w8a8::code_offset(&self.act);
+        let global = crate::w8a8::global_range(self.level, &self.act, k, x, m);
+        let bounded = !matches!(self.act.range, ActRange::Static { .. });
+        let level = self.level;
+        let finite = std::sync::atomic::AtomicBool::new(true);
+        // Not zeroed first: every row is written below (zeroing was 2% of a W4A8 MiniLM).
+        let mut xq: Vec<f32> = Vec::with_capacity(m * k);
+        self.pool.install(|| {
+            x.par_chunks(k).zip(xq.spare_capacity_mut()[..m * k].par_chunks_mut(k)).with_min_len(8).for_each_init(
+                || vec![0i16; k],
+                |buf, (row, dst)| {
+                    let (s, z) = global.unwrap_or_else(|| {
+                        let (lo, hi, ok) = crate::w8a8::extremes(level, &self.act, k, row);
+                        if !ok {
+                            finite.store(false, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        self.act.scale_zero(lo, hi)
+                    });
+                    let smooth = self.act.smooth.as_deref();
+                    crate::w8a8::quantize_row(level, row, smooth, (s, z), &self.act, buf, bounded);
+                    for (d, &c) in dst.iter_mut().zip(buf.iter()) {
+                        d.write(s * (i32::from(c) + offset - z) as f32);
+                    }
+                },
+            )
+        });
+        // SAFETY: the m rows of k values were all written above.
+        unsafe { xq.set_len(m * k) };
+        finite.into_inner().then_some(xq)
+    }
+
+    /// Whether [`W4A8Linear::run`] screens an `m`-row input for NaN and infinities itself:
+    /// per-token ranges look at every value of every row on the pass that takes them.
+    fn screens(&self, m: usize) -> bool {
+        matches!(self.act.range, ActRange::Dynamic { per_token: true }) && m > 1 && self.w.n > 0 && self.w.k > 0
+    }
+
+    /// `y[m, n]` for `x` row-major `[m, k]`, then `act` if any; `None` when a per-token range
+    /// met a value that is not finite (other inputs must be checked beforehand, see
+    /// [`W4A8Linear::screens`]).
+    pub fn run(&self, x: &[f32], act: Option<Act>) -> Option<Vec<f32>> {
         let (n, k) = (self.w.n, self.w.k);
         let m = x.len() / k.max(1);
         if m == 0 || n == 0 {
-            return vec![0f32; m * n];
+            return Some(vec![0f32; m * n]);
         }
-        let rows = self.quantize(x, m);
-        let mut y = if self.integer && m <= INTEGER_MAX_ROWS && k > 0 {
-            self.integer_rows(&rows, m)
-        } else {
-            // The fake-quantized input through the float kernels.
-            let mut xq = vec![0f32; m * k];
-            for r in 0..m {
-                let (s, zp) = (rows.scale[r], rows.zp[r]);
-                for (v, &a) in xq[r * k..(r + 1) * k].iter_mut().zip(&rows.codes[r * rows.k4..]) {
-                    *v = s * (i32::from(a) - zp) as f32;
-                }
+        if self.integer && m <= INTEGER_MAX_ROWS && k > 0 {
+            let mut y = self.integer_rows(&self.quantize(x, m)?, m);
+            if let Some(act) = act {
+                crate::nonlinear::activation_in_place(self.level, act, &mut y);
             }
-            let mut y = vec![0f32; m * n];
-            crate::gemm::gemm(self.level, &self.pool, &xq, m, &self.w, self.bias.as_deref(), &mut y);
-            y
-        };
-        if let Some(act) = act {
-            let level = self.level;
-            self.pool
-                .install(|| y.par_chunks_mut(4096).for_each(|c| crate::nonlinear::activation_in_place(level, act, c)));
+            return Some(y);
         }
-        y
+        let xq = self.fake_quantized(x, m)?;
+        let mut y: Vec<f32> = Vec::with_capacity(m * n);
+        // SAFETY: y has capacity for the m·n outputs, which the GEMM writes in full (each
+        // task activating its tile once final) before the length is set; nothing else holds
+        // the buffer.
+        unsafe {
+            crate::gemm::gemm_raw(self.level, &self.pool, &xq, m, &self.w, self.bias.as_deref(), y.as_mut_ptr(), act);
+            y.set_len(m * n);
+        }
+        Some(y)
     }
 
     /// The integer kernel: tiles of [`ROW_TILE`] rows × ranges of panels split over the pool,
@@ -312,10 +361,12 @@ impl W4A8Linear {
         }
     }
 
-    /// The op's output values for `x`, activated by `act`, after the shape and finiteness
-    /// checks.
+    /// The op's output values for `x`, activated by `act`, after the shape check; the values
+    /// are screened for NaN and infinities by the per-token ranges where the op takes them, by a
+    /// separate pass otherwise.
     fn forward_values(&self, x: &Tensor, act: Option<Act>) -> Result<Vec<f32>> {
-        crate::linear::with_input(&self.layer, &self.pool, x, self.w.k, |v| self.run(v, act))
+        let m = x.elem_count() / self.w.k.max(1);
+        crate::linear::with_input_screened(&self.layer, &self.pool, x, self.w.k, self.screens(m), |v| self.run(v, act))
     }
 }
 

@@ -113,7 +113,7 @@ fn extreme_codes_do_not_wrap_the_integer_sums() {
         let op = W4A8Linear::new("fc", &q, None, &act, SimdLevel::detect(), crate::CpuRuntime::new(1).unwrap().pool)
             .unwrap();
         assert!(op.integer);
-        let y = op.run(&vec![-3.0f32; m * k], None);
+        let y = op.run(&vec![-3.0f32; m * k], None).unwrap();
         // Unsigned symmetric codes have no offset: ŵ = 0.01·15 per weight, x̂ = 0.01·(0 − 255).
         let want = k as f32 * 0.15 * -2.55;
         assert!(y.iter().all(|v| (v - want).abs() <= 1e-5 * want.abs()), "{} vs {want}", y[0]);
@@ -128,12 +128,35 @@ fn bad_inputs_are_typed_errors() {
     let op = rt.prepare_linear_quantized_input("fc", &Weight::Quantized(q.clone()), None, &act).unwrap();
     let wrong = Tensor::zeros((2, 63), DType::F32, &Device::Cpu).unwrap();
     assert!(matches!(op.forward(&wrong), Err(Error::Shape { .. })));
-    let mut v = vec![0.5f32; 2 * 64];
-    v[70] = f32::NAN;
-    let nan = Tensor::from_vec(v, (2, 64), &Device::Cpu).unwrap();
-    assert!(matches!(op.forward(&nan), Err(Error::NonFinite { first: 70, .. })));
+    // Both paths (2 rows: the integer kernel; 40: the float one), NaN and infinity, screened
+    // by the per-token ranges.
+    for (m, bad) in [(2, f32::NAN), (40, f32::INFINITY), (40, f32::NAN)] {
+        let mut v = vec![0.5f32; m * 64];
+        v[70] = bad;
+        let x = Tensor::from_vec(v, (m, 64), &Device::Cpu).unwrap();
+        assert!(matches!(op.forward(&x), Err(Error::NonFinite { first: 70, count: 1, .. })), "{m} rows, {bad}");
+    }
     let mut bad = act.clone();
     bad.smooth = Some(vec![1.0; 63]);
     let e = rt.prepare_linear_quantized_input("fc", &Weight::Quantized(q), None, &bad).unwrap_err();
     assert!(matches!(e, Error::Shape { .. }), "{e}");
+}
+
+/// An activation fused into the op gives the bits of the op followed by the runtime's own
+/// activation kernel, on both paths (the integer kernel and the float one).
+#[test]
+fn fused_activations_match_the_separate_kernel() {
+    let (n, k) = (37, 96);
+    let q = random_quantized(&[n, k], 4, 1, 3, 5);
+    let act = ActQuant::new(8, true, ActRange::Dynamic { per_token: true });
+    let rt = CpuRuntime::new(2).unwrap();
+    let op = rt.prepare_linear_quantized_input("fc", &Weight::Quantized(q), None, &act).unwrap();
+    for m in [3, 40] {
+        let x = Tensor::from_vec(input(m, k, 9), (m, k), &Device::Cpu).unwrap();
+        for a in [Activation::Gelu, Activation::Relu] {
+            let fused = op.forward_activated(&x, a).unwrap().unwrap().to_vec2::<f32>().unwrap();
+            let apart = rt.activation(a, &op.forward(&x).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(fused, apart, "{m} rows, {a:?}");
+        }
+    }
 }
