@@ -231,7 +231,7 @@ impl W4A8Linear {
 
     /// `y[m, n]` for `x` row-major `[m, k]`, then `act` if any; `None` when a per-token range
     /// met a value that is not finite (other inputs must be checked beforehand, see
-    /// [`W4A8Linear::screens`]).
+    /// `screens`).
     pub fn run(&self, x: &[f32], act: Option<Act>) -> Option<Vec<f32>> {
         let (n, k) = (self.w.n, self.w.k);
         let m = x.len() / k.max(1);
