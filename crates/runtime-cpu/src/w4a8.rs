@@ -52,9 +52,6 @@ pub fn fits(q: &QuantizedTensor) -> bool {
 /// FMA tiles win over six rows of `vpmaddubsw` + `vpmaddwd` per step.
 pub const INTEGER_MAX_ROWS: usize = 16;
 
-/// Rows per task of the integer kernel (their codes, `ROW_TILE·k` bytes, stay in L2).
-const ROW_TILE: usize = 96;
-
 /// The longest reduction the integer kernel takes: `|D| ≤ k·15·128` stays within i32.
 const MAX_K: usize = 1 << 20;
 
@@ -257,27 +254,23 @@ impl W4A8Linear {
         Some(y)
     }
 
-    /// The integer kernel: tiles of [`ROW_TILE`] rows × ranges of panels split over the pool,
-    /// each panel multiplied by its tile [`MR`] rows at a time (the panel stays in L1, the
-    /// tile's codes in L2).
+    /// The integer kernel (at most [`INTEGER_MAX_ROWS`] rows): ranges of panels split over the
+    /// pool, each panel multiplied by the rows [`MR`] at a time while it stays in L1.
     fn integer_rows(&self, rows: &Rows, m: usize) -> Vec<f32> {
         let (n, groups) = (self.w.n, self.w.groups);
         let panels = n.div_ceil(NR);
-        let row_tiles = m.div_ceil(ROW_TILE);
-        let (col_tiles, per) = crate::gemm::column_split(&self.pool, row_tiles, panels);
+        let (col_tiles, per) = crate::gemm::column_split(&self.pool, 1, panels);
         let xs: Vec<&[i8]> = rows.codes.chunks_exact(rows.k4).collect();
         let mut y = vec![0f32; m * n];
         let out = crate::gemm::OutPtr(y.as_mut_ptr());
         self.pool.install(|| {
-            (0..row_tiles * col_tiles).into_par_iter().for_each(|t| {
-                let (ti, tj) = (t / col_tiles, t % col_tiles);
-                let (r0, r1) = (ti * ROW_TILE, ((ti + 1) * ROW_TILE).min(m));
+            (0..col_tiles).into_par_iter().for_each(|tj| {
                 let (p0, p1) = (tj * per, ((tj + 1) * per).min(panels));
                 let mut acc = [[0f32; NR]; MR];
                 for jb in p0..p1 {
                     let cols = NR.min(n - jb * NR);
-                    for c0 in (r0..r1).step_by(MR) {
-                        let c1 = (c0 + MR).min(r1);
+                    for c0 in (0..m).step_by(MR) {
+                        let c1 = (c0 + MR).min(m);
                         let acc = &mut acc[..c1 - c0];
                         acc.iter_mut().for_each(|a| *a = [0.0; NR]);
                         let vals = RowVals { e2: &rows.e2[c0 * groups..c1 * groups], zp: &rows.zp[c0..c1] };
@@ -286,9 +279,9 @@ impl W4A8Linear {
                             for (c, &v) in a.iter().enumerate().take(cols) {
                                 let j = jb * NR + c;
                                 let b = self.bias.as_ref().map_or(0.0, |b| b[j]);
-                                // SAFETY: row r < m, column j < n of this task's tile (rows
-                                // r0..r1 × panels p0..p1: tiles partition the output), inside
-                                // y, which outlives the pool scope.
+                                // SAFETY: row r < m, column j < n of this task's panels
+                                // p0..p1 (the ranges partition the columns), inside y, which
+                                // outlives the pool scope.
                                 unsafe { *out.get().add(r * n + j) = rows.scale[r].mul_add(v, b) };
                             }
                         }
