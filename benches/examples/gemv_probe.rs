@@ -1,4 +1,4 @@
-//! pare's 4-bit GEMV alone (1 × 4096 · 4096 × n, symmetric codes, groups of 32): weight bytes
+//! pare's 4-bit GEMV alone (1 × 4096 · 4096 × n, symmetric codes, groups of 32 or `G`): weight bytes
 //! streamed per second with the weights in L2 (n = 128) and out of cache (n = 4096, four
 //! copies used in turn), on `T` threads (2 by default), to read the kernel's decode rate apart
 //! from memory bandwidth. `A8=1` gives the layers int8 dynamic per-token activations (the W4A8
@@ -19,6 +19,8 @@ fn main() {
     };
     let k = 4096;
     let x = Tensor::randn(0f32, 1.0, (1, k), &Device::Cpu).unwrap();
+    // G=… sets the group size (32 by default).
+    let group: usize = std::env::var("G").ok().and_then(|v| v.parse().ok()).unwrap_or(32);
     let only: Option<usize> = std::env::var("N").ok().and_then(|v| v.parse().ok());
     for (n, copies) in [(128usize, 1usize), (512, 1), (4096, 4), (4096, 10)] {
         if only.is_some_and(|o| o != n) {
@@ -29,7 +31,7 @@ fn main() {
             signed: true,
             symmetric: true,
             mapping: Mapping::Linear,
-            granularity: Granularity::PerGroup { size: 32 },
+            granularity: Granularity::PerGroup { size: group },
         };
         let ops: Vec<_> = (0..copies)
             .map(|c| {
@@ -37,7 +39,7 @@ fn main() {
                 let q = QuantizedTensor::from_codes(
                     &codes,
                     scheme,
-                    vec![0.01; n * k / 32],
+                    vec![0.01; n * k / group],
                     None,
                     None,
                     vec![n, k],

@@ -247,10 +247,14 @@ impl Panels for QuantPanels {
 }
 
 /// Independent accumulator sets per row count: enough chains to hide the FMA latency when
-/// only one or two rows share each decoded weight.
+/// only one or two rows share each decoded weight. One row takes three, not four: a step of
+/// the AVX2 kernel issues seven vector instructions besides its two loads, so three sets of
+/// two chains already outpace the 4-cycle FMA latency, and a fourth set pushed the loop past
+/// the 16 registers (two accumulators spilled to the stack; `gemv_probe` with the panels in L3:
+/// 9.6 GB/s of codes per core with three sets against 8.6 with four).
 pub(crate) const fn unroll(rows: usize) -> usize {
     match rows {
-        1 => 4,
+        1 => 3,
         2 => 2,
         _ => 1,
     }
@@ -473,7 +477,7 @@ mod avx2 {
     /// AVX2 must be available and `ptr` readable for 8 (`NIB`) or 16 bytes.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn load<const NIB: bool>(ptr: *const u8, tab: Option<(__m256, __m256)>) -> (__m256, __m256) {
+    unsafe fn load<const NIB: bool, const TAB: bool>(ptr: *const u8, tab: (__m256, __m256)) -> (__m256, __m256) {
         // SAFETY: the caller vouches for 8 / 16 readable bytes; loads are unaligned.
         let (a, b) = unsafe {
             if NIB {
@@ -499,24 +503,57 @@ mod avx2 {
                 (_mm256_shuffle_epi8(v, lo_idx), _mm256_shuffle_epi8(v, hi_idx))
             }
         };
-        match tab {
-            None => (_mm256_cvtepi32_ps(a), _mm256_cvtepi32_ps(b)),
-            Some((t0, t1)) => {
-                let seven = _mm256_set1_epi32(7);
-                let pick = |i: __m256i| {
-                    let high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(i, seven));
-                    _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, i), _mm256_permutevar8x32_ps(t1, i), high)
-                };
-                (pick(a), pick(b))
-            }
+        if TAB {
+            let (t0, t1) = tab;
+            let seven = _mm256_set1_epi32(7);
+            let pick = |i: __m256i| {
+                let high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(i, seven));
+                _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, i), _mm256_permutevar8x32_ps(t1, i), high)
+            };
+            (pick(a), pick(b))
+        } else {
+            (_mm256_cvtepi32_ps(a), _mm256_cvtepi32_ps(b))
         }
     }
 
-    /// The codebook as two vectors, if there is one.
+    /// Whether [`rows`] reads `NIB`, `TAB` codes with [`scaled`]: linear 4-bit codes.
+    const fn scales_codes(nib: bool, tab: bool) -> bool {
+        nib && !tab
+    }
+
+    /// The per-lane power of two [`scaled`] leaves on column `c`'s code: `2^(4·⌊(c mod 8)/2⌋)`.
+    const POW: [f32; 8] = [1.0, 1.0, 16.0, 16.0, 256.0, 256.0, 4096.0, 4096.0];
+    /// `1 / POW`, exactly (powers of two).
+    const INV_POW: [f32; 8] = [1.0, 1.0, 1.0 / 16.0, 1.0 / 16.0, 1.0 / 256.0, 1.0 / 256.0, 1.0 / 4096.0, 1.0 / 4096.0];
+
+    /// The 16 linear 4-bit codes of the word at `ptr`, each times its lane's [`POW`]: the AND
+    /// that isolates column `c`'s code leaves it where the packing put it, `4·⌊c/2⌋` bits up
+    /// (columns 8–15 after one uniform 16-bit shift), and the conversion is exact, so the
+    /// per-lane shifts of [`load`] are not needed. The fused kernel undoes the power of two in
+    /// each group's offset and scale (`e·POW`, `S/POW`), exactly: the chains are the scalar
+    /// twin's scaled by `POW`, and every product and sum is the same bit pattern scaled, as
+    /// long as none leaves f32's normal range (|x| above ~10³⁰, or partial sums below 10⁻³⁸).
+    ///
+    /// # Safety
+    /// AVX2 must be available and `ptr` readable for 8 bytes.
     #[target_feature(enable = "avx2,fma")]
-    fn table(q: &QuantPanels) -> Option<(__m256, __m256)> {
+    #[inline]
+    unsafe fn scaled(ptr: *const u8) -> (__m256, __m256) {
+        // SAFETY: the caller vouches for 8 readable bytes.
+        let v = _mm256_set1_epi64x(unsafe { ptr.cast::<i64>().read_unaligned() });
+        let m = _mm256_setr_epi32(0xF, 0xF, 0xF0, 0xF0, 0xF00, 0xF00, 0xF000, 0xF000);
+        (
+            _mm256_cvtepi32_ps(_mm256_and_si256(v, m)),
+            _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32::<16>(v), m)),
+        )
+    }
+
+    /// The codebook as two vectors (zeros when there is none: `load::<_, false>` ignores them).
+    #[target_feature(enable = "avx2,fma")]
+    fn table(q: &QuantPanels) -> (__m256, __m256) {
+        let t = q.table.unwrap_or([0.0; 16]);
         // SAFETY: reading 8 + 8 floats from a 16-entry array.
-        q.table.as_ref().map(|t| unsafe { (_mm256_loadu_ps(t.as_ptr()), _mm256_loadu_ps(t.as_ptr().add(8))) })
+        unsafe { (_mm256_loadu_ps(t.as_ptr()), _mm256_loadu_ps(t.as_ptr().add(8))) }
     }
 
     /// Scale and offset vectors of panel `jb`, group `g`.
@@ -544,12 +581,23 @@ mod avx2 {
     pub unsafe fn decode(q: &QuantPanels, jb: usize, k0: usize, k1: usize, out: &mut [f32]) {
         // SAFETY: forwarded contract.
         unsafe {
-            if q.nibbles { decode_as::<true>(q, jb, k0, k1, out) } else { decode_as::<false>(q, jb, k0, k1, out) }
+            match (q.nibbles, q.table.is_some()) {
+                (true, true) => decode_as::<true, true>(q, jb, k0, k1, out),
+                (true, false) => decode_as::<true, false>(q, jb, k0, k1, out),
+                (false, true) => decode_as::<false, true>(q, jb, k0, k1, out),
+                (false, false) => decode_as::<false, false>(q, jb, k0, k1, out),
+            }
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn decode_as<const NIB: bool>(q: &QuantPanels, jb: usize, k0: usize, k1: usize, out: &mut [f32]) {
+    unsafe fn decode_as<const NIB: bool, const TAB: bool>(
+        q: &QuantPanels,
+        jb: usize,
+        k0: usize,
+        k1: usize,
+        out: &mut [f32],
+    ) {
         let w = q.width();
         assert!(out.len() == (k1 - k0) * NR && k1 <= q.k && (jb * q.k + k1) * w <= q.codes.len());
         let tab = table(q);
@@ -564,7 +612,7 @@ mod avx2 {
             let o = (p - k0) * NR;
             // SAFETY: (jb·k + p + 1)·w ≤ codes.len() and o + 16 ≤ out.len() (asserted).
             unsafe {
-                let (v0, v1) = load::<NIB>(q.codes.as_ptr().add((jb * q.k + p) * w), tab);
+                let (v0, v1) = load::<NIB, TAB>(q.codes.as_ptr().add((jb * q.k + p) * w), tab);
                 _mm256_storeu_ps(out.as_mut_ptr().add(o), _mm256_mul_ps(_mm256_sub_ps(v0, e[0]), s[0]));
                 _mm256_storeu_ps(out.as_mut_ptr().add(o + 8), _mm256_mul_ps(_mm256_sub_ps(v1, e[1]), s[1]));
             }
@@ -579,24 +627,31 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn fused(q: &QuantPanels, jb: usize, x: &[&[f32]], sums: &[f32], out: &mut [[f32; NR]]) {
         macro_rules! go {
-            ($nib:literal) => {
+            ($nib:literal, $tab:literal) => {
                 match x.len() {
-                    1 => rows::<1, { unroll(1) }, $nib>(q, jb, x, sums, out),
-                    2 => rows::<2, { unroll(2) }, $nib>(q, jb, x, sums, out),
-                    3 => rows::<3, 1, $nib>(q, jb, x, sums, out),
-                    4 => rows::<4, 1, $nib>(q, jb, x, sums, out),
-                    5 => rows::<5, 1, $nib>(q, jb, x, sums, out),
-                    _ => rows::<6, 1, $nib>(q, jb, x, sums, out),
+                    1 => rows::<1, { unroll(1) }, $nib, $tab>(q, jb, x, sums, out),
+                    2 => rows::<2, { unroll(2) }, $nib, $tab>(q, jb, x, sums, out),
+                    3 => rows::<3, 1, $nib, $tab>(q, jb, x, sums, out),
+                    4 => rows::<4, 1, $nib, $tab>(q, jb, x, sums, out),
+                    5 => rows::<5, 1, $nib, $tab>(q, jb, x, sums, out),
+                    _ => rows::<6, 1, $nib, $tab>(q, jb, x, sums, out),
                 }
             };
         }
         // SAFETY: forwarded contract.
-        unsafe { if q.nibbles { go!(true) } else { go!(false) } }
+        unsafe {
+            match (q.nibbles, q.table.is_some()) {
+                (true, true) => go!(true, true),
+                (true, false) => go!(true, false),
+                (false, true) => go!(false, true),
+                (false, false) => go!(false, false),
+            }
+        }
     }
 
     /// `R` rows against panel `jb` with `U` interleaved accumulator sets per group.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows<const R: usize, const U: usize, const NIB: bool>(
+    unsafe fn rows<const R: usize, const U: usize, const NIB: bool, const TAB: bool>(
         q: &QuantPanels,
         jb: usize,
         x: &[&[f32]],
@@ -621,9 +676,18 @@ mod avx2 {
             let mut p = g0;
             // SAFETY (both loops): p < g1 ≤ k, so the codes at p·w and x[r][p] are in bounds.
             while p + U <= g1 {
-                super::avx512::prefetch_lines(codes, p * w, (p + U) * w);
+                if U * w <= 64 {
+                    // At most one line starts in these bytes: prefetching the step's own
+                    // address ahead, whether or not a line starts, costs one load-port
+                    // instruction and keeps the loop free of the inner loop's branches.
+                    _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(p * w + super::avx512::PREFETCH).cast());
+                } else {
+                    super::avx512::prefetch_lines(codes, p * w, (p + U) * w);
+                }
                 for (u, set) in acc.iter_mut().enumerate() {
-                    let (w0, w1) = unsafe { load::<NIB>(codes.add((p + u) * w), tab) };
+                    let at = unsafe { codes.add((p + u) * w) };
+                    let (w0, w1) =
+                        unsafe { if scales_codes(NIB, TAB) { scaled(at) } else { load::<NIB, TAB>(at, tab) } };
                     for (r, a) in set.iter_mut().enumerate() {
                         let xv = unsafe { _mm256_broadcast_ss(&*xp[r].add(p + u)) };
                         a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
@@ -633,7 +697,8 @@ mod avx2 {
                 p += U;
             }
             for set in acc.iter_mut().take(g1 - p) {
-                let (w0, w1) = unsafe { load::<NIB>(codes.add(p * w), tab) };
+                let at = unsafe { codes.add(p * w) };
+                let (w0, w1) = unsafe { if scales_codes(NIB, TAB) { scaled(at) } else { load::<NIB, TAB>(at, tab) } };
                 for (r, a) in set.iter_mut().enumerate() {
                     let xv = unsafe { _mm256_broadcast_ss(&*xp[r].add(p)) };
                     a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
@@ -641,7 +706,15 @@ mod avx2 {
                 }
                 p += 1;
             }
-            let (s, e) = scale_offset(q, jb, g);
+            let (mut s, mut e) = scale_offset(q, jb, g);
+            if scales_codes(NIB, TAB) {
+                // SAFETY: 8 floats each.
+                let (pow, inv) = unsafe { (_mm256_loadu_ps(POW.as_ptr()), _mm256_loadu_ps(INV_POW.as_ptr())) };
+                for h in 0..2 {
+                    s[h] = _mm256_mul_ps(s[h], inv);
+                    e[h] = _mm256_mul_ps(e[h], pow);
+                }
+            }
             for r in 0..R {
                 let sx = _mm256_set1_ps(sums[r * q.groups + g]);
                 for h in 0..2 {
