@@ -96,3 +96,28 @@ fn formats_the_kernels_do_not_take_fall_back_to_the_reference() {
         assert_eq!(op.forward(&x).unwrap().dims(), &[2, 4]);
     }
 }
+
+/// The one-row AVX2 kernel reads linear 4-bit codes scaled by a power of two per lane (up to
+/// 2¹²) and undoes it in each group's scale and offset: at the edges of the range of real
+/// activations (|x| from 10⁻²⁰ to 10²⁵, every code, asymmetric groups) every level still gives
+/// the scalar twin's bits.
+#[test]
+fn scaled_codes_keep_the_bits_for_tiny_and_huge_activations() {
+    let (n, k) = (16, 64);
+    let q = weight(n, k, 4, 1, 3, 7);
+    let p = QuantPanels::pack(&q);
+    for mag in [1e-20f32, 1e-3, 1.0, 1e12, 1e25] {
+        let x: Vec<f32> = (0..k).map(|i| mag * ((i as f32 * 0.37).sin() + 0.01)).collect();
+        let rows = [x.as_slice()];
+        let sums = p.fused_aux(&rows).unwrap();
+        let mut want = [[0f32; NR]];
+        p.fused_rows(SimdLevel::Scalar, 0, &rows, &sums, &mut want);
+        assert!(want[0].iter().all(|v| v.is_finite() && *v != 0.0), "{mag}: {want:?}");
+        for level in SimdLevel::available() {
+            let mut got = [[0f32; NR]];
+            p.fused_rows(level, 0, &rows, &sums, &mut got);
+            let (g, w): (Vec<u32>, Vec<u32>) = (got[0].map(f32::to_bits).into(), want[0].map(f32::to_bits).into());
+            assert_eq!(g, w, "{level:?} at |x| ~ {mag}");
+        }
+    }
+}
