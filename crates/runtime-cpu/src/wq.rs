@@ -532,7 +532,8 @@ mod avx2 {
     /// per-lane shifts of [`load`] are not needed. The fused kernel undoes the power of two in
     /// each group's offset and scale (`e·POW`, `S/POW`), exactly: the chains are the scalar
     /// twin's scaled by `POW`, and every product and sum is the same bit pattern scaled, as
-    /// long as none leaves f32's normal range (|x| above ~10³⁰, or partial sums below 10⁻³⁸).
+    /// long as none leaves f32's normal range (|x| above ~10³⁰, partial sums below 10⁻³⁸, or
+    /// scales below 10⁻³⁴).
     ///
     /// # Safety
     /// AVX2 must be available and `ptr` readable for 8 bytes.

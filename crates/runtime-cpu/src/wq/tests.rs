@@ -97,7 +97,7 @@ fn formats_the_kernels_do_not_take_fall_back_to_the_reference() {
     }
 }
 
-/// The one-row AVX2 kernel reads linear 4-bit codes scaled by a power of two per lane (up to
+/// The AVX2 fused kernel reads linear 4-bit codes scaled by a power of two per lane (up to
 /// 2¹²) and undoes it in each group's scale and offset: at the edges of the range of real
 /// activations (|x| from 10⁻²⁰ to 10²⁵, every code, asymmetric groups) every level still gives
 /// the scalar twin's bits.
