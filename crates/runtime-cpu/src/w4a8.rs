@@ -145,16 +145,7 @@ impl W4A8Linear {
         };
         let mut buf = vec![0i16; k];
         for (r, row) in x.chunks_exact(k.max(1)).take(m).enumerate() {
-            let (s, z) = match global {
-                Some(range) => range,
-                None => {
-                    let (lo, hi, finite) = crate::w8a8::extremes(self.level, &self.act, k, row);
-                    if !finite {
-                        return None;
-                    }
-                    self.act.scale_zero(lo, hi)
-                }
-            };
+            let (s, z) = self.row_range(global, row)?;
             crate::w8a8::quantize_row(
                 self.level,
                 row,
@@ -181,6 +172,17 @@ impl W4A8Linear {
         Some(rows)
     }
 
+    /// A row's scale and zero point: the input's own range when it has one (static, per
+    /// tensor, or a single row), else the row's; `None` when the row's range met a value that
+    /// is not finite.
+    fn row_range(&self, global: Option<(f32, i32)>, row: &[f32]) -> Option<(f32, i32)> {
+        if global.is_some() {
+            return global;
+        }
+        let (lo, hi, finite) = crate::w8a8::extremes(self.level, &self.act, self.w.k, row);
+        finite.then(|| self.act.scale_zero(lo, hi))
+    }
+
     /// The input as the reference quantizes and dequantizes it, `s_x·(q − Z)`, rows in
     /// parallel on the pool (for the float kernels); `None` when a row's own range met a value
     /// that is not finite.
@@ -200,13 +202,11 @@ impl W4A8Linear {
             x.par_chunks(k).zip(xq.spare_capacity_mut()[..m * k].par_chunks_mut(k)).with_min_len(8).for_each_init(
                 || vec![0i16; k],
                 |buf, (row, dst)| {
-                    let (s, z) = global.unwrap_or_else(|| {
-                        let (lo, hi, ok) = crate::w8a8::extremes(level, &self.act, k, row);
-                        if !ok {
-                            finite.store(false, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        self.act.scale_zero(lo, hi)
-                    });
+                    let Some((s, z)) = self.row_range(global, row) else {
+                        // The whole input is refused; the row's values are never read.
+                        finite.store(false, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    };
                     let smooth = self.act.smooth.as_deref();
                     crate::w8a8::quantize_row(level, row, smooth, (s, z), &self.act, buf, bounded);
                     for (d, &c) in dst.iter_mut().zip(buf.iter()) {

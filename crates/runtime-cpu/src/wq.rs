@@ -549,6 +549,18 @@ mod avx2 {
         )
     }
 
+    /// One step's 16 weights as [`rows`] multiplies them: [`scaled`] for linear 4-bit codes,
+    /// else [`load`].
+    ///
+    /// # Safety
+    /// As [`load`].
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn step<const NIB: bool, const TAB: bool>(ptr: *const u8, tab: (__m256, __m256)) -> (__m256, __m256) {
+        // SAFETY: forwarded contract.
+        unsafe { if scales_codes(NIB, TAB) { scaled(ptr) } else { load::<NIB, TAB>(ptr, tab) } }
+    }
+
     /// The codebook as two vectors (zeros when there is none: `load::<_, false>` ignores them).
     #[target_feature(enable = "avx2,fma")]
     fn table(q: &QuantPanels) -> (__m256, __m256) {
@@ -686,9 +698,7 @@ mod avx2 {
                     super::avx512::prefetch_lines(codes, p * w, (p + U) * w);
                 }
                 for (u, set) in acc.iter_mut().enumerate() {
-                    let at = unsafe { codes.add((p + u) * w) };
-                    let (w0, w1) =
-                        unsafe { if scales_codes(NIB, TAB) { scaled(at) } else { load::<NIB, TAB>(at, tab) } };
+                    let (w0, w1) = unsafe { step::<NIB, TAB>(codes.add((p + u) * w), tab) };
                     for (r, a) in set.iter_mut().enumerate() {
                         let xv = unsafe { _mm256_broadcast_ss(&*xp[r].add(p + u)) };
                         a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
@@ -698,8 +708,7 @@ mod avx2 {
                 p += U;
             }
             for set in acc.iter_mut().take(g1 - p) {
-                let at = unsafe { codes.add(p * w) };
-                let (w0, w1) = unsafe { if scales_codes(NIB, TAB) { scaled(at) } else { load::<NIB, TAB>(at, tab) } };
+                let (w0, w1) = unsafe { step::<NIB, TAB>(codes.add(p * w), tab) };
                 for (r, a) in set.iter_mut().enumerate() {
                     let xv = unsafe { _mm256_broadcast_ss(&*xp[r].add(p)) };
                     a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
