@@ -19,7 +19,7 @@ use crate::nonlinear::Act;
 use crate::simd::{Aligned, SimdLevel};
 
 /// Weights repacked for the kernel: signed codes row-major `[n, k]` (the scalar twin's), the
-/// panels of the op's SIMD level (i16 pairs for AVX2/NEON, i8 quads for VNNI), scales, row
+/// panels of the op's SIMD level (i8 pairs for AVX2/NEON, i8 quads for VNNI), scales, row
 /// sums.
 #[derive(Debug)]
 pub struct W8A8Linear {
@@ -469,10 +469,14 @@ pub struct Panel {
 
 #[derive(Debug, Clone)]
 enum PanelData {
-    /// i16 for `vpmaddwd` (which multiplies i16 pairs into i32 sums exactly, the code −128
-    /// included) and NEON's `smlal`: within a block, for each pair of reduction indices
-    /// `2p, 2p+1`, columns 0–7 then 8–15, each column's two codes side by side (64 bytes).
-    Pairs(Aligned<i16>),
+    /// i8 for `vpmaddwd` (which multiplies i16 pairs into i32 sums exactly, the code −128
+    /// included) and NEON's `smlal`, each widening the codes to i16 as it loads them: within
+    /// a block, for each pair of reduction indices `2p, 2p+1`, columns 0–7 then 8–15, each
+    /// column's two codes side by side (32 bytes). One byte per weight, not the two that i16
+    /// panels took: a small batch streams every weight once per call, so it reads half the
+    /// bytes (MiniLM's encoder: 10.6 MB instead of 21), and the sign extension (`vpmovsxbw`
+    /// from memory) ran as fast as a plain load in the 6 × 16 loop on Zen 3.
+    Pairs(Aligned<i8>),
     /// i8 for VNNI's `vpdpbusd` (unsigned activation bytes × signed weight bytes, four
     /// products summed into each i32 lane): within a block, for each quad of reduction
     /// indices `4q..4q+4`, the 16 columns' four codes side by side (64 bytes, one register).
@@ -508,7 +512,7 @@ impl Panel {
             for j in 0..n {
                 let (b, h, c) = (j / NR, j % NR / 8, j % 8);
                 for t in 0..k {
-                    data[(b * pairs + t / 2) * 2 * NR + h * 16 + c * 2 + t % 2] = i16::from(w[j * k + t]);
+                    data[(b * pairs + t / 2) * 2 * NR + h * 16 + c * 2 + t % 2] = w[j * k + t];
                 }
             }
             PanelData::Pairs(data)
@@ -861,8 +865,9 @@ mod neon {
     use super::{MR_PAIRS, NR, Sink};
 
     /// Each of `blocks` against every 6-row tile of `x`: per pair of reduction indices, the
-    /// block's 32 panel codes deinterleaved by two `vld2q` loads into the two indices' values
-    /// of its 16 columns, then per row eight widening multiply-adds (`smlal`) into the i32
+    /// block's 32 panel codes deinterleaved by one `vld2q` load into the two indices' values
+    /// of its 16 columns and widened to i16, then per row eight widening multiply-adds
+    /// (`smlal`) into the i32
     /// sums, which stay in registers over the whole reduction (24 of the 32) and go through
     /// the sink's scalar epilogue.
     ///
@@ -875,7 +880,7 @@ mod neon {
         x: &[i16],
         m: usize,
         pairs: usize,
-        panel: &[i16],
+        panel: &[i8],
         blocks: std::ops::Range<usize>,
         n: usize,
         sink: &Sink,
@@ -920,14 +925,17 @@ mod neon {
     /// The exact i32 sums of `MR` pair-interleaved rows against one 16-column block.
     #[target_feature(enable = "neon")]
     #[inline]
-    fn tile<const MR: usize>(x: &[i16], pairs: usize, wb: &[i16]) -> [[int32x4_t; 4]; MR] {
+    fn tile<const MR: usize>(x: &[i16], pairs: usize, wb: &[i8]) -> [[int32x4_t; 4]; MR] {
         assert!(x.len() == MR * pairs * 2 && wb.len() == pairs * 32);
         let mut a = [[vdupq_n_s32(0); 4]; MR];
         for p in 0..pairs {
             // SAFETY: p·32 + 32 ≤ wb.len(); row i's pair p sits at (p·MR + i)·2 < x.len().
             unsafe {
-                let lo = vld2q_s16(wb.as_ptr().add(p * 32));
-                let hi = vld2q_s16(wb.as_ptr().add(p * 32 + 16));
+                // Columns 0–7 then 8–15, each column's two codes side by side: the even
+                // bytes are index 2p's codes of the 16 columns, the odd ones 2p + 1's.
+                let d = vld2q_s8(wb.as_ptr().add(p * 32));
+                let lo = int16x8x2_t(vmovl_s8(vget_low_s8(d.0)), vmovl_s8(vget_low_s8(d.1)));
+                let hi = int16x8x2_t(vmovl_high_s8(d.0), vmovl_high_s8(d.1));
                 for (i, ai) in a.iter_mut().enumerate() {
                     let x0 = *x.get_unchecked((p * MR + i) * 2);
                     let x1 = *x.get_unchecked((p * MR + i) * 2 + 1);
@@ -962,13 +970,13 @@ mod avx2 {
         x: &[i16],
         m: usize,
         pairs: usize,
-        panel: &[i16],
+        panel: &[i8],
         blocks: std::ops::Range<usize>,
         n: usize,
         sink: &Sink,
     ) {
         assert!(x.len() == m * pairs * 2 && blocks.end * pairs * 2 * NR <= panel.len());
-        // Reductions longer than KC pairs run in slices, so a block's panel slice (16 KB)
+        // Reductions longer than KC pairs run in slices, so a block's panel slice (8 KB)
         // stays in L1 across the row tiles; the partial sums between slices wait in `part`.
         let slices = pairs.div_ceil(KC).max(1);
         let cols = (blocks.end - blocks.start) * NR;
@@ -1198,15 +1206,16 @@ mod avx2 {
     }
 
     /// A tile of `MR` rows of i16 codes (pair-interleaved, see [`Rows`]) against one block
-    /// of 16 columns, on top of `init` (zeros when `None`): per pair of reduction indices two panel loads, per row one broadcast of
-    /// its two codes, two `vpmaddwd` and two adds into the i32 sums, which stay in registers
+    /// of 16 columns, on top of `init` (zeros when `None`): per pair of reduction indices two
+    /// panel loads that widen the i8 codes to i16 (`vpmovsxbw`), per row one broadcast of its
+    /// two codes, two `vpmaddwd` and two adds into the i32 sums, which stay in registers
     /// throughout.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     fn micro<const MR: usize>(
         x: &[i16],
         pairs: usize,
-        wb: &[i16],
+        wb: &[i8],
         init: Option<[[__m256i; 2]; MR]>,
     ) -> [[__m256i; 2]; MR] {
         let mut a = init.unwrap_or([[_mm256_setzero_si256(); 2]; MR]);
@@ -1216,8 +1225,8 @@ mod avx2 {
             // SAFETY: p·32 + 32 ≤ pairs·32 = wb.len(), and row i's pair p is the i32 at
             // p·MR + i < MR·pairs = x.len() / 2 (asserted above).
             unsafe {
-                let w0 = _mm256_loadu_si256(wp.add(p * 32) as *const __m256i);
-                let w1 = _mm256_loadu_si256(wp.add(p * 32 + 16) as *const __m256i);
+                let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp.add(p * 32) as *const __m128i));
+                let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp.add(p * 32 + 16) as *const __m128i));
                 for (i, ai) in a.iter_mut().enumerate() {
                     let xv = _mm256_set1_epi32(xp.add(p * MR + i).read_unaligned());
                     ai[0] = _mm256_add_epi32(ai[0], _mm256_madd_epi16(xv, w0));
