@@ -1,5 +1,6 @@
-//! MiniLM end to end (issue 4, goal 5): pare's BERT on `CpuRuntime` (2 threads) in f32 and in
-//! W8A8 (int8 per-channel weights, int8 per-token dynamic activations), against
+//! MiniLM end to end (issue 4, goal 5): pare's BERT on `CpuRuntime` (2 threads) in f32, in
+//! W8A8 (int8 per-channel weights, int8 per-token dynamic activations) and in W7A8 (the same
+//! with 7-bit weights, ONNX Runtime's `reduce_range`, which AVX2 runs on `vpmaddubsw`), against
 //! candle-transformers' `BertModel` in f32 and against pare on the reference runtime, at batch
 //! 32 × 128 tokens and 1 × 16, measured in the same process. The batches are built as the ONNX
 //! Runtime peer builds them (`../shared/tools/ort-peer`): real token ids right-padded to 128
@@ -55,15 +56,19 @@ fn bench(c: &mut Criterion) {
     let mut f32_cpu = float.clone();
     f32_cpu.bert.prepare(&cpu).unwrap();
     // W8A8: int8 symmetric per-channel weights, int8 per-token dynamic inputs, every linear
-    // layer of the encoder (embeddings stay float).
-    let mut int8 = float.clone();
-    let method = Method::parse("int8", "channel", true).unwrap();
-    let selection = Selection { include: Vec::new(), exclude: Vec::new() };
-    quantize_model(&mut int8.bert, &method, &selection, &mut |_| {}).unwrap();
-    let paths = selection.resolve(&int8.bert).unwrap();
-    let specs = dynamic_specs(&int8.bert, &paths, ActSpec { bits: 8, symmetric: true }, true).unwrap();
-    apply(&mut int8.bert, &specs).unwrap();
-    int8.bert.prepare(&cpu).unwrap();
+    // layer of the encoder (embeddings stay float); W7A8 the same with 7-bit weights.
+    let quantized = |scheme: &str| {
+        let mut e = float.clone();
+        let method = Method::parse(scheme, "channel", true).unwrap();
+        let selection = Selection { include: Vec::new(), exclude: Vec::new() };
+        quantize_model(&mut e.bert, &method, &selection, &mut |_| {}).unwrap();
+        let paths = selection.resolve(&e.bert).unwrap();
+        let specs = dynamic_specs(&e.bert, &paths, ActSpec { bits: 8, symmetric: true }, true).unwrap();
+        apply(&mut e.bert, &specs).unwrap();
+        e.bert.prepare(&cpu).unwrap();
+        e
+    };
+    let (int8, int7) = (quantized("int8"), quantized("int7"));
 
     let cfg: Config = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     // SAFETY: nothing writes to the model file while it is mapped.
@@ -99,14 +104,17 @@ fn bench(c: &mut Criterion) {
             g.sample_size(10).warm_up_time(std::time::Duration::from_millis(500));
             g.bench_function("pare cpu f32", |b| b.iter(|| run(&f32_cpu)));
             g.bench_function("pare cpu w8a8", |b| b.iter(|| run(&int8)));
+            g.bench_function("pare cpu w7a8", |b| b.iter(|| run(&int7)));
             g.bench_function("candle-transformers f32", |b| b.iter(theirs));
             g.finish();
         }
         let reference = run(&float);
         let cos_f32 = mean_cosine(&reference, &run(&f32_cpu)).unwrap();
         let cos_int8 = mean_cosine(&reference, &run(&int8)).unwrap();
+        let cos_int7 = mean_cosine(&reference, &run(&int7)).unwrap();
         println!(
-            "NOTE minilm {shape}: mean cosine to the float reference: cpu f32 {cos_f32:.6}, cpu w8a8 {cos_int8:.5}"
+            "NOTE minilm {shape}: mean cosine to the float reference: cpu f32 {cos_f32:.6}, cpu w8a8 {cos_int8:.5}, \
+             cpu w7a8 {cos_int7:.5}"
         );
         // A one-sentence query is a few milliseconds: each sample is the mean of a block of 10
         // consecutive calls (the steady state of a service answering queries), so that the
@@ -119,6 +127,7 @@ fn bench(c: &mut Criterion) {
         };
         let (t_f32, t_candle) = median_pair_blocks(reps, block, || drop(run(&f32_cpu)), || drop(theirs()));
         let (t_int8, t_candle2) = median_pair_blocks(reps, block, || drop(run(&int8)), || drop(theirs()));
+        let (t_int7, t_candle3) = median_pair_blocks(reps, block, || drop(run(&int7)), || drop(theirs()));
         let t_ref = median_secs(reps.min(5), || drop(run(&float)));
         println!("NOTE minilm {shape}: pare on the reference runtime {:.2} ms", t_ref * 1e3);
         let cmp = |name: &'static str, pare: f64, peer: &'static str, peer_value: f64, goal: f64| Comparison {
@@ -133,23 +142,28 @@ fn bench(c: &mut Criterion) {
         };
         cmp("minilm f32", t_f32, "candle-transformers f32", t_candle, 1.0).report();
         cmp("minilm w8a8", t_int8, "candle-transformers f32", t_candle2, 4.0).report();
-        Comparison {
-            name: "minilm w8a8 mean cosine",
-            shape: shape.to_string(),
-            pare: cos_int8,
-            peer: "goal",
-            peer_value: 0.995,
-            unit: "cos",
-            higher_is_better: true,
-            goal: 1.0,
+        for (name, cos) in [("minilm w8a8 mean cosine", cos_int8), ("minilm w7a8 mean cosine", cos_int7)] {
+            Comparison {
+                name,
+                shape: shape.to_string(),
+                pare: cos,
+                peer: "goal",
+                peer_value: 0.995,
+                unit: "cos",
+                higher_is_better: true,
+                goal: 1.0,
+            }
+            .report();
         }
-        .report();
+        cmp("minilm w7a8", t_int7, "candle-transformers f32", t_candle3, 4.0).report();
         // Against ONNX Runtime's fastest graph of each precision in the sitting (the peer
         // builds several: plain and fused f32; int8 per channel and per tensor, with and
         // without the transformer fusions), whichever it is that day.
-        for (prefix, ours, name, label) in
-            [("f32-", t_f32, "minilm f32", "onnxruntime f32"), ("int8-", t_int8, "minilm w8a8", "onnxruntime int8")]
-        {
+        for (prefix, ours, name, label) in [
+            ("f32-", t_f32, "minilm f32", "onnxruntime f32"),
+            ("int8-", t_int8, "minilm w8a8", "onnxruntime int8"),
+            ("int8-", t_int7, "minilm w7a8", "onnxruntime int8"),
+        ] {
             let fastest = ort
                 .iter()
                 .filter(|((m, s), _)| m.starts_with(prefix) && s.as_str() == shape)

@@ -1,6 +1,7 @@
 //! Runs MiniLM on `CpuRuntime` at batch `B` × `S` tokens (32 × 128 by default) `ITERS` times
 //! (for `perf record`); `W8A8=1`
-//! quantizes every encoder linear to int8 weights × int8 per-token inputs first, `W4A8=1` to
+//! quantizes every encoder linear to int8 weights × int8 per-token inputs first (`W7A8=1`: 7-bit
+//! weights, codes in −64..=63, which AVX2 runs on `vpmaddubsw`), `W4A8=1` to
 //! int4 weights (groups of 32) × int8 per-token inputs, `W4=1` to int4 weights alone.
 use candle_core::{DType, Device, Tensor};
 use pare_core_tensor::{Hooks, Module, Runtime};
@@ -16,6 +17,8 @@ fn main() {
     let on = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
     let weights = if on("W8A8") {
         Some(("int8", "channel"))
+    } else if on("W7A8") {
+        Some(("int7", "channel"))
     } else if on("W4A8") || on("W4") {
         Some(("int4", "group:32"))
     } else {

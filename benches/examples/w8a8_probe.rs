@@ -2,7 +2,8 @@
 //! `perf record` and for reading the kernel's rate against the `vpmaddwd` loop ceiling, at
 //! every SIMD level this CPU has (so AVX2 and VNNI compare in one run), then MiniLM's
 //! feed-forward pair (384 → 1536, GELU, → 384) run as two ops and as one fused chain
-//! (`PreparedOp::forward_chain`), alternating. `T=1` for one thread.
+//! (`PreparedOp::forward_chain`), alternating. `T=1` for one thread; `BITS=7` for 7-bit weights
+//! (codes in −64..=63: AVX2's `vpmaddubsw` kernel instead of its `vpmaddwd` one).
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -23,14 +24,15 @@ fn main() {
 
 fn prepare(rt: &Arc<dyn Runtime>, k: usize, n: usize) -> Arc<dyn PreparedOp> {
     let act = ActQuant::new(8, true, ActRange::Dynamic { per_token: true });
+    let bits: u8 = std::env::var("BITS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
     let scheme = QuantScheme {
-        bits: 8,
+        bits,
         signed: true,
         symmetric: true,
         mapping: Mapping::Linear,
         granularity: Granularity::PerChannel { axis: 0 },
     };
-    let codes: Vec<u8> = (0..n * k).map(|i| (i as u64).wrapping_mul(2654435761) as u8).collect();
+    let codes: Vec<u8> = (0..n * k).map(|i| (i as u64).wrapping_mul(2654435761) as u8 >> (8 - bits)).collect();
     let q = QuantizedTensor::from_codes(&codes, scheme, vec![0.01; n], None, None, vec![n, k], DType::F32).unwrap();
     rt.prepare_linear_quantized_input("fc", &Weight::Quantized(q), None, &act).unwrap()
 }

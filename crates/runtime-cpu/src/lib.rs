@@ -339,11 +339,13 @@ impl Runtime for CpuRuntime {
         input: &ActQuant,
     ) -> Result<Arc<dyn PreparedOp>> {
         match weight {
-            Weight::Quantized(q) if w8a8::fits(q) && input.bits == 8 => {
-                Ok(Arc::new(w8a8::W8A8Linear::new(layer, q, bias, input, self.level, self.pool.clone())?))
-            }
+            // Weights of 4 bits or fewer take the W4A8 kernel (packed nibbles, a float path for
+            // large batches); up to 8 bits, the W8A8 one.
             Weight::Quantized(q) if w4a8::fits(q) => {
                 Ok(Arc::new(w4a8::W4A8Linear::new(layer, q, bias, input, self.level, self.pool.clone())?))
+            }
+            Weight::Quantized(q) if w8a8::fits(q) && input.bits == 8 => {
+                Ok(Arc::new(w8a8::W8A8Linear::new(layer, q, bias, input, self.level, self.pool.clone())?))
             }
             _ => self.reference.prepare_linear_quantized_input(layer, weight, bias, input),
         }

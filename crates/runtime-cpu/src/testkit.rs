@@ -13,16 +13,21 @@ pub use pare_core_tensor::testing::input;
 /// A random `[n, k]` weight in the format the W8A8 kernel takes: int8 codes, signed and
 /// symmetric, one scale per output channel.
 pub fn int8_weight(n: usize, k: usize, seed: u64) -> pare_core_tensor::QuantizedTensor {
+    int_weight(8, n, k, seed)
+}
+
+/// [`int8_weight`] with codes of `bits` bits (2..=8).
+pub fn int_weight(bits: u8, n: usize, k: usize, seed: u64) -> pare_core_tensor::QuantizedTensor {
     use pare_core_tensor::{Granularity, Mapping, QuantScheme, QuantizedTensor};
     let scheme = QuantScheme {
-        bits: 8,
+        bits,
         signed: true,
         symmetric: true,
         mapping: Mapping::Linear,
         granularity: Granularity::PerChannel { axis: 0 },
     };
     let codes: Vec<u8> =
-        (0..n * k).map(|i| ((i as u64).wrapping_mul(2654435761).wrapping_add(seed) >> 7) as u8).collect();
+        (0..n * k).map(|i| ((i as u64).wrapping_mul(2654435761).wrapping_add(seed) >> 7) as u8 >> (8 - bits)).collect();
     let scales = (0..n).map(|j| 0.001 + 0.0007 * j as f32).collect();
     QuantizedTensor::from_codes(&codes, scheme, scales, None, None, vec![n, k], candle_core::DType::F32).unwrap()
 }

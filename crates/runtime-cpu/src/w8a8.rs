@@ -36,11 +36,11 @@ pub struct W8A8Linear {
     pool: std::sync::Arc<rayon::ThreadPool>,
 }
 
-/// Whether `q` is the weight format the W8A8 kernel takes: 8-bit signed symmetric linear codes
-/// with one scale per output channel of a `[n, k]` matrix.
+/// Whether `q` is the weight format the W8A8 kernel takes: signed symmetric linear codes of
+/// 2 to 8 bits (held as i8) with one scale per output channel of a `[n, k]` matrix.
 pub fn fits(q: &QuantizedTensor) -> bool {
     let s = q.scheme();
-    s.bits == 8
+    (2..=8).contains(&s.bits)
         && s.signed
         && s.symmetric
         && s.mapping == Mapping::Linear
@@ -53,6 +53,9 @@ const ROWS: usize = 48;
 
 impl W8A8Linear {
     /// Repacks `q` (which must satisfy [`fits`]) for inputs quantized by `act` (8-bit).
+    ///
+    /// Weights of at most 7 bits (codes in −64..=63, ONNX Runtime's `reduce_range`) take the
+    /// AVX2 kernel's faster exact path (see [`PanelData::Quads`]); the bits are the same.
     pub fn new(
         layer: &str,
         q: &QuantizedTensor,
@@ -64,12 +67,14 @@ impl W8A8Linear {
         if !fits(q) || act.bits != 8 {
             return Err(Error::invalid(
                 format!("W8A8 kernel for `{layer}`"),
-                "expected int8 symmetric per-channel weights and 8-bit activations",
+                "expected signed symmetric per-channel weights of 2 to 8 bits and 8-bit activations",
             ));
         }
         act.validate(layer)?;
         let (n, k) = (q.shape()[0], q.shape()[1]);
-        let w: Vec<i8> = q.codes().iter().map(|&c| (i32::from(c) - 128) as i8).collect();
+        // Signed codes are stored as c + 2^(bits−1) (QuantScheme::signed).
+        let half = 1i32 << (q.scheme().bits - 1);
+        let w: Vec<i8> = q.codes().iter().map(|&c| (i32::from(c) - half) as i8).collect();
         let w_sum = w.chunks(k.max(1)).map(|r| r.iter().map(|&v| i32::from(v)).sum()).collect();
         let bias = crate::linear::bias_values(layer, bias, n)?;
         if let Some(s) = &act.smooth
@@ -478,23 +483,34 @@ enum PanelData {
     /// from memory) ran as fast as a plain load in the 6 × 16 loop on Zen 3.
     Pairs(Aligned<i8>),
     /// i8 for VNNI's `vpdpbusd` (unsigned activation bytes × signed weight bytes, four
-    /// products summed into each i32 lane): within a block, for each quad of reduction
-    /// indices `4q..4q+4`, the 16 columns' four codes side by side (64 bytes, one register).
+    /// products summed into each i32 lane) and, for weights whose codes all lie in −64..=63
+    /// (7 bits or fewer), AVX2's `vpmaddubsw` (the same bytes, pairs of products summed into
+    /// i16 lanes, which saturate: 255·64 + 255·64 = 32640 cannot, 255·128 twice could) then
+    /// `vpmaddwd` by ones into i32: three instructions per 32 products where the i16 pairs
+    /// take four. Within a block, for each quad of reduction indices `4q..4q+4`, the 16
+    /// columns' four codes side by side (64 bytes: one AVX-512 register, two AVX2 ones).
     /// The activations are stored shifted to unsigned (code + 128), so the sums come out
     /// `128·Σ_t w` too large: `shift` holds that per column, subtracted before the sink.
     // Only x86-64 reads the fields (elsewhere the level never packs this layout).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    Quads { data: Aligned<i8>, shift: Vec<i32> },
+    Quads {
+        data: Aligned<i8>,
+        shift: Vec<i32>,
+        /// Whether every code lies in −64..=63, so that the AVX2 kernel may run them.
+        narrow: bool,
+    },
 }
 
 impl Panel {
     /// Packs row-major `[n, k]` int8 weights for `level`'s micro-kernel: quads for
-    /// [`SimdLevel::Avx512Vnni`] on a CPU that has it, pairs otherwise (the scalar twin reads
-    /// the row-major weights and takes either).
+    /// [`SimdLevel::Avx512Vnni`] on a CPU that has it and for AVX2 when every code lies in
+    /// −64..=63, pairs otherwise (the scalar twin reads the row-major weights and takes
+    /// either).
     pub fn pack(level: SimdLevel, w: &[i8], n: usize, k: usize) -> Self {
         assert!(w.len() == n * k);
         let blocks = n.div_ceil(NR);
-        let data = if level.avx512() {
+        let narrow = w.iter().all(|&v| (-64..=63).contains(&v));
+        let data = if level.avx512() || (level.avx2() && narrow) {
             let quads = k.div_ceil(4);
             let mut data = Aligned::new(blocks * quads * 4 * NR);
             let mut shift = vec![0i32; blocks * NR];
@@ -505,7 +521,7 @@ impl Panel {
                 }
                 shift[j] = 128 * w[j * k..(j + 1) * k].iter().map(|&v| i32::from(v)).sum::<i32>();
             }
-            PanelData::Quads { data, shift }
+            PanelData::Quads { data, shift, narrow }
         } else {
             let pairs = k.div_ceil(2);
             let mut data = Aligned::new(blocks * pairs * 2 * NR);
@@ -767,11 +783,19 @@ fn products(
     let n = w.len() / k.max(1);
     match (level, &panel.data, &x.data) {
         #[cfg(target_arch = "x86_64")]
-        (l, PanelData::Quads { data, shift }, RowData::Quads(xd)) if l.avx512() => {
+        (l, PanelData::Quads { data, shift, .. }, RowData::Quads(xd)) if l.avx512() => {
             assert!(x.groups == k.div_ceil(4) && xd.len() == x.m * x.groups * 4);
             // SAFETY: AVX-512 F/BW/VL + VNNI were detected on this CPU just above; layouts
             // asserted; the sink's region is the caller's.
             unsafe { vnni::products(xd, x.m, x.groups, data, shift, blocks, n, sink) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        (l, PanelData::Quads { data, shift, narrow: true }, RowData::Quads(xd)) if l.avx2() => {
+            assert!(x.groups == k.div_ceil(4) && xd.len() == x.m * x.groups * 4);
+            // SAFETY: AVX2 was detected on this CPU just above; layouts asserted, and every
+            // weight code lies in −64..=63 (`narrow`, set by `pack`), so no i16 pair sum
+            // saturates; the sink's region is the caller's.
+            unsafe { avx2::products_quads(xd, x.m, x.groups, data, shift, blocks, n, sink) }
         }
         #[cfg(target_arch = "x86_64")]
         (l, PanelData::Pairs(data), RowData::Pairs(xd)) if l.avx2() => {
@@ -954,7 +978,7 @@ mod neon {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{MR_PAIRS, NR, Sink};
+    use super::{MR_PAIRS, MR_QUADS, NR, Sink};
 
     /// Each of `blocks` against every 6-row tile of `x` (the last one smaller): the sums of
     /// one tile and block stay in twelve registers over the whole reduction and go through
@@ -1016,6 +1040,123 @@ mod avx2 {
                 }
             }
         }
+    }
+
+    /// [`products`] for the quads layout (weights of at most 7 bits, see
+    /// [`super::PanelData::Quads`]): each of `blocks` against every 8-row tile of `x`, in two
+    /// halves of at most four rows; per quad of reduction indices two panel loads, per row
+    /// one broadcast of its four unsigned codes, then per register `vpmaddubsw`, `vpmaddwd`
+    /// by ones and an add into the i32 sums, which stay in registers over a slice of the
+    /// reduction. After the last slice the sums lose their `shift` (the unsigned
+    /// activations' excess) and go through the sink's epilogue, so the bits equal every
+    /// other level's.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; every weight code in `panel` lies in −64..=63 (otherwise
+    /// an i16 pair sum may saturate: wrong sums, though no memory error); `x` holds `m` rows
+    /// of `quads` quads (the quads layout), `panel` whole blocks of as many quads and `shift`
+    /// 16 per block, `blocks.end` of them at least; the sink owns rows `0..m` × columns
+    /// `16·blocks.start .. min(16·blocks.end, n)`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn products_quads(
+        x: &[u8],
+        m: usize,
+        quads: usize,
+        panel: &[i8],
+        shift: &[i32],
+        blocks: std::ops::Range<usize>,
+        n: usize,
+        sink: &Sink,
+    ) {
+        assert!(x.len() == m * quads * 4 && blocks.end * quads * 4 * NR <= panel.len());
+        assert!(blocks.end * NR <= shift.len());
+        // Slices of KC_QUADS quads: a block's panel slice (16 KB) and a tile's codes (8 KB)
+        // stay in L1 across the row tiles.
+        let slices = quads.div_ceil(KC_QUADS).max(1);
+        let cols = (blocks.end - blocks.start) * NR;
+        let mut part = if slices > 1 { vec![0i32; m * cols] } else { Vec::new() };
+        for s in 0..slices {
+            let (q0, q1) = (s * KC_QUADS, ((s + 1) * KC_QUADS).min(quads));
+            let last = s + 1 == slices;
+            for b in blocks.clone() {
+                let wb = &panel[(b * quads + q0) * 4 * NR..(b * quads + q1) * 4 * NR];
+                let pc = (b - blocks.start) * NR;
+                let mut r = 0;
+                while r < m {
+                    let mr = (m - r).min(MR_QUADS);
+                    let xs = &x[(r * quads + q0 * mr) * 4..(r * quads + q1 * mr) * 4];
+                    let mut h0 = 0;
+                    while h0 < mr {
+                        let hr = (mr - h0).min(4);
+                        let r0 = r + h0;
+                        macro_rules! half {
+                            ($hr:literal) => {{
+                                let init = (s > 0).then(|| load::<$hr>(&part, r0, pc, cols));
+                                let a = micro_quads::<$hr>(xs, mr, h0, q1 - q0, wb, init);
+                                if last {
+                                    // SAFETY: j0 + 16 ≤ shift.len() (asserted above).
+                                    let sh = unsafe {
+                                        let p = shift.as_ptr().add(b * NR) as *const __m256i;
+                                        [_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1))]
+                                    };
+                                    let a =
+                                        a.map(|ai| [_mm256_sub_epi32(ai[0], sh[0]), _mm256_sub_epi32(ai[1], sh[1])]);
+                                    // SAFETY: rows r0..r0 + hr, block b's columns are the
+                                    // sink's (caller's contract).
+                                    unsafe { store(sink, r0, b * NR, n, a) }
+                                } else {
+                                    keep::<$hr>(&mut part, r0, pc, cols, a)
+                                }
+                            }};
+                        }
+                        match hr {
+                            4 => half!(4),
+                            3 => half!(3),
+                            2 => half!(2),
+                            _ => half!(1),
+                        }
+                        h0 += hr;
+                    }
+                    r += mr;
+                }
+            }
+        }
+    }
+
+    /// Reduction quads per slice of [`products_quads`].
+    const KC_QUADS: usize = 256;
+
+    /// Rows `h0..h0 + HR` of an `mr`-row tile of u8 codes (quad-interleaved: row i's quad q
+    /// is the i32 at `q·mr + i`) against one block of 16 columns, on top of `init`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn micro_quads<const HR: usize>(
+        x: &[u8],
+        mr: usize,
+        h0: usize,
+        quads: usize,
+        wb: &[i8],
+        init: Option<[[__m256i; 2]; HR]>,
+    ) -> [[__m256i; 2]; HR] {
+        let mut a = init.unwrap_or([[_mm256_setzero_si256(); 2]; HR]);
+        assert!(h0 + HR <= mr && x.len() == mr * quads * 4 && wb.len() == quads * 64);
+        let (xp, wp) = (x.as_ptr() as *const i32, wb.as_ptr());
+        let ones = _mm256_set1_epi16(1);
+        for q in 0..quads {
+            // SAFETY: q·64 + 64 ≤ quads·64 = wb.len(), and row h0 + i's quad q is the i32 at
+            // q·mr + h0 + i < mr·quads = x.len() / 4 (asserted above).
+            unsafe {
+                let w0 = _mm256_loadu_si256(wp.add(q * 64) as *const __m256i);
+                let w1 = _mm256_loadu_si256(wp.add(q * 64 + 32) as *const __m256i);
+                for (i, ai) in a.iter_mut().enumerate() {
+                    let xv = _mm256_set1_epi32(xp.add(q * mr + h0 + i).read_unaligned());
+                    ai[0] = _mm256_add_epi32(ai[0], _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w0), ones));
+                    ai[1] = _mm256_add_epi32(ai[1], _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w1), ones));
+                }
+            }
+        }
+        a
     }
 
     /// Reduction pairs per slice of [`products`].

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::CpuRuntime;
-use crate::testkit::int8_weight;
+use crate::testkit::{int_weight, int8_weight};
 
 fn specs() -> Vec<ActQuant> {
     let mut smooth = ActQuant::new(8, true, ActRange::Dynamic { per_token: true });
@@ -27,9 +27,10 @@ proptest! {
     #[test]
     fn every_simd_level_and_thread_count_matches_the_reference(
         m in prop_oneof![1usize..9, 9usize..20], n in 1usize..23, k in 1usize..70, seed in any::<u64>(), spec in 0usize..6,
-        bias in any::<bool>()
+        bias in any::<bool>(), bits in prop_oneof![Just(8u8), Just(7), Just(6)]
     ) {
-        let q = int8_weight(n, k, seed);
+        // 7 bits and fewer run AVX2's quads kernel (vpmaddubsw), 8 its pairs kernel.
+        let q = int_weight(bits, n, k, seed);
         let mut act = specs()[spec].clone();
         if act.smooth.is_some() {
             act.smooth = Some((0..k).map(|i| 0.5 + (i % 5) as f32 * 0.3).collect());
@@ -117,13 +118,19 @@ fn row_chunked_and_column_split_batches_give_the_same_bits() {
     }
 }
 
-/// The VNNI layout is packed exactly where the CPU runs it, so the suites above test it there.
+/// The quads layout is packed exactly where the CPU runs it — VNNI for any codes, AVX2 for
+/// codes in −64..=63 — so the suites above test it there.
 #[test]
-fn the_vnni_panel_is_packed_where_the_cpu_has_vnni() {
+fn the_quads_panel_is_packed_where_the_cpu_runs_it() {
     let vnni = SimdLevel::detect() == SimdLevel::Avx512Vnni;
-    let quads = |level| matches!(Panel::pack(level, &[1; 8], 2, 4).data, PanelData::Quads { .. });
-    assert_eq!(quads(SimdLevel::Avx512Vnni), vnni);
-    assert!(!quads(SimdLevel::Avx2) && !quads(SimdLevel::Scalar));
+    let avx2 = SimdLevel::Avx2.avx2();
+    let quads = |level, w: &[i8]| matches!(Panel::pack(level, w, 2, 4).data, PanelData::Quads { .. });
+    let (wide, narrow) = ([1, -65, 3, 4, 5, 6, 7, 8], [1, -64, 3, 4, 5, 6, 7, 63]);
+    assert_eq!(quads(SimdLevel::Avx512Vnni, &wide), vnni);
+    assert_eq!(quads(SimdLevel::Avx512Vnni, &narrow), vnni || avx2);
+    assert_eq!(quads(SimdLevel::Avx2, &narrow), avx2);
+    assert!(!quads(SimdLevel::Avx2, &wide) && !quads(SimdLevel::Scalar, &narrow));
+    assert!(!quads(SimdLevel::Avx2, &[1, 64, 3, 4, 5, 6, 7, 8]));
     assert_eq!(SimdLevel::available().contains(&SimdLevel::Avx512Vnni), vnni);
 }
 
@@ -166,6 +173,9 @@ proptest! {
         let w: Vec<i8> = (0..n * k).map(|i| ((i as u64).wrapping_mul(2654435761).wrapping_add(seed) >> 9) as i8).collect();
         let x: Vec<i8> = (0..m * k).map(|i| ((i as u64).wrapping_mul(40503).wrapping_add(seed) % 256) as i16 - 128).map(|v| v as i8).collect();
         every_level_equals_the_scalar_twin(&x, &w, (m, n, k))?;
+        // The same weights narrowed to −64..=63: AVX2's quads kernel.
+        let narrow: Vec<i8> = w.iter().map(|&v| v >> 1).collect();
+        every_level_equals_the_scalar_twin(&x, &narrow, (m, n, k))?;
     }
 }
 
@@ -217,13 +227,20 @@ proptest! {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
-    /// Codes at the extremes (−128, ±127, 0) on both sides.
+    /// Codes at the extremes (−128, ±127, 0) on both sides, and weights at the extremes of
+    /// the quads kernel's range (−64, 63) against them: the pair sums that come nearest to
+    /// saturating `vpmaddubsw`'s i16 lanes (255·(−64)·2 = −32640).
     #[test]
     fn extreme_codes_stay_exact(m in 1usize..9, n in 1usize..20, k in 1usize..40, seed in any::<u64>()) {
         let pick = |i: usize, s: u64| [-128i8, -127, 127, 0, -128, 5][((i as u64).wrapping_mul(2654435761) ^ s) as usize % 6];
         let w: Vec<i8> = (0..n * k).map(|i| pick(i, seed)).collect();
         let x: Vec<i8> = (0..m * k).map(|i| pick(i, seed >> 7)).collect();
         every_level_equals_the_scalar_twin(&x, &w, (m, n, k))?;
+        let narrow = |i: usize, s: u64| [-64i8, 63, -64, 0, 63, -3][((i as u64).wrapping_mul(2654435761) ^ s) as usize % 6];
+        let w: Vec<i8> = (0..n * k).map(|i| narrow(i, seed)).collect();
+        every_level_equals_the_scalar_twin(&x, &w, (m, n, k))?;
+        every_level_equals_the_scalar_twin(&vec![127; m * k], &vec![-64; n * k], (m, n, k))?;
+        every_level_equals_the_scalar_twin(&vec![127; m * k], &vec![63; n * k], (m, n, k))?;
     }
 }
 
