@@ -55,7 +55,8 @@ impl W8A8Linear {
     /// Repacks `q` (which must satisfy [`fits`]) for inputs quantized by `act` (8-bit).
     ///
     /// Weights of at most 7 bits (codes in −64..=63, ONNX Runtime's `reduce_range`) take the
-    /// AVX2 kernel's faster exact path (see [`PanelData::Quads`]); the bits are the same.
+    /// AVX2 kernel's faster exact path (`vpmaddubsw` on unsigned activation bytes × weight
+    /// bytes, whose i16 pair sums cannot saturate there); the bits are the same.
     pub fn new(
         layer: &str,
         q: &QuantizedTensor,
@@ -1071,7 +1072,7 @@ mod avx2 {
     ) {
         assert!(x.len() == m * quads * 4 && blocks.end * quads * 4 * NR <= panel.len());
         assert!(blocks.end * NR <= shift.len());
-        // Slices of KC_QUADS quads: a block's panel slice (16 KB) and a tile's codes (8 KB)
+        // Slices of KC_QUADS quads: a block's panel slice (8 KB) and a tile's codes (4 KB)
         // stay in L1 across the row tiles.
         let slices = quads.div_ceil(KC_QUADS).max(1);
         let cols = (blocks.end - blocks.start) * NR;
@@ -1124,8 +1125,11 @@ mod avx2 {
         }
     }
 
-    /// Reduction quads per slice of [`products_quads`].
-    const KC_QUADS: usize = 256;
+    /// Reduction quads per slice of [`products_quads`]: 128, as VNNI's, rather than 256
+    /// (16 KB of panel and 8 KB of codes in L1): at 4096 × 1536 × 384 on one Zen 3 core,
+    /// 65–69 against 53–57 GMAC/s in three alternating runs of the two builds
+    /// (`BITS=7 T=1 w8a8_probe`), the other shapes within noise.
+    const KC_QUADS: usize = 128;
 
     /// Rows `h0..h0 + HR` of an `mr`-row tile of u8 codes (quad-interleaved: row i's quad q
     /// is the i32 at `q·mr + i`) against one block of 16 columns, on top of `init`.

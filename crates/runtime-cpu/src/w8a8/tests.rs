@@ -82,6 +82,17 @@ fn every_level_agrees_with_the_scalar_twin_on_long_rows() {
         gemm(level, &x, m, k, &w, &Panel::pack(level, &w, n, k), &mut b);
         assert_eq!(a, b, "{level:?}");
     }
+    // The same weights narrowed to −64..=63 (AVX2's quads kernel, several slices of the
+    // reduction with partial sums between them), and one column short of a whole block.
+    let narrow: Vec<i8> = w.iter().map(|&v| v >> 1).collect();
+    assert!(narrow.contains(&-64) && narrow.contains(&63));
+    let mut a = vec![0; m * n];
+    gemm(SimdLevel::Scalar, &x, m, k, &narrow, &Panel::pack(SimdLevel::Scalar, &narrow, n, k), &mut a);
+    for level in SimdLevel::available() {
+        let mut b = vec![0; m * n];
+        gemm(level, &x, m, k, &narrow, &Panel::pack(level, &narrow, n, k), &mut b);
+        assert_eq!(a, b, "narrow weights, {level:?}");
+    }
 }
 
 /// A batch with enough row chunks for every task (one thread) and one whose chunks are split
@@ -281,11 +292,13 @@ proptest! {
     /// Ops sharing an input quantization run on one quantized copy of it
     /// (`PreparedOp::forward_shared`, as an attention block's query, key and value do): the
     /// same bits as each op's own forward, at every level and thread count, with row-chunked
-    /// and column-split batches; an op quantizing differently makes the group decline.
+    /// and column-split batches, for 8-bit weights (AVX2's pairs layout) and 7-bit ones (its
+    /// quads layout); an op quantizing differently, or whose weights take the other layout,
+    /// makes the group decline.
     #[test]
     fn shared_input_ops_give_each_ops_own_bits(
         m in prop_oneof![1usize..9, 40usize..120], ns in proptest::collection::vec(1usize..40, 1..4), k in 1usize..70,
-        seed in any::<u64>(), spec in 0usize..5, bias in any::<bool>()
+        seed in any::<u64>(), spec in 0usize..5, bias in any::<bool>(), bits in prop_oneof![Just(8u8), Just(7)]
     ) {
         let act = specs()[spec].clone();
         let x = Tensor::from_vec(input(m, k, seed ^ 7), (m, k), &Device::Cpu).unwrap();
@@ -294,7 +307,7 @@ proptest! {
                 let rt = CpuRuntime::with_level(threads, level).unwrap();
                 let ops: Vec<_> = ns.iter().enumerate().map(|(i, &n)| {
                     let b = bias.then(|| Tensor::from_vec((0..n).map(|j| j as f32 * 0.1 - i as f32).collect::<Vec<_>>(), n, &Device::Cpu).unwrap());
-                    let w = Weight::Quantized(int8_weight(n, k, seed.wrapping_add(i as u64)));
+                    let w = Weight::Quantized(int_weight(bits, n, k, seed.wrapping_add(i as u64)));
                     rt.prepare_linear_quantized_input("fc", &w, b.as_ref(), &act).unwrap()
                 }).collect();
                 let others: Vec<&dyn PreparedOp> = ops[1..].iter().map(|o| o.as_ref()).collect();
@@ -306,8 +319,13 @@ proptest! {
                     prop_assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), own.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{:?}/{}", level, threads);
                 }
                 let other = specs()[(spec + 1) % 5].clone();
-                let odd = rt.prepare_linear_quantized_input("fc", &Weight::Quantized(int8_weight(3, k, seed)), None, &other).unwrap();
+                let odd = rt.prepare_linear_quantized_input("fc", &Weight::Quantized(int_weight(bits, 3, k, seed)), None, &other).unwrap();
                 prop_assert!(ops[0].forward_shared(&[odd.as_ref()], &x).is_none(), "another quantization declines");
+                if level.avx2() && !level.avx512() {
+                    let narrow = int_weight(15 - bits, 3, k, seed);
+                    let odd = rt.prepare_linear_quantized_input("fc", &Weight::Quantized(narrow), None, &act).unwrap();
+                    prop_assert!(ops[0].forward_shared(&[odd.as_ref()], &x).is_none(), "another layout declines");
+                }
             }
         }
     }
