@@ -9,7 +9,7 @@
 //! |---|---|
 //! | dense f32, FP16, BF16 | [`gemm`] (blocked, 6×16 AVX2 micro-kernel), half weights widened per panel ([`halfw`]) |
 //! | 1–8-bit linear codes, ≤ 4-bit codebooks (NF4), any granularity but per input channel | [`wq`]: decoded per panel for the GEMM, in registers for ≤ 6 rows |
-//! | int8 per-channel weights × 8-bit activations (W8A8) | [`w8a8`]: exact `vpmaddwd` kernel (i16 code pairs, 6×16 register tiles; `vpdpbusd` on u8 × i8 quads with AVX-512 VNNI), epilogue from the registers, activations quantized on the fly; a feed-forward pair as one chain whose intermediate stays in cache |
+//! | int8 (or 5–7-bit) per-channel weights × 8-bit activations (W8A8) | [`w8a8`]: exact `vpmaddwd` kernel (i8 code pairs widened as they load, 6×16 register tiles; `vpmaddubsw` on u8 × i8 quads for 7-bit weights, whose pair sums cannot saturate; `vpdpbusd` on the same quads with AVX-512 VNNI), epilogue from the registers, activations quantized on the fly; a feed-forward pair as one chain whose intermediate stays in cache |
 //! | ≤ 4-bit linear codes × 8-bit (or narrower) activations (W4A8) | [`w4a8`]: exact `vpmaddubsw` dot products per group on the nibble panels for ≤ 16 rows, one float epilogue per group; more rows run [`wq`] on the fake-quantized input |
 //! | CSR / N:M / block sparse, or dense with ≤ 45% nonzeros | [`sparse`] (denser weights run on the dense GEMM, which is faster) |
 //! | one-group convolutions | [`conv`]: im2col + the GEMM, every format above |

@@ -1,9 +1,11 @@
-//! W8A8: int8 weights with per-output-channel scales × activations quantized on the fly (per
-//! token, per tensor or static, symmetric or with a zero point) → i32 accumulators, with a fused
-//! epilogue `y = s_x·s_w·(acc − Z_x·Σ_k w) + b` (and an optional activation). The products run
-//! on `vpmaddwd` over i16 code pairs (AVX2), `smlal` (NEON) or VNNI's `vpdpbusd` over u8 × i8
-//! code quads (AVX-512: the activation codes shifted by 128, the shift's `128·Σ_k w` removed
-//! per column before the epilogue).
+//! W8A8: int8 weights (or narrower, down to 2 bits) with per-output-channel scales ×
+//! activations quantized on the fly (per token, per tensor or static, symmetric or with a zero
+//! point) → i32 accumulators, with a fused epilogue `y = s_x·s_w·(acc − Z_x·Σ_k w) + b` (and an
+//! optional activation). The products run on `vpmaddwd` over code pairs widened to i16 (AVX2),
+//! `smlal` (NEON) or over u8 × i8 code quads — VNNI's `vpdpbusd` (AVX-512), and AVX2's
+//! `vpmaddubsw` + `vpmaddwd` when every weight code lies in −64..=63 (7-bit weights), where no
+//! i16 pair sum can saturate — with the activation codes shifted by 128 and the shift's
+//! `128·Σ_k w` removed per column before the epilogue.
 //!
 //! The integer sums are exact, so every SIMD level and every thread count gives the same bits;
 //! against the reference (fake-quantized activations × dequantized weights in f32) the only
@@ -486,7 +488,7 @@ enum PanelData {
     /// i8 for VNNI's `vpdpbusd` (unsigned activation bytes × signed weight bytes, four
     /// products summed into each i32 lane) and, for weights whose codes all lie in −64..=63
     /// (7 bits or fewer), AVX2's `vpmaddubsw` (the same bytes, pairs of products summed into
-    /// i16 lanes, which saturate: 255·64 + 255·64 = 32640 cannot, 255·128 twice could) then
+    /// i16 lanes, which saturate past ±32767: 255·64 twice, 32640, cannot; 255·128 twice could) then
     /// `vpmaddwd` by ones into i32: three instructions per 32 products where the i16 pairs
     /// take four. Within a block, for each quad of reduction indices `4q..4q+4`, the 16
     /// columns' four codes side by side (64 bytes: one AVX-512 register, two AVX2 ones).
@@ -892,9 +894,8 @@ mod neon {
     /// Each of `blocks` against every 6-row tile of `x`: per pair of reduction indices, the
     /// block's 32 panel codes deinterleaved by one `vld2q` load into the two indices' values
     /// of its 16 columns and widened to i16, then per row eight widening multiply-adds
-    /// (`smlal`) into the i32
-    /// sums, which stay in registers over the whole reduction (24 of the 32) and go through
-    /// the sink's scalar epilogue.
+    /// (`smlal`) into the i32 sums, which stay in registers over the whole reduction (24 of
+    /// the 32) and go through the sink's scalar epilogue.
     ///
     /// # Safety
     /// The CPU must support NEON; `x` holds `m` rows of `pairs` pairs (the pairs layout),
@@ -1096,7 +1097,8 @@ mod avx2 {
                                 let init = (s > 0).then(|| load::<$hr>(&part, r0, pc, cols));
                                 let a = micro_quads::<$hr>(xs, mr, h0, q1 - q0, wb, init);
                                 if last {
-                                    // SAFETY: j0 + 16 ≤ shift.len() (asserted above).
+                                    // SAFETY: 16·b + 16 ≤ 16·blocks.end ≤ shift.len()
+                                    // (asserted above).
                                     let sh = unsafe {
                                         let p = shift.as_ptr().add(b * NR) as *const __m256i;
                                         [_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1))]

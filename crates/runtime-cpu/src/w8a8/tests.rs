@@ -82,8 +82,9 @@ fn every_level_agrees_with_the_scalar_twin_on_long_rows() {
         gemm(level, &x, m, k, &w, &Panel::pack(level, &w, n, k), &mut b);
         assert_eq!(a, b, "{level:?}");
     }
-    // The same weights narrowed to −64..=63 (AVX2's quads kernel, several slices of the
-    // reduction with partial sums between them), and one column short of a whole block.
+    // The same weights narrowed to −64..=63 (AVX2's quads kernel: several slices of the
+    // reduction with partial sums between them, a last block of five columns, a last tile of
+    // five rows split into halves of four and one).
     let narrow: Vec<i8> = w.iter().map(|&v| v >> 1).collect();
     assert!(narrow.contains(&-64) && narrow.contains(&63));
     let mut a = vec![0; m * n];
