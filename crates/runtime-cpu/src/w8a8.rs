@@ -1019,6 +1019,9 @@ mod avx2 {
                     let xs = &x[(r * pairs + p0 * mr) * 2..(r * pairs + p1 * mr) * 2];
                     macro_rules! tile {
                         ($mr:literal) => {{
+                            if last {
+                                prefetch_out(sink, r, $mr, b * NR);
+                            }
                             let init = (s > 0).then(|| load::<$mr>(&part, r, pc, cols));
                             let a = micro::<$mr>(xs, p1 - p0, wb, init);
                             if last {
@@ -1094,6 +1097,9 @@ mod avx2 {
                         let r0 = r + h0;
                         macro_rules! half {
                             ($hr:literal) => {{
+                                if last {
+                                    prefetch_out(sink, r0, $hr, b * NR);
+                                }
                                 let init = (s > 0).then(|| load::<$hr>(&part, r0, pc, cols));
                                 let a = micro_quads::<$hr>(xs, mr, h0, q1 - q0, wb, init);
                                 if last {
@@ -1192,6 +1198,27 @@ mod avx2 {
                 _mm256_storeu_si256(p, ai[0]);
                 _mm256_storeu_si256(p.add(1), ai[1]);
             }
+        }
+    }
+
+    /// Asks for the lines of rows `r0..r0 + rows`, columns `j0..j0 + 16` of the sink's buffer
+    /// ahead of [`store`]: a tile's micro-kernel runs for thousands of cycles, while its
+    /// stores to output lines not yet in cache would otherwise stall the next tile behind a
+    /// full store buffer. On Zen 3 (in-process A/B, medians of 15 alternating pairs at
+    /// M = 4096, two threads) 2–5% faster with 8-bit weights and 2–10% with 7-bit ones at
+    /// K = 384, within noise at K = 1536. Only addresses: a prefetch never faults, and
+    /// nothing is read or written through them.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(super) fn prefetch_out(sink: &Sink, r0: usize, rows: usize, j0: usize) {
+        let (base, n, size) = match *sink {
+            Sink::I32 { acc, n } => (acc.cast::<u8>(), n, 4),
+            Sink::F32 { out, n, .. } => (out.cast::<u8>(), n, 4),
+        };
+        for i in r0..r0 + rows {
+            let row = base.wrapping_add((i * n + j0) * size);
+            _mm_prefetch::<_MM_HINT_T0>(row.cast());
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(NR * size - 1).cast());
         }
     }
 
