@@ -12,8 +12,9 @@
 //! output's two picked by `vpermilps`, two FMAs) was tried and measured slower on Zen 4:
 //! 47 ms against this kernel's 33 ms at 4096×384×1536 on one core, with AVX-512 or AVX2,
 //! because each useful FMA needs a permute and the permutes share the FMA pipes. Without a
-//! permute, skipping the zeros takes a load per FMA (this kernel), which holds it near 0.6
-//! of the FMA peak: about 1.3× the dense GEMM at 50% density rather than 2×.
+//! permute, skipping the zeros takes a load per FMA (this kernel), which holds it to 0.4–0.6
+//! of the FMA peak: about 1.3× the dense GEMM at 50% density on Zen 4 rather than 2×, and
+//! no more than the dense GEMM's speed on Zen 3 (whose dense kernel reaches 0.75–0.8).
 
 use rayon::prelude::*;
 
@@ -21,12 +22,14 @@ use crate::gemm::OutPtr;
 use crate::simd::{Aligned, SimdLevel};
 
 /// The density (stored nonzeros / elements) above which the dense GEMM is at least as fast as
-/// this kernel: the crossover the `sparse` bench measures at MiniLM's 4096×384×1536 (Zen 3,
-/// AVX2: sparse 1.95× dense at 30%, 1.21× at 50%, 1.02× at 60%, 0.78× at 70%; Zen 4,
-/// AVX-512: 1.8× at 30%, 1.3× at 50%, 1.0× at 70%), so 2:4 weights (50%) run sparse. One
-/// threshold for every level, so a weight takes the same kernel, and gives the same bits, on
-/// every CPU.
-pub const SPARSE_MAX_DENSITY: f64 = 0.55;
+/// this kernel: the crossover the `sparse` bench measures at MiniLM's 4096×384×1536. Zen 3,
+/// AVX2, since the dense GEMM prefetches its output tiles (2026-11-28): sparse 1.61× dense at
+/// 30%, 1.26× at 40%, 0.97–1.05× at 50% unstructured and 1.01–1.02× for 2:4, 0.66–0.71× at
+/// 60–70% (before that change: 1.21× at 50%, 1.02× at 60%); Zen 4, AVX-512 (no output
+/// prefetch in its 12×16 kernel): 1.8× at 30%, 1.3× at 50%, 1.0× at 70%. So 2:4 weights (at
+/// most 50%) run sparse, and unstructured ones just above half dense. One threshold for every
+/// level, so a weight takes the same kernel, and gives the same bits, on every CPU.
+pub const SPARSE_MAX_DENSITY: f64 = 0.5;
 
 /// Reduction indices per slice: a pass over one or more slices of a tile's transposed inputs
 /// (`KC × lanes` floats per slice) stays in L1 while every output of a chunk reads its
