@@ -1211,14 +1211,16 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     pub(super) fn prefetch_out(sink: &Sink, r0: usize, rows: usize, j0: usize) {
-        let (base, n, size) = match *sink {
-            Sink::I32 { acc, n } => (acc.cast::<u8>(), n, 4),
-            Sink::F32 { out, n, .. } => (out.cast::<u8>(), n, 4),
+        // Both sinks hold 4-byte elements, so one element pointer type serves.
+        let (base, n) = match *sink {
+            Sink::I32 { acc, n } => (acc.cast::<f32>().cast_const(), n),
+            Sink::F32 { out, n, .. } => (out.cast_const(), n),
         };
         for i in r0..r0 + rows {
-            let row = base.wrapping_add((i * n + j0) * size);
+            // A row's 16 elements span one or two cache lines: ask for the first and the last.
+            let row = base.wrapping_add(i * n + j0);
             _mm_prefetch::<_MM_HINT_T0>(row.cast());
-            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(NR * size - 1).cast());
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(NR - 1).cast());
         }
     }
 
