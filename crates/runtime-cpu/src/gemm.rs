@@ -709,17 +709,11 @@ mod avx2 {
         base: Base,
         next: *const f32,
     ) {
-        // The output block's lines, asked for before the thousands of cycles of products: its
-        // stores otherwise miss (the first K block writes lines not yet in cache) and fill
-        // the store buffer, stalling the next call's start. 10–16% faster at K = 384 on Zen 3
+        // The output block's lines, asked for before the thousands of cycles of products (the
+        // first K block writes lines not yet in cache): 10–16% faster at K = 384 on Zen 3
         // (in-process A/B, medians of 15 alternating pairs, one and two threads); the same
-        // within noise at K = 1536, whose later blocks find the lines in cache. A prefetch
-        // never faults, so the addresses are formed with wrapping arithmetic.
-        for i in 0..R {
-            let row = c.wrapping_add(i * ldc);
-            _mm_prefetch::<_MM_HINT_T0>(row.cast());
-            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(NR - 1).cast());
-        }
+        // within noise at K = 1536, whose later blocks find the lines in cache.
+        crate::simd::avx2::prefetch_tile16(c, ldc, R);
         let acc = chains::<R, PF>(a, b, kc, next);
         let bias = match base {
             Base::Bias(Some(b)) => {

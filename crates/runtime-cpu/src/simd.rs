@@ -176,6 +176,25 @@ fn transpose_impl<const SCREEN: bool>(
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
+    /// Asks for the cache lines of `rows` rows of 16 four-byte elements from `first`, `ld`
+    /// elements apart (a micro-kernel's output tile), ahead of the stores that will write
+    /// them: such a tile's stores to lines not yet in cache otherwise fill the store buffer
+    /// and stall the next tile's start. Each row's 16 elements span one or two lines: the
+    /// first and the last element's are asked for. Only addresses, formed with wrapping
+    /// arithmetic: a prefetch never faults, and nothing is read or written through them.
+    #[inline]
+    pub(crate) fn prefetch_tile16(first: *const f32, ld: usize, rows: usize) {
+        for i in 0..rows {
+            let row = first.wrapping_add(i * ld);
+            // SAFETY: `_mm_prefetch` is SSE, part of x86-64's baseline; a prefetch is a hint
+            // that never faults, whatever the address.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(row.cast());
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(15).cast());
+            }
+        }
+    }
+
     /// The 8 × 8 transpose of `v` (rows in, columns out), in registers.
     #[target_feature(enable = "avx2,fma")]
     #[inline]

@@ -1202,13 +1202,9 @@ mod avx2 {
     }
 
     /// Asks for the lines of rows `r0..r0 + rows`, columns `j0..j0 + 16` of the sink's buffer
-    /// ahead of [`store`]: a tile's micro-kernel runs for thousands of cycles, while its
-    /// stores to output lines not yet in cache would otherwise stall the next tile behind a
-    /// full store buffer. On Zen 3 (in-process A/B, medians of 15 alternating pairs at
+    /// ahead of [`store`] (see `simd::avx2::prefetch_tile16`). On Zen 3 (in-process A/B, medians of 15 alternating pairs at
     /// M = 4096, two threads) 2–5% faster with 8-bit weights and 2–10% with 7-bit ones at
-    /// K = 384, within noise at K = 1536. Only addresses: a prefetch never faults, and
-    /// nothing is read or written through them.
-    #[target_feature(enable = "avx2,fma")]
+    /// K = 384, within noise at K = 1536.
     #[inline]
     pub(super) fn prefetch_out(sink: &Sink, r0: usize, rows: usize, j0: usize) {
         // Both sinks hold 4-byte elements, so one element pointer type serves.
@@ -1216,12 +1212,7 @@ mod avx2 {
             Sink::I32 { acc, n } => (acc.cast::<f32>().cast_const(), n),
             Sink::F32 { out, n, .. } => (out.cast_const(), n),
         };
-        for i in r0..r0 + rows {
-            // A row's 16 elements span one or two cache lines: ask for the first and the last.
-            let row = base.wrapping_add(i * n + j0);
-            _mm_prefetch::<_MM_HINT_T0>(row.cast());
-            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(NR - 1).cast());
-        }
+        crate::simd::avx2::prefetch_tile16(base.wrapping_add(r0 * n + j0), n, rows);
     }
 
     /// Rows `r0..r0 + MR`, columns `j0..j0 + 16` of the sums, through the sink: whole
